@@ -1,0 +1,195 @@
+"""One conversation -> the tensors the model trains on, for every family and batching mode.
+
+The model's own processor and chat template do the rendering, so the ``input_ids``
+of a sample are exactly what ``processor.apply_chat_template(messages,
+tokenize=True)`` gives at inference.  Labels are then read off the rendering:
+each ``<|im_start|>assistant\\n`` header opens a trained span that closes with (and
+includes) the next ``<|im_end|>``.  Both markers are looked up by name in the
+tokenizer; no token id is written in this file.
+
+Example (Qwen2.5-VL, one image)::
+
+    text:   <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n
+            <|im_start|>user\\n<|vision_start|><|image_pad|>x16<|vision_end|>What colour?<|im_end|>\\n
+            <|im_start|>assistant\\nred<|im_end|>\\n
+    labels: -100 everywhere except  "red" and "<|im_end|>"
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import DataError
+from .formats import Conversation
+from .media import open_image
+from .rope import RopeIndex
+
+IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy skips
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The ids the renderer needs, looked up by name once."""
+
+    im_start: int
+    im_end: int
+    assistant_header: tuple[int, ...]  # "<|im_start|>assistant\n" as the tokenizer splits it
+    image_pad: int
+    video_pad: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> "SpecialTokens":
+        ids = {name: tokenizer.convert_tokens_to_ids(name)
+               for name in ("<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>")}
+        missing = [name for name, i in ids.items() if i is None or i == tokenizer.unk_token_id]
+        if missing:
+            raise ValueError(f"The tokenizer has no {', '.join(missing)} token: is this a Qwen-VL checkpoint?")
+        header = tuple(tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
+        return cls(ids["<|im_start|>"], ids["<|im_end|>"], header, ids["<|image_pad|>"], ids["<|video_pad|>"])
+
+
+class SampleTooLong(DataError):
+    """A sample that does not fit ``model_max_length`` even at the lowest allowed resolution."""
+
+
+def assistant_labels(input_ids: torch.Tensor, tokens: SpecialTokens) -> torch.Tensor:
+    """Labels that train every assistant reply, closing ``<|im_end|>`` included, and nothing else."""
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    ids = input_ids.tolist()
+    header = list(tokens.assistant_header)
+    n, h = len(ids), len(header)
+    i = 0
+    while i <= n - h:
+        if ids[i] == tokens.im_start and ids[i:i + h] == header:
+            start = i + h
+            end = start
+            while end < n and ids[end] != tokens.im_end:
+                end += 1
+            stop = min(end + 1, n)  # include <|im_end|> when present
+            labels[start:stop] = input_ids[start:stop]
+            i = stop
+        else:
+            i += 1
+    return labels
+
+
+def _template_messages(conversation: Conversation) -> tuple[list[dict], list, list]:
+    """Messages in the processor's chat-template form, plus images and videos in tag order."""
+    messages, images, videos = [], [], []
+    for message in conversation.messages:
+        parts = []
+        for part in message["content"]:
+            kind = part["type"]
+            if kind == "text":
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image":
+                images.append(part["image"])
+                parts.append({"type": "image"})
+            elif kind == "video":
+                videos.append(part["video"])
+                parts.append({"type": "video"})
+            else:
+                raise DataError(f"{conversation.origin}: unknown content part type {kind!r}")
+        messages.append({"role": message["role"], "content": parts})
+    return messages, images, videos
+
+
+class SampleRenderer:
+    """Render conversations into model inputs with a family's processor.
+
+    ``render(conversation)`` returns a dict of tensors for one sample:
+    ``input_ids`` (L,), ``labels`` (L,), ``position_ids`` (3, L) and, when the
+    sample has them, ``pixel_values`` + ``image_grid_thw`` and
+    ``pixel_values_videos`` + ``video_grid_thw`` (+ ``second_per_grid_ts`` on
+    Qwen2.5-VL).  The collators only stack or concatenate these.
+    """
+
+    # How often a too-long sample is retried at a lower resolution before it is dropped.
+    SHRINK_ATTEMPTS = 6
+
+    def __init__(self, processor, model_config, model_max_length: int | None = None, video_settings=None):
+        self.processor = processor
+        self.tokens = SpecialTokens.from_tokenizer(processor.tokenizer)
+        self.rope = RopeIndex(model_config)
+        self.model_max_length = model_max_length
+        self.video_settings = video_settings
+
+    # -- media -----------------------------------------------------------------------
+    def _load_videos(self, refs: list, origin: str):
+        from .video import load_video, processor_video_inputs
+
+        frames, metadata = [], []
+        for ref in refs:
+            clip = load_video(ref, self.video_settings, origin=origin)
+            clip_frames, clip_meta = processor_video_inputs(clip)
+            frames.append(clip_frames)
+            metadata.append(clip_meta)
+        return frames, metadata
+
+    # -- rendering -------------------------------------------------------------------
+    def _process(self, text: str, images: list, videos: list, video_metadata: list, scale: float) -> dict:
+        kwargs = {}
+        if images:
+            kwargs["images"] = images
+            if scale < 1.0:
+                size = self.processor.image_processor.size
+                kwargs["images_kwargs"] = {"size": {
+                    "shortest_edge": size["shortest_edge"],
+                    "longest_edge": max(size["shortest_edge"], int(size["longest_edge"] * scale))}}
+        if videos:
+            kwargs["videos"] = videos
+            kwargs["videos_kwargs"] = {"video_metadata": video_metadata, "do_sample_frames": False}
+            if scale < 1.0:
+                size = self.processor.video_processor.size
+                kwargs["videos_kwargs"]["size"] = {
+                    "shortest_edge": size["shortest_edge"],
+                    "longest_edge": max(size["shortest_edge"], int(size["longest_edge"] * scale))}
+        return self.processor(text=[text], return_tensors="pt", **kwargs)
+
+    def render(self, conversation: Conversation) -> dict:
+        """Tensors for one conversation (see the class docstring); raises DataError on bad input."""
+        messages, image_refs, video_refs = _template_messages(conversation)
+        text = self.processor.apply_chat_template(messages, tokenize=False)
+        images = [open_image(ref) for ref in image_refs]
+        videos, video_metadata = self._load_videos(video_refs, conversation.origin) if video_refs else ([], [])
+
+        scale = 1.0
+        for _attempt in range(self.SHRINK_ATTEMPTS + 1):
+            out = self._process(text, images, videos, video_metadata, scale)
+            length = out["input_ids"].shape[1]
+            if self.model_max_length is None or length <= self.model_max_length:
+                break
+            visual = int((out["input_ids"] == self.tokens.image_pad).sum() + (out["input_ids"] == self.tokens.video_pad).sum())
+            text_len = length - visual
+            if visual == 0 or text_len >= self.model_max_length:
+                raise SampleTooLong(
+                    f"{conversation.origin}: {length} tokens ({text_len} of text) do not fit --model_max_length "
+                    f"{self.model_max_length}; the text alone is too long, so the sample is dropped. Raise "
+                    f"--model_max_length or shorten the sample.")
+            # Visual tokens scale with pixels; aim for the room left by the text, with a margin.
+            scale *= max(0.05, 0.9 * (self.model_max_length - text_len) / visual)
+        else:
+            raise SampleTooLong(
+                f"{conversation.origin}: {length} tokens do not fit --model_max_length {self.model_max_length} "
+                f"even at the lowest resolution --min_pixels allows; the sample is dropped. Raise "
+                f"--model_max_length or lower --min_pixels.")
+        return self._finish(out, conversation)
+
+    def _finish(self, out, conversation: Conversation) -> dict:
+        input_ids = out["input_ids"][0]
+        labels = assistant_labels(input_ids, self.tokens)
+        if not bool((labels != IGNORE_INDEX).any()):
+            raise DataError(f"{conversation.origin}: no assistant reply left to train on (the conversation needs "
+                            f"at least one assistant/gpt turn with text).")
+        sample = {"input_ids": input_ids, "labels": labels}
+        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+            if key in out and out[key] is not None:
+                sample[key] = out[key]
+        if "second_per_grid_ts" in out and out["second_per_grid_ts"] is not None:
+            sample["second_per_grid_ts"] = torch.as_tensor(out["second_per_grid_ts"], dtype=torch.float32).reshape(-1)
+        sample["position_ids"] = self.rope(
+            input_ids, out["mm_token_type_ids"][0],
+            image_grid_thw=sample.get("image_grid_thw"), video_grid_thw=sample.get("video_grid_thw"),
+            second_per_grid_ts=sample.get("second_per_grid_ts"))
+        return sample

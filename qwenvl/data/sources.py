@@ -1,0 +1,470 @@
+"""Lazy, lean random access to annotation files: JSONL, JSON arrays, saved HF datasets.
+
+``open_annotations(path)`` returns an ``AnnotationSource``: ``len(src)`` and
+``src[i]`` (the raw record as stored: a dict, or a list of dicts for packed
+files). Nothing is parsed up front. For JSONL and JSON arrays the index is one
+numpy int64 array of byte offsets (8 bytes per record), built by scanning the
+file in binary chunks with numpy; a record is parsed only when it is read.
+A saved HF dataset (``Dataset.save_to_disk``) is memory-mapped Arrow already.
+
+Indexes of large files are cached in a sidecar ``<file>.idx.npy`` keyed by the
+file's size and mtime, or under ``$XDG_CACHE_HOME/qwenvl/index`` (default
+``~/.cache/qwenvl/index``) when the data folder is read-only.
+
+File handles are opened lazily and reopened after ``fork``, so one source can be
+built in the main process and used from every DataLoader worker.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import DataError, where
+from .media import is_url
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AnnotationSource", "open_annotations", "scan_jsonl", "scan_json_array"]
+
+CHUNK_BYTES = 8 << 20
+# Below this size a scan takes a few milliseconds: not worth a file next to the user's data.
+CACHE_MIN_BYTES = 4 << 20
+
+_WS = b" \t\r\n"
+_BOM = b"\xef\xbb\xbf"
+_QUOTE, _BACKSLASH, _NEWLINE = 34, 92, 10
+_IS_WS = np.zeros(256, dtype=bool)
+_IS_WS[list(_WS)] = True
+_IS_STRUCT = np.zeros(256, dtype=bool)
+_IS_STRUCT[list(b"[]{},")] = True
+_DEPTH_STEP = np.zeros(256, dtype=np.int64)
+_DEPTH_STEP[list(b"[{")] = 1
+_DEPTH_STEP[list(b"]}")] = -1
+
+_MAGIC = 0x5157454E49445831  # "QWENIDX1"
+_INDEX_VERSION = 1
+_KINDS = {"jsonl": 1, "json": 2}
+
+
+# --------------------------------------------------------------------------- scanners
+
+def scan_jsonl(chunks: Iterator[bytes], read_range=None) -> np.ndarray:
+    """Byte offsets of the non-blank lines of a JSONL stream, plus the total size last.
+
+    ``chunks`` yields the file's bytes in order. Record ``i`` is the bytes
+    ``offsets[i]:offsets[i+1]`` (its line, then any blank lines). Lines whose first
+    byte is whitespace are rare; only those are re-read with ``read_range(start, n)``
+    to decide whether they are blank, so the common case stays vectorised.
+    """
+    starts, candidates = [np.zeros(1, dtype=np.int64)], []
+    base = 0
+    first_byte_pending = True  # the line starting at `base` has its first byte in this chunk
+    for chunk in chunks:
+        a = np.frombuffer(chunk, dtype=np.uint8)
+        if first_byte_pending and a.size:
+            if _IS_WS[a[0]]:
+                candidates.append(np.array([base], dtype=np.int64))
+            first_byte_pending = False
+        nl = np.flatnonzero(a == _NEWLINE)
+        if nl.size:
+            local = nl + 1
+            starts.append(local + base)
+            inside = local < a.size
+            ws_first = np.zeros(local.size, dtype=bool)
+            ws_first[inside] = _IS_WS[a[local[inside]]]
+            candidates.append(local[ws_first] + base)
+            # A line starting exactly at the chunk's end gets its first byte checked next chunk.
+            first_byte_pending = not inside[-1]
+        base += a.size
+    offsets = np.concatenate(starts)
+    offsets = offsets[offsets < base]  # drop the empty "line" after a final newline
+    offsets = np.append(offsets, base)
+    cand = np.concatenate(candidates) if candidates else np.zeros(0, dtype=np.int64)
+    cand = cand[cand < base]
+    if cand.size and read_range is not None:
+        pos = np.searchsorted(offsets, cand)
+        blank = [i for i, p in zip(pos.tolist(), cand.tolist())
+                 if not read_range(p, int(offsets[i + 1] - p)).strip(_WS)]
+        if blank:
+            offsets = np.delete(offsets, blank)
+    return offsets
+
+
+def _escaped(a: np.ndarray, quotes: np.ndarray, carry: int) -> np.ndarray:
+    """Which of the quote positions are escaped, i.e. preceded by an odd run of backslashes.
+
+    ``carry`` is the length of the backslash run that ended the previous chunk.
+    """
+    prev_bs = np.zeros(quotes.size, dtype=bool)
+    inner = quotes > 0
+    prev_bs[inner] = a[quotes[inner] - 1] == _BACKSLASH
+    if quotes[0] == 0:
+        prev_bs[0] = carry > 0
+    escaped = np.zeros(quotes.size, dtype=bool)
+    idx = np.flatnonzero(prev_bs)
+    if idx.size == 0:
+        return escaped
+    bs = a == _BACKSLASH
+    run_starts = np.flatnonzero(bs & np.concatenate(([True], ~bs[:-1])))
+    q = quotes[idx]
+    k = np.searchsorted(run_starts, q - 1, side="right") - 1
+    rs = run_starts[np.maximum(k, 0)] if run_starts.size else np.zeros_like(q)
+    run = np.where(q == 0, carry, q - rs + np.where(rs == 0, carry, 0))
+    escaped[idx] = (run & 1) == 1
+    return escaped
+
+
+def scan_json_array(chunks: Iterator[bytes], name: str = "<stream>") -> np.ndarray:
+    """Offsets of the top-level elements of a JSON array, in one streaming pass.
+
+    Tracks string state (quotes, backslash escapes, across chunk boundaries) and
+    bracket depth with vectorised numpy per chunk. Returns ``sep + 1`` for each
+    top-level separator (the opening ``[``, each depth-1 comma, the closing ``]``):
+    element ``i`` is the bytes ``offsets[i]:offsets[i+1]-1``. Raises DataError if
+    the brackets do not balance or something other than whitespace follows.
+    """
+    seps: list[np.ndarray] = []
+    in_string, carry, depth, base = 0, 0, 0, 0
+    opened = closed = False
+    for chunk in chunks:
+        a = np.frombuffer(chunk, dtype=np.uint8)
+        quotes = np.flatnonzero(a == _QUOTE)
+        if quotes.size:
+            quotes = quotes[~_escaped(a, quotes, carry)]
+        s = np.flatnonzero(_IS_STRUCT[a])
+        if s.size:
+            n_quotes_before = np.searchsorted(quotes, s)
+            s = s[((n_quotes_before + in_string) & 1) == 0]
+            step = _DEPTH_STEP[a[s]]
+            after = depth + np.cumsum(step)
+            before = after - step
+            top = np.flatnonzero((before == 0) | (after < 0))
+            for t in top.tolist():
+                ch = chr(a[s[t]])
+                if closed or after[t] < 0 or ch != "[" or opened:
+                    raise DataError(
+                        f"file {name}: unexpected '{ch}' at byte {base + int(s[t])} outside the "
+                        "top-level array. Fix: the file must hold exactly one JSON array "
+                        "[record, record, ...] (or use JSONL, one record per line).")
+                opened = True
+            at_top = ((before == 1) & (step == 0)) | ((before == 0) & (step == 1)) | (
+                (after == 0) & (step == -1))
+            seps.append(s[at_top] + base)
+            if ((after == 0) & (step == -1)).any():
+                closed = True
+            depth = int(after[-1]) if after.size else depth
+        in_string ^= quotes.size & 1
+        i = a.size
+        while i > 0 and chunk[i - 1] == _BACKSLASH:
+            i -= 1
+        carry = carry + a.size if i == 0 else a.size - i
+        base += a.size
+    if not closed:
+        reason = "inside a string" if in_string else f"with {depth} bracket(s) still open"
+        raise DataError(f"file {name}: the JSON array ends {reason} (the file is truncated or "
+                        "not valid JSON). Fix: repair or regenerate the file.")
+    sep = np.concatenate(seps) if seps else np.zeros(0, dtype=np.int64)
+    return sep.astype(np.int64) + 1
+
+
+# --------------------------------------------------------------------------- readers
+
+class _Reader:
+    """Reads byte ranges of one local file or fsspec URL; reopens after fork, pickles cleanly."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.remote = is_url(path)
+        self._handle: Any = None
+        self._pid = -1
+
+    def __getstate__(self):
+        return {"path": self.path, "remote": self.remote, "_handle": None, "_pid": -1}
+
+    def _open(self):
+        # A handle inherited through fork shares its file position with the parent: reopen.
+        if self._handle is None or self._pid != os.getpid():
+            if self.remote:
+                import fsspec
+                self._handle = fsspec.open(self.path, "rb").open()
+            else:
+                self._handle = os.open(self.path, os.O_RDONLY)
+            self._pid = os.getpid()
+        return self._handle
+
+    def read(self, start: int, n: int) -> bytes:
+        h = self._open()
+        if not self.remote and hasattr(os, "pread"):
+            return os.pread(h, n, start)  # no shared file position: safe across threads
+        if self.remote:
+            h.seek(start)
+            return h.read(n)
+        os.lseek(h, start, os.SEEK_SET)
+        return os.read(h, n)
+
+    def chunks(self, size: int | None = None) -> Iterator[bytes]:
+        size = size or CHUNK_BYTES  # read at call time so tests can shrink it
+        if self.remote:
+            import fsspec
+            with fsspec.open(self.path, "rb") as f:
+                while chunk := f.read(size):
+                    yield chunk
+        else:
+            with open(self.path, "rb", buffering=0) as f:
+                while chunk := f.read(size):
+                    yield chunk
+
+    def stat(self) -> tuple[int, int]:
+        """(size, mtime in ns) — the key that tells a cached index is stale."""
+        if self.remote:
+            import fsspec
+            fs, p = fsspec.core.url_to_fs(self.path)
+            info = fs.info(p)
+            return int(info.get("size") or 0), 0
+        st = os.stat(self.path)
+        return st.st_size, st.st_mtime_ns
+
+    def line_of(self, offset: int) -> int:
+        """1-based line number of a byte offset (only used to word errors)."""
+        n, seen = 1, 0
+        for chunk in self.chunks():
+            take = chunk[: max(0, offset - seen)]
+            n += take.count(b"\n")
+            seen += len(chunk)
+            if seen >= offset:
+                break
+        return n
+
+
+# --------------------------------------------------------------------------- index cache
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "qwenvl" / "index"
+
+
+def _index_paths(path: str) -> list[Path]:
+    """Where the index of ``path`` may live: next to it first, then the user cache."""
+    digest = hashlib.sha1(os.path.abspath(path).encode("utf-8")).hexdigest()[:16]
+    return [Path(path + ".idx.npy"), _cache_dir() / f"{digest}-{Path(path).name}.idx.npy"]
+
+
+def _load_index(path: str, kind: str, size: int, mtime: int) -> np.ndarray | None:
+    want = [_MAGIC, _INDEX_VERSION, size, mtime, _KINDS[kind]]
+    for p in _index_paths(path):
+        try:
+            arr = np.load(p, allow_pickle=False)
+        except (OSError, ValueError):
+            continue
+        if arr.dtype == np.int64 and arr.ndim == 1 and arr[:5].tolist() == want:
+            return arr[5:]
+    return None
+
+
+def _save_index(path: str, kind: str, size: int, mtime: int, offsets: np.ndarray) -> Path | None:
+    header = np.array([_MAGIC, _INDEX_VERSION, size, mtime, _KINDS[kind]], dtype=np.int64)
+    data = np.concatenate([header, offsets])
+    for p in _index_paths(path):
+        tmp = p.with_name(f"{p.name}.{os.getpid()}.tmp")
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                np.save(f, data)
+            os.replace(tmp, p)  # atomic: another rank never reads half a file
+            return p
+        except OSError:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+    logger.warning("could not cache the index of %s anywhere; it will be rebuilt next time", path)
+    return None
+
+
+# --------------------------------------------------------------------------- sources
+
+class AnnotationSource:
+    """Random access to the raw records of one annotation file (see ``open_annotations``)."""
+
+    path: str
+    kind: str  # "jsonl" | "json" | "hf"
+    is_packed: bool
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _get(self, i: int) -> Any:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> Any:
+        n = len(self)
+        i = int(i)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"record {i} out of range for {self.path} ({n} records)")
+        return self._get(i)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self._get(i)
+
+    def __repr__(self) -> str:
+        packed = ", packed" if self.is_packed else ""
+        return f"{type(self).__name__}({self.path!r}, {self.kind}, {len(self)} records{packed})"
+
+
+class OffsetSource(AnnotationSource):
+    """JSONL or JSON-array file read through a byte-offset index; parses a record on access."""
+
+    def __init__(self, path: str, kind: str, offsets: np.ndarray, reader: _Reader):
+        self.path, self.kind, self.offsets, self._reader = path, kind, offsets, reader
+        self.is_packed = len(self) > 0 and self._raw(0).lstrip(_WS + _BOM)[:1] == b"["
+
+    def __len__(self) -> int:
+        return max(0, self.offsets.size - 1)
+
+    def _raw(self, i: int) -> bytes:
+        start, stop = int(self.offsets[i]), int(self.offsets[i + 1])
+        if self.kind == "json":
+            stop -= 1  # drop the separator (',' or the closing ']')
+        return self._reader.read(start, stop - start)
+
+    def _get(self, i: int) -> Any:
+        raw = self._raw(i)
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            if isinstance(e, json.JSONDecodeError):  # e.lineno counts from the record's start
+                line = self._reader.line_of(int(self.offsets[i])) + e.lineno - 1
+            else:
+                line = self._reader.line_of(int(self.offsets[i]) + len(raw) - len(raw.lstrip(_WS)))
+            detail = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+            raise DataError(
+                f"{where(file=self.path, record=i)} (line {line}) is not valid JSON: {detail}. "
+                "Fix: correct or delete that record.") from None
+        want = list if self.is_packed else dict
+        if not isinstance(record, want):
+            shape = "a list of samples (the file is packed)" if self.is_packed else "a JSON object"
+            raise DataError(f"{where(file=self.path, record=i)}: expected {shape}, got "
+                            f"{type(record).__name__}. Fix: a file holds either records or packed "
+                            "lists of records, not a mix.")
+        return record
+
+
+class HFSource(AnnotationSource):
+    """A dataset saved with ``datasets.Dataset.save_to_disk``; rows are records, images are PIL."""
+
+    kind = "hf"
+    is_packed = False
+
+    def __init__(self, path: str):
+        import datasets
+        self.path = path
+        self.dataset = datasets.load_from_disk(path)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _get(self, i: int) -> Any:
+        return self.dataset[i]
+
+
+def _first_byte(reader: _Reader) -> bytes:
+    for chunk in reader.chunks(1 << 16):
+        chunk = chunk.lstrip(_WS + _BOM) if chunk else chunk
+        if chunk:
+            return chunk[:1]
+    return b""
+
+
+def _open_hf(path: str) -> AnnotationSource:
+    if os.path.exists(os.path.join(path, "dataset_dict.json")):
+        splits = sorted(p.name for p in Path(path).iterdir() if p.is_dir())
+        raise DataError(f"{path} is a saved DatasetDict with splits {splits}. Fix: set "
+                        f"annotation_path to one split folder, e.g. {os.path.join(path, 'train')}.")
+    if not os.path.exists(os.path.join(path, "state.json")):
+        raise DataError(f"{path} is a folder but not a dataset saved with save_to_disk (no "
+                        "state.json). Fix: point annotation_path at a .json/.jsonl file or at "
+                        "the folder written by Dataset.save_to_disk.")
+    return HFSource(path)
+
+
+def open_annotations(path: str | os.PathLike, *, cache: bool | None = None) -> AnnotationSource:
+    """Open an annotation file for random access, detecting its format.
+
+    * a folder written by ``Dataset.save_to_disk`` -> rows (``kind == "hf"``);
+    * ``*.jsonl`` or a file starting with ``{`` -> one record per line (``"jsonl"``);
+    * a file starting with ``[`` -> a JSON array (``"json"``). If its items are
+      lists the file is packed: ``is_packed`` is True and a record is a list of samples.
+
+    ``cache``: keep the byte-offset index in a sidecar ``.idx.npy`` (None: only for
+    files of at least ``CACHE_MIN_BYTES``). Local paths and fsspec URLs are accepted;
+    remote indexes are rebuilt on every open.
+    """
+    path = os.fspath(path)
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    remote = is_url(path)
+    if not remote:
+        if os.path.isdir(path):
+            return _open_hf(path)
+        if not os.path.isfile(path):
+            raise DataError(f"annotation file not found: {path}. Fix: check annotation_path in "
+                            "the dataset dictionary (relative paths resolve against its folder).")
+    reader = _Reader(path)
+    first = _first_byte(reader)
+    if path.endswith(".jsonl") or first == b"{":
+        kind = "jsonl"
+    elif first == b"[":
+        kind = "json"
+    elif not first:
+        kind = "jsonl"  # an empty file: zero records
+    else:
+        raise DataError(f"file {path}: starts with {first!r}, which is neither a JSON array "
+                        "'[' nor a JSONL record '{'. Fix: write a JSON array of records or "
+                        "one JSON object per line (.jsonl).")
+    size, mtime = reader.stat()
+    use_cache = (not remote) and (size >= CACHE_MIN_BYTES if cache is None else cache)
+    offsets = _load_index(path, kind, size, mtime) if use_cache else None
+    if offsets is None:
+        if kind == "jsonl":
+            offsets = scan_jsonl(reader.chunks(), reader.read)
+        else:
+            offsets = scan_json_array(reader.chunks(), path)
+            _check_tail(reader, path, int(offsets[-1]), size)
+            if offsets.size == 2 and not reader.read(int(offsets[0]), int(
+                    offsets[1] - offsets[0] - 1)).strip(_WS):
+                offsets = offsets[1:]  # "[]": the only "element" is whitespace
+        if use_cache:
+            _save_index(path, kind, size, mtime, offsets)
+    source = OffsetSource(path, kind, offsets, reader)
+    if kind == "jsonl" and first == b"{" and not path.endswith(".jsonl") and len(source):
+        _check_single_object(source, path)
+    return source
+
+
+def _check_tail(reader: _Reader, path: str, end: int, size: int) -> None:
+    """Only whitespace may follow the closing bracket of the array."""
+    while end < size:
+        piece = reader.read(end, min(CHUNK_BYTES, size - end))
+        if piece.strip(_WS):
+            raise DataError(f"file {path}: extra data after the closing ']' at byte {end}. Fix: "
+                            "the file must hold exactly one JSON array.")
+        end += len(piece)
+
+
+def _check_single_object(source: OffsetSource, path: str) -> None:
+    """A ``.json`` file holding one pretty-printed object is not JSONL: say so clearly."""
+    try:
+        json.loads(source._raw(0))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DataError(f"file {path}: the top level is a JSON object, not a list of records. "
+                        "Fix: wrap the records in [...], or write one record per line and name "
+                        "the file .jsonl.") from None

@@ -1,0 +1,114 @@
+"""The renderer against the families' own processors and get_rope_index."""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+from qwenvl.data.formats import Conversation
+from qwenvl.data.render import IGNORE_INDEX, SampleRenderer, SampleTooLong
+from tests.conftest import FAMILIES
+
+
+def _image(w, h, colour):
+    return Image.new("RGB", (w, h), colour)
+
+
+def _conversation(kind: str) -> Conversation:
+    red, blue = _image(84, 56, (220, 20, 20)), _image(56, 112, (20, 20, 220))
+    if kind == "image":
+        messages = [
+            {"role": "user", "content": [{"type": "image", "image": red}, {"type": "text", "text": "\nWhat colour?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        ]
+    elif kind == "multi_image":
+        messages = [
+            {"role": "system", "content": [{"type": "text", "text": "You compare pictures."}]},
+            {"role": "user", "content": [{"type": "image", "image": red}, {"type": "text", "text": " and "},
+                                         {"type": "image", "image": blue}, {"type": "text", "text": " differ?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "yes"}]},
+            {"role": "user", "content": [{"type": "text", "text": "Which is taller?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "the second"}]},
+        ]
+    else:
+        messages = [
+            {"role": "user", "content": [{"type": "text", "text": "What is 2 + 3?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "5"}]},
+        ]
+    return Conversation(messages=messages, origin=f"test {kind}")
+
+
+def _inline(conversation: Conversation) -> list[dict]:
+    """The same conversation in the processor's inline-media form, for apply_chat_template."""
+    return [{"role": m["role"], "content": [dict(p) for p in m["content"]]} for m in conversation.messages]
+
+
+@pytest.fixture(scope="module")
+def family(request, tiny_model_dir):
+    path = tiny_model_dir(request.param)
+    processor = AutoProcessor.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    return processor, config, model
+
+
+@pytest.mark.parametrize("family", FAMILIES, indirect=True)
+@pytest.mark.parametrize("kind", ["image", "multi_image", "text"])
+def test_ids_labels_positions_match_the_family(family, kind):
+    processor, config, model = family
+    conversation = _conversation(kind)
+    sample = SampleRenderer(processor, config).render(conversation)
+
+    expected = processor.apply_chat_template(_inline(conversation), tokenize=True, return_dict=True,
+                                             return_tensors="pt")
+    assert torch.equal(sample["input_ids"], expected["input_ids"][0])
+    if "image_grid_thw" in expected:
+        assert torch.equal(sample["image_grid_thw"], expected["image_grid_thw"])
+        assert torch.equal(sample["pixel_values"], expected["pixel_values"])
+    else:
+        assert "pixel_values" not in sample
+
+    # Positions: the full model's own get_rope_index on the same inputs.
+    reference, _ = model.model.get_rope_index(
+        expected["input_ids"], mm_token_type_ids=expected["mm_token_type_ids"],
+        image_grid_thw=expected.get("image_grid_thw"))
+    assert torch.equal(sample["position_ids"], reference[:, 0])
+
+    # Labels: exactly the assistant replies, each with its closing <|im_end|>.
+    tokenizer = processor.tokenizer
+    trained = sample["labels"] != IGNORE_INDEX
+    assert torch.equal(sample["labels"][trained], sample["input_ids"][trained])
+    replies = [m["content"][0]["text"] for m in conversation.messages if m["role"] == "assistant"]
+    assert tokenizer.decode(sample["labels"][trained]) == "".join(r + "<|im_end|>" for r in replies)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert int((sample["labels"] == im_end).sum()) == len(replies)
+    for name in ("<|image_pad|>", "<|video_pad|>", "<|im_start|>", "<|vision_start|>"):
+        assert not bool((sample["labels"] == tokenizer.convert_tokens_to_ids(name)).any())
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl"], indirect=True)
+def test_too_long_samples_shrink_images_and_never_cut_them(family):
+    processor, config, _ = family
+    big = Conversation(messages=[
+        {"role": "user", "content": [{"type": "image", "image": _image(448, 448, (0, 200, 0))},
+                                     {"type": "text", "text": "Colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "green"}]}], origin="test big")
+    full = SampleRenderer(processor, config).render(big)
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    full_visual = int((full["input_ids"] == image_pad).sum())
+    limit = full["input_ids"].shape[0] - full_visual // 2
+    shrunk = SampleRenderer(processor, config, model_max_length=limit).render(big)
+    assert shrunk["input_ids"].shape[0] <= limit
+    visual = int((shrunk["input_ids"] == image_pad).sum())
+    assert 0 < visual < full_visual
+    merge = processor.image_processor.merge_size
+    assert visual == int(shrunk["image_grid_thw"].prod()) // merge ** 2  # tokens match the features
+    assert shrunk["pixel_values"].shape[0] == int(shrunk["image_grid_thw"].prod())
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl"], indirect=True)
+def test_text_longer_than_the_limit_is_refused_with_its_origin(family):
+    processor, config, _ = family
+    with pytest.raises(SampleTooLong, match="test text"):
+        SampleRenderer(processor, config, model_max_length=8).render(_conversation("text"))
