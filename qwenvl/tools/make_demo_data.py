@@ -333,7 +333,7 @@ DATASETS = [
 def dump_records(records: list[dict], path: Path) -> None:
     """JSON array with one record a line (.json) or JSON Lines (.jsonl); LF endings."""
     lines = [json.dumps(r, ensure_ascii=False) for r in records]
-    text = "[\n" + ",\n".join(lines) + "\n]\n" if path.suffix == ".json" else "".join(l + "\n" for l in lines)
+    text = "[\n" + ",\n".join(lines) + "\n]\n" if path.suffix == ".json" else "".join(line + "\n" for line in lines)
     path.write_bytes(text.encode("utf-8"))
 
 
