@@ -31,7 +31,11 @@
   rate qwen-vl-utils assumes for frame lists), sampled by the same rule.
 
 ``processor_video_inputs(clip)`` gives the frames and the ``VideoMetadata`` to pass to a
-Qwen processor together with ``PROCESSOR_VIDEO_KWARGS``.
+Qwen processor, ``processor_videos_kwargs(metadata)`` the ``videos_kwargs`` of that call::
+
+    videos, metadata = zip(*(processor_video_inputs(clip) for clip in clips))
+    processor(text=[text], images=images or None, videos=list(videos),
+              videos_kwargs=processor_videos_kwargs(metadata), return_tensors="pt")
 """
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ from transformers.video_utils import VideoMetadata
 
 from .errors import DataError, where
 from .video_decode import (
-    AUTO_ORDER, DecodedVideo, backend_names, decode_video, list_frame_folder, read_image_frames,
+    DecodedVideo, backend_names, decode_video, list_frame_folder, read_image_frames,
     run_with_timeout,
 )
 
@@ -54,10 +58,13 @@ VIDEO_MIN_TOKENS_PER_FRAME = 128  # qwen-vl-utils' VIDEO_MIN_TOKEN_NUM
 VIDEO_MAX_TOKENS_PER_FRAME = 768  # qwen-vl-utils' VIDEO_MAX_TOKEN_NUM
 MAX_ASPECT_RATIO = 200
 
-PROCESSOR_VIDEO_KWARGS = {"do_sample_frames": False, "do_resize": False}
-"""Processor call options for clips from ``load_video``: the frames are already chosen
-and sized, so the video processor must neither sample (Qwen3-VL's default is to
-sample) nor resize them again."""
+PROCESSOR_VIDEO_KWARGS = {"do_sample_frames": False, "do_resize": False, "cap_pixels_per_frame": False}
+"""Video-processor options for clips from ``load_video``: the frames are already chosen
+and sized, so the video processor must neither sample them (Qwen3-VL's default is to
+sample) nor resize them.  ``cap_pixels_per_frame`` only changes resizing; setting it
+silences transformers' warning about it.  Pass these as ``videos_kwargs`` (see
+``processor_videos_kwargs``), never as flat keywords: a flat ``do_resize=False`` also
+reaches the image processor and breaks images in the same call."""
 
 
 @dataclass(frozen=True)
@@ -314,10 +321,10 @@ class SampledVideoMetadata(VideoMetadata):
 def processor_video_inputs(clip: VideoClip) -> tuple[torch.Tensor, VideoMetadata]:
     """The ``(video, video_metadata)`` pair to pass a Qwen processor for ``clip``.
 
-    Call ``processor(text=..., videos=[video], video_metadata=[metadata],
-    **PROCESSOR_VIDEO_KWARGS)``: Qwen2.5-VL's ``second_per_grid_ts`` is then
-    ``temporal_patch_size / clip.sampled_fps`` and Qwen3-VL's ``<t seconds>`` are
-    ``clip.grid_timestamps()``; Qwen2-VL reads no timing.
+    With ``videos_kwargs=processor_videos_kwargs([metadata])``, Qwen2.5-VL's
+    ``second_per_grid_ts`` is ``temporal_patch_size / clip.sampled_fps`` and Qwen3-VL's
+    ``<t seconds>`` are ``clip.grid_timestamps()`` (to the one decimal it prints);
+    Qwen2-VL reads no timing.
     """
     _, _, height, width = clip.frames.shape
     metadata = SampledVideoMetadata(
@@ -333,7 +340,14 @@ def processor_video_inputs(clip: VideoClip) -> tuple[torch.Tensor, VideoMetadata
     return clip.frames, metadata
 
 
+def processor_videos_kwargs(metadata: Sequence[VideoMetadata]) -> dict:
+    """The ``videos_kwargs`` of a processor call whose videos come from ``processor_video_inputs``,
+    ``metadata`` listing one entry per video in the order of ``videos``."""
+    return {**PROCESSOR_VIDEO_KWARGS, "video_metadata": list(metadata)}
+
+
 __all__ = [
-    "AUTO_ORDER", "PROCESSOR_VIDEO_KWARGS", "SampledVideoMetadata", "VideoClip", "VideoSettings",
-    "effective_fps", "frame_count", "frame_size", "load_video", "processor_video_inputs", "sample_frame_indices",
+    "PROCESSOR_VIDEO_KWARGS", "SampledVideoMetadata", "VideoClip", "VideoSettings", "effective_fps",
+    "frame_count", "frame_size", "load_video", "processor_video_inputs", "processor_videos_kwargs",
+    "sample_frame_indices",
 ]

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Idempotent set-up shared by demo.sh, test.sh and CI: FFmpeg (for torchcodec),
+# a virtual environment in .venv with requirements.txt, and this package in editable mode.
+# Re-running is cheap: the pip step is skipped while requirements.txt is unchanged.
+# Source it (". scripts/setup_env.sh") to get the environment activated.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${QWENVL_VENV:-$ROOT/.venv}"
+
+if ! command -v ffmpeg >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing FFmpeg (torchcodec needs its libraries)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null
+  else
+    echo "[setup] FFmpeg not found and cannot install it here: torchcodec will be skipped (decord/PyAV still work)"
+  fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  python3 -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+
+STAMP="$VENV/.qwenvl-requirements.sha256"
+WANT="$(cat "$ROOT/requirements.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+  echo "[setup] installing requirements into $VENV (first run: a few minutes)"
+  python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+  python -m pip install -q -r "$ROOT/requirements.txt" 2>&1 | grep -v "^WARNING: Location" || true
+  python -m pip install -q --no-deps -e "$ROOT" 2>&1 | grep -v "^WARNING: Location" || true
+  python -c "import torch, torchvision, transformers, qwenvl" || { echo "[setup] install failed"; exit 1; }
+  echo "$WANT" > "$STAMP"
+fi
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Run the test suite (the fast tests and the slow end-to-end ones; CI runs exactly this).
+# Extra arguments go to pytest, e.g.  bash scripts/test.sh -m "not slow"  for the quick subset.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck disable=SC1091
+. "$ROOT/scripts/setup_env.sh"
+cd "$ROOT"
+export WANDB_MODE=offline
+set +e
+python -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" = "5" ]; then
+  echo "[test] no tests were collected: that is a failure" >&2
+  exit 1
+fi
+exit "$rc"
