@@ -87,10 +87,13 @@ class SupervisedDataset(Dataset):
                 return {"pack": [self.renderer.render(c) for c in conversation]}
             return self.renderer.render(conversation)
         except DataError as err:
+            origin = self.origin(i)
+            if origin not in str(err):  # every message names the dataset, file and record
+                err = DataError(f"{origin}: {err}")
             if self.bad_sample_policy == "skip":
-                self.skip_log.record(i, self.origin(i), str(err))
+                self.skip_log.record(i, origin, str(err))
                 return None
-            raise
+            raise err from None
 
 
 def video_settings_from(data_args, processor):

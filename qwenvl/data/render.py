@@ -151,7 +151,7 @@ class SampleRenderer:
         """Tensors for one conversation (see the class docstring); raises DataError on bad input."""
         messages, image_refs, video_refs = _template_messages(conversation)
         text = self.processor.apply_chat_template(messages, tokenize=False)
-        images = [open_image(ref) for ref in image_refs]
+        images = [open_image(ref, origin=conversation.origin) for ref in image_refs]
         videos, video_metadata = self._load_videos(video_refs, conversation.origin) if video_refs else ([], [])
 
         scale = 1.0

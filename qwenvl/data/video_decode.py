@@ -311,7 +311,7 @@ def read_image_frames(paths: Sequence[str], fps: float, plan: FramePlan, owner: 
     for index in dict.fromkeys(indices):
         try:
             with Image.open(paths[index]) as image:
-                array = np.asarray(image.convert("RGB"))
+                array = np.array(image.convert("RGB"))  # a writable copy for torch
         except Exception as exc:
             raise DataError(f"{where(file=paths[index])}: frame {index} of video {owner} is not a readable "
                             f"image ({_first_line(exc)}); replace or remove it") from None

@@ -80,9 +80,9 @@ def test_total_pixel_budget_is_shared_between_frames():
     # Budget counts one frame per temporal patch: 20 frames share it as 10 patches.
     assert h * w <= 64 * 28 * 28
     assert h * w > 0.5 * 64 * 28 * 28
-    # Never below 1.05 x min_pixels, however many frames.
-    h, w = frame_size(1080, 1920, 100_000, s)
-    assert h * w >= 4 * 28 * 28
+    # However many frames, the per-frame cap never drops below 1.05 x min_pixels.
+    floor = VideoSettings(max_pixels=int(4 * 28 * 28 * 1.05), min_pixels=4 * 28 * 28)
+    assert frame_size(1080, 1920, 100_000, s) == frame_size(1080, 1920, 1, floor) == (28, 56)
 
 
 def test_extreme_aspect_ratio_is_refused():

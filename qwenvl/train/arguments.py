@@ -1,0 +1,299 @@
+"""The model and training flags of ``train_qwen.py``, and one parser for all three groups.
+
+Flag names, meanings and defaults follow the official qwen-vl-finetune ``argument.py``
+(``tune_mm_llm/mlp/vision`` all default to False there too; the official scripts set
+them explicitly).  Where this port differs, the field's help says so.
+
+``parse_args`` reads the command line, or a single ``.json`` / ``.yaml`` file holding
+the whole run (optionally followed by flags that override it), then checks the
+combination and reports every problem at once, each with its fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import transformers
+
+from qwenvl.data.arguments import DataArguments
+
+# The language model's attention and MLP projections (every dense family), matched by the
+# last component of a module's name inside the language model only: the Qwen2.5-VL vision
+# blocks also have gate/up/down_proj, and those must not get adapters by accident.
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+RUN_FILE_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+class ConfigError(ValueError):
+    """Invalid flags (or an unusable model directory); the message lists every problem with its fix."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            text = self.problems[0]
+        else:
+            text = f"{len(self.problems)} problems with the arguments:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(text)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="Qwen/Qwen2.5-VL-3B-Instruct",
+        metadata={"help": "Checkpoint directory or hub id. The family is read from its config.json "
+                          "(model_type), never guessed from the name."})
+    tune_mm_llm: bool = field(
+        default=False,
+        metadata={"help": "Train the language model (decoder layers, embeddings, final norm, lm_head). With "
+                          "--lora_enable: LoRA adapters on its projections instead of full training."})
+    tune_mm_mlp: bool = field(
+        default=False,
+        metadata={"help": "Train the vision-language merger (model.visual.merger, and Qwen3-VL's deepstack "
+                          "mergers). Trained fully, also with --lora_enable."})
+    tune_mm_vision: bool = field(
+        default=False,
+        metadata={"help": "Train the vision tower (patch embedding, position embedding, blocks; not the merger). "
+                          "Trained fully, also with --lora_enable."})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernel: flash_attention_2, sdpa, eager, or any registered name. Default: "
+                          "flash_attention_2 when flash_attn is installed and CUDA is available, else sdpa."})
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    cache_dir: str | None = field(default=None, metadata={"help": "Where hub downloads are cached."})
+    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (as the official code: adamw_torch)."})
+    model_max_length: int = field(
+        default=512,
+        metadata={"help": "Most tokens per sample (official default 512; the official scripts pass 8192)."})
+    mm_projector_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the merger (default: --learning_rate)."})
+    vision_tower_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the vision tower (default: --learning_rate)."})
+    lora_enable: bool = field(default=False, metadata={"help": "Train LoRA adapters on the language model."})
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank (official: 64)."})
+    lora_alpha: int = field(default=128, metadata={"help": "LoRA alpha (official: 128)."})
+    lora_dropout: float = field(
+        default=0.05,
+        metadata={"help": "LoRA dropout (0.05: the value the official code trains with, whose `or 0.05` "
+                          "turned its 0.0 default into 0.05)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+        metadata={"help": "Module names (last name component) inside the language model that get adapters. "
+                          "Default: q,k,v,o,gate,up,down_proj (the official code used q,k,v,o only). On "
+                          "Qwen3-VL-MoE the experts are not Linear layers, so only attention gets adapters."})
+    warmup_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Official-script flag, gone from transformers 5: sets --warmup_steps to this "
+                          "fraction of the run. Give one of the two."})
+    # The collator decides what reaches the model; the Trainer's default (True) would drop
+    # dataset keys by the forward signature before the collator sees them.
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Leave False: the collator builds exactly the model's inputs."})
+
+    def __post_init__(self):
+        if self.warmup_ratio is not None:
+            if self.warmup_steps:
+                raise ValueError(f"--warmup_ratio {self.warmup_ratio} and --warmup_steps {self.warmup_steps} "
+                                 "both set: give one.")
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+            # transformers 5 reads a warmup_steps below 1 as a fraction of the total steps.
+            self.warmup_steps = self.warmup_ratio
+        super().__post_init__()
+
+    def __getstate__(self):
+        # training_args.bin is a pickle of this object saved in every checkpoint: keep
+        # hub credentials out of it (push_to_hub falls back to HF_TOKEN / the login cache).
+        state = dict(self.__dict__)
+        for key in list(state):
+            if key.endswith("_token") and isinstance(state[key], str):
+                state[key] = None
+        return state
+
+
+class ParsedArgs(NamedTuple):
+    model: ModelArguments
+    data: DataArguments
+    training: TrainingArguments
+    explicit: dict  # the values the user gave (file and flags), for run_args.json
+
+
+class _Parser(transformers.HfArgumentParser):
+    """HfArgumentParser whose usage errors become a ConfigError instead of ``sys.exit(2)``."""
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def _read_run_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"run file {path} does not exist.")
+    text = p.read_text()
+    try:
+        if p.suffix == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except Exception as err:  # a syntax error: say which file and why
+        raise ConfigError(f"cannot read run file {path}: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"run file {path} must hold a mapping of flag names to values, not {type(values).__name__}.")
+    return {str(k).lstrip("-").replace("-", "_"): v for k, v in values.items()}
+
+
+def flash_attn_available() -> bool:
+    """True when flash_attention_2 can run here: flash_attn importable and a CUDA device present."""
+    import torch
+
+    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+
+
+def _looks_like_local_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or os.sep + os.sep in name
+
+
+def _deepspeed_problem(value) -> str | None:
+    if not isinstance(value, str):
+        return None
+    if not os.path.isfile(value):
+        return (f"--deepspeed {value}: no such file. Use one of scripts/zero2.json, scripts/zero3.json, "
+                "scripts/zero3_offload.json, or leave --deepspeed out.")
+    try:
+        json.loads(Path(value).read_text())
+    except ValueError as err:
+        return f"--deepspeed {value} is not valid JSON: {err}"
+    return None
+
+
+def _cross_checks(v: dict) -> list[str]:
+    """Problems of flag combinations, read from the raw values (so they show even if a dataclass failed)."""
+    problems = []
+    tune = {k: bool(v.get(k)) for k in ("tune_mm_llm", "tune_mm_mlp", "tune_mm_vision")}
+    if not any(tune.values()):
+        problems.append("nothing to train: --tune_mm_llm, --tune_mm_mlp and --tune_mm_vision are all False. "
+                        "Set at least one to True (the official scripts use --tune_mm_llm True --tune_mm_mlp True).")
+    if v.get("lora_enable") and not tune["tune_mm_llm"]:
+        problems.append("--lora_enable puts adapters on the language model, but --tune_mm_llm is False. Pass "
+                        "--tune_mm_llm True, or drop --lora_enable to train only the merger / vision tower fully.")
+    if v.get("vision_tower_lr") is not None and not tune["tune_mm_vision"]:
+        problems.append(f"--vision_tower_lr {v['vision_tower_lr']} is set but the vision tower is frozen. "
+                        "Pass --tune_mm_vision True, or drop --vision_tower_lr.")
+    if v.get("mm_projector_lr") is not None and not tune["tune_mm_mlp"]:
+        problems.append(f"--mm_projector_lr {v['mm_projector_lr']} is set but the merger is frozen. "
+                        "Pass --tune_mm_mlp True, or drop --mm_projector_lr.")
+    for name in ("learning_rate", "vision_tower_lr", "mm_projector_lr"):
+        value = v.get(name)
+        if value is not None and not float(value) > 0:
+            problems.append(f"--{name} must be positive, got {value}.")
+    if v.get("bf16") and v.get("fp16"):
+        problems.append("--bf16 and --fp16 are both set: choose one (bf16 on Ampere or newer GPUs).")
+    problem = _deepspeed_problem(v.get("deepspeed"))
+    if problem:
+        problems.append(problem)
+    if v.get("lora_enable"):
+        if int(v.get("lora_r", 1)) <= 0:
+            problems.append(f"--lora_r must be positive, got {v.get('lora_r')}.")
+        if float(v.get("lora_alpha", 1)) <= 0:
+            problems.append(f"--lora_alpha must be positive, got {v.get('lora_alpha')}.")
+        if not 0 <= float(v.get("lora_dropout", 0)) < 1:
+            problems.append(f"--lora_dropout must be in [0, 1), got {v.get('lora_dropout')}.")
+        if not v.get("lora_target_modules"):
+            problems.append("--lora_target_modules is empty: name at least one module, e.g. q_proj v_proj.")
+    if int(v.get("model_max_length", 1)) <= 0:
+        problems.append(f"--model_max_length must be positive, got {v.get('model_max_length')}.")
+    attn = v.get("attn_implementation")
+    if attn == "flash_attention_2" and not flash_attn_available():
+        problems.append("--attn_implementation flash_attention_2 needs the flash_attn package and a CUDA GPU; "
+                        "pass --attn_implementation sdpa, or leave it out to choose automatically.")
+    model = str(v.get("model_name_or_path") or "")
+    if not model:
+        problems.append("--model_name_or_path is empty: give a checkpoint directory or hub id.")
+    elif _looks_like_local_path(model) and not os.path.isdir(os.path.expanduser(model)):
+        problems.append(f"--model_name_or_path {model}: no such directory.")
+    return problems
+
+
+def _normalise(values: dict) -> dict:
+    """Flag values as the dataclasses expect them (comma lists split)."""
+    targets = values.get("lora_target_modules")
+    if isinstance(targets, str):
+        targets = [targets]
+    if targets is not None:
+        values["lora_target_modules"] = [t.strip() for item in targets for t in str(item).split(",") if t.strip()]
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> ParsedArgs:
+    """Parse flags (or ``RUN.json|RUN.yaml [--flag value ...]``) into the three argument groups.
+
+    A run file holds ``{flag_name: value}`` for any flag of the three groups; flags
+    after it override its values (for a repeated flag the last one wins, as argparse
+    does).  Every problem found (unknown flags or keys, bad values, impossible
+    combinations) is collected and raised once as a ``ConfigError``.
+    """
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _Parser((ModelArguments, DataArguments, TrainingArguments))
+    known = {a.dest for a in parser._actions}
+    problems: list[str] = []
+    file_values: dict = {}
+    if argv and argv[0].endswith(RUN_FILE_SUFFIXES) and not argv[0].startswith("-"):
+        run_file, argv = argv[0], argv[1:]
+        file_values = _read_run_file(run_file)
+        unknown = sorted(set(file_values) - known)
+        if unknown:
+            problems.append(f"unknown key(s) in {run_file}: {', '.join(unknown)}. Keys are flag names without "
+                            "the leading dashes, e.g. learning_rate.")
+        # File values become parser defaults: flags given after the file still win, and
+        # string values ("1e-5", which YAML keeps as a string) are converted like flags.
+        parser.set_defaults(**{k: v for k, v in file_values.items() if k in known})
+    namespace, extra = parser.parse_known_args(argv)
+    if extra:
+        problems.append(f"unrecognised argument(s): {' '.join(extra)}. See --help for the flags.")
+    values = _normalise(vars(namespace))
+    problems += _cross_checks(values)
+
+    built = []
+    for dtype in (ModelArguments, DataArguments, TrainingArguments):
+        inputs = {f.name: values[f.name] for f in dataclasses.fields(dtype) if f.init and f.name in values}
+        if dtype is TrainingArguments and _deepspeed_problem(inputs.get("deepspeed")):
+            inputs["deepspeed"] = None  # already reported; still check the other training flags
+        try:
+            built.append(dtype(**inputs))
+        except (ValueError, TypeError) as err:
+            lines = str(err).splitlines()
+            if lines and lines[0].startswith("Invalid data arguments"):
+                lines = [line.strip().lstrip("- ") for line in lines[1:]]
+            problems += [line for line in lines if line.strip()] or [f"{dtype.__name__}: {err!r}"]
+            built.append(None)
+    # The same problem can surface from a cross check and a dataclass: report it once.
+    problems = list(dict.fromkeys(problems))
+    if problems:
+        raise ConfigError(problems)
+
+    defaults = {a.dest: a.default for a in parser._actions}
+    explicit = {k: v for k, v in values.items() if k in known and k != "help" and v != defaults.get(k)}
+    explicit.update({k: values[k] for k in file_values if k in values})
+    return ParsedArgs(*built, explicit=explicit)
+
+
+def explicit_args_for_saving(explicit: dict) -> dict:
+    """The user's flags as JSON-safe values, with credentials removed (for ``run_args.json``)."""
+    safe = {}
+    for key, value in explicit.items():
+        if key.endswith("_token") or "api_key" in key:
+            continue
+        safe[key] = value if isinstance(value, (str, int, float, bool, list, dict, type(None))) else str(value)
+    return safe

@@ -1,0 +1,222 @@
+"""Load a Qwen-VL checkpoint by its config, choose what trains, and describe it.
+
+Components are named by rules on parameter names (first match wins), so one table
+serves all four families, LoRA-wrapped models and ZeRO-3 partitioned ones:
+
+    merger          ...visual.merger.*, ...visual.deepstack_merger_list.*   (--tune_mm_mlp)
+    vision tower    ...visual.*  (patch/position embedding, blocks)         (--tune_mm_vision)
+    lm_head         ...lm_head.*  (absent from the parameters when tied)    (--tune_mm_llm)
+    language model  ...language_model.*  (embeddings, layers, final norm)   (--tune_mm_llm)
+
+LoRA rule (``--lora_enable``): ``--tune_mm_llm`` puts LoRA adapters on the language
+model's ``--lora_target_modules`` (base weights, embeddings and lm_head stay frozen);
+``--tune_mm_mlp`` and ``--tune_mm_vision`` train those modules fully, stored in the
+adapter checkpoint as ``modules_to_save``.  ``--lora_enable`` without
+``--tune_mm_llm`` is rejected by the argument checks.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .arguments import ConfigError, flash_attn_available
+
+SUPPORTED_MODEL_TYPES = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+}
+
+# (component, pattern searched in the parameter name); first match wins, which is why the
+# merger (inside model.visual) comes before the vision tower.
+COMPONENT_RULES = (
+    ("merger", re.compile(r"(^|\.)visual\.(merger|deepstack_merger_list)\.")),
+    ("vision", re.compile(r"(^|\.)visual\.")),
+    ("lm_head", re.compile(r"(^|\.)lm_head\.")),
+    ("llm", re.compile(r"(^|\.)language_model\.")),
+)
+COMPONENT_TITLES = {"vision": "vision tower", "merger": "merger", "llm": "language model", "lm_head": "lm_head"}
+TUNE_FLAGS = {"vision": "tune_mm_vision", "merger": "tune_mm_mlp", "llm": "tune_mm_llm", "lm_head": "tune_mm_llm"}
+
+
+def component_of(name: str) -> str:
+    """The component a parameter belongs to, from its name: vision, merger, llm or lm_head."""
+    for component, pattern in COMPONENT_RULES:
+        if pattern.search(name):
+            return component
+    raise ValueError(f"parameter {name!r} matches no component rule; is this a Qwen-VL model?")
+
+
+def model_type_of(model_name_or_path: str, cache_dir: str | None = None) -> str:
+    """The checkpoint's ``config.model_type`` (read with AutoConfig, never guessed from the path)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read the config of --model_name_or_path {model_name_or_path}: {err}") from None
+    return config.model_type
+
+
+def model_class_for(model_type: str):
+    """The conditional-generation class of a supported ``model_type``; ConfigError otherwise."""
+    import transformers
+
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"model_type {model_type!r} is not supported; supported model types: "
+                          f"{', '.join(SUPPORTED_MODEL_TYPES)}.")
+    return getattr(transformers, SUPPORTED_MODEL_TYPES[model_type])
+
+
+def resolve_attn_implementation(requested: str | None) -> str:
+    """``requested`` if given; else flash_attention_2 when it can run here, else sdpa."""
+    if requested:
+        return requested
+    return "flash_attention_2" if flash_attn_available() else "sdpa"
+
+
+def load_dtype(training_args) -> torch.dtype:
+    """The dtype weights load in: the half type of ``--bf16`` / ``--fp16``, else float32.
+
+    Without DeepSpeed, ``prepare_model`` then puts the trainable parameters back in
+    float32, so the optimizer updates full-precision weights (a bf16 weight cannot
+    absorb a 2e-7 step) while the frozen parts stay small.  With DeepSpeed, its
+    optimizer keeps float32 master weights itself.
+    """
+    if training_args.bf16:
+        return torch.bfloat16
+    if training_args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def load_model(model_args, training_args):
+    """Load the checkpoint with the class its config names and the chosen attention kernel."""
+    path = model_args.model_name_or_path
+    cls = model_class_for(model_type_of(path, training_args.cache_dir))
+    return cls.from_pretrained(
+        path,
+        cache_dir=training_args.cache_dir,
+        attn_implementation=resolve_attn_implementation(model_args.attn_implementation),
+        dtype=load_dtype(training_args),
+    )
+
+
+def apply_tuning(model, model_args) -> None:
+    """Full training: each parameter trains iff its component's ``--tune_mm_*`` flag is True."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(bool(getattr(model_args, TUNE_FLAGS[component_of(name)])))
+
+
+def _visual_prefix(model) -> str:
+    for name, _ in model.named_modules():
+        if re.search(r"(^|\.)visual$", name):
+            return name
+    raise ValueError("the model has no 'visual' module; is this a Qwen-VL model?")
+
+
+def full_training_modules(model, model_args) -> list[str]:
+    """Names of the modules trained fully next to LoRA (peft ``modules_to_save``).
+
+    ModuleLists are expanded into their entries: the model indexes and iterates
+    them, which a wrapper around the whole list would break.
+    """
+    prefix = _visual_prefix(model)
+    visual = model.get_submodule(prefix)
+    names = []
+    for child_name, child in visual.named_children():
+        component = component_of(f"{prefix}.{child_name}.x")
+        if not getattr(model_args, TUNE_FLAGS[component]) or not any(True for _ in child.parameters()):
+            continue
+        if isinstance(child, torch.nn.ModuleList):
+            names += [f"{prefix}.{child_name}.{i}" for i in range(len(child))]
+        else:
+            names.append(f"{prefix}.{child_name}")
+    return names
+
+
+def lora_target_pattern(targets: list[str]) -> str:
+    """A regex (peft full-matches it against module names) for ``targets`` inside the language model."""
+    names = "|".join(re.escape(t) for t in targets)
+    return rf"(.*\.)?language_model\.(.*\.)?({names})"
+
+
+def apply_lora(model, model_args, training_args):
+    """Wrap ``model`` in peft LoRA following the rule in the module docstring; returns the PeftModel."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    pattern = lora_target_pattern(training_args.lora_target_modules)
+    matched = [n for n, _ in model.named_modules() if re.fullmatch(pattern, n)]
+    if not matched:
+        raise ConfigError(f"--lora_target_modules {' '.join(training_args.lora_target_modules)} matches no module of "
+                          f"the language model. Its Linear layers are named: {', '.join(_llm_linear_names(model))}.")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    config = LoraConfig(
+        r=training_args.lora_r, lora_alpha=training_args.lora_alpha, lora_dropout=training_args.lora_dropout,
+        target_modules=pattern, modules_to_save=full_training_modules(model, model_args) or None,
+        bias="none", task_type=TaskType.CAUSAL_LM)
+    return get_peft_model(model, config)
+
+
+def _llm_linear_names(model) -> list[str]:
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and component_of(n + ".weight") == "llm"})
+
+
+def prepare_model(model, model_args, training_args):
+    """Freeze or wrap ``model`` for training as the flags say; returns the model to train."""
+    if training_args.lora_enable:
+        model = apply_lora(model, model_args, training_args)
+    else:
+        apply_tuning(model, model_args)
+    if not training_args.deepspeed:
+        for param in model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+    # No KV cache while training (set back before the final save, for inference).
+    set_use_cache(model, False)
+    return model
+
+
+def set_use_cache(model, value: bool) -> None:
+    """Set ``use_cache`` on the config and the text config (where transformers 5 reads it)."""
+    config = model.config
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is not None and hasattr(cfg, "use_cache"):
+            cfg.use_cache = value
+
+
+def _numel(param) -> int:
+    # ZeRO-3 leaves an empty placeholder in each rank's parameter; ds_numel is its real size.
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def parameter_counts(model) -> dict[str, dict[str, int]]:
+    """``{component: {"total": n, "trainable": n}}`` over the model's distinct parameters."""
+    counts = {c: {"total": 0, "trainable": 0} for c in COMPONENT_TITLES}
+    for name, param in model.named_parameters():
+        row = counts[component_of(name)]
+        row["total"] += _numel(param)
+        if param.requires_grad:
+            row["trainable"] += _numel(param)
+    return counts
+
+
+def parameter_table(model) -> str:
+    """A short table of parameters per component (total and trainable), with a total row."""
+    counts = parameter_counts(model)
+    tied = counts["lm_head"]["total"] == 0
+    lines = [f"{'component':<16}{'parameters':>16}{'trainable':>16}"]
+    for component, title in COMPONENT_TITLES.items():
+        row = counts[component]
+        if component == "lm_head" and tied:
+            lines.append(f"{title:<16}{'tied to the input embeddings (counted in language model)':>32}")
+            continue
+        lines.append(f"{title:<16}{row['total']:>16,}{row['trainable']:>16,}")
+    total = sum(r["total"] for r in counts.values())
+    trainable = sum(r["trainable"] for r in counts.values())
+    lines.append(f"{'total':<16}{total:>16,}{trainable:>16,}")
+    return "\n".join(lines)

@@ -1,0 +1,235 @@
+"""Record -> Conversation for LLaVA, messages and HF rows; media resolution and opening."""
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from qwenvl.data import (Conversation, DataError, DatasetSpec, open_annotations, open_image,
+                         resolve_media, to_conversation, to_conversations)
+
+SPEC = DatasetSpec("demo", "/data/anns/demo.json", "/data/images")
+
+
+def text(t: str) -> dict:
+    return {"type": "text", "text": t}
+
+
+def image(ref) -> dict:
+    return {"type": "image", "image": ref}
+
+
+def video(ref) -> dict:
+    return {"type": "video", "video": ref}
+
+
+# ----------------------------------------------------------------------------- LLaVA
+
+def test_llava_single_image_keeps_text_exactly():
+    record = {"image": "coco/1.jpg", "conversations": [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "<image>\nWhat is this?"},
+        {"from": "gpt", "value": "A cat.\n"}]}
+    conv = to_conversation(record, SPEC, 7)
+    assert isinstance(conv, Conversation)
+    assert conv.origin == "dataset 'demo', file /data/anns/demo.json, record 7"
+    assert conv.messages == [
+        {"role": "system", "content": [text("Be brief.")]},
+        {"role": "user", "content": [image("/data/images/coco/1.jpg"), text("\nWhat is this?")]},
+        {"role": "assistant", "content": [text("A cat.\n")]},
+    ]
+
+
+def test_llava_media_follow_tag_order_across_turns():
+    record = {"image": ["a.jpg", "b.jpg", "c.jpg"], "video": "v.mp4", "conversations": [
+        {"from": "human", "value": "Compare <image> and <image>."},
+        {"from": "gpt", "value": "Done."},
+        {"from": "human", "value": "<video><image>Now?"},
+        {"from": "gpt", "value": "Yes."}]}
+    msgs = to_conversation(record, SPEC, 0).messages
+    assert msgs[0]["content"] == [text("Compare "), image("/data/images/a.jpg"), text(" and "),
+                                  image("/data/images/b.jpg"), text(".")]
+    assert msgs[2]["content"] == [video("/data/images/v.mp4"), image("/data/images/c.jpg"),
+                                  text("Now?")]
+
+
+def test_llava_video_as_frames_and_text_only():
+    record = {"video": [["f/0.jpg", "f/1.jpg"]], "conversations": [
+        {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "x"}]}
+    msgs = to_conversation(record, SPEC, 0).messages
+    assert msgs[0]["content"][0] == video(["/data/images/f/0.jpg", "/data/images/f/1.jpg"])
+    plain = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Ho"}]}
+    assert to_conversation(plain, DatasetSpec("t", "t.jsonl"), 0).messages[1] == {
+        "role": "assistant", "content": [text("Ho")]}
+
+
+def test_llava_images_without_tags_is_an_error_with_the_fix():
+    record = {"image": "a.jpg", "conversations": [
+        {"from": "human", "value": "What is this?"}, {"from": "gpt", "value": "A cat."}]}
+    with pytest.raises(DataError) as info:
+        to_conversation(record, SPEC, 3)
+    msg = str(info.value)
+    assert msg.startswith("dataset 'demo', file /data/anns/demo.json, record 3:")
+    assert "0 image placeholder(s) but 1 image(s) given. Fix: put one <image> tag" in msg
+
+
+def test_llava_more_tags_than_media_and_frame_hint():
+    record = {"image": "a.jpg", "video": ["0.jpg", "1.jpg"], "conversations": [
+        {"from": "human", "value": "<image><image><video>"}, {"from": "gpt", "value": "x"}]}
+    with pytest.raises(DataError) as info:
+        to_conversation(record, SPEC, 0)
+    msg = str(info.value)
+    assert "2 image placeholder(s) but 1 image(s) given" in msg
+    assert "1 video placeholder(s) but 2 video(s) given" in msg and "nest them" in msg
+
+
+@pytest.mark.parametrize("record, expected", [
+    ({"conversations": [{"from": "humann", "value": "x"}, {"from": "gpt", "value": "y"}]},
+     "turn 0: unknown 'from' 'humann'. Did you mean 'human'?"),
+    ({"conversations": [{"from": "human", "value": "x"}]}, "no assistant turn"),
+    ({"conversations": []}, "'conversations' is empty"),
+    ({"conversations": [{"from": "human", "value": ["x"]}, {"from": "gpt", "value": "y"}]},
+     "turn 0: 'value' must be a string, got list"),
+    ({"conversations": ["hello"]}, "turn 0: expected {\"from\""),
+    ({"question": "x", "answer": "y"}, "no 'conversations' (LLaVA) or 'messages' key"),
+    ({"image": "a", "images": ["b"], "conversations": []}, "both 'image' and 'images'"),
+])
+def test_llava_validation_names_the_record(record, expected):
+    with pytest.raises(DataError) as info:
+        to_conversation(record, SPEC, 12)
+    assert "dataset 'demo', file /data/anns/demo.json, record 12" in str(info.value)
+    assert expected in str(info.value)
+
+
+# ----------------------------------------------------------------------------- messages
+
+def test_messages_string_content_with_tags():
+    record = {"images": ["x.png"], "messages": [
+        {"role": "user", "content": "<image>Describe.\n"},
+        {"role": "assistant", "content": "Red square."}]}
+    assert to_conversation(record, SPEC, 0).messages == [
+        {"role": "user", "content": [image("/data/images/x.png"), text("Describe.\n")]},
+        {"role": "assistant", "content": [text("Red square.")]}]
+
+
+def test_messages_parts_inline_and_listed_media():
+    record = {"images": ["listed.png"], "videos": ["clip.mp4"], "messages": [
+        {"role": "user", "content": [
+            {"type": "image", "image": "s3://bucket/inline.png"},
+            {"type": "image"},
+            {"type": "video"},
+            {"type": "image_url", "image_url": {"url": "https://example.com/u.png"}},
+            {"type": "video", "video": ["/abs/0.jpg", "rel/1.jpg"]},
+            {"type": "text", "text": "What differs?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Colour."}]}]}
+    assert to_conversation(record, SPEC, 0).messages[0]["content"] == [
+        image("s3://bucket/inline.png"), image("/data/images/listed.png"),
+        video("/data/images/clip.mp4"), image("https://example.com/u.png"),
+        video(["/abs/0.jpg", "/data/images/rel/1.jpg"]), text("What differs?")]
+
+
+@pytest.mark.parametrize("record, expected", [
+    ({"messages": [{"role": "usr", "content": "x"}, {"role": "assistant", "content": "y"}]},
+     "unknown role 'usr'. Did you mean 'user'?"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "no assistant turn"),
+    ({"messages": []}, "'messages' is empty"),
+    ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]},
+     "'content' must be a string or a list of parts, got int"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]},
+                   {"role": "assistant", "content": "y"}]}, "needs a string 'text'"),
+    ({"messages": [{"role": "user", "content": [{"type": "audio"}]},
+                   {"role": "assistant", "content": "y"}]}, "unknown content part type 'audio'"),
+    ({"images": ["a.png", "b.png"], "messages": [
+        {"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "y"}]},
+     "1 image placeholder(s) but 2 image(s) given"),
+])
+def test_messages_validation(record, expected):
+    with pytest.raises(DataError, match="record 5") as info:
+        to_conversation(record, SPEC, 5)
+    assert expected in str(info.value)
+
+
+def test_hf_row_like_llava_instruct_mix(tmp_path):
+    """trl-lib/llava-instruct-mix: {"type": "image"} placeholders and PIL images in `images`."""
+    datasets = pytest.importorskip("datasets")
+    red = Image.new("RGB", (4, 4), (255, 0, 0))
+    rows = {"messages": [[
+        {"role": "user", "content": [{"type": "image", "text": None},
+                                     {"type": "text", "text": "What colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Red."}]}]],
+        "images": [[red]]}
+    features = datasets.Features({
+        "messages": [{"role": datasets.Value("string"),
+                      "content": [{"type": datasets.Value("string"),
+                                   "text": datasets.Value("string")}]}],
+        "images": datasets.Sequence(datasets.Image())})
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "hf"))
+    spec = DatasetSpec("mix", str(tmp_path / "hf"))
+    conv = to_conversation(open_annotations(spec.annotation_path)[0], spec, 0)
+    user = conv.messages[0]["content"]
+    assert user[0]["type"] == "image" and isinstance(user[0]["image"], Image.Image)
+    assert user[0]["image"].getpixel((0, 0)) == (255, 0, 0)
+    assert user[1] == text("What colour?")
+    assert conv.messages[1] == {"role": "assistant", "content": [text("Red.")]}
+
+
+def test_packed_record_gives_one_conversation_per_sample():
+    sample = {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}
+    convs = to_conversations([sample, {"messages": [{"role": "user", "content": "c"},
+                                                    {"role": "assistant", "content": "d"}]}],
+                             SPEC, 4)
+    assert [c.messages[1]["content"][0]["text"] for c in convs] == ["b", "d"]
+    assert convs[1].origin.endswith("record 4, sample 1")
+    with pytest.raises(DataError, match="record 4, sample 1: no assistant turn"):
+        to_conversations([sample, {"conversations": [{"from": "human", "value": "x"}]}], SPEC, 4)
+    with pytest.raises(DataError, match="non-empty list"):
+        to_conversations([], SPEC, 4)
+
+
+# ----------------------------------------------------------------------------- media
+
+@pytest.mark.parametrize("ref, data_path, expected", [
+    ("a/b.jpg", "/imgs", "/imgs/a/b.jpg"),
+    ("a/b.jpg", "s3://bucket/imgs/", "s3://bucket/imgs/a/b.jpg"),
+    ("a/b.jpg", "", "a/b.jpg"),
+    ("/abs/b.jpg", "/imgs", "/abs/b.jpg"),
+    ("gs://b/c.jpg", "/imgs", "gs://b/c.jpg"),
+    ("http://h/c.jpg", "/imgs", "http://h/c.jpg"),
+    ("file:///x/c.jpg", "/imgs", "file:///x/c.jpg"),
+])
+def test_resolve_media(ref, data_path, expected):
+    assert resolve_media(ref, data_path) == expected
+
+
+def test_open_image_local_url_and_pil(tmp_path, make_image):
+    path = make_image(tmp_path / "rgba.png", color=(0, 0, 255), mode="RGBA")
+    for ref in (str(path), path, f"file://{path}"):
+        img = open_image(ref)
+        assert img.mode == "RGB" and img.size == (8, 6)
+    fsspec = pytest.importorskip("fsspec")
+    with fsspec.open("memory://imgs/x.png", "wb") as f:
+        f.write(path.read_bytes())
+    assert open_image("memory://imgs/x.png").size == (8, 6)
+    gray = Image.new("L", (2, 2))
+    assert open_image(gray).mode == "RGB"
+
+
+def test_open_image_problems_name_the_file_and_fix(tmp_path):
+    with pytest.raises(DataError, match=r"record 3: image not found: .*nope.png\. Fix: .*data_path"):
+        open_image(str(tmp_path / "nope.png"), origin="dataset 'demo', record 3")
+    with pytest.raises(DataError, match="image not found"):
+        open_image(f"file://{tmp_path}/nope.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"cannot read image .*bad.png.*corrupt"):
+        open_image(str(tmp_path / "bad.png"))
+    with pytest.raises(DataError, match="expected a path"):
+        open_image(42)
+
+
+def test_llava_dataset_end_to_end(llava_dataset):
+    from qwenvl.data import load_dictionary
+    spec = load_dictionary(llava_dataset["dictionary"])["a"]
+    src = open_annotations(spec.annotation_path)
+    conv = to_conversation(src[2], spec, 2)
+    ref = conv.messages[0]["content"][0]["image"]
+    assert ref == str(llava_dataset["images"] / "img0.png")
+    assert open_image(ref).getpixel((0, 0)) == (255, 0, 0)
