@@ -32,20 +32,23 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["AnnotationSource", "open_annotations", "scan_jsonl", "scan_json_array"]
 
-CHUNK_BYTES = 8 << 20
+CHUNK_BYTES = 1 << 20  # larger chunks were slower (CPU cache) and raise peak memory
 # Below this size a scan takes a few milliseconds: not worth a file next to the user's data.
 CACHE_MIN_BYTES = 4 << 20
 
 _WS = b" \t\r\n"
 _BOM = b"\xef\xbb\xbf"
-_QUOTE, _BACKSLASH, _NEWLINE = 34, 92, 10
+_BACKSLASH, _NEWLINE = 92, 10
 _IS_WS = np.zeros(256, dtype=bool)
 _IS_WS[list(_WS)] = True
-_IS_STRUCT = np.zeros(256, dtype=bool)
-_IS_STRUCT[list(b"[]{},")] = True
-_DEPTH_STEP = np.zeros(256, dtype=np.int64)
-_DEPTH_STEP[list(b"[{")] = 1
-_DEPTH_STEP[list(b"]}")] = -1
+# Byte classes for the JSON-array scanner (0: uninteresting), applied with bytes.translate.
+_C_QUOTE, _C_BACKSLASH, _C_OPEN, _C_CLOSE, _C_COMMA = 1, 2, 3, 4, 5
+_CLASS_TABLE = bytearray(256)
+for _byte, _cls in ((b'"', _C_QUOTE), (b"\\", _C_BACKSLASH), (b"[", _C_OPEN), (b"{", _C_OPEN),
+                    (b"]", _C_CLOSE), (b"}", _C_CLOSE), (b",", _C_COMMA)):
+    _CLASS_TABLE[_byte[0]] = _cls
+_CLASS_TABLE = bytes(_CLASS_TABLE)
+_CLASS_STEP = np.array([0, 0, 0, 1, -1, 0], dtype=np.int64)  # depth change per class
 
 _MAGIC = 0x5157454E49445831  # "QWENIDX1"
 _INDEX_VERSION = 1
@@ -96,75 +99,89 @@ def scan_jsonl(chunks: Iterator[bytes], read_range=None) -> np.ndarray:
     return offsets
 
 
-def _escaped(a: np.ndarray, quotes: np.ndarray, carry: int) -> np.ndarray:
-    """Which of the quote positions are escaped, i.e. preceded by an odd run of backslashes.
+def _escaped_quotes(ev: np.ndarray, kind: np.ndarray, q_idx: np.ndarray,
+                    carry: int) -> np.ndarray:
+    """Which quote events are escaped: preceded by an odd run of backslashes.
 
-    ``carry`` is the length of the backslash run that ended the previous chunk.
+    ``ev``/``kind`` are the positions/classes of the chunk's interesting bytes,
+    ``q_idx`` the indices of the quote events, ``carry`` the length of the backslash
+    run that ended the previous chunk. Works on events only, never the whole chunk.
     """
-    prev_bs = np.zeros(quotes.size, dtype=bool)
-    inner = quotes > 0
-    prev_bs[inner] = a[quotes[inner] - 1] == _BACKSLASH
-    if quotes[0] == 0:
-        prev_bs[0] = carry > 0
-    escaped = np.zeros(quotes.size, dtype=bool)
-    idx = np.flatnonzero(prev_bs)
-    if idx.size == 0:
+    pos = ev[q_idx]
+    prev = q_idx - 1
+    has_prev = prev >= 0
+    cand = np.zeros(q_idx.size, dtype=bool)
+    cand[has_prev] = (kind[prev[has_prev]] == _C_BACKSLASH) & (ev[prev[has_prev]] == pos[has_prev] - 1)
+    at_start = pos == 0  # only the carried run can precede a quote at byte 0
+    cand |= at_start & (carry > 0)
+    escaped = np.zeros(q_idx.size, dtype=bool)
+    ci = np.flatnonzero(cand)
+    if ci.size == 0:
         return escaped
-    bs = a == _BACKSLASH
-    run_starts = np.flatnonzero(bs & np.concatenate(([True], ~bs[:-1])))
-    q = quotes[idx]
-    k = np.searchsorted(run_starts, q - 1, side="right") - 1
-    rs = run_starts[np.maximum(k, 0)] if run_starts.size else np.zeros_like(q)
-    run = np.where(q == 0, carry, q - rs + np.where(rs == 0, carry, 0))
-    escaped[idx] = (run & 1) == 1
+    bs_ev = np.flatnonzero(kind == _C_BACKSLASH)
+    bs_pos = ev[bs_ev]
+    new_run = np.concatenate(([True], np.diff(bs_pos) != 1)) if bs_pos.size else bs_pos
+    run_start = np.maximum.accumulate(np.where(new_run, bs_pos, -1)) if bs_pos.size else bs_pos
+    run = np.full(ci.size, carry, dtype=np.int64)  # quotes at byte 0: the carried run only
+    inner = ~at_start[ci]
+    if inner.any():
+        m = np.searchsorted(bs_ev, prev[ci[inner]])  # the backslash just before the quote
+        rs = run_start[m]
+        run[inner] = pos[ci[inner]] - rs + np.where(rs == 0, carry, 0)
+    escaped[ci] = (run & 1) == 1
     return escaped
 
 
 def scan_json_array(chunks: Iterator[bytes], name: str = "<stream>") -> np.ndarray:
     """Offsets of the top-level elements of a JSON array, in one streaming pass.
 
-    Tracks string state (quotes, backslash escapes, across chunk boundaries) and
-    bracket depth with vectorised numpy per chunk. Returns ``sep + 1`` for each
-    top-level separator (the opening ``[``, each depth-1 comma, the closing ``]``):
-    element ``i`` is the bytes ``offsets[i]:offsets[i+1]-1``. Raises DataError if
-    the brackets do not balance or something other than whitespace follows.
+    Each chunk is mapped with ``bytes.translate`` to byte classes (quote, backslash,
+    opener, closer, comma, other); numpy then works on the few interesting positions:
+    quote parity (with backslash escapes, carried across chunk boundaries) marks
+    what is inside strings, and a cumulative sum of the brackets outside strings
+    gives the depth. Returns ``sep + 1`` for each top-level separator (the opening
+    ``[``, each depth-1 comma, the closing ``]``): element ``i`` is the bytes
+    ``offsets[i]:offsets[i+1]-1``. Raises DataError if the brackets do not balance.
     """
     seps: list[np.ndarray] = []
     in_string, carry, depth, base = 0, 0, 0, 0
     opened = closed = False
     for chunk in chunks:
-        a = np.frombuffer(chunk, dtype=np.uint8)
-        quotes = np.flatnonzero(a == _QUOTE)
-        if quotes.size:
-            quotes = quotes[~_escaped(a, quotes, carry)]
-        s = np.flatnonzero(_IS_STRUCT[a])
-        if s.size:
-            n_quotes_before = np.searchsorted(quotes, s)
-            s = s[((n_quotes_before + in_string) & 1) == 0]
-            step = _DEPTH_STEP[a[s]]
+        classes = np.frombuffer(chunk.translate(_CLASS_TABLE), dtype=np.uint8)
+        ev = np.flatnonzero(classes)
+        kind = classes[ev]
+        toggle = (kind == _C_QUOTE).view(np.uint8)
+        q_idx = np.flatnonzero(toggle)
+        if q_idx.size:
+            toggle = toggle.copy()
+            toggle[q_idx[_escaped_quotes(ev, kind, q_idx, carry)]] = 0
+        parity = np.bitwise_xor.accumulate(toggle) ^ in_string if ev.size else toggle
+        s_idx = np.flatnonzero((kind >= _C_OPEN) & (parity == 0))
+        if s_idx.size:
+            s = ev[s_idx]
+            step = _CLASS_STEP[kind[s_idx]]
             after = depth + np.cumsum(step)
             before = after - step
-            top = np.flatnonzero((before == 0) | (after < 0))
-            for t in top.tolist():
-                ch = chr(a[s[t]])
+            for t in np.flatnonzero((before == 0) | (after < 0)).tolist():
+                ch = chr(chunk[s[t]])
                 if closed or after[t] < 0 or ch != "[" or opened:
                     raise DataError(
                         f"file {name}: unexpected '{ch}' at byte {base + int(s[t])} outside the "
                         "top-level array. Fix: the file must hold exactly one JSON array "
                         "[record, record, ...] (or use JSONL, one record per line).")
                 opened = True
-            at_top = ((before == 1) & (step == 0)) | ((before == 0) & (step == 1)) | (
-                (after == 0) & (step == -1))
+            closing = (after == 0) & (step == -1)
+            at_top = ((before == 1) & (step == 0)) | ((before == 0) & (step == 1)) | closing
             seps.append(s[at_top] + base)
-            if ((after == 0) & (step == -1)).any():
-                closed = True
-            depth = int(after[-1]) if after.size else depth
-        in_string ^= quotes.size & 1
-        i = a.size
+            closed = closed or bool(closing.any())
+            depth = int(after[-1])
+        if ev.size:
+            in_string = int(parity[-1])
+        i = len(chunk)
         while i > 0 and chunk[i - 1] == _BACKSLASH:
             i -= 1
-        carry = carry + a.size if i == 0 else a.size - i
-        base += a.size
+        carry = carry + len(chunk) if i == 0 else len(chunk) - i
+        base += len(chunk)
     if not closed:
         reason = "inside a string" if in_string else f"with {depth} bracket(s) still open"
         raise DataError(f"file {name}: the JSON array ends {reason} (the file is truncated or "
@@ -197,6 +214,21 @@ class _Reader:
                 self._handle = os.open(self.path, os.O_RDONLY)
             self._pid = os.getpid()
         return self._handle
+
+    def close(self) -> None:
+        # Only the process that opened the handle closes it; a forked copy just forgets it.
+        if self._handle is not None and self._pid == os.getpid():
+            if self.remote:
+                self._handle.close()
+            else:
+                os.close(self._handle)
+        self._handle = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing useful to do
+            pass
 
     def read(self, start: int, n: int) -> bytes:
         h = self._open()

@@ -14,6 +14,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -102,7 +103,8 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.warmup_ratio is not None:
             if self.warmup_steps:
                 raise ValueError(f"--warmup_ratio {self.warmup_ratio} and --warmup_steps {self.warmup_steps} "
-                                 "both set: give one.")
+                                 "both set: give one (the scripts set --warmup_steps 0.03; override it with "
+                                 "--warmup_steps, where a value below 1 is a fraction of the run).")
             if not 0 <= self.warmup_ratio < 1:
                 raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
             # transformers 5 reads a warmup_steps below 1 as a fraction of the total steps.
@@ -246,7 +248,8 @@ def parse_args(argv: list[str] | None = None) -> ParsedArgs:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _Parser((ModelArguments, DataArguments, TrainingArguments))
-    known = {a.dest for a in parser._actions}
+    known = {a.dest for a in parser._actions} - {"help"}
+    baseline = vars(parser.parse_known_args([])[0])  # every flag's default, before a run file changes them
     problems: list[str] = []
     file_values: dict = {}
     if argv and argv[0].endswith(RUN_FILE_SUFFIXES) and not argv[0].startswith("-"):
@@ -275,7 +278,7 @@ def parse_args(argv: list[str] | None = None) -> ParsedArgs:
         except (ValueError, TypeError) as err:
             lines = str(err).splitlines()
             if lines and lines[0].startswith("Invalid data arguments"):
-                lines = [line.strip().lstrip("- ") for line in lines[1:]]
+                lines = [re.sub(r"^\s*- ", "", line) for line in lines[1:]]
             problems += [line for line in lines if line.strip()] or [f"{dtype.__name__}: {err!r}"]
             built.append(None)
     # The same problem can surface from a cross check and a dataclass: report it once.
@@ -283,9 +286,7 @@ def parse_args(argv: list[str] | None = None) -> ParsedArgs:
     if problems:
         raise ConfigError(problems)
 
-    defaults = {a.dest: a.default for a in parser._actions}
-    explicit = {k: v for k, v in values.items() if k in known and k != "help" and v != defaults.get(k)}
-    explicit.update({k: values[k] for k in file_values if k in values})
+    explicit = {k: v for k, v in values.items() if k in known and v != baseline.get(k)}
     return ParsedArgs(*built, explicit=explicit)
 
 

@@ -4,9 +4,9 @@ Each rule names a group, the components it takes (see ``model.component_of``) an
 the flag that sets its learning rate; the first rule taking a parameter's component
 wins.  Each group is then split by weight decay:
 
-    vision, vision_no_decay   --vision_tower_lr  (else --learning_rate)
-    merger, merger_no_decay   --mm_projector_lr  (else --learning_rate)
     llm,    llm_no_decay      --learning_rate
+    merger, merger_no_decay   --mm_projector_lr  (else --learning_rate)
+    vision, vision_no_decay   --vision_tower_lr  (else --learning_rate)
 
 No weight decay on biases and on the weights of normalisation layers (LayerNorm,
 RMSNorm of any family, found by module type, so the Qwen2.5-VL merger's ``ln_q``
@@ -31,10 +31,11 @@ class GroupRule:
     lr_flag: str | None  # the TrainingArguments field with this group's learning rate; None: --learning_rate
 
 
+# The llm group comes first: the Trainer logs group 0's rate as "learning_rate".
 RULES = (
-    GroupRule("vision", ("vision",), "vision_tower_lr"),
-    GroupRule("merger", ("merger",), "mm_projector_lr"),
     GroupRule("llm", ("llm", "lm_head"), None),
+    GroupRule("merger", ("merger",), "mm_projector_lr"),
+    GroupRule("vision", ("vision",), "vision_tower_lr"),
 )
 
 

@@ -1,0 +1,155 @@
+"""Supervised fine-tuning entry point of Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense and MoE).
+
+    python -m qwenvl.train.train_qwen --model_name_or_path DIR --dataset_use demo \\
+        --tune_mm_llm True --tune_mm_mlp True --output_dir out
+    torchrun --nproc_per_node 8 qwenvl/train/train_qwen.py ...   (or scripts/launch.sh)
+    python -m qwenvl.train.train_qwen run.yaml [--flag value ...]
+
+Order of work: parse and check every flag; read the processor and config; build the
+data (so data problems show before the model loads); load the model with the class
+its config names; freeze / LoRA; train, resuming from the newest ``checkpoint-*`` in
+``--output_dir`` if there is one (as the official code); save the model and processor;
+on the main process print where they are, the first and last loss, and write
+``loss_curve.png``.  Argument and data problems end the run with their message and
+a non-zero exit status, without a traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+from qwenvl.data.errors import DataError
+from qwenvl.train.arguments import ConfigError, explicit_args_for_saving, parse_args
+
+
+def _main_process(training_args) -> bool:
+    return training_args.process_index == 0
+
+
+def _clean_message(err: BaseException) -> str:
+    """The error's own message, without a dataloader worker's traceback wrapped around it."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    lines = text.split("Original Traceback", 1)[1].splitlines()
+    starts = [i for i, line in enumerate(lines) if line and not line[0].isspace() and not line.startswith("Traceback")
+              and not line.startswith(" (most recent")]
+    if not starts:
+        return text
+    tail = "\n".join(lines[starts[-1]:])
+    return re.sub(r"^[\w.]+: ", "", tail, count=1)
+
+
+def write_loss_curve(log_history: list[dict], path: str) -> bool:
+    """Plot training (and eval) loss against the step into ``path``; False when nothing was logged."""
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
+    if not train and not evals:
+        return False
+    # The object API with the Agg canvas: no pyplot, no global backend switch, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if train:
+        ax.plot(*zip(*train), label="train loss", marker="." if len(train) < 50 else None)
+    if evals:
+        ax.plot(*zip(*evals), label="eval loss", marker="o")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+def _summary(trainer, output_dir: str, lora: bool) -> str:
+    history = trainer.state.log_history
+    losses = [(e["step"], e["loss"]) for e in history if "loss" in e]
+    lines = []
+    if lora:
+        lines.append(f"LoRA adapter and processor saved in {output_dir}; merge into a plain model with:\n"
+                     f"  python -m qwenvl.tools.merge_lora --checkpoint {output_dir} --output {output_dir}-merged")
+    else:
+        lines.append(f"model and processor saved in {output_dir} "
+                     "(loads with AutoModelForImageTextToText / AutoProcessor)")
+    if losses:
+        (s0, l0), (s1, l1) = losses[0], losses[-1]
+        lines.append(f"loss: first {l0:.4f} (step {s0}), last {l1:.4f} (step {s1})")
+    curve = os.path.join(output_dir, "loss_curve.png")
+    if write_loss_curve(history, curve):
+        lines.append(f"loss curve: {curve}")
+    return "\n".join(lines)
+
+
+def _train(argv):
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from qwenvl.data.dataset import make_supervised_data_module
+    from qwenvl.train.model import load_model, model_class_for, parameter_table, prepare_model, set_use_cache
+    from qwenvl.train.trainer import QwenVLTrainer
+
+    model_args, data_args, training_args, explicit = parse_args(argv)
+    main = _main_process(training_args)
+    transformers.set_seed(training_args.seed)
+    output_dir = training_args.output_dir
+    os.makedirs(output_dir, exist_ok=True)
+    if main:
+        with open(os.path.join(output_dir, "run_args.json"), "w") as f:
+            json.dump(explicit_args_for_saving(explicit), f, indent=2, default=str)
+
+    path = model_args.model_name_or_path
+    config = AutoConfig.from_pretrained(path, cache_dir=training_args.cache_dir)
+    model_class_for(config.model_type)  # an unsupported family fails here, before any data work
+    processor = AutoProcessor.from_pretrained(path, cache_dir=training_args.cache_dir)
+    data_module = make_supervised_data_module(
+        processor, data_args, model_config=config, model_max_length=training_args.model_max_length,
+        seed=training_args.seed, output_dir=output_dir)
+
+    model = prepare_model(load_model(model_args, training_args), model_args, training_args)
+    if main:
+        print(f"{type(model).__name__} from {path} (model_type {config.model_type}, "
+              f"attention {model.config._attn_implementation})\n{parameter_table(model)}", flush=True)
+
+    trainer = QwenVLTrainer(model=model, args=training_args, processing_class=processor, **data_module)
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is None and os.path.isdir(output_dir):
+        checkpoint = get_last_checkpoint(output_dir)
+    if checkpoint and main:
+        print(f"resuming from {checkpoint}", flush=True)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_state()
+    set_use_cache(trainer.accelerator.unwrap_model(trainer.model), True)
+    trainer.save_model(output_dir)
+    if main:
+        print(_summary(trainer, output_dir, training_args.lora_enable), flush=True)
+    return output_dir
+
+
+def train(argv: list[str] | None = None) -> str:
+    """Run one training from flags (``sys.argv`` when ``argv`` is None); returns the output directory.
+
+    Exits with status 2 on argument problems and 1 on data problems, printing only
+    their message.
+    """
+    try:
+        return _train(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except DataError as err:
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"{prefix}data error: {_clean_message(err)}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    train()

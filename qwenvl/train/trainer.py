@@ -1,0 +1,134 @@
+"""``QwenVLTrainer``: the Trainer with rule-based parameter groups and richer logs.
+
+What it adds to ``transformers.Trainer``:
+
+- the optimizer is built from ``optim.build_param_groups`` (per-component learning
+  rates, no decay on biases and norms); with a DeepSpeed config that offloads the
+  optimizer to CPU, the groups go to DeepSpeed's CPU Adam (DeepSpeed refuses a
+  torch optimizer there);
+- every training log carries ``lr/<group>`` for each group, and token throughput
+  (``tokens_per_second`` and its text / visual split, summed over processes);
+- a dataset exposing ``log_metrics() -> dict`` (e.g. skipped-sample counts) has
+  those values added to every training log;
+- checkpoints are written with ``use_cache=True`` in their config (training runs
+  without a KV cache), and, as with any ``processing_class``, with the processor
+  and its chat template, so every ``checkpoint-N`` loads like a released model.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import Trainer
+
+from .arguments import ConfigError
+from .model import set_use_cache
+from .optim import build_param_groups, describe_groups
+
+IGNORE_INDEX = -100
+
+
+class QwenVLTrainer(Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        config = self.accelerator.unwrap_model(self.model).config
+        # Visual placeholder ids by name from the model config, never literals.
+        self._visual_ids = [i for i in (getattr(config, "image_token_id", None),
+                                        getattr(config, "video_token_id", None)) if i is not None]
+        self._token_counts = None  # [tokens, visual tokens] since the last log, on device
+        self._last_log_time = None
+
+    # ---- optimizer ----
+
+    def _offloads_optimizer(self) -> bool:
+        if not self.is_deepspeed_enabled:
+            return False
+        zero = self.args.hf_deepspeed_config.config.get("zero_optimization", {})
+        return str(zero.get("offload_optimizer", {}).get("device", "none")) in ("cpu", "nvme")
+
+    def create_optimizer(self, model=None):
+        """The optimizer over ``build_param_groups``; DeepSpeed's CPU Adam when ZeRO offloads it."""
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        groups = build_param_groups(opt_model, self.args)
+        if self._offloads_optimizer():
+            if not str(self.args.optim).startswith("adamw"):
+                raise ConfigError(f"--optim {self.args.optim} cannot run with optimizer offload (DeepSpeed's CPU "
+                                  "Adam is the only optimizer there): use --optim adamw_torch or a config without "
+                                  "offload_optimizer.")
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            self.optimizer = DeepSpeedCPUAdam(
+                groups, lr=self.args.learning_rate, betas=(self.args.adam_beta1, self.args.adam_beta2),
+                eps=self.args.adam_epsilon, weight_decay=self.args.weight_decay, adamw_mode=True)
+        else:
+            if self.optimizer_cls_and_kwargs is not None:
+                optimizer_cls, kwargs = self.optimizer_cls_and_kwargs
+            else:
+                optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            if {"params", "model", "optimizer_dict"} & set(kwargs):
+                raise ConfigError(f"--optim {self.args.optim} builds its own parameter groups, which would drop the "
+                                  "per-component learning rates; use an AdamW-style optimizer.")
+            self.optimizer = optimizer_cls(groups, **kwargs)
+        if self.is_world_process_zero():
+            print("optimizer groups:\n" + describe_groups(groups), flush=True)
+        return self.optimizer
+
+    # ---- logging ----
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        ids = inputs.get("input_ids")
+        if ids is not None:
+            mask = inputs.get("attention_mask")
+            real = mask.sum() if mask is not None else torch.tensor(ids.numel(), device=ids.device)
+            visual = torch.isin(ids, torch.tensor(self._visual_ids, device=ids.device)).sum() \
+                if self._visual_ids else torch.zeros((), device=ids.device, dtype=torch.long)
+            counts = torch.stack([real.to(torch.long), visual.to(torch.long)])
+            self._token_counts = counts if self._token_counts is None else self._token_counts + counts
+        if self._last_log_time is None:
+            self._last_log_time = time.perf_counter()
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _throughput(self) -> dict:
+        if self._token_counts is None or self._last_log_time is None:
+            return {}
+        counts = self._token_counts
+        if self.args.world_size > 1:
+            # Every process reaches this log together (the loss above it is gathered too).
+            counts = self.accelerator.reduce(counts.to(self.args.device), reduction="sum")
+        tokens, visual = (int(x) for x in counts.tolist())
+        now = time.perf_counter()
+        elapsed = max(now - self._last_log_time, 1e-9)
+        self._token_counts, self._last_log_time = None, now
+        return {"tokens_per_second": round(tokens / elapsed, 2),
+                "text_tokens_per_second": round((tokens - visual) / elapsed, 2),
+                "visual_tokens_per_second": round(visual / elapsed, 2)}
+
+    def _group_learning_rates(self) -> dict:
+        rates = {}
+        for group in getattr(self.optimizer, "param_groups", []):
+            name = group.get("name")
+            if name:
+                rates.setdefault(f"lr/{name.removesuffix('_no_decay')}", group["lr"])
+        return rates
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log (not eval, not the end-of-training summary)
+            logs.update(self._group_learning_rates())
+            logs.update(self._throughput())
+            dataset_metrics = getattr(self.train_dataset, "log_metrics", None)
+            if callable(dataset_metrics):
+                logs.update(dataset_metrics())
+        super().log(logs, start_time)
+
+    # ---- saving ----
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # Saved configs are for inference, which wants the KV cache training runs without.
+        model = self.accelerator.unwrap_model(self.model)
+        set_use_cache(model, True)
+        try:
+            super()._save(output_dir, state_dict=state_dict)
+        finally:
+            set_use_cache(model, False)

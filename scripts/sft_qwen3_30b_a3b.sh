@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Qwen3-VL-30B-A3B-Instruct (MoE): full fine-tuning recipe.
+# Hyperparameters of the official qwen-vl-finetune script sft_30a3b.sh (Qwen3-VL repository), as published:
+# learning rate 1e-5, batch size 1 per GPU x 4 accumulation steps, DeepSpeed ZeRO-2,
+# full fine-tuning of the language model and merger (vision tower frozen), data_flatten,
+# 0.5 epoch, 50176..784 pixels per image, 8192 tokens, cosine schedule with 3% warmup,
+# no weight decay, gradient clipping 1, gradient checkpointing.
+#
+#   DATASETS=my_data%100 OUTPUT_DIR=out/qwen3_vl_30b_a3b bash scripts/sft_qwen3_30b_a3b.sh [--flag value ...]
+#
+# Everything after the script name overrides these defaults (last value wins); MODEL_PATH,
+# DATASETS, OUTPUT_DIR, PRECISION, NPROC_PER_NODE, NNODES ... are read by scripts/launch.sh
+# (see its header). Differences from the official script: --warmup_steps 0.03 is the
+# transformers 5 spelling of --warmup_ratio 0.03; wandb logs offline unless WANDB_MODE is set
+# (as the official 7B/32B scripts); DATASETS has no default, name your own.
+# MoE: ZeRO-2, because the official code does not support the MoE model under ZeRO-3; the
+# official script notes it ran on 32 x 80 GB GPUs. transformers adds no load-balancing loss.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+export MODEL_PATH="${MODEL_PATH:-Qwen/Qwen3-VL-30B-A3B-Instruct}"
+export OUTPUT_DIR="${OUTPUT_DIR:-./output/qwen3_vl_30b_a3b}"
+export WANDB_MODE="${WANDB_MODE:-offline}"
+LR="${LR:-1e-5}"
+BATCH_SIZE="${BATCH_SIZE:-1}"
+GRAD_ACCUM_STEPS="${GRAD_ACCUM_STEPS:-4}"
+
+exec bash "$HERE/launch.sh" \
+  --deepspeed "$HERE/zero2.json" \
+  --data_flatten True \
+  --tune_mm_vision False \
+  --tune_mm_mlp True \
+  --tune_mm_llm True \
+  --num_train_epochs 0.5 \
+  --per_device_train_batch_size "$BATCH_SIZE" \
+  --per_device_eval_batch_size "$((BATCH_SIZE * 2))" \
+  --gradient_accumulation_steps "$GRAD_ACCUM_STEPS" \
+  --max_pixels 50176 \
+  --min_pixels 784 \
+  --eval_strategy no \
+  --save_strategy steps \
+  --save_steps 1000 \
+  --save_total_limit 1 \
+  --learning_rate "$LR" \
+  --weight_decay 0 \
+  --warmup_steps 0.03 \
+  --max_grad_norm 1 \
+  --lr_scheduler_type cosine \
+  --logging_steps 1 \
+  --model_max_length 8192 \
+  --gradient_checkpointing True \
+  --dataloader_num_workers 4 \
+  --report_to wandb \
+  "$@"
