@@ -82,7 +82,8 @@ def measure(path: str, cache: bool, reads: int) -> dict:
         src[i]
     read_s = time.perf_counter() - t0
     return {"records": len(src), "open_s": open_s, "rss_open_mb": (after_open - base) / 2**20,
-            "rss_peak_mb": max(0, peak - base) / 2**20, "rss_after_reads_mb": (rss_bytes() - base) / 2**20,
+            "rss_peak_mb": max(0, peak - base) / 2**20,
+            "rss_after_reads_mb": (rss_bytes() - base) / 2**20,
             "read_us": read_s / reads * 1e6, "index_bytes": int(src.offsets.nbytes)}
 
 

@@ -20,6 +20,7 @@ benchmarks/results/video_decode.json).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fractions
 import json
 import os
@@ -102,7 +103,7 @@ def main() -> None:
             for sampling, base in samplings.items():
                 reference = None
                 for backend in backends:
-                    settings = VideoSettings(**{**base.__dict__, "backend": backend})
+                    settings = dataclasses.replace(base, backend=backend)
 
                     def plan(n, rate, settings=settings):
                         return sample_frame_indices(n, rate, settings)

@@ -80,8 +80,8 @@ def build_mixture(entries: Sequence[MixtureEntry], lengths: Sequence[int],
 def mixture_string(dictionary: Mapping[str, DatasetSpec]) -> str:
     """``name%P,...`` for every dataset, P = floor(rate * 100 + 0.5); ready for --dataset_use.
 
-    Same output as
-    ``jq -r 'to_entries | map("\\(.key)%\\((.value.repeat_time * 100 + 0.5) | floor)") | join(",")'``
+    Same output as ``jq -r 'to_entries | map("\\(.key)%\\((.value.repeat_time * 100 + 0.5)
+    | floor)") | join(",")'`` (one line in the shell)
     except that the rate is sampling_rate or repeat_time, whichever is given, else 1.0.
     """
     return ",".join(f"{name}%{math.floor(spec.rate * 100 + 0.5)}"

@@ -111,7 +111,8 @@ def _escaped_quotes(ev: np.ndarray, kind: np.ndarray, q_idx: np.ndarray,
     prev = q_idx - 1
     has_prev = prev >= 0
     cand = np.zeros(q_idx.size, dtype=bool)
-    cand[has_prev] = (kind[prev[has_prev]] == _C_BACKSLASH) & (ev[prev[has_prev]] == pos[has_prev] - 1)
+    p = prev[has_prev]
+    cand[has_prev] = (kind[p] == _C_BACKSLASH) & (ev[p] == pos[has_prev] - 1)
     at_start = pos == 0  # only the carried run can precede a quote at byte 0
     cand |= at_start & (carry > 0)
     escaped = np.zeros(q_idx.size, dtype=bool)

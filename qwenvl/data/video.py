@@ -39,6 +39,7 @@ Qwen processor, ``processor_videos_kwargs(metadata)`` the ``videos_kwargs`` of t
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -49,8 +50,9 @@ import torch
 from transformers.video_utils import VideoMetadata
 
 from .errors import DataError, where
+from .media import is_url
 from .video_decode import (
-    DecodedVideo, backend_names, decode_video, list_frame_folder, read_image_frames,
+    DecodedVideo, backend_names, decode_video, fetched, list_frame_folder, local_path, read_image_frames,
     run_with_timeout,
 )
 
@@ -240,51 +242,79 @@ class VideoClip:
 
 
 def load_video(source: str | os.PathLike | Sequence[str | os.PathLike],
-               settings: VideoSettings | None = None) -> VideoClip:
+               settings: VideoSettings | None = None, origin: str | None = None) -> VideoClip:
     """Decode, sample and resize one video: a file, a folder of frame images, or a list of them.
 
-    Every problem with the data (missing, empty, corrupt, cut short, no frames, time-out,
-    a missing or odd-sized frame image) raises ``DataError`` naming the file.
+    Files and frames may be local paths, ``file://`` or other fsspec URLs (a remote
+    video is downloaded to a temporary file first; ``timeout_s`` bounds the download
+    and the decoding each).  Every problem with the data (missing, empty, corrupt, cut
+    short, no frames, time-out, a missing or odd-sized frame image) raises
+    ``DataError`` naming the file, after ``origin`` (e.g. the dataset and record) when given.
     """
-    settings = settings or VideoSettings()
+    try:
+        return _load(source, settings or VideoSettings())
+    except DataError as exc:
+        if origin and origin not in str(exc):
+            raise DataError(f"{origin}: {exc}") from None
+        raise
 
+
+def _load(source, settings: VideoSettings) -> VideoClip:
     def plan(total: int, fps: float) -> list[int]:
         return sample_frame_indices(total, fps, settings)
 
-    if isinstance(source, (str, os.PathLike)) and not os.path.isdir(source):
-        name = os.fspath(source)
-        decoded, backend = decode_video(name, plan, settings.backend, settings.timeout_s, settings.num_threads)
+    if isinstance(source, (str, os.PathLike)):
+        name = local_path(os.fspath(source))
+        if is_url(name):
+            with fetched(name, settings.timeout_s) as path:
+                decoded, backend = decode_video(path, plan, settings.backend, settings.timeout_s,
+                                                settings.num_threads, label=name)
+            return _finish(decoded, backend, name, settings)
+        if not os.path.isdir(name):
+            decoded, backend = decode_video(name, plan, settings.backend, settings.timeout_s, settings.num_threads)
+            return _finish(decoded, backend, name, settings)
+        paths = list_frame_folder(name)
     else:
-        if isinstance(source, (str, os.PathLike)):
-            name = os.fspath(source)
-            paths = list_frame_folder(name)
-        else:
-            paths = [os.fspath(p) for p in source]
-            if not paths:
-                raise DataError("a video given as a list of frame images has no frames; list at least one image")
-            name = f"{paths[0]} (+{len(paths) - 1} frames)"
-        backend = "images"
-        try:
-            decoded = run_with_timeout(lambda: read_image_frames(paths, settings.frame_list_fps, plan, name),
-                                       settings.timeout_s, f"frames of {name}")
-        except TimeoutError:
-            raise DataError(f"{where(file=name)}: reading the frame images took longer than the "
-                            f"{settings.timeout_s:g} s limit; check the storage or raise the video timeout") from None
-    return _finish(decoded, backend, name, settings)
+        paths = [os.fspath(p) for p in source]
+        if not paths:
+            raise DataError("a video given as a list of frame images has no frames; list at least one image")
+        name = f"{paths[0]} (+{len(paths) - 1} frames)"
+    try:
+        decoded = run_with_timeout(lambda: read_image_frames(paths, settings.frame_list_fps, plan, name),
+                                   settings.timeout_s, f"frames of {name}")
+    except TimeoutError:
+        raise DataError(f"{where(file=name)}: reading the frame images took longer than the "
+                        f"{settings.timeout_s:g} s limit; check the storage or raise the video timeout") from None
+    return _finish(decoded, "images", name, settings)
 
 
-def _finish(decoded: DecodedVideo, backend: str, name: str, settings: VideoSettings) -> VideoClip:
-    frames = decoded.frames
+def _fit(frames: torch.Tensor, settings: VideoSettings, name: str) -> torch.Tensor:
     n, _, height, width = frames.shape
     try:
         h, w = frame_size(height, width, n, settings)
     except ValueError as exc:
         raise DataError(f"{where(file=name)}: {exc}") from None
-    if (h, w) != (height, width):
-        from torchvision.transforms.v2 import functional as tvF
-        from torchvision.transforms import InterpolationMode
+    if (h, w) == (height, width):
+        return frames
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as tvF
 
-        frames = tvF.resize(frames, [h, w], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return tvF.resize(frames, [h, w], interpolation=InterpolationMode.BICUBIC, antialias=True)
+
+
+def resize_clip(clip: VideoClip, settings: VideoSettings) -> VideoClip:
+    """``clip`` with its frames refitted to the pixel bounds of ``settings``; timing unchanged.
+
+    For shrinking a sample that does not fit the context, e.g. with
+    ``dataclasses.replace(settings, max_pixels=smaller)``: resizing here keeps the
+    per-frame meaning of the bounds in every family (Qwen3-VL's video processor would
+    read them as a bound on the whole video).
+    """
+    return dataclasses.replace(clip, frames=_fit(clip.frames, settings, clip.source).contiguous())
+
+
+def _finish(decoded: DecodedVideo, backend: str, name: str, settings: VideoSettings) -> VideoClip:
+    frames = _fit(decoded.frames, settings, name)
     start = decoded.pts[0]  # the first sampled frame is always the video's first frame
     return VideoClip(
         frames=frames.contiguous(),
@@ -349,5 +379,5 @@ def processor_videos_kwargs(metadata: Sequence[VideoMetadata]) -> dict:
 __all__ = [
     "PROCESSOR_VIDEO_KWARGS", "SampledVideoMetadata", "VideoClip", "VideoSettings", "effective_fps",
     "frame_count", "frame_size", "load_video", "processor_video_inputs", "processor_videos_kwargs",
-    "sample_frame_indices",
+    "resize_clip", "sample_frame_indices",
 ]

@@ -11,19 +11,23 @@ order and falls back to the next when one fails on a file.  More can be added wi
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import logging
 import os
 import re
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .errors import DataError, where
+from .media import is_url
 
 logger = logging.getLogger(__name__)
 
@@ -204,17 +208,17 @@ def run_with_timeout(fn: Callable[[], object], timeout_s: float | None, what: st
     return box["value"]
 
 
-def _check_file(path: str) -> None:
+def _check_file(path: str, shown: str) -> None:
     if not os.path.exists(path):
-        raise DataError(f"{where(file=path)}: video not found; check the path and the dataset's data_path")
+        raise DataError(f"{where(file=shown)}: video not found; check the path and the dataset's data_path")
     if os.path.isdir(path):
         return  # a folder of frame images, handled by the caller
     if os.path.getsize(path) == 0:
-        raise DataError(f"{where(file=path)}: video file is empty (0 bytes); re-export or remove it")
+        raise DataError(f"{where(file=shown)}: video file is empty (0 bytes); re-export or remove it")
 
 
 def decode_video(path: str, plan: FramePlan, backend: str = "auto", timeout_s: float | None = 120.0,
-                 num_threads: int = 0) -> tuple[DecodedVideo, str]:
+                 num_threads: int = 0, label: str | None = None) -> tuple[DecodedVideo, str]:
     """Decode the frames ``plan`` picks from the video file at ``path``; returns them and the backend used.
 
     ``backend="auto"`` tries the installed built-ins in ``AUTO_ORDER``; a backend that
@@ -222,9 +226,10 @@ def decode_video(path: str, plan: FramePlan, backend: str = "auto", timeout_s: f
     and the next one is tried.  ``timeout_s`` bounds the whole call, fallbacks
     included: a file that stalls one FFmpeg-based decoder usually stalls the others,
     so a time-out raises at once instead of trying the next.  Every problem is a
-    ``DataError`` naming the file.
+    ``DataError`` naming the file (``label`` where given, e.g. the URL a temp file came from).
     """
-    _check_file(path)
+    shown = label or path
+    _check_file(path, shown)
     if backend == "auto":
         names = installed_backends()
         if not names:
@@ -242,10 +247,11 @@ def decode_video(path: str, plan: FramePlan, backend: str = "auto", timeout_s: f
     for name in names:
         left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         try:
-            decoded = run_with_timeout(lambda: _BACKENDS[name](path, plan, num_threads), left, f"{name} on {path}")
+            decoded = run_with_timeout(lambda fn=_BACKENDS[name]: fn(path, plan, num_threads), left,
+                                       f"{name} on {shown}")
         except TimeoutError:
             raise DataError(
-                f"{where(file=path)}: decoding with {name} did not finish within the {timeout_s:g} s limit; "
+                f"{where(file=shown)}: decoding with {name} did not finish within the {timeout_s:g} s limit; "
                 "check the file (ffprobe), re-encode it (ffmpeg -i IN -c:v libx264 OUT.mp4) "
                 "or raise the video timeout") from None
         except DataError:
@@ -255,13 +261,13 @@ def decode_video(path: str, plan: FramePlan, backend: str = "auto", timeout_s: f
             failures.append(f"{name}: {reason}")
             log = logger.warning if name not in _warned else logger.debug
             _warned.add(name)
-            log("video backend %s failed on %s (%s)%s", name, path, reason,
+            log("video backend %s failed on %s (%s)%s", name, shown, reason,
                 "; trying the next backend" if name != names[-1] else "")
             continue
-        _validate(decoded, path, name)
+        _validate(decoded, shown, name)
         return decoded, name
     raise DataError(
-        f"{where(file=path)}: could not decode the video ({'; '.join(failures)}); the file may be corrupt, "
+        f"{where(file=shown)}: could not decode the video ({'; '.join(failures)}); the file may be corrupt, "
         "cut short or not a video: check it with ffprobe, or re-encode it (ffmpeg -i IN -c:v libx264 OUT.mp4)")
 
 
@@ -273,6 +279,50 @@ def _validate(decoded: DecodedVideo, path: str, name: str) -> None:
     if not (len(frames) == len(decoded.indices) == len(decoded.pts)):
         raise DataError(f"{where(file=path)}: backend {name} returned {len(frames)} frames for "
                         f"{len(decoded.indices)} planned indices")
+
+
+def local_path(ref: str) -> str:
+    """``ref`` without a ``file://`` scheme: local files are read in place, never copied."""
+    return ref[len("file://"):] if ref.startswith("file://") else ref
+
+
+def read_url(url: str, what: str = "video") -> bytes:
+    """The bytes at an fsspec URL (``s3://``, ``gs://``, ``https://`` ...), problems as ``DataError``."""
+    try:
+        import fsspec
+
+        with fsspec.open(url, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DataError(f"{where(file=url)}: {what} not found; check the URL and the dataset's data_path") from None
+    except ImportError as exc:
+        raise DataError(f"{where(file=url)}: cannot read the URL ({exc}); install the fsspec backend for its "
+                        "scheme (s3fs for s3, gcsfs for gs, aiohttp for http)") from None
+    except Exception as exc:
+        raise DataError(f"{where(file=url)}: cannot read the {what} ({type(exc).__name__}: {_first_line(exc)}); "
+                        "check the URL and the credentials") from None
+
+
+@contextlib.contextmanager
+def fetched(url: str, timeout_s: float | None) -> Iterator[str]:
+    """Download ``url`` into a temporary file (removed afterwards) and yield its path.
+
+    Every backend can decode a local file, not every one a stream; a training
+    sample's video is small next to the decode work, so one copy is cheap.
+    """
+    try:
+        data = run_with_timeout(lambda: read_url(url), timeout_s, f"download of {url}")
+    except TimeoutError:
+        raise DataError(f"{where(file=url)}: downloading the video took longer than {timeout_s:g} s; "
+                        "check the storage or raise the video timeout") from None
+    suffix = os.path.splitext(url.split("?")[0])[1][:8]
+    handle = tempfile.NamedTemporaryFile(prefix="qwenvl-video-", suffix=suffix, delete=False)
+    try:
+        with handle:
+            handle.write(data)
+        yield handle.name
+    finally:
+        os.unlink(handle.name)
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -301,16 +351,20 @@ def read_image_frames(paths: Sequence[str], fps: float, plan: FramePlan, owner: 
     """
     from PIL import Image
 
+    paths = [local_path(p) for p in paths]
     for index, path in enumerate(paths):
-        if not os.path.isfile(path):
+        # URLs are checked when read: asking remote storage about every frame costs a round trip each.
+        if not is_url(path) and not os.path.isfile(path):
             raise DataError(f"{where(file=path)}: frame {index} of video {owner} not found; "
                             "check the frame list or folder")
     indices = _check_plan(plan(len(paths), fps), len(paths))
     loaded: dict[int, torch.Tensor] = {}
     size = None
     for index in dict.fromkeys(indices):
+        path = paths[index]
+        source = io.BytesIO(read_url(path, f"frame {index} of video {owner}")) if is_url(path) else path
         try:
-            with Image.open(paths[index]) as image:
+            with Image.open(source) as image:
                 array = np.array(image.convert("RGB"))  # a writable copy for torch
         except Exception as exc:
             raise DataError(f"{where(file=paths[index])}: frame {index} of video {owner} is not a readable "

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from .arguments import ConfigError
 from .model import set_use_cache
@@ -37,6 +37,8 @@ class QwenVLTrainer(Trainer):
                                         getattr(config, "video_token_id", None)) if i is not None]
         self._token_counts = None  # [tokens, visual tokens] since the last log, on device
         self._last_log_time = None
+        self._step_rates = {}  # lr/<group> of the latest optimizer step
+        self.add_callback(_RecordStepRates(self))
 
     # ---- optimizer ----
 
@@ -115,7 +117,7 @@ class QwenVLTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log (not eval, not the end-of-training summary)
-            logs.update(self._group_learning_rates())
+            logs.update(self._step_rates or self._group_learning_rates())
             logs.update(self._throughput())
             dataset_metrics = getattr(self.train_dataset, "log_metrics", None)
             if callable(dataset_metrics):
@@ -132,3 +134,14 @@ class QwenVLTrainer(Trainer):
             super()._save(output_dir, state_dict=state_dict)
         finally:
             set_use_cache(model, False)
+
+
+class _RecordStepRates(TrainerCallback):
+    """Keeps the rates each optimizer step used: the scheduler moves them on before the log,
+    and the Trainer's own ``learning_rate`` is taken at this same moment."""
+
+    def __init__(self, trainer: QwenVLTrainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._step_rates = self.trainer._group_learning_rates()

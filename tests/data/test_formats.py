@@ -214,7 +214,8 @@ def test_open_image_local_url_and_pil(tmp_path, make_image):
 
 
 def test_open_image_problems_name_the_file_and_fix(tmp_path):
-    with pytest.raises(DataError, match=r"record 3: image not found: .*nope.png\. Fix: .*data_path"):
+    with pytest.raises(DataError,
+                       match=r"record 3: image not found: .*nope.png\. Fix: .*data_path"):
         open_image(str(tmp_path / "nope.png"), origin="dataset 'demo', record 3")
     with pytest.raises(DataError, match="image not found"):
         open_image(f"file://{tmp_path}/nope.png")

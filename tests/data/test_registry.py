@@ -1,8 +1,6 @@
 """dataset_dictionary.json loading/validation, --dataset_use parsing, data_dict/data_list."""
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path

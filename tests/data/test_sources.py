@@ -17,7 +17,8 @@ TRICKY = [
     {"id": 0, "text": "brackets ] } [ { inside, a string", "nested": [[1, [2, {"a": [3]}]], {}]},
     {"id": 1, "text": 'escaped \\"quote\\" and "real" quotes, backslash at end \\',
      "empty": "", "list": []},
-    {"id": 2, "text": "unicode: é 字 😀 \u2028 line sep", "emoji_key_😀": {"deep": {"er": [None]}}},
+    {"id": 2, "text": "unicode: é 字 😀 \u2028 line sep",
+     "emoji_key_😀": {"deep": {"er": [None]}}},
     {"id": 3, "text": "a string with \\\\\" an escaped backslash then a quote", "n": -1.5e3},
     {"id": 4, "text": "newline\nand tab\t", "bools": [True, False, None]},
 ]
@@ -125,7 +126,8 @@ def test_missing_file_and_plain_folder(tmp_path):
 
 def test_jsonl_skips_blank_lines_and_keeps_unicode(tmp_path):
     lines = [json.dumps(r, ensure_ascii=False) for r in TRICKY]
-    text = "\n" + lines[0] + "\n\n" + lines[1] + "\r\n   \n\t\n" + "\n".join(lines[2:])  # no final \n
+    # Blank lines first, between records, CRLF, whitespace-only; no final newline.
+    text = "\n" + lines[0] + "\n\n" + lines[1] + "\r\n   \n\t\n" + "\n".join(lines[2:])
     (tmp_path / "a.jsonl").write_text(text, encoding="utf-8")
     src = open_annotations(tmp_path / "a.jsonl")
     assert (src.kind, len(src)) == ("jsonl", 5)
@@ -181,11 +183,15 @@ def test_sidecar_index_reused_and_rebuilt_when_file_changes(tmp_path, monkeypatc
 
     write_json(path, TRICKY + [{"id": 5}])  # new size and mtime: stale index
     assert len(open_annotations(path, cache=True)) == 6
-    # Same size, new mtime: rebuilt too (keyed by size *and* mtime).
-    write_json(path, TRICKY[:4] + [{"id": 9, "text": "x" * (len(json.dumps(TRICKY[4])) - 25)}])
-    stat = os.stat(path)
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    assert open_annotations(path, cache=True)[4]["id"] == 9
+    # Same size, new mtime: rebuilt too (keyed by size *and* mtime). Moving record 4's text
+    # into record 3 keeps the byte count but moves the boundary between them.
+    write_json(path, [{"t": "aa"}, {"t": "bbbb"}])
+    assert open_annotations(path, cache=True)[1] == {"t": "bbbb"}
+    before = os.stat(path)
+    path.write_bytes(path.read_bytes().replace(b'"aa"', b'"aaa"').replace(b'"bbbb"', b'"bbb"'))
+    assert os.stat(path).st_size == before.st_size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    assert list(open_annotations(path, cache=True)) == [{"t": "aaa"}, {"t": "bbb"}]
 
 
 def test_sidecar_falls_back_to_user_cache_when_folder_unwritable(tmp_path, write_json):

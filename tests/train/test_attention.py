@@ -3,6 +3,7 @@ its plumbing through the tiny models on CPU with a reference kernel of the same 
 the real PyTorch kernel against SDPA on a GPU (``-m gpu``)."""
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 
@@ -294,27 +295,64 @@ def _run(model, batch):
     return out.logits.detach().float(), out.loss.detach().float(), grads
 
 
-def _compare_with_sdpa(path, name, dtype, device, tol):
-    from transformers import AutoModelForImageTextToText
-
-    torch.manual_seed(0)
+def _batch_on(path, device, dtype):
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in _flattened_batch(path, big_images=True).items()}
     if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    return batch
+
+
+def _load(path, dtype, device):
+    from transformers import AutoModelForImageTextToText
+
     model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa", dtype=dtype).to(device)
     model.config.use_cache = False
+    return model
+
+
+def _check_grads_cover_both_towers(grads):
+    assert any("visual" in n for n in grads) and any("language_model" in n for n in grads)
+
+
+def _compare_with_sdpa(path, name, dtype, device, tol):
+    """Same model, same batch: SDPA, then attention ``name``; logits, loss and grads agree."""
+    batch = _batch_on(path, device, dtype)
+    model = _load(path, dtype, device)
     ref_logits, ref_loss, ref_grads = _run(model, batch)
     apply_attn_implementation(model, name)
     logits, loss, grads = _run(model, batch)
 
     torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=tol)
-    scale = ref_logits.abs().max()
-    assert (logits - ref_logits).abs().max() <= tol * scale, (logits - ref_logits).abs().max()
+    torch.testing.assert_close(logits, ref_logits, rtol=tol, atol=tol)
     assert grads.keys() == ref_grads.keys()
-    assert any("visual" in n for n in grads) and any("language_model" in n for n in grads)
+    _check_grads_cover_both_towers(grads)
     for n, g in grads.items():
-        err = (g - ref_grads[n]).norm() / ref_grads[n].norm().clamp_min(1e-12)
-        assert err <= 10 * tol, f"{n}: relative gradient error {err:.2e}"
+        torch.testing.assert_close(g, ref_grads[n], rtol=tol, atol=tol, msg=n)
+
+
+def _relative_error(got, want):
+    return float((got - want).norm() / want.norm().clamp_min(1e-12))
+
+
+def _compare_bf16_errors(path, name, device):
+    """bf16 cannot be compared exactly, so both bf16 runs are measured against an fp32 SDPA
+    run of the same weights: ours may be at most twice as far off as bf16 SDPA (+ a floor)."""
+    batch32 = _batch_on(path, device, torch.float32)
+    ref_logits, ref_loss, ref_grads = _run(_load(path, torch.float32, device), batch32)
+    batch16 = _batch_on(path, device, torch.bfloat16)
+    model = _load(path, torch.bfloat16, device)
+    sdpa = _run(model, batch16)
+    apply_attn_implementation(model, name)
+    ours = _run(model, batch16)
+
+    report = {}
+    for what, ref, a, b in [("loss", ref_loss, sdpa[1], ours[1]), ("logits", ref_logits, sdpa[0], ours[0])] + [
+            (n, ref_grads[n], sdpa[2][n], ours[2][n]) for n in ref_grads]:
+        e_sdpa, e_ours = _relative_error(a, ref), _relative_error(b, ref)
+        report[what] = (e_sdpa, e_ours)
+        assert e_ours <= 2 * e_sdpa + 5e-3, f"{what}: ours {e_ours:.2e} vs bf16 sdpa {e_sdpa:.2e} (from fp32)"
+    _check_grads_cover_both_towers(ours[2])
+    return report
 
 
 @pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
@@ -323,6 +361,7 @@ def test_packed_model_through_reference_kernel_equals_sdpa(tiny_model_dir, model
     model's boundaries from text positions, GQA; only the kernel is a reference."""
     calls = []
 
+    @functools.wraps(varlen_v214)  # keeps the signature the kernel is detected from
     def spy(*args, **kwargs):
         calls.append(args[3].numel() - 1)  # sequences in this call
         return varlen_v214(*args, **kwargs)
@@ -341,7 +380,9 @@ def test_packed_model_through_reference_kernel_equals_sdpa(tiny_model_dir, model
 @pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
 def test_gpu_packed_model_equals_sdpa_in_bf16(tiny_model_dir, model_type):
     assert attn.varlen_available(), f"torch {torch.__version__} has no torch.nn.attention.varlen"
-    _compare_with_sdpa(tiny_model_dir(model_type), register_attention(), torch.bfloat16, "cuda", 2e-2)
+    report = _compare_bf16_errors(tiny_model_dir(model_type), register_attention(), "cuda")
+    worst = max(report.items(), key=lambda kv: kv[1][1])
+    print(f"{model_type}: worst relative error from fp32: {worst[0]} ours {worst[1][1]:.2e} sdpa {worst[1][0]:.2e}")
 
 
 @pytest.mark.gpu
@@ -374,4 +415,4 @@ def test_gpu_kernel_equals_blocked_sdpa_at_qwen_7b_shapes(causal):
     rq, rk, rv = torch.autograd.grad(ref, (qf, kf, vf), grad.float())
     for got, want in ((out, ref), (dq, rq), (dk, rk), (dv, rv)):
         err = (got.float() - want).norm() / want.norm()
-        assert err < 1e-2, err
+        assert err < 2e-2, err

@@ -22,7 +22,8 @@ def test_each_backend_samples_the_right_frames_at_the_right_times(video_dir, bac
     total, fps, count = EXPECTED[name]
     clip = load_video(video_dir / f"{name}.mp4", VideoSettings(backend=backend, **SMALL))
     assert clip.backend == backend
-    assert (clip.total_frames, clip.source_fps, clip.duration) == (total, pytest.approx(fps), pytest.approx(total / fps))
+    assert clip.total_frames == total
+    assert (clip.source_fps, clip.duration) == (pytest.approx(fps), pytest.approx(total / fps))
     assert clip.frame_indices == sample_frame_indices(total, fps, VideoSettings())
     assert len(clip.frame_indices) == count
     assert clip.frames.dtype == torch.uint8 and tuple(clip.frames.shape) == (count, 3, 56, 56)
@@ -120,3 +121,72 @@ def test_unreadable_frame_and_empty_folder(tmp_path, frames_writer):
         load_video(tmp_path / "empty")
     with pytest.raises(DataError, match="no frames"):
         load_video([])
+
+
+@pytest.fixture(scope="module")
+def containers(tmp_path_factory, video_maker) -> dict:
+    """The same 3 s, 25 fps clip as MPEG-TS (pts start at 1.4 s), Matroska (no frame count in the
+    header) and WebM/VP9."""
+    folder = tmp_path_factory.mktemp("containers")
+    paths = {"ts": folder / "clip.ts", "mkv": folder / "clip.mkv", "webm": folder / "clip.webm"}
+    video_maker(paths["ts"], 3, 25)
+    video_maker(paths["mkv"], 3, 25)
+    video_maker(paths["webm"], 3, 25, codec="libvpx-vp9")
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["ts", "mkv", "webm"])
+def test_other_containers_give_the_same_clip(containers, backend, kind, read_frame_number):
+    clip = load_video(containers[kind], VideoSettings(backend=backend, **SMALL))
+    assert (clip.total_frames, clip.source_fps) == (75, pytest.approx(25.0))
+    assert clip.frame_indices == [0, 15, 30, 44, 59, 74]
+    assert [read_frame_number(f) for f in clip.frames] == clip.frame_indices
+    # Times count from the first frame, whatever the container's first pts.
+    assert clip.timestamps == pytest.approx([i / 25 for i in clip.frame_indices], abs=1e-4)
+
+
+def test_urls_are_read_through_fsspec(video_dir, frames_writer, tmp_path, read_frame_number):
+    fsspec = pytest.importorskip("fsspec")
+    memory = fsspec.filesystem("memory")  # an in-process URL scheme: remote storage without a network
+    memory.pipe("/qwenvl-test/clip.mp4", (video_dir / "3s_60fps.mp4").read_bytes())
+    local = load_video(video_dir / "3s_60fps.mp4", VideoSettings(**SMALL))
+    remote = load_video("memory://qwenvl-test/clip.mp4", VideoSettings(**SMALL))
+    assert remote.frame_indices == local.frame_indices and remote.source == "memory://qwenvl-test/clip.mp4"
+    assert torch.equal(remote.frames, local.frames)
+    assert load_video(f"file://{video_dir / '3s_60fps.mp4'}", VideoSettings(**SMALL)).frame_indices == \
+        local.frame_indices
+    with pytest.raises(DataError, match="memory://qwenvl-test/nope.mp4.*not found"):
+        load_video("memory://qwenvl-test/nope.mp4")
+    for i, path in enumerate(frames_writer(tmp_path / "frames", 4)):
+        memory.pipe(f"/qwenvl-test/f{i}.png", path.read_bytes())
+    frames = load_video([f"memory://qwenvl-test/f{i}.png" for i in range(4)], VideoSettings(**SMALL))
+    assert [read_frame_number(f) for f in frames.frames] == [0, 1, 2, 3]
+    memory.rm("/qwenvl-test", recursive=True)
+
+
+def test_origin_prefixes_the_message(video_dir):
+    with pytest.raises(DataError, match=r"^dataset 'demo', record 7: file .*missing\.mp4: video not found"):
+        load_video(video_dir / "missing.mp4", origin="dataset 'demo', record 7")
+
+
+def test_resize_clip_shrinks_frames_and_keeps_timing(video_dir):
+    from dataclasses import replace
+
+    from qwenvl.data.video import resize_clip
+
+    settings = VideoSettings()
+    clip = load_video(video_dir / "3s_60fps.mp4", settings)
+    small = resize_clip(clip, replace(settings, min_pixels=28 * 28, max_pixels=28 * 28 * 16))
+    pixels = [c.frames.shape[-2] * c.frames.shape[-1] for c in (small, clip)]
+    assert pixels[0] <= 28 * 28 * 16 < pixels[1]
+    assert small.frames.shape[-2] % 28 == 0 and small.frames.shape[-1] % 28 == 0
+    assert (small.frame_indices, small.timestamps, small.sampled_fps) == \
+        (clip.frame_indices, clip.timestamps, clip.sampled_fps)
+
+
+def test_single_frame_video_repeats_its_frame(tmp_path, backend, video_maker, read_frame_number):
+    video_maker(tmp_path / "still.mp4", 1, 1)  # one frame: shorter than a temporal patch
+    clip = load_video(tmp_path / "still.mp4", VideoSettings(backend=backend, **SMALL))
+    assert clip.frame_indices == [0, 0] and clip.total_frames == 1
+    assert [read_frame_number(f) for f in clip.frames] == [0, 0]
+    assert clip.timestamps == [0.0, 0.0] and clip.sampled_fps == clip.source_fps
