@@ -111,6 +111,7 @@ def test_gradient_checkpointing_with_frozen_embeddings(tiny_model_dir, make_trai
                                        gradient_checkpointing_kwargs={"use_reentrant": True})
     _, model, before = _train(path, training_args, model_args)
     assert not model.get_input_embeddings().weight.requires_grad
+    assert model.base_model.model.model.language_model.is_activation_checkpointing
     _assert_only_trainable_changed(model, before)
 
 

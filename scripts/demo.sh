@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The quickstart demo: fine-tune a tiny, randomly initialised Qwen2.5-VL on the bundled
+# demo data (images, multi-image, grounding, text, video) on the CPU, through the same
+# launcher (scripts/launch.sh) and entry point (qwenvl/train/train_qwen.py) as sft_7b.sh.
+# Safe to re-run: the tiny model is built once into .cache/, and each run starts afresh in
+# demo_output/ (the demo's own folder; it is replaced).
+# Extra flags are passed to train_qwen.py, e.g.  bash scripts/demo.sh --max_steps 20
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck disable=SC1091
+. "$ROOT/scripts/setup_env.sh"
+cd "$ROOT"
+
+TINY="$ROOT/.cache/tiny-qwen2_5_vl"
+if [ ! -f "$TINY/config.json" ]; then
+  python -m qwenvl.tools.make_tiny_model --model_type qwen2_5_vl --output "$TINY"
+fi
+export OUTPUT_DIR="$ROOT/demo_output"
+rm -rf "$OUTPUT_DIR"
+
+export MODEL_PATH="$TINY"
+export DATASETS="${DATASETS:-demo_shapes,demo_multi_image,demo_grounding,demo_text,demo_video}"
+export RUN_NAME="${RUN_NAME:-demo}"
+export NPROC_PER_NODE="${NPROC_PER_NODE:-1}"
+export WANDB_MODE="${WANDB_MODE:-offline}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+bash "$ROOT/scripts/launch.sh" \
+  --tune_mm_llm True --tune_mm_mlp True --tune_mm_vision True \
+  --data_flatten True \
+  --max_steps 60 \
+  --per_device_train_batch_size 4 \
+  --gradient_accumulation_steps 1 \
+  --learning_rate 2e-3 \
+  --lr_scheduler_type cosine --warmup_steps 5 \
+  --weight_decay 0 \
+  --max_pixels $((112 * 112)) --min_pixels $((56 * 56)) \
+  --video_max_pixels $((56 * 56)) --video_min_pixels $((28 * 28)) --video_max_frames 8 --video_min_frames 4 \
+  --model_max_length 1024 \
+  --logging_steps 5 \
+  --save_strategy steps --save_steps 30 --save_total_limit 2 \
+  --dataloader_num_workers 1 \
+  --report_to tensorboard \
+  "$@"
