@@ -7,11 +7,12 @@ and two sampling settings, in this process after one warm-up run:
 * ``sparse``: the default 2 fps (60 of 900 frames, as in training),
 * ``dense``: every frame (``fps`` = source rate, ``max_frames`` = all frames),
 
-times ``decode_video`` alone (the backend: open, index, decode the sampled frames)
-and ``load_video`` (decode plus resize to the default pixel bounds), median of
-``--repeats`` runs.  "sampled frames/s" counts the frames returned; "source
-frames/s" counts the video's frames covered per second of work (decoders must
-decode every frame between key frames, so this is the traversal speed).
+times ``decode_video`` alone (the backend: open, index, decode the sampled frames;
+wall and CPU seconds) and ``load_video`` (decode plus resize to the default pixel
+bounds), median of ``--repeats`` runs.  "sampled f/s" counts the frames returned per
+wall second, "sampled f/cpu-s" per CPU second of this process (steadier when other
+work shares the cores); "source f/s" counts the video's frames covered per wall
+second (decoders decode every frame between key frames: the traversal speed).
 Prints a table last and writes JSON (``--output``, default
 benchmarks/results/video_decode.json).
 
@@ -69,14 +70,20 @@ def make_video(path: Path, width: int, height: int, seconds: int, fps: int) -> i
     return count
 
 
-def median_time(fn, repeats: int) -> tuple[float, object]:
+def median_time(fn, repeats: int) -> tuple[float, float, object]:
+    """Median wall seconds and median CPU seconds (all threads of this process) of ``fn()``.
+
+    CPU time is reported beside wall time because it barely moves when other
+    processes share the cores, where wall time does.
+    """
     fn()  # warm-up: imports, file cache
-    times, result = [], None
+    walls, cpus, result = [], [], None
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus), result
 
 
 def main() -> None:
@@ -108,9 +115,9 @@ def main() -> None:
                     def plan(n, rate, settings=settings):
                         return sample_frame_indices(n, rate, settings)
 
-                    decode_s, (decoded, _) = median_time(
+                    decode_s, decode_cpu_s, (decoded, _) = median_time(
                         lambda: decode_video(str(path), plan, backend, None, args.threads), args.repeats)
-                    load_s, clip = median_time(lambda: load_video(path, settings), args.repeats)
+                    load_s, _, clip = median_time(lambda: load_video(path, settings), args.repeats)
                     n = len(decoded.indices)
                     if reference is None:
                         reference = decoded.indices
@@ -118,7 +125,9 @@ def main() -> None:
                         "video": path.name, "sampling": sampling, "backend": backend, "threads": args.threads,
                         "frames_sampled": n, "frames_in_file": decoded.total_frames,
                         "same_indices_as_first_backend": decoded.indices == reference,
-                        "decode_s": round(decode_s, 4), "sampled_frames_per_s": round(n / decode_s, 1),
+                        "decode_s": round(decode_s, 4), "decode_cpu_s": round(decode_cpu_s, 4),
+                        "sampled_frames_per_s": round(n / decode_s, 1),
+                        "sampled_frames_per_cpu_s": round(n / decode_cpu_s, 1),
                         "source_frames_per_s": round(decoded.total_frames / decode_s, 1),
                         "load_video_s": round(load_s, 4),
                         "output_size": list(clip.frames.shape),
@@ -126,20 +135,24 @@ def main() -> None:
                     print(f"  {sampling:6s} {backend:10s} {decode_s:7.3f} s", flush=True)
 
     result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                    "load_average_at_end": os.getloadavg()},
         "repeats": args.repeats, "rows": rows,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(result, f, indent=2)
 
-    header = ("video", "sampling", "backend", "frames", "decode s", "sampled f/s", "source f/s", "load_video s")
+    header = ("video", "sampling", "backend", "frames", "decode s", "cpu s", "sampled f/s", "sampled f/cpu-s",
+              "source f/s", "load_video s")
     lines = [header] + [
         (r["video"], r["sampling"], r["backend"], f"{r['frames_sampled']}/{r['frames_in_file']}",
-         f"{r['decode_s']:.3f}", f"{r['sampled_frames_per_s']:.0f}", f"{r['source_frames_per_s']:.0f}",
+         f"{r['decode_s']:.3f}", f"{r['decode_cpu_s']:.3f}", f"{r['sampled_frames_per_s']:.0f}",
+         f"{r['sampled_frames_per_cpu_s']:.0f}", f"{r['source_frames_per_s']:.0f}",
          f"{r['load_video_s']:.3f}") for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    print(f"\nwrote {args.output}  ({os.cpu_count()} CPUs, threads={args.threads}, median of {args.repeats})")
+    print(f"\nwrote {args.output}  ({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
+          f"threads={args.threads}, median of {args.repeats})")
     for line in lines:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)))
 

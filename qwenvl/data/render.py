@@ -23,6 +23,7 @@ import torch
 from .errors import DataError
 from .formats import Conversation
 from .media import open_image
+from .prompt import chat_text, template_messages
 from .rope import RopeIndex
 
 IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy skips
@@ -74,25 +75,9 @@ def assistant_labels(input_ids: torch.Tensor, tokens: SpecialTokens) -> torch.Te
     return labels
 
 
-def _template_messages(conversation: Conversation) -> tuple[list[dict], list, list]:
-    """Messages in the processor's chat-template form, plus images and videos in tag order."""
-    messages, images, videos = [], [], []
-    for message in conversation.messages:
-        parts = []
-        for part in message["content"]:
-            kind = part["type"]
-            if kind == "text":
-                parts.append({"type": "text", "text": part["text"]})
-            elif kind == "image":
-                images.append(part["image"])
-                parts.append({"type": "image"})
-            elif kind == "video":
-                videos.append(part["video"])
-                parts.append({"type": "video"})
-            else:
-                raise DataError(f"{conversation.origin}: unknown content part type {kind!r}")
-        messages.append({"role": message["role"], "content": parts})
-    return messages, images, videos
+# The prompt (messages -> chat-template text) is shared with the chat and evaluation tools;
+# the old private name stays for modules that import it from here.
+_template_messages = template_messages
 
 
 class SampleRenderer:
@@ -149,8 +134,16 @@ class SampleRenderer:
 
     def render(self, conversation: Conversation) -> dict:
         """Tensors for one conversation (see the class docstring); raises DataError on bad input."""
-        messages, image_refs, video_refs = _template_messages(conversation)
-        text = self.processor.apply_chat_template(messages, tokenize=False)
+        return self._finish(self.encode(conversation), conversation)
+
+    def encode(self, conversation: Conversation, add_generation_prompt: bool = False):
+        """The processor's outputs (ids, pixels, grids) for ``conversation``, shrunk to fit if needed.
+
+        ``add_generation_prompt=True`` is the prompt a generation continues from (the chat
+        and evaluation tools): the same text, media and processor call as training, plus
+        the assistant header, so its ids are a prefix of the trained sample's ids.
+        """
+        text, image_refs, video_refs = chat_text(self.processor, conversation, add_generation_prompt)
         images = [open_image(ref, origin=conversation.origin) for ref in image_refs]
         videos, video_metadata = self._load_videos(video_refs, conversation.origin) if video_refs else ([], [])
 
@@ -174,7 +167,7 @@ class SampleRenderer:
                 f"{conversation.origin}: {length} tokens do not fit --model_max_length {self.model_max_length} "
                 f"even at the lowest resolution --min_pixels allows; the sample is dropped. Raise "
                 f"--model_max_length or lower --min_pixels.")
-        return self._finish(out, conversation)
+        return out
 
     def _finish(self, out, conversation: Conversation) -> dict:
         input_ids = out["input_ids"][0]

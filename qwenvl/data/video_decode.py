@@ -346,8 +346,8 @@ def list_frame_folder(folder: str) -> list[str]:
 def read_image_frames(paths: Sequence[str], fps: float, plan: FramePlan, owner: str) -> DecodedVideo:
     """Load the frames ``plan`` picks from a list of image files that form a video at ``fps``.
 
-    Every listed file must exist (checked before any is read); only the chosen ones
-    are opened.  ``owner`` names the video (the folder, or the record) in messages.
+    Every listed local file must exist (checked before any is read; URLs are checked
+    when read); only the chosen ones are opened.  ``owner`` names the video (the folder, or the record) in messages.
     """
     from PIL import Image
 

@@ -15,6 +15,7 @@ a non-zero exit status, without a traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -87,6 +88,27 @@ def _summary(trainer, output_dir: str, lora: bool) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _no_zero3_init(training_args):
+    """Suspend ZeRO-3's partitioned construction of models while the data side is built.
+
+    Parsing ``--deepspeed zero3.json`` registers the config globally so that
+    ``from_pretrained`` builds the model partitioned; the data side's helper model
+    (mRoPE positions, built on the meta device) must not be partitioned.
+    """
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    config = getattr(training_args, "hf_deepspeed_config", None)
+    if config is None:
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(config)
+
+
 def _train(argv):
     import transformers
     from transformers import AutoConfig, AutoProcessor
@@ -109,9 +131,10 @@ def _train(argv):
     config = AutoConfig.from_pretrained(path, cache_dir=training_args.cache_dir)
     model_class_for(config.model_type)  # an unsupported family fails here, before any data work
     processor = AutoProcessor.from_pretrained(path, cache_dir=training_args.cache_dir)
-    data_module = make_supervised_data_module(
-        processor, data_args, model_config=config, model_max_length=training_args.model_max_length,
-        seed=training_args.seed, output_dir=output_dir)
+    with _no_zero3_init(training_args):
+        data_module = make_supervised_data_module(
+            processor, data_args, model_config=config, model_max_length=training_args.model_max_length,
+            seed=training_args.seed, output_dir=output_dir)
 
     model = prepare_model(load_model(model_args, training_args), model_args, training_args)
     if main:

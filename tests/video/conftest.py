@@ -1,8 +1,8 @@
 """Fixtures for the video tests: videos generated here, and Qwen processors built offline.
 
 Each generated frame carries its own index in its pixels (left half grey level
-``16 * (i % 16) + 8``, right half ``16 * (i // 16) + 8``), so a test can read back which
-source frame a decoded, resized frame is: ``frame_number(frame)``.
+``16 * (i % 16) + 8``, right half ``16 * (i // 16 % 16) + 8``), so a test can read back
+which source frame a decoded, resized frame is (modulo 256): ``frame_number(frame)``.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def frame_pixels(i: int, height: int, width: int) -> np.ndarray:
     """The RGB frame number ``i`` of a generated video: its index written in two grey levels."""
     frame = np.empty((height, width, 3), np.uint8)
     frame[:, : width // 2] = (i % 16) * 16 + 8
-    frame[:, width // 2:] = (i // 16) * 16 + 8
+    frame[:, width // 2:] = (i // 16 % 16) * 16 + 8  # indices read back modulo 256
     return frame
 
 

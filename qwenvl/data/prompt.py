@@ -1,0 +1,122 @@
+"""The prompt of a conversation: the one place where messages become chat-template text.
+
+Training and inference must show the model the same tokens.  ``SampleRenderer``
+renders a whole conversation with ``chat_text(processor, conversation)``; the chat
+and evaluation tools render the conversation *up to* the reply they want with
+``chat_text(processor, prompt, add_generation_prompt=True)``.  Both go through
+``template_messages`` and the family's own chat template, so for every family::
+
+    chat_text(p, conv_without_last_reply, add_generation_prompt=True)
+        == chat_text(p, conv)[: up to and including "<|im_start|>assistant\\n" of the last reply]
+
+and, tokenized by the same processor with the same media, the prompt's ``input_ids``
+are a prefix of the training sample's ``input_ids`` (tested in
+``tests/tools/test_chat.py`` for image, multi-image, video and text conversations).
+
+Helpers for the tools:
+
+* ``split_last_reply(conversation)`` -> (prompt conversation, reference text): what
+  evaluation asks and what it expects back;
+* ``user_conversation(text, images, videos, system)`` -> the conversation of one chat
+  turn, media placed the way the training data places them (``<image>`` tags, or
+  ``"<image>\\n"`` in front of the text when it has none, as LLaVA-style records do).
+"""
+from __future__ import annotations
+
+import re
+
+from .errors import DataError
+from .formats import Conversation
+
+__all__ = ["template_messages", "chat_text", "split_last_reply", "user_conversation", "reply_text"]
+
+_TAGS = re.compile(r"(<image>|<video>)")
+
+
+def template_messages(conversation: Conversation) -> tuple[list[dict], list, list]:
+    """Messages in the processor's chat-template form, plus image and video refs in tag order.
+
+    Media parts become bare ``{"type": "image"}`` / ``{"type": "video"}`` placeholders
+    (the template writes the vision tokens; the processor expands them from the media
+    passed alongside, in the same order).
+    """
+    messages, images, videos = [], [], []
+    for message in conversation.messages:
+        parts = []
+        for part in message["content"]:
+            kind = part["type"]
+            if kind == "text":
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image":
+                images.append(part["image"])
+                parts.append({"type": "image"})
+            elif kind == "video":
+                videos.append(part["video"])
+                parts.append({"type": "video"})
+            else:
+                raise DataError(f"{conversation.origin}: unknown content part type {kind!r}")
+        messages.append({"role": message["role"], "content": parts})
+    return messages, images, videos
+
+
+def chat_text(processor, conversation: Conversation, add_generation_prompt: bool = False) -> tuple[str, list, list]:
+    """The chat-template text of ``conversation`` and its image and video refs, in order.
+
+    ``add_generation_prompt=False`` renders the conversation as it is trained on;
+    ``True`` appends the assistant header (``<|im_start|>assistant\\n``) that a
+    generation continues from.
+    """
+    messages, images, videos = template_messages(conversation)
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return text, images, videos
+
+
+def reply_text(message: dict) -> str:
+    """The text of an assistant message (its text parts joined, as the template writes them)."""
+    return "".join(part["text"] for part in message["content"] if part["type"] == "text")
+
+
+def split_last_reply(conversation: Conversation) -> tuple[Conversation, str]:
+    """(the conversation before its last assistant turn, that turn's text).
+
+    Everything before the last reply stays, earlier replies included: a multi-turn
+    sample is asked its last question with its whole history, as in training.
+    """
+    last = max((i for i, m in enumerate(conversation.messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise DataError(f"{conversation.origin}: no assistant turn to take the reference answer from.")
+    if not any(m["role"] == "user" for m in conversation.messages[:last]):
+        raise DataError(f"{conversation.origin}: the last assistant turn has no user turn before it to ask.")
+    prompt = Conversation(messages=conversation.messages[:last], origin=conversation.origin)
+    return prompt, reply_text(conversation.messages[last])
+
+
+def user_conversation(text: str, images: list | None = None, videos: list | None = None,
+                      system: str | None = None, origin: str = "chat") -> Conversation:
+    """The conversation of one user turn with ``images`` and ``videos`` (paths or PIL images).
+
+    ``<image>``/``<video>`` tags in ``text`` say where each medium goes, as in the
+    annotation files; their count must match.  Text without tags gets one
+    ``"<image>\\n"`` per image and ``"<video>\\n"`` per video in front, the layout of
+    LLaVA-style training records (``"<image>\\nWhat colour is the shape?"``), so a
+    model fine-tuned on such records is asked in the form it learnt.
+    """
+    images, videos = list(images or []), list(videos or [])
+    tags = _TAGS.findall(text)
+    if not tags:
+        text = "<image>\n" * len(images) + "<video>\n" * len(videos) + text
+    elif tags.count("<image>") != len(images) or tags.count("<video>") != len(videos):
+        raise DataError(f"{origin}: the prompt has {tags.count('<image>')} <image> and {tags.count('<video>')} "
+                        f"<video> tag(s) but {len(images)} image(s) and {len(videos)} video(s) were given. Fix: "
+                        "one tag per medium, or no tags at all (media then go before the text).")
+    queues = {"<image>": iter(images), "<video>": iter(videos)}
+    parts = []
+    for piece in _TAGS.split(text):
+        if piece in queues:
+            kind = piece[1:-1]
+            parts.append({"type": kind, kind: next(queues[piece])})
+        elif piece:
+            parts.append({"type": "text", "text": piece})
+    messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system is not None else []
+    messages.append({"role": "user", "content": parts})
+    return Conversation(messages=messages, origin=origin)
