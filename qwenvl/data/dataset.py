@@ -97,15 +97,13 @@ class SupervisedDataset(Dataset):
 
 
 def video_settings_from(data_args, processor):
-    """The video sampling settings of the flags, with the family's patch sizes."""
+    """The video sampling settings of the flags, with the family's patch sizes (pixel bounds per frame)."""
     from .video import VideoSettings
 
-    video = processor.video_processor
-    return VideoSettings(
-        fps=data_args.video_fps, min_frames=data_args.video_min_frames, max_frames=data_args.video_max_frames,
-        min_pixels=data_args.video_min_pixels, max_pixels=data_args.video_max_pixels,
-        temporal_patch_size=video.temporal_patch_size, patch_size=video.patch_size, merge_size=video.merge_size,
-        backend=data_args.video_backend)
+    return VideoSettings.for_processor(
+        processor, fps=data_args.video_fps, min_frames=data_args.video_min_frames,
+        max_frames=data_args.video_max_frames, min_pixels=data_args.video_min_pixels,
+        max_pixels=data_args.video_max_pixels, backend=data_args.video_backend)
 
 
 def make_supervised_data_module(processor, data_args, model_config, model_max_length: int | None = None,

@@ -7,6 +7,11 @@ exactly as training did.
 from __future__ import annotations
 
 
+def whole_video_pixel_budget(video_processor) -> bool:
+    """True where the video processor's ``size`` bounds the whole video (Qwen3-VL) rather than a frame."""
+    return type(video_processor).__name__.startswith("Qwen3VL")
+
+
 def configure_processor(processor, data_args):
     """Write ``--max_pixels/--min_pixels`` and the ``--video_*`` flags into ``processor``; returns it.
 
@@ -23,7 +28,14 @@ def configure_processor(processor, data_args):
             setattr(image, name, int(value))
     video = getattr(processor, "video_processor", None)
     if video is not None:
-        video.size = {"shortest_edge": int(data_args.video_min_pixels), "longest_edge": int(data_args.video_max_pixels)}
+        if whole_video_pixel_budget(video):
+            # Qwen3-VL's video processor bounds frames x height x width, not one frame: store
+            # the budget that gives every frame --video_max_pixels at --video_max_frames.
+            video.size = {"shortest_edge": int(data_args.video_min_pixels) * int(data_args.video_min_frames),
+                          "longest_edge": int(data_args.video_max_pixels) * int(data_args.video_max_frames)}
+        else:
+            video.size = {"shortest_edge": int(data_args.video_min_pixels),
+                          "longest_edge": int(data_args.video_max_pixels)}
         video.fps = float(data_args.video_fps)
         video.min_frames = int(data_args.video_min_frames)
         video.max_frames = int(data_args.video_max_frames)

@@ -101,19 +101,40 @@ class SampleRenderer:
         self.video_settings = video_settings
 
     # -- media -----------------------------------------------------------------------
-    def _load_videos(self, refs: list, origin: str):
-        from .video import load_video, processor_video_inputs
+    def _load_videos(self, refs: list, origin: str) -> list:
+        from .video import load_video
+
+        return [load_video(ref, self.video_settings, origin=origin) for ref in refs]
+
+    def _video_inputs(self, clips: list, scale: float):
+        """Frames and metadata for the processor; ``scale`` < 1 refits frames to fewer pixels.
+
+        Frames are sized here, per frame, and the processor is told not to resize them
+        again: Qwen3-VL's video processor reads its pixel bounds as a budget for the
+        whole video, so resizing there would change the meaning of --video_max_pixels.
+        """
+        import dataclasses
+
+        from .video import processor_video_inputs, resize_clip
 
         frames, metadata = [], []
-        for ref in refs:
-            clip = load_video(ref, self.video_settings, origin=origin)
+        for clip in clips:
+            if scale < 1.0:
+                settings = self.video_settings
+                smaller = max(settings.min_pixels or 0, int(clip.frames.shape[-1] * clip.frames.shape[-2] * scale))
+                clip = resize_clip(clip, dataclasses.replace(settings, max_pixels=smaller))
             clip_frames, clip_meta = processor_video_inputs(clip)
             frames.append(clip_frames)
             metadata.append(clip_meta)
         return frames, metadata
 
     # -- rendering -------------------------------------------------------------------
-    def _process(self, text: str, images: list, videos: list, video_metadata: list, scale: float) -> dict:
+    def _process(self, text: str, images: list, clips: list, scale: float, image_pixels: int = 0) -> dict:
+        """Run the processor; with ``scale`` < 1 every image is bounded by ``scale`` times
+        ``image_pixels`` (the largest image's pixels at full resolution), never below
+        --min_pixels."""
+        from .video import processor_videos_kwargs
+
         kwargs = {}
         if images:
             kwargs["images"] = images
@@ -121,15 +142,11 @@ class SampleRenderer:
                 size = self.processor.image_processor.size
                 kwargs["images_kwargs"] = {"size": {
                     "shortest_edge": size["shortest_edge"],
-                    "longest_edge": max(size["shortest_edge"], int(size["longest_edge"] * scale))}}
-        if videos:
-            kwargs["videos"] = videos
-            kwargs["videos_kwargs"] = {"video_metadata": video_metadata, "do_sample_frames": False}
-            if scale < 1.0:
-                size = self.processor.video_processor.size
-                kwargs["videos_kwargs"]["size"] = {
-                    "shortest_edge": size["shortest_edge"],
-                    "longest_edge": max(size["shortest_edge"], int(size["longest_edge"] * scale))}
+                    "longest_edge": max(size["shortest_edge"], int(image_pixels * scale))}}
+        if clips:
+            frames, metadata = self._video_inputs(clips, scale)
+            kwargs["videos"] = frames
+            kwargs["videos_kwargs"] = processor_videos_kwargs(metadata)
         return self.processor(text=[text], return_tensors="pt", **kwargs)
 
     def render(self, conversation: Conversation) -> dict:
@@ -145,11 +162,14 @@ class SampleRenderer:
         """
         text, image_refs, video_refs = chat_text(self.processor, conversation, add_generation_prompt)
         images = [open_image(ref, origin=conversation.origin) for ref in image_refs]
-        videos, video_metadata = self._load_videos(video_refs, conversation.origin) if video_refs else ([], [])
+        clips = self._load_videos(video_refs, conversation.origin) if video_refs else []
 
-        scale = 1.0
+        scale, image_pixels = 1.0, 0
         for _attempt in range(self.SHRINK_ATTEMPTS + 1):
-            out = self._process(text, images, videos, video_metadata, scale)
+            out = self._process(text, images, clips, scale, image_pixels)
+            if scale == 1.0 and images:
+                patch = self.processor.image_processor.patch_size
+                image_pixels = int(out["image_grid_thw"][:, 1:].prod(-1).max()) * patch * patch
             length = out["input_ids"].shape[1]
             if self.model_max_length is None or length <= self.model_max_length:
                 break

@@ -29,18 +29,20 @@ def _main_process(training_args) -> bool:
     return training_args.process_index == 0
 
 
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Z]\w*: ")
+
+
 def _clean_message(err: BaseException) -> str:
     """The error's own message, without a dataloader worker's traceback wrapped around it."""
     text = str(err)
     if "Original Traceback" not in text:
         return text
     lines = text.split("Original Traceback", 1)[1].splitlines()
-    starts = [i for i, line in enumerate(lines) if line and not line[0].isspace() and not line.startswith("Traceback")
-              and not line.startswith(" (most recent")]
+    # The traceback ends with "package.module.ErrorClass: message" (the message may span lines).
+    starts = [i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)]
     if not starts:
         return text
-    tail = "\n".join(lines[starts[-1]:])
-    return re.sub(r"^[\w.]+: ", "", tail, count=1)
+    return _EXCEPTION_LINE.sub("", "\n".join(lines[starts[-1]:]), count=1)
 
 
 def write_loss_curve(log_history: list[dict], path: str) -> bool:

@@ -16,6 +16,7 @@ What it adds to ``transformers.Trainer``:
 """
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -55,8 +56,9 @@ class QwenVLTrainer(Trainer):
         opt_model = self.model if model is None else model
         groups = build_param_groups(opt_model, self.args)
         if self._offloads_optimizer():
-            if not str(self.args.optim).startswith("adamw"):
-                raise ConfigError(f"--optim {self.args.optim} cannot run with optimizer offload (DeepSpeed's CPU "
+            optim = str(getattr(self.args.optim, "value", self.args.optim))
+            if not optim.startswith("adamw"):
+                raise ConfigError(f"--optim {optim} cannot run with optimizer offload (DeepSpeed's CPU "
                                   "Adam is the only optimizer there): use --optim adamw_torch or a config without "
                                   "offload_optimizer.")
             from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -123,6 +125,32 @@ class QwenVLTrainer(Trainer):
             if callable(dataset_metrics):
                 logs.update(dataset_metrics())
         super().log(logs, start_time)
+
+    # ---- resuming ----
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Restore a full-model checkpoint through ``from_pretrained``.
+
+        transformers 5 saves these models under their original key names
+        (``model.layers.*``, ``visual.*``) while the live modules are
+        ``model.language_model.*`` / ``model.visual.*``.  The Trainer's own resume
+        loads the file with a non-strict ``load_state_dict`` and so, for these
+        families, restores nothing (it only warns).  ``from_pretrained`` maps the names
+        back; the weights are then copied, strictly, into the live model.  LoRA
+        adapters, DeepSpeed and FSDP checkpoints keep the Trainer's path (their files
+        use the live names).
+        """
+        from peft import PeftModel
+
+        target = self.model if model is None else model
+        unwrapped = self.accelerator.unwrap_model(target)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or isinstance(unwrapped, PeftModel) \
+                or not os.path.isfile(os.path.join(resume_from_checkpoint, "config.json")):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # float32 holds every saved dtype exactly; copy_ casts back to each live parameter's dtype.
+        saved = type(unwrapped).from_pretrained(resume_from_checkpoint, dtype=torch.float32)
+        unwrapped.load_state_dict(saved.state_dict(), strict=True)
+        del saved
 
     # ---- saving ----
 

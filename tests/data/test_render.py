@@ -112,3 +112,47 @@ def test_text_longer_than_the_limit_is_refused_with_its_origin(family):
     processor, config, _ = family
     with pytest.raises(SampleTooLong, match="test text"):
         SampleRenderer(processor, config, model_max_length=8).render(_conversation("text"))
+
+
+REPO_VIDEO = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "demo_data" / "videos" / "0000.mp4")
+
+
+@pytest.mark.parametrize("family", FAMILIES, indirect=True)
+def test_video_and_image_sample_matches_processor_and_rope(family):
+    """An image+video sample keeps both; ids equal the processor's on the same frames and
+    positions equal the full model's get_rope_index (with Qwen2.5-VL's second_per_grid_ts)."""
+    from qwenvl.data.video import VideoSettings, load_video, processor_video_inputs, processor_videos_kwargs
+
+    processor, config, model = family
+    settings = VideoSettings.for_processor(processor, fps=4.0, min_frames=4, max_frames=8,
+                                           min_pixels=28 * 28, max_pixels=56 * 56)
+    image = _image(84, 56, (220, 20, 20))
+    conversation = Conversation(messages=[
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "video", "video": REPO_VIDEO},
+                                     {"type": "text", "text": "Where does it go?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "right"}]}], origin="test video")
+    sample = SampleRenderer(processor, config, video_settings=settings).render(conversation)
+
+    clip = load_video(REPO_VIDEO, settings)
+    frames, meta = processor_video_inputs(clip)
+    template = [{"role": m["role"], "content": [{"type": p["type"], **({"text": p["text"]} if "text" in p else {})}
+                                                for p in m["content"]]} for m in conversation.messages]
+    text = processor.apply_chat_template(template, tokenize=False)
+    expected = processor(text=[text], images=[image], videos=[frames], return_tensors="pt",
+                         videos_kwargs=processor_videos_kwargs([meta]))
+    assert torch.equal(sample["input_ids"], expected["input_ids"][0])
+    assert torch.equal(sample["video_grid_thw"], expected["video_grid_thw"])
+    assert "image_grid_thw" in sample and "pixel_values" in sample and "pixel_values_videos" in sample
+    assert int(sample["video_grid_thw"][0, 0]) * processor.video_processor.temporal_patch_size == len(clip.frame_indices)
+    kwargs = {}
+    if "second_per_grid_ts" in expected:
+        kwargs["second_per_grid_ts"] = torch.as_tensor(expected["second_per_grid_ts"])
+        # Timing from the frames actually sampled, not the configured fps.
+        assert sample["second_per_grid_ts"].tolist() == pytest.approx([2 / clip.sampled_fps])
+    reference, _ = model.model.get_rope_index(
+        expected["input_ids"], mm_token_type_ids=expected["mm_token_type_ids"],
+        image_grid_thw=expected["image_grid_thw"], video_grid_thw=expected["video_grid_thw"], **kwargs)
+    assert torch.equal(sample["position_ids"], reference[:, 0])
+    loss = model(**{k: v[None] if k in ("input_ids", "labels") else v for k, v in sample.items()
+                    if k != "position_ids"}, position_ids=sample["position_ids"][:, None]).loss
+    assert torch.isfinite(loss)

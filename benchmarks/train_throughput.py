@@ -1,0 +1,826 @@
+"""Training throughput on one GPU: our trainer (padded, flattened, token budget) against TRL's SFTTrainer.
+
+    python -m benchmarks.train_throughput --model 3b                       # the default table
+    python -m benchmarks.train_throughput --model 7b --configs ours_flat_bs4,trl_bs4
+    python -m benchmarks.train_throughput --model_dir DIR --annotation my.json --data_path images/
+    python -m benchmarks.train_throughput --model_dir /tmp/tiny25 --device cpu --steps 2 --warmup 1 \\
+        --configs ours_flat_bs4,trl_bs4                                    # CPU smoke run
+
+What runs.  ``--model 3b|7b`` builds the released Qwen2.5-VL-3B/-7B architecture from
+its config with random weights, directly on the GPU in bf16 (no hub, no weights on
+disk; the parameter counts of the released models are asserted on the meta device
+first).  ``--model_dir`` loads a checkpoint directory instead (any family our trainer
+supports).  Each configuration then trains ``--warmup`` + ``--steps`` optimizer steps:
+
+* ``ours_padded_bsB`` / ``ours_flat_bsB``: our entry point's objects, built the way
+  ``train_qwen.py`` builds them: flags through ``parse_args``, the data through
+  ``make_supervised_data_module`` (padded, or ``--data_flatten``), the model frozen
+  by ``prepare_model`` (trainable weights in fp32, the rest bf16), ``QwenVLTrainer``;
+* ``ours_budget``: the flattened path with ``--max_tokens_per_batch`` (a row saying
+  "not available" while the trainer has no such flag);
+* ``trl_bsB``: TRL's ``SFTTrainer`` and the vision-language collator it picks, on the
+  same architecture (same seed, same init), the same samples in the same order
+  (converted to TRL's ``messages`` + ``images`` format), the same optimizer, learning
+  rate, bf16 autocast, gradient checkpointing and frozen vision tower (merger trains).
+  The model stays in bf16 as in TRL's VLM recipe (``--trl_fp32_weights`` gives it
+  fp32 trainable weights like ours); attention is ``--trl_attn_implementation``.
+
+Samples per optimizer step are the same for every configuration
+(``--samples_per_step``, 16 = batch 4 x accumulation 4 or batch 16 x 1).  Data:
+``--data reference`` (the field's measurement: one image, <= 256 visual tokens,
+about 430 tokens per sample) or ``--data mix`` (SFT-like mix; see bench_data.py), or
+your own ``--annotation``.  Both trainers read the data sequentially.
+
+Measured per configuration, over the timed steps after warm-up (wall time between
+the ends of optimizer steps, after ``torch.cuda.synchronize``; data loading, logging
+and the optimizer included): seconds per step, samples, text and visual tokens per
+second (real tokens, padding excluded), peak ``torch.cuda.max_memory_allocated``
+(model, optimizer state and activations) and MFU (``benchmarks/mfu.py``).  An OOM or
+an error ends that configuration only; its row says why.  Results are printed as a
+table (last) and written as JSON (``--output``; default ``$OUT/train_throughput.json``
+when ``OUT`` is set, else ``benchmarks/results/train_throughput.json``) after every
+configuration, so an interrupted run keeps what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+if __package__ in (None, ""):  # run as a file (python benchmarks/train_throughput.py) from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks import bench_data  # noqa: E402
+from benchmarks.mfu import (LanguageShape, StepWork, VisionShape, mfu, peak_bf16_flops,  # noqa: E402
+                            training_flops, vision_attention_pairs)
+
+REPO = Path(__file__).resolve().parents[1]
+GIB = 2 ** 30
+
+# The released Qwen2.5-VL architectures (config.json of Qwen/Qwen2.5-VL-3B-Instruct and -7B-Instruct),
+# and their parameter counts (DESIGN.md): total, language model (with lm_head), vision tower (with merger).
+_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3, patch_size=14,
+               spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+               tokens_per_second=2, hidden_act="silu")
+_TEXT = dict(max_position_embeddings=128000, rms_norm_eps=1e-6, hidden_act="silu", attention_dropout=0.0,
+             use_sliding_window=False, sliding_window=32768,
+             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+RELEASED = {
+    "3b": {"text": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                        num_key_value_heads=2, vocab_size=151936, max_window_layers=70),
+           "tie_word_embeddings": True, "params": (3_754_622_976, 3_085_938_688, 668_684_288)},
+    "7b": {"text": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                        num_key_value_heads=4, vocab_size=152064, max_window_layers=28),
+           "tie_word_embeddings": False, "params": (8_292_166_656, 7_615_616_512, 676_550_144)},
+}
+DEFAULT_CONFIGS = "ours_padded_bs4,ours_flat_bs4,ours_flat_bs16,ours_budget,trl_bs4,trl_bs16"
+REFERENCE_MAX_PIXELS = 200704  # 256 visual tokens of 28 x 28 pixels
+_CONFIG = re.compile(r"^(?:(ours)_(padded|flat)_bs(\d+)|(trl)_bs(\d+)|(ours)_(budget))$")
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+# ---------------------------------------------------------------------------------------------
+def released_config(name: str, token_ids: dict | None = None):
+    """The Qwen2.5-VL config of the released ``3b`` or ``7b`` model (token ids: the config's own by default)."""
+    from transformers import Qwen2_5_VLConfig
+
+    spec = RELEASED[name]
+    text = dict(_TEXT, **spec["text"], tie_word_embeddings=spec["tie_word_embeddings"])
+    vision = dict(_VISION, out_hidden_size=spec["text"]["hidden_size"])
+    ids = dict(token_ids or {})
+    for key in ("bos_token_id", "eos_token_id"):
+        if key in ids:
+            text[key] = ids.pop(key)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                            tie_word_embeddings=spec["tie_word_embeddings"], **ids)
+
+
+def component_params(model) -> tuple[int, int, int]:
+    """(total, language model incl. lm_head, vision tower incl. merger) parameter counts."""
+    from qwenvl.train.model import parameter_counts
+
+    c = parameter_counts(model)
+    llm = c["llm"]["total"] + c["lm_head"]["total"]
+    vision = c["vision"]["total"] + c["merger"]["total"]
+    return llm + vision, llm, vision
+
+
+def check_released_params(config, name: str) -> None:
+    """Build ``config`` on the meta device (no memory) and assert the released model's parameter counts."""
+    from qwenvl.train.model import model_class_for
+
+    with torch.device("meta"):
+        model = model_class_for(config.model_type)._from_config(copy.deepcopy(config), dtype=torch.bfloat16)
+    got, want = component_params(model), RELEASED[name]["params"]
+    assert got == want, (f"Qwen2.5-VL-{name.upper()} built from config has (total, language model, vision) = "
+                         f"{got} parameters; the released model has {want}")
+
+
+def write_model_dir(name: str, folder: Path) -> Path:
+    """A model directory without weights: the released config and the Qwen2.5-VL processor (real tokenizer)."""
+    from qwenvl.tools.make_tiny_model import _token_ids, _write_family_tokenizer, build_processor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_family_tokenizer("qwen2_5_vl", folder)
+    processor = build_processor("qwen2_5_vl", folder)
+    config = released_config(name, _token_ids(processor.tokenizer))
+    check_released_params(config, name)
+    config.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def choose_attention(requested: str | None, device: str) -> str:
+    """``requested``, else the automatic choice of our trainer for this device."""
+    try:
+        from qwenvl.train.attention import choose_attn_implementation
+    except ImportError:
+        from qwenvl.train.model import resolve_attn_implementation
+
+        return resolve_attn_implementation(requested) if device == "cuda" or requested else "sdpa"
+    return choose_attn_implementation(requested, device_is_cuda=device == "cuda")
+
+
+def build_model(ctx, dtype: torch.dtype, attn: str):
+    """The model on ``ctx.device``: random weights from the config (seeded), or the checkpoint's weights."""
+    from transformers import set_seed
+
+    from qwenvl.train.model import model_class_for
+
+    try:
+        from qwenvl.train.attention import apply_attn_implementation, loadable_attn_implementation
+    except ImportError:  # older tree: only library attention names
+        loadable_attn_implementation = lambda name: name  # noqa: E731
+        apply_attn_implementation = None
+    cls = model_class_for(ctx.config.model_type)
+    set_seed(ctx.seed)
+    if ctx.weights == "random":
+        with torch.device(ctx.device):
+            model = cls._from_config(copy.deepcopy(ctx.config), dtype=dtype,
+                                     attn_implementation=loadable_attn_implementation(attn))
+    else:
+        model = cls.from_pretrained(ctx.model_dir, dtype=dtype, attn_implementation=loadable_attn_implementation(attn),
+                                    device_map=ctx.device)
+    if apply_attn_implementation is not None:
+        apply_attn_implementation(model, attn)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+# ---------------------------------------------------------------------------------------------
+class Meter:
+    """Work per micro-batch (tokens, attention pairs, patches), kept on the device until the end."""
+
+    def __init__(self, visual_ids: list[int]):
+        self.visual_ids = visual_ids
+        self.records = []  # (optimizer steps done before this micro-batch, counts tensor, grids)
+
+    def record(self, inputs: dict, steps_done: int) -> None:
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        positions = inputs.get("position_ids")
+        rows, length = ids.shape
+        if mask is not None:
+            m = mask.to(torch.long)
+            tokens = m.sum()
+            pairs = (m * m.cumsum(-1)).sum()  # s (s + 1) / 2 per row
+            samples = torch.tensor(rows, device=ids.device)
+        elif positions is not None and positions.dim() == 3 and positions.shape[0] == 4:
+            text = positions[0].to(torch.long)  # restarts at 0 for every packed sample
+            tokens = torch.tensor(ids.numel(), device=ids.device)
+            pairs = (text + 1).sum()
+            samples = (text == 0).sum()
+        else:
+            tokens = torch.tensor(ids.numel(), device=ids.device)
+            pairs = torch.tensor(rows * length * (length + 1) // 2, device=ids.device)
+            samples = torch.tensor(rows, device=ids.device)
+        visual = torch.isin(ids, torch.tensor(self.visual_ids, device=ids.device)).sum()
+        counts = torch.stack([t.to(torch.long) for t in (tokens, visual, pairs, samples,
+                                                         torch.tensor(ids.numel(), device=ids.device))])
+        grids = [inputs[k].detach() for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None]
+        self.records.append((steps_done, counts, grids))
+
+    def total(self, first: int, last: int, vision: VisionShape | None) -> tuple[StepWork, int, int]:
+        """Work of optimizer steps first+1 .. last; also (samples, padded token slots)."""
+        chosen = [r for r in self.records if first <= r[0] < last]
+        if not chosen:
+            return StepWork(), 0, 0
+        tokens, visual, pairs, samples, slots = (int(x) for x in torch.stack([r[1] for r in chosen]).sum(0).tolist())
+        grids = [row for r in chosen for g in r[2] for row in g.tolist()]
+        patches = sum(t * h * w for t, h, w in grids)
+        window_pairs, full_pairs = vision_attention_pairs(grids, vision) if vision is not None else (0, 0)
+        return StepWork(tokens, visual, pairs, patches, window_pairs, full_pairs), samples, slots
+
+
+def metered(trainer_cls):
+    """``trainer_cls`` whose ``training_step`` first records the micro-batch in ``self.meter``."""
+
+    class Metered(trainer_cls):
+        meter: Meter
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            self.meter.record(inputs, self.state.global_step)
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    Metered.__name__ = f"Metered{trainer_cls.__name__}"
+    return Metered
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_timer(device: str, label: str, total_steps: int, timeout: float):
+    """A callback keeping the time at the end of every optimizer step; stops a run past ``timeout`` seconds."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times = {}
+            self.stopped_early = False
+            self.start = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            _sync(device)
+            self.start = time.perf_counter()
+            self.times[0] = self.start
+
+        def on_step_end(self, args, state, control, **kwargs):
+            _sync(device)
+            now = time.perf_counter()
+            step = state.global_step
+            last = self.times.get(step - 1, self.start)
+            self.times[step] = now
+            print(f"    {label}: step {step}/{total_steps} {now - last:.2f} s", flush=True)
+            if now - self.start > timeout and step < total_steps:
+                print(f"    {label}: stopping after {now - self.start:.0f} s (--config_timeout {timeout:.0f})",
+                      flush=True)
+                self.stopped_early = True
+                control.should_training_stop = True
+
+    return StepTimer()
+
+
+# ---------------------------------------------------------------------------------------------
+# configurations
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RunConfig:
+    name: str
+    trainer: str  # "ours" | "trl"
+    layout: str  # "padded" | "flat" | "budget"
+    batch: int
+    accumulation: int
+
+
+def parse_configs(text: str, samples_per_step: int) -> list[RunConfig | str]:
+    """Configurations from a comma list; a name that does not parse is returned as an error string."""
+    out = []
+    for name in [n.strip() for n in text.split(",") if n.strip()]:
+        m = _CONFIG.match(name)
+        if not m:
+            out.append(f"{name}: unknown configuration (ours_padded_bsN, ours_flat_bsN, ours_budget, trl_bsN)")
+            continue
+        if m.group(7):
+            out.append(RunConfig(name, "ours", "budget", samples_per_step, 1))
+            continue
+        trainer = m.group(1) or m.group(4)
+        layout = m.group(2) or "padded"
+        batch = int(m.group(3) or m.group(5))
+        if batch < 1 or samples_per_step % batch:
+            out.append(f"{name}: batch {batch} does not divide --samples_per_step {samples_per_step}")
+            continue
+        out.append(RunConfig(name, trainer, layout, batch, samples_per_step // batch))
+    return out
+
+
+def token_budget_flag() -> str | None:
+    """The name of the trainer's token-budget flag if it has one (``max_tokens_per_batch``), else None."""
+    from qwenvl.data.arguments import DataArguments
+    from qwenvl.train.arguments import TrainingArguments
+
+    names = {f.name for cls in (DataArguments, TrainingArguments) for f in dataclasses.fields(cls)}
+    return "max_tokens_per_batch" if "max_tokens_per_batch" in names else None
+
+
+def _has_training_field(name: str) -> bool:
+    from transformers import TrainingArguments
+
+    return name in {f.name for f in dataclasses.fields(TrainingArguments)}
+
+
+@dataclasses.dataclass
+class Context:
+    """Everything the configurations share."""
+
+    args: argparse.Namespace
+    device: str
+    model_dir: str
+    config: object
+    weights: str  # "random" | "load"
+    seed: int
+    dictionary: str
+    dataset_use: str
+    max_pixels: int
+    min_pixels: int
+    workdir: Path
+    attn: str
+    trl_attn: str
+    lang: LanguageShape | None
+    vision: VisionShape | None
+    peak: float | None
+    trl_rows: object = None  # a datasets.Dataset, or the reason TRL cannot run
+
+
+def our_flags(cfg: RunConfig, ctx: Context) -> list[str]:
+    """The train_qwen.py flags of one configuration of ours."""
+    a = ctx.args
+    total = a.warmup + a.steps
+    flags = ["--model_name_or_path", ctx.model_dir, "--dataset_use", ctx.dataset_use,
+             "--dataset_dictionary", ctx.dictionary, "--output_dir", str(ctx.workdir / "out" / cfg.name),
+             "--tune_mm_llm", "True", "--tune_mm_mlp", "True", "--tune_mm_vision", str(a.tune_mm_vision),
+             "--bf16", "True", "--gradient_checkpointing", str(a.gradient_checkpointing),
+             "--per_device_train_batch_size", str(cfg.batch), "--gradient_accumulation_steps", str(cfg.accumulation),
+             "--max_steps", str(total), "--learning_rate", str(a.learning_rate), "--weight_decay", "0",
+             "--lr_scheduler_type", "constant", "--max_grad_norm", "1.0", "--optim", a.optim,
+             "--max_pixels", str(ctx.max_pixels), "--min_pixels", str(ctx.min_pixels),
+             "--model_max_length", str(a.model_max_length), "--dataloader_num_workers", str(a.num_workers),
+             "--logging_steps", str(total), "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "True",
+             "--seed", str(ctx.seed), "--data_flatten", str(cfg.layout in ("flat", "budget")),
+             "--attn_implementation", ctx.attn]
+    if _has_training_field("train_sampling_strategy"):
+        flags += ["--train_sampling_strategy", "sequential"]
+    if ctx.device == "cpu":
+        flags += ["--use_cpu", "True"]
+    if cfg.layout == "budget":
+        flags += [f"--{token_budget_flag()}", str(a.max_tokens_per_batch)]
+    return flags
+
+
+def _static_memory(model, trainable_bytes: int) -> int:
+    """Weights, gradients and AdamW state: trainable params x ``trainable_bytes``, the rest as stored."""
+    total = 0
+    for p in model.parameters():
+        total += p.numel() * (trainable_bytes if p.requires_grad else p.element_size())
+    return total
+
+
+def _check_fits(ctx: Context, model, trainable_bytes: int) -> None:
+    if ctx.device != "cuda":
+        return
+    need = _static_memory(model, trainable_bytes)
+    have = torch.cuda.get_device_properties(0).total_memory
+    if need > have:
+        raise torch.OutOfMemoryError(
+            f"weights + gradients + AdamW state alone need {need / GIB:.0f} GiB "
+            f"({trainable_bytes} bytes per trainable parameter) and the GPU has {have / GIB:.0f} GiB: not started")
+
+
+def run_ours(cfg: RunConfig, ctx: Context, timer) -> tuple[object, Meter]:
+    from transformers import AutoProcessor
+
+    from qwenvl.data.dataset import make_supervised_data_module
+    from qwenvl.train.arguments import parse_args
+    from qwenvl.train.model import load_dtype, prepare_model
+    from qwenvl.train.trainer import QwenVLTrainer
+
+    model_args, data_args, training_args, _ = parse_args(our_flags(cfg, ctx))
+    processor = AutoProcessor.from_pretrained(ctx.model_dir)
+    data_module = make_supervised_data_module(
+        processor, data_args, model_config=ctx.config, model_max_length=training_args.model_max_length,
+        seed=training_args.seed, output_dir=training_args.output_dir)
+    model = prepare_model(build_model(ctx, load_dtype(training_args), ctx.attn), model_args, training_args)
+    _check_fits(ctx, model, 16)  # fp32 weight, fp32 gradient, two fp32 AdamW moments
+    meter = Meter(_visual_ids(ctx.config))
+    trainer = metered(QwenVLTrainer)(model=model, args=training_args, processing_class=processor,
+                                     callbacks=[timer], **data_module)
+    trainer.meter = meter
+    trainer.train()
+    return trainer, meter
+
+
+def trl_dataset(ctx: Context, rows: int):
+    """The first ``rows`` samples of our dataset (the order both trainers read) as TRL's messages + images."""
+    import datasets
+    from transformers import AutoProcessor
+
+    from qwenvl.data.arguments import DataArguments
+    from qwenvl.data.dataset import make_supervised_data_module
+    from qwenvl.data.prompt import template_messages
+
+    data_args = DataArguments(dataset_use=ctx.dataset_use, dataset_dictionary=ctx.dictionary,
+                              max_pixels=ctx.max_pixels, min_pixels=ctx.min_pixels)
+    processor = AutoProcessor.from_pretrained(ctx.model_dir)
+    dataset = make_supervised_data_module(processor, data_args, model_config=ctx.config, seed=ctx.seed)["train_dataset"]
+    messages, images = [], []
+    for i in range(rows):
+        conversation = dataset.conversations(i % len(dataset))
+        if isinstance(conversation, list):
+            return "not available: packed records"
+        turns, image_refs, video_refs = template_messages(conversation)
+        if video_refs:
+            return "not available: TRL's vision-language collator takes images only and the data has video"
+        messages.append(turns)
+        images.append(image_refs)
+    if not any(images):
+        return "not available: no images in the data (TRL would treat it as a text dataset)"
+    if all(isinstance(ref, str) for refs in images for ref in refs):
+        table = datasets.Dataset.from_dict({"messages": messages, "images": images})
+        return table.cast_column("images", datasets.Sequence(datasets.Image()))
+    return datasets.Dataset.from_list([{"messages": m, "images": i} for m, i in zip(messages, images)])
+
+
+def run_trl(cfg: RunConfig, ctx: Context, timer) -> tuple[object, Meter]:
+    from transformers import AutoProcessor
+    from trl import SFTConfig, SFTTrainer
+
+    from qwenvl.data.arguments import DataArguments
+    from qwenvl.data.processor_settings import configure_processor
+
+    if isinstance(ctx.trl_rows, str):
+        raise _NotAvailable(ctx.trl_rows)
+    a = ctx.args
+    total = a.warmup + a.steps
+    extra = {"train_sampling_strategy": "sequential"} if _has_training_field("train_sampling_strategy") else {}
+    config = SFTConfig(
+        output_dir=str(ctx.workdir / "out" / cfg.name), per_device_train_batch_size=cfg.batch,
+        gradient_accumulation_steps=cfg.accumulation, max_steps=total, learning_rate=a.learning_rate,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim=a.optim,
+        bf16=True, gradient_checkpointing=a.gradient_checkpointing, seed=ctx.seed,
+        max_length=None,  # a length limit would cut image placeholders out of the ids
+        remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
+        dataloader_num_workers=a.num_workers, logging_steps=total, save_strategy="no", report_to="none",
+        disable_tqdm=True, use_cpu=ctx.device == "cpu", **extra)
+    processor = configure_processor(AutoProcessor.from_pretrained(ctx.model_dir),
+                                    DataArguments(max_pixels=ctx.max_pixels, min_pixels=ctx.min_pixels))
+    model = build_model(ctx, torch.bfloat16, ctx.trl_attn)
+    # TRL's VLM recipe: freeze the vision tower, train the merger and the language model.
+    visual = model.model.visual
+    for p in visual.parameters():
+        p.requires_grad_(a.tune_mm_vision)
+    for p in visual.merger.parameters():
+        p.requires_grad_(True)
+    if a.trl_fp32_weights:
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    _check_fits(ctx, model, 16 if a.trl_fp32_weights else 8)
+    meter = Meter(_visual_ids(ctx.config))
+    trainer = metered(SFTTrainer)(model=model, args=config, train_dataset=ctx.trl_rows, processing_class=processor,
+                                  callbacks=[timer])
+    trainer.meter = meter
+    trainer.train()
+    return trainer, meter
+
+
+class _NotAvailable(Exception):
+    pass
+
+
+def _visual_ids(config) -> list[int]:
+    return [i for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
+            if i is not None]
+
+
+def _cleanup(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_config(cfg: RunConfig, ctx: Context) -> dict:
+    """Train one configuration and measure it; an OOM or error becomes the row's status."""
+    a = ctx.args
+    total = a.warmup + a.steps
+    row = {"config": cfg.name, "trainer": cfg.trainer, "layout": cfg.layout, "batch": cfg.batch,
+           "accumulation": cfg.accumulation, "nominal_samples_per_step": cfg.batch * cfg.accumulation,
+           "attention": ctx.attn if cfg.trainer == "ours" else ctx.trl_attn,
+           "trainable_dtype": "float32" if (cfg.trainer == "ours" or a.trl_fp32_weights) else "bfloat16",
+           "status": "ok"}
+    if cfg.layout == "budget":
+        row["max_tokens_per_batch"] = a.max_tokens_per_batch
+        row["nominal_samples_per_step"] = None
+        if token_budget_flag() is None:
+            row["status"] = "not available: the trainer has no --max_tokens_per_batch yet"
+            return row
+    started = time.perf_counter()
+    _cleanup(ctx.device)
+    timer = make_timer(ctx.device, cfg.name, total, a.config_timeout)
+    trainer = meter = None
+    try:
+        trainer, meter = (run_ours if cfg.trainer == "ours" else run_trl)(cfg, ctx, timer)
+    except _NotAvailable as err:
+        row["status"] = str(err)
+    except torch.OutOfMemoryError as err:
+        row["status"] = "OOM"
+        row["error"] = str(err).strip().splitlines()[0][:300]
+    except Exception as err:  # keep the other configurations going; the traceback goes to stderr
+        traceback.print_exc()
+        row["status"] = "error"
+        row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:300]
+    if ctx.device == "cuda":
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
+    if trainer is not None:
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        row["loss"] = round(float(losses[-1]), 4) if losses else None
+        _measure(row, timer, meter, ctx, cfg)
+    del trainer, meter
+    _cleanup(ctx.device)
+    row["seconds"] = round(time.perf_counter() - started, 1)
+    return row
+
+
+def _measure(row: dict, timer, meter: Meter, ctx: Context, cfg: RunConfig) -> None:
+    a = ctx.args
+    done = max(timer.times) if timer.times else 0
+    first, last = min(a.warmup, done), done
+    if timer.stopped_early:
+        row["note"] = f"stopped by --config_timeout after {done} steps"
+    if last <= first or first not in timer.times:
+        row["status"] = row["status"] if row["status"] != "ok" else "no timed steps"
+        return
+    steps = last - first
+    seconds = timer.times[last] - timer.times[first]
+    durations = [timer.times[k] - timer.times[k - 1] for k in range(first + 1, last + 1)]
+    work, samples, slots = meter.total(first, last, ctx.vision)
+    row.update({
+        "timed_steps": steps, "warmup_steps": first,
+        "step_s": round(seconds / steps, 4),
+        "step_s_min": round(min(durations), 4), "step_s_max": round(max(durations), 4),
+        "samples_per_step": round(samples / steps, 2),
+        "samples_per_s": round(samples / seconds, 3),
+        "tokens_per_s": round(work.tokens / seconds, 1),
+        "text_tokens_per_s": round((work.tokens - work.visual_tokens) / seconds, 1),
+        "visual_tokens_per_s": round(work.visual_tokens / seconds, 1),
+        "tokens_per_sample": round(work.tokens / max(samples, 1), 1),
+        "visual_tokens_per_sample": round(work.visual_tokens / max(samples, 1), 1),
+        "padding_fraction": round(1 - work.tokens / slots, 4) if slots else None,
+        "vision_patches_per_s": round(work.patches / seconds, 1),
+    })
+    if ctx.lang is not None:
+        flops = training_flops(work, ctx.lang, ctx.vision, train_vision=a.tune_mm_vision)
+        row["model_tflops_per_step"] = round(flops / steps / 1e12, 3)
+        row["achieved_tflops"] = round(flops / seconds / 1e12, 2)
+        value = mfu(flops, seconds, ctx.peak)
+        row["mfu"] = round(value, 4) if value is not None else None
+
+
+# ---------------------------------------------------------------------------------------------
+# reporting
+# ---------------------------------------------------------------------------------------------
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(rows: list[dict]) -> str:
+    """The results as a fixed-width table."""
+    head = (f"{'config':<16}{'samples/step':>13}{'s/step':>9}{'samples/s':>11}{'text tok/s':>12}"
+            f"{'visual tok/s':>14}{'peak GiB':>10}{'MFU %':>7}  status")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        nominal = r.get("nominal_samples_per_step")
+        per_step = (f"{r['batch']}x{r['accumulation']}={nominal}" if nominal and "samples_per_step" not in r else
+                    _fmt(r.get("samples_per_step"), ".1f") if nominal is None else
+                    f"{r['batch']}x{r['accumulation']}={r['samples_per_step']:g}")
+        status = r["status"] + (f" ({r['error']})" if r.get("error") else "") + (f"; {r['note']}" if r.get("note") else "")
+        mfu_pct = None if r.get("mfu") is None else 100 * r["mfu"]
+        lines.append(f"{r['config']:<16}{per_step:>13}{_fmt(r.get('step_s'), '.3f'):>9}"
+                     f"{_fmt(r.get('samples_per_s'), '.2f'):>11}{_fmt(r.get('text_tokens_per_s'), ',.0f'):>12}"
+                     f"{_fmt(r.get('visual_tokens_per_s'), ',.0f'):>14}{_fmt(r.get('peak_gib'), '.1f'):>10}"
+                     f"{_fmt(mfu_pct, '.1f'):>7}  {status}")
+    return "\n".join(lines)
+
+
+def environment(device: str) -> dict:
+    import importlib.metadata as md
+
+    def version(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           **{name: version(name) for name in ("transformers", "trl", "accelerate", "datasets", "peft",
+                                               "liger-kernel", "flash-attn")},
+           "device": device, "host_cpus": os.cpu_count()}
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count(),
+                   gpu_memory_gib=round(props.total_memory / GIB, 1))
+    return env
+
+
+def default_output() -> str:
+    out = os.environ.get("OUT")
+    return os.path.join(out, "train_throughput.json") if out else str(REPO / "benchmarks" / "results" /
+                                                                     "train_throughput.json")
+
+
+def write_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "y"):
+        return True
+    if text.lower() in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, not {text!r}")
+
+
+def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", choices=sorted(RELEASED), default=None,
+                     help="released Qwen2.5-VL architecture with random weights (default: 3b)")
+    src.add_argument("--model_dir", help="a checkpoint directory (any family our trainer supports)")
+    p.add_argument("--weights", choices=("load", "random"), default=None,
+                   help="with --model_dir: load its weights (default) or initialise randomly from its config")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma list (default {DEFAULT_CONFIGS})")
+    p.add_argument("--baseline", choices=("trl", "none"), default="trl", help="'none' drops the trl_* configurations")
+    p.add_argument("--samples_per_step", type=int, default=16, help="samples per optimizer step, for every trainer")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
+    p.add_argument("--data", choices=("reference", "mix"), default="reference",
+                   help="generated data: 'reference' (one image <= 256 visual tokens, ~430 tokens/sample) or 'mix'")
+    p.add_argument("--video", action="store_true", help="with --data mix: include short mp4 clips (TRL rows skip)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="generated samples (default: (warmup + steps) x samples_per_step, each read once)")
+    p.add_argument("--annotation", help="your own annotation file (LLaVA or messages format) instead of generated data")
+    p.add_argument("--data_path", default=".", help="folder the --annotation media paths are relative to")
+    p.add_argument("--max_pixels", type=int, default=None,
+                   help=f"most pixels per image (default: {REFERENCE_MAX_PIXELS} for --data reference, else "
+                        "our trainer's default)")
+    p.add_argument("--min_pixels", type=int, default=None, help="fewest pixels per image (default: the trainer's)")
+    p.add_argument("--model_max_length", type=int, default=8192)
+    p.add_argument("--max_tokens_per_batch", type=int, default=8192, help="token budget of the ours_budget config")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="JSON results (default: $OUT/train_throughput.json or "
+                                                  "benchmarks/results/train_throughput.json)")
+    p.add_argument("--attn_implementation", default=None, help="ours (default: our automatic choice)")
+    p.add_argument("--trl_attn_implementation", default="sdpa",
+                   help="TRL's attention (default sdpa: what from_pretrained gives without flash-attn); "
+                        "'same' uses ours")
+    p.add_argument("--trl_fp32_weights", action="store_true",
+                   help="give TRL fp32 trainable weights like ours (default: bf16, TRL's recipe)")
+    p.add_argument("--gradient_checkpointing", type=_bool, default=True)
+    p.add_argument("--tune_mm_vision", type=_bool, default=False)
+    p.add_argument("--learning_rate", type=float, default=1e-5)
+    p.add_argument("--optim", default=None, help="both trainers (default: our trainer's default)")
+    p.add_argument("--num_workers", type=int, default=4, help="dataloader workers, both trainers")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="peak dense bf16 TFLOP/s for MFU (default: from the GPU name, 989 for H100 SXM/H200)")
+    p.add_argument("--config_timeout", type=float, default=150.0,
+                   help="seconds of training after which a configuration stops and reports the steps it timed")
+    p.add_argument("--time_budget", type=float, default=540.0,
+                   help="seconds after which no further configuration starts (rows say 'skipped')")
+    args = p.parse_args(argv)
+    if args.model is None and args.model_dir is None:
+        args.model = "3b"
+    if args.weights is None:
+        args.weights = "load" if args.model_dir else "random"
+    elif args.model and args.weights == "load":
+        p.error("--weights load needs --model_dir (--model builds random weights)")
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.optim is None:
+        from qwenvl.train.arguments import TrainingArguments
+
+        args.optim = next(f.default for f in dataclasses.fields(TrainingArguments) if f.name == "optim")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_cli(argv)
+    t0 = time.perf_counter()
+
+    def say(text: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f}s] {text}", flush=True)
+
+    from transformers import AutoConfig
+
+    from qwenvl.data.arguments import DataArguments
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no CUDA GPU is visible; pass --device cpu for a smoke run")
+    output = args.output or default_output()
+    workdir = Path(tempfile.mkdtemp(prefix="train_throughput_"))
+    defaults = {f.name: f.default for f in dataclasses.fields(DataArguments)}
+
+    if args.model_dir:
+        model_dir = os.path.abspath(args.model_dir)
+        say(f"model: {model_dir} ({args.weights} weights)")
+    else:
+        say(f"model: released Qwen2.5-VL-{args.model.upper()} architecture, random weights")
+        model_dir = str(write_model_dir(args.model, workdir / "model"))
+        say(f"parameter counts match the released model: {RELEASED[args.model]['params'][0]:,}")
+    config = AutoConfig.from_pretrained(model_dir)
+
+    if args.annotation:
+        dictionary = bench_data.write_dictionary(workdir / "data", args.annotation, args.data_path)
+        dataset_use, data_summary = "user_data", {"annotation": os.path.abspath(args.annotation)}
+    else:
+        n = args.samples or (args.warmup + args.steps) * args.samples_per_step
+        say(f"generating {n} samples ({args.data}{', with video' if args.video else ''})")
+        data = bench_data.generate(workdir / "data", n, args.data, args.seed, args.video)
+        dictionary, dataset_use = data.dictionary, data.name
+        words = data.answer_words
+        data_summary = {"mode": args.data, "samples": n, "kinds": data.counts, "images": data.images,
+                        "videos": data.videos, "answer_words_mean": round(sum(words) / len(words), 1)}
+        say(f"data: {data.counts}, {data.images} images, {data.videos} videos")
+    max_pixels = args.max_pixels or (REFERENCE_MAX_PIXELS if args.data == "reference" and not args.annotation
+                                     else defaults["max_pixels"])
+    min_pixels = min(args.min_pixels or defaults["min_pixels"], max_pixels)
+
+    try:
+        lang = LanguageShape.from_config(config.get_text_config())
+        vision = VisionShape.from_config(config.vision_config, config.model_type)
+    except (ValueError, AttributeError) as err:
+        say(f"MFU not computed: {err}")
+        lang = vision = None
+    env = environment(args.device)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_bf16_flops(env.get("gpu"))
+    attn = choose_attention(args.attn_implementation, args.device)
+    trl_attn = attn if args.trl_attn_implementation == "same" else args.trl_attn_implementation
+    ctx = Context(args=args, device=args.device, model_dir=model_dir, config=config, weights=args.weights,
+                  seed=args.seed, dictionary=str(dictionary), dataset_use=dataset_use, max_pixels=max_pixels,
+                  min_pixels=min_pixels, workdir=workdir, attn=attn, trl_attn=trl_attn, lang=lang, vision=vision,
+                  peak=peak)
+
+    configs = parse_configs(args.configs, args.samples_per_step)
+    if args.baseline == "none":
+        configs = [c for c in configs if not (isinstance(c, RunConfig) and c.trainer == "trl")]
+    if any(isinstance(c, RunConfig) and c.trainer == "trl" for c in configs):
+        try:
+            import trl  # noqa: F401
+
+            ctx.trl_rows = trl_dataset(ctx, (args.warmup + args.steps) * args.samples_per_step)
+        except ImportError:
+            ctx.trl_rows = "not available: trl is not installed"
+    say(f"attention: ours {attn}, TRL {trl_attn}; {max_pixels} max pixels; peak "
+        f"{'unknown' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}")
+
+    payload = {"benchmark": "train_throughput", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+               "command": " ".join(shlex.quote(x) for x in [sys.executable, *sys.argv]),
+               "args": vars(args), "environment": env, "model": args.model or model_dir,
+               "model_type": config.model_type, "data": data_summary, "max_pixels": max_pixels,
+               "min_pixels": min_pixels, "samples_per_step": args.samples_per_step,
+               "peak_flops": peak, "rows": []}
+    rows = payload["rows"]
+    for cfg in configs:
+        if isinstance(cfg, str):
+            rows.append({"config": cfg.split(":")[0], "status": "error", "error": cfg})
+            continue
+        if time.perf_counter() - t0 > args.time_budget:
+            rows.append({"config": cfg.name, "trainer": cfg.trainer, "status": f"skipped: --time_budget "
+                         f"{args.time_budget:.0f} s used up", "batch": cfg.batch, "accumulation": cfg.accumulation})
+            continue
+        say(f"{cfg.name}: {cfg.trainer}, {cfg.layout}, batch {cfg.batch} x accumulation {cfg.accumulation}")
+        row = run_config(cfg, ctx)
+        rows.append(row)
+        say(f"{cfg.name}: {row['status']}" + (f", {row['samples_per_s']} samples/s, {row['step_s']} s/step"
+                                               if "samples_per_s" in row else ""))
+        write_json(output, payload)
+    payload["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(output, payload)
+
+    gpu = env.get("gpu", "CPU")
+    print(f"\nresults: {output}")
+    print(f"{payload['model']} on {gpu}; {args.samples_per_step} samples per optimizer step for every trainer "
+          f"(batch x accumulation); {args.steps} timed steps after {args.warmup} warm-up; data {payload['data']}; "
+          f"attention ours={attn} TRL={trl_attn}; gradient checkpointing {args.gradient_checkpointing}; "
+          f"vision tower {'trained' if args.tune_mm_vision else 'frozen'}")
+    print(table(rows), flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

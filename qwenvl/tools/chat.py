@@ -1,0 +1,206 @@
+"""Ask a checkpoint one question, with the prompt built exactly as training renders it.
+
+    python -m qwenvl.tools.chat --model out/run [--base DIR] [--image a.png ...] [--video v.mp4] \\
+        --prompt "What colour is the shape?" [--system TEXT] [--max_new_tokens 128]
+
+``--model`` is a full or merged checkpoint (``config.json``), or a LoRA adapter
+(``adapter_config.json``): its base is then loaded from the adapter config's
+``base_model_name_or_path`` (or ``--base``), the adapter applied with peft and merged.
+The processor and chat template come from ``--model`` (training saves them there,
+with its pixel and frame settings), else from the base.
+
+The prompt is the training renderer's own rendering of the conversation
+(``SampleRenderer.encode(..., add_generation_prompt=True)``): same chat template,
+same media loading and video sampling, same processor call.  Its ``input_ids`` are
+therefore the training sample's ids up to and including ``<|im_start|>assistant\\n``.
+Media go in front of the text as ``<image>\\n`` / ``<video>\\n`` (the layout of
+LLaVA-style records) unless ``--prompt`` places them with ``<image>``/``<video>`` tags.
+
+Decoding is greedy and stops at ``<|im_end|>`` (looked up by name) or the model's
+own end tokens.  On CUDA the model loads with ``dtype="auto"`` and
+``device_map="auto"``; on CPU in float32.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+@dataclass
+class Reply:
+    """One generated answer: its text, its token ids (end token excluded) and why it stopped."""
+
+    text: str
+    token_ids: list[int]
+    stopped_at_end: bool  # False when --max_new_tokens ran out first
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """True for a LoRA checkpoint (an ``adapter_config.json`` written by peft)."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def _has_processor(path: Path) -> bool:
+    return any((path / name).is_file() for name in PROCESSOR_FILES)
+
+
+def _load_kwargs(device: str | None) -> dict:
+    """How weights load: half precision and ``device_map="auto"`` on CUDA, float32 on CPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        return {"dtype": "auto", "device_map": "auto" if device == "cuda" else device}
+    # CPU matmuls in bf16 are slow and lose precision; the tiny test models are float32 anyway.
+    return {"dtype": torch.float32}
+
+
+def load_checkpoint(model: str | Path, base: str | Path | None = None, device: str | None = None):
+    """``(model, processor)`` of a full, merged or LoRA checkpoint, ready for ``generate``.
+
+    A LoRA adapter is merged into its base after loading (``merge_and_unload``), so the
+    result is the plain transformers model whatever the checkpoint kind.
+    """
+    from transformers import AutoProcessor
+
+    from qwenvl.train.model import model_class_for, model_type_of
+
+    path = Path(model)
+    if not path.is_dir():
+        raise SystemExit(f"error: --model {model}: no such directory")
+    kwargs = _load_kwargs(device)
+    if is_adapter_dir(path):
+        from peft import PeftModel
+
+        adapter_base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = str(base or adapter_base or "")
+        if not base:
+            raise SystemExit(f"error: {path}/adapter_config.json names no base model; pass --base DIR")
+        network = model_class_for(model_type_of(base)).from_pretrained(base, **kwargs)
+        network = PeftModel.from_pretrained(network, str(path)).merge_and_unload()
+        processor_path = str(path) if _has_processor(path) else base
+    elif (path / "config.json").is_file():
+        if base is not None:
+            print(f"note: --base {base} ignored: {path} is a full checkpoint", file=sys.stderr)
+        network = model_class_for(model_type_of(str(path))).from_pretrained(str(path), **kwargs)
+        processor_path = str(path)
+    else:
+        raise SystemExit(f"error: {path} has neither config.json (a model) nor adapter_config.json (a LoRA "
+                         "adapter): pass a training output_dir or one of its checkpoint-N folders")
+    network.eval()
+    # Generation wants the KV cache that training switched off (saved configs have it back on,
+    # but an adapter's base may not).
+    from qwenvl.train.model import set_use_cache
+
+    set_use_cache(network, True)
+    return network, AutoProcessor.from_pretrained(processor_path)
+
+
+def end_token_ids(model, tokenizer) -> list[int]:
+    """``<|im_end|>`` (by name) plus the model's own end tokens from its generation config."""
+    ids = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if configured is not None:
+        ids += configured if isinstance(configured, (list, tuple)) else [configured]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def _to_device(inputs, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
+@torch.no_grad()
+def generate(model, processor, renderer, conversation, max_new_tokens: int = 128) -> Reply:
+    """Greedy reply to ``conversation`` (which ends with a user turn), rendered by ``renderer``."""
+    from transformers import GenerationConfig
+
+    inputs = renderer.encode(conversation, add_generation_prompt=True)
+    prompt_len = inputs["input_ids"].shape[1]
+    tokenizer = processor.tokenizer
+    ends = end_token_ids(model, tokenizer)
+    # A fresh greedy config: a checkpoint's sampling defaults (temperature, top_p) must not apply.
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=ends,
+                              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[0])
+    out = model.generate(**_to_device(inputs, model.device), generation_config=config)
+    new = out[0, prompt_len:].tolist()
+    stop = next((i for i, t in enumerate(new) if t in ends), None)
+    ids = new if stop is None else new[:stop]
+    return Reply(text=tokenizer.decode(ids, skip_special_tokens=False), token_ids=ids, stopped_at_end=stop is not None)
+
+
+def chat_data_args(processor, **overrides):
+    """The data settings a checkpoint was trained with, read back from its saved processor.
+
+    Training writes ``--max_pixels``, ``--min_pixels`` and the ``--video_*`` flags into
+    the processor it saves (``configure_processor``); reading them back makes inference
+    resize images and sample video frames as training did.  ``overrides`` (flags the
+    user gave) win.
+    """
+    from qwenvl.data.arguments import DataArguments
+
+    values = {}
+    image_size = getattr(processor.image_processor, "size", None) or {}
+    if image_size.get("shortest_edge") and image_size.get("longest_edge"):
+        values.update(min_pixels=int(image_size["shortest_edge"]), max_pixels=int(image_size["longest_edge"]))
+    video = getattr(processor, "video_processor", None)
+    if video is not None:
+        size = getattr(video, "size", None) or {}
+        if size.get("shortest_edge") and size.get("longest_edge"):
+            values.update(video_min_pixels=int(size["shortest_edge"]), video_max_pixels=int(size["longest_edge"]))
+        for flag, attr, cast in (("video_fps", "fps", float), ("video_min_frames", "min_frames", int),
+                                 ("video_max_frames", "max_frames", int)):
+            if getattr(video, attr, None):
+                values[flag] = cast(getattr(video, attr))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return DataArguments(**values)
+
+
+def make_renderer(model, processor, data_args, model_max_length: int | None = None):
+    """The training renderer for ``model``'s family, with the processor set to ``data_args``."""
+    from qwenvl.data.dataset import video_settings_from
+    from qwenvl.data.processor_settings import configure_processor
+    from qwenvl.data.render import SampleRenderer
+
+    configure_processor(processor, data_args)
+    return SampleRenderer(processor, model.config, model_max_length, video_settings_from(data_args, processor))
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="checkpoint: full, merged, or a LoRA adapter folder")
+    parser.add_argument("--base", default=None, help="base model of a LoRA adapter (default: from its config)")
+    parser.add_argument("--image", nargs="+", default=[], help="image file(s), in order")
+    parser.add_argument("--video", nargs="+", default=[], help="video file(s) (or folders of frames)")
+    parser.add_argument("--prompt", required=True, help="the user's text; <image>/<video> tags place the media")
+    parser.add_argument("--system", default=None, help="system prompt (default: the chat template's own)")
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--max_pixels", type=int, default=None, help="default: the checkpoint's saved setting")
+    parser.add_argument("--min_pixels", type=int, default=None, help="default: the checkpoint's saved setting")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    args = parser.parse_args(argv)
+
+    from qwenvl.data.errors import DataError
+    from qwenvl.data.prompt import user_conversation
+
+    model, processor = load_checkpoint(args.model, args.base, args.device)
+    data_args = chat_data_args(processor, max_pixels=args.max_pixels, min_pixels=args.min_pixels)
+    renderer = make_renderer(model, processor, data_args)
+    try:
+        conversation = user_conversation(args.prompt, args.image, args.video, args.system)
+        reply = generate(model, processor, renderer, conversation, args.max_new_tokens)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(reply.text)
+    return reply.text
+
+
+if __name__ == "__main__":
+    main()

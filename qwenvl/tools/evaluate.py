@@ -1,0 +1,256 @@
+"""Answer accuracy and loss of a checkpoint on held-out datasets of the dictionary.
+
+    python -m qwenvl.tools.evaluate --model out/run --dataset_use demo_shapes_eval \\
+        [--dataset_dictionary F] [--max_new_tokens 32] [--limit N] [--output results.json] \\
+        [--max_pixels N --min_pixels N --video_* ...]
+
+For every sample: the prompt is the conversation up to its last assistant turn (earlier
+turns included), rendered by the training renderer with the generation header, and the
+reference is that turn's text.  The checkpoint answers greedily (``qwenvl.tools.chat``);
+an answer counts as
+
+* ``exact`` when it equals the reference after stripping surrounding whitespace;
+* ``normalised`` when both agree after lower-casing and removing punctuation, the
+  articles a/an/the and extra whitespace (the SQuAD rule, for short answers:
+  "The red." == "red").
+
+``loss`` is the teacher-forced cross-entropy of the whole sample, rendered and collated
+exactly as in training (every assistant reply with its ``<|im_end|>``), averaged over
+all trained tokens of the dataset (the per-token mean training logs).
+
+The data flags default to the checkpoint's own settings (training saves its pixel and
+frame flags in the processor); flags given here override them.  Prints a table
+(dataset, samples, exact, normalised, loss) and writes JSON with every prediction to
+``--output`` (default: ``<model>/eval_<datasets>.json``).  Generation is one sample at a
+time: slower than batching, but no padding can change an answer.
+"""
+from __future__ import annotations
+
+import json
+import re
+import string
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalise(text: str) -> str:
+    """Lower-case, drop punctuation and the articles a/an/the, collapse whitespace."""
+    text = text.lower().translate(_PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+@dataclass
+class EvalArguments:
+    model: str = field(metadata={"help": "Checkpoint to evaluate: full, merged, or a LoRA adapter folder."})
+    base: str | None = field(default=None, metadata={"help": "Base model of a LoRA adapter (default: its config's)."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Longest answer generated."})
+    limit: int | None = field(default=None, metadata={"help": "Evaluate at most this many samples per dataset."})
+    output: str | None = field(default=None, metadata={"help": "JSON file to write (default: in --model)."})
+    seed: int = field(default=42, metadata={"help": "Mixture seed (matters only for %% subsampling)."})
+    model_max_length: int | None = field(
+        default=None, metadata={"help": "As in training: longer samples are rendered smaller, or skipped."})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda or cuda:N (default: cuda if present)."})
+
+
+@dataclass
+class Prediction:
+    dataset: str
+    origin: str
+    reference: str
+    prediction: str
+    exact: bool
+    normalised: bool
+    stopped_at_end: bool
+
+
+@dataclass
+class DatasetScore:
+    dataset: str
+    samples: int = 0
+    exact: int = 0
+    normalised: int = 0
+    loss_sum: float = 0.0  # summed over trained tokens
+    loss_tokens: int = 0
+    skipped: int = 0
+
+    def add(self, other: "DatasetScore") -> None:
+        for name in ("samples", "exact", "normalised", "loss_sum", "loss_tokens", "skipped"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def summary(self) -> dict:
+        n = max(self.samples, 1)
+        return {"dataset": self.dataset, "samples": self.samples, "exact": self.exact / n if self.samples else None,
+                "normalised": self.normalised / n if self.samples else None,
+                "loss": self.loss_sum / self.loss_tokens if self.loss_tokens else None,
+                "exact_count": self.exact, "normalised_count": self.normalised, "skipped": self.skipped}
+
+
+@torch.no_grad()
+def sample_loss(model, sample: dict, collator) -> tuple[float, int]:
+    """(summed token cross-entropy, trained tokens) of one rendered sample, as training computes it."""
+    batch = collator([sample])
+    labels = batch.pop("labels").to(model.device)
+    batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    logits = model(**batch, use_cache=False).logits[0, :-1].float()
+    targets = labels[0, 1:]
+    keep = targets != -100
+    loss = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum")
+    return float(loss), int(keep.sum())
+
+
+def _conversations(dataset, i: int) -> list:
+    conversation = dataset.conversations(i)
+    return conversation if isinstance(conversation, list) else [conversation]
+
+
+def evaluate_dataset(model, processor, renderer, collator, dataset, name: str, max_new_tokens: int,
+                     limit: int | None = None, skip_bad: bool = False, log=None) -> tuple[DatasetScore, list]:
+    """Score the samples of one ``SupervisedDataset``; returns its score and every prediction."""
+    from qwenvl.data.errors import DataError
+    from qwenvl.data.prompt import split_last_reply
+    from qwenvl.tools.chat import generate
+
+    score, predictions = DatasetScore(name), []
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    for i in range(count):
+        for conversation in _conversations(dataset, i):
+            try:
+                prompt, reference = split_last_reply(conversation)
+                reply = generate(model, processor, renderer, prompt, max_new_tokens)
+                loss, tokens = sample_loss(model, renderer.render(conversation), collator)
+            except DataError as err:
+                if not skip_bad:
+                    raise
+                print(f"skipping bad sample: {err}", file=sys.stderr)
+                score.skipped += 1
+                continue
+            exact = reply.text.strip() == reference.strip()
+            loose = normalise(reply.text) == normalise(reference)
+            score.samples += 1
+            score.exact += exact
+            score.normalised += loose
+            score.loss_sum += loss
+            score.loss_tokens += tokens
+            predictions.append(Prediction(name, conversation.origin, reference, reply.text, exact, loose,
+                                          reply.stopped_at_end))
+        if log and (i + 1) % 50 == 0:
+            log(f"{name}: {i + 1}/{count}")
+    return score, predictions
+
+
+def format_table(rows: list[dict]) -> str:
+    """The results as a fixed-width text table."""
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    width = max([len("dataset")] + [len(r["dataset"]) for r in rows])
+    lines = [f"{'dataset':<{width}}  {'samples':>7}  {'exact':>7}  {'normalised':>10}  {'loss':>8}"]
+    for r in rows:
+        loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
+        lines.append(f"{r['dataset']:<{width}}  {r['samples']:>7}  {pct(r['exact']):>7}  "
+                     f"{pct(r['normalised']):>10}  {loss:>8}")
+    return "\n".join(lines)
+
+
+def _explicit(values, cls) -> dict:
+    """The fields of dataclass instance ``values`` that differ from their defaults."""
+    import dataclasses
+
+    default = cls(**{f.name: getattr(values, f.name) for f in dataclasses.fields(cls)
+                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING})
+    return {f.name: getattr(values, f.name) for f in dataclasses.fields(cls)
+            if getattr(values, f.name) != getattr(default, f.name)}
+
+
+def evaluate(eval_args: EvalArguments, data_args) -> dict:
+    """Run the evaluation; returns the JSON written (``datasets`` rows and ``predictions``)."""
+    from qwenvl.data.arguments import DataArguments
+    from qwenvl.data.collate import PaddedCollator
+    from qwenvl.data.dataset import SupervisedDataset
+    from qwenvl.data.registry import load_dictionary, parse_dataset_use
+    from qwenvl.tools.chat import chat_data_args, load_checkpoint, make_renderer
+
+    dictionary = load_dictionary(data_args.dataset_dictionary)
+    entries = parse_dataset_use(data_args.dataset_use, dictionary)  # data problems show before the model loads
+    model, processor = load_checkpoint(eval_args.model, eval_args.base, eval_args.device)
+    overrides = _explicit(data_args, DataArguments)
+    settings = chat_data_args(processor, **overrides)
+    renderer = make_renderer(model, processor, settings, eval_args.model_max_length)
+    collator = PaddedCollator(processor.tokenizer.pad_token_id)
+
+    start = time.perf_counter()
+    rows, predictions, total = [], [], None
+    for entry in entries:
+        dataset = SupervisedDataset([entry], renderer, eval_args.seed)
+        score, preds = evaluate_dataset(model, processor, renderer, collator, dataset, entry.spec.name,
+                                        eval_args.max_new_tokens, eval_args.limit,
+                                        skip_bad=settings.bad_sample_policy == "skip",
+                                        log=lambda m: print(m, file=sys.stderr, flush=True))
+        rows.append(score.summary())
+        predictions += preds
+        if total is None:
+            total = DatasetScore("all")
+        total.add(score)
+    if len(entries) > 1:
+        rows.append(total.summary())
+    return {"model": str(eval_args.model), "dataset_use": data_args.dataset_use,
+            "max_new_tokens": eval_args.max_new_tokens, "limit": eval_args.limit,
+            "data_settings": {k: getattr(settings, k) for k in ("min_pixels", "max_pixels", "video_min_pixels",
+                                                                 "video_max_pixels", "video_fps", "video_min_frames",
+                                                                 "video_max_frames")},
+            "seconds": round(time.perf_counter() - start, 2),
+            "datasets": rows, "predictions": [asdict(p) for p in predictions]}
+
+
+def _default_output(model: str, dataset_use: str) -> Path:
+    tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset_use)[:80]
+    return Path(model) / f"eval_{tag}.json"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from transformers import HfArgumentParser
+
+    from qwenvl.data.arguments import DataArguments
+    from qwenvl.data.errors import DataError
+
+    parser = HfArgumentParser((EvalArguments, DataArguments))
+    try:
+        eval_args, data_args = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if not data_args.dataset_use:
+        print("error: --dataset_use is empty: name the held-out dataset(s), e.g. --dataset_use demo_shapes_eval",
+              file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        results = evaluate(eval_args, data_args)
+    except DataError as err:
+        print(f"data error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    text = json.dumps(results, indent=2) + "\n"
+    if eval_args.output:
+        output = Path(eval_args.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text)
+    else:
+        output = _default_output(eval_args.model, data_args.dataset_use)
+        try:
+            output.write_text(text)
+        except OSError:  # a read-only model folder: the working directory instead
+            output = Path.cwd() / output.name
+            output.write_text(text)
+    print(format_table(results["datasets"]))
+    print(f"predictions and scores written to {output}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

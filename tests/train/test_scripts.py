@@ -1,0 +1,92 @@
+"""The launcher and the sft*.sh wrappers: the command they build, and that our parser accepts it."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from qwenvl.train.arguments import parse_args
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = ["sft.sh", "sft_7b.sh", "sft_32b.sh", "sft_qwen3_4b.sh", "sft_qwen3_8b.sh", "sft_qwen3_30b_a3b.sh"]
+
+
+def dry_run(script: str, *args: str, **env) -> list[str]:
+    full_env = {k: v for k, v in os.environ.items() if k not in ("NPROC_PER_NODE", "MASTER_PORT", "PRECISION")}
+    full_env.update(DRY_RUN="1", **env)
+    result = subprocess.run(["bash", f"scripts/{script}", *args], cwd=REPO, env=full_env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return shlex.split(result.stdout)
+
+
+def _train_args(cmd: list[str]) -> list[str]:
+    """The flags after train_qwen.py, without --deepspeed (its config is checked separately)."""
+    args = cmd[cmd.index(str(REPO / "qwenvl/train/train_qwen.py")) + 1:]
+    while "--deepspeed" in args:
+        i = args.index("--deepspeed")
+        del args[i:i + 2]
+    return args
+
+
+def test_launch_builds_torchrun_with_environment_and_passes_flags_last(tmp_path):
+    cmd = dry_run("launch.sh", "--learning_rate", "3e-5", MODEL_PATH="/m", DATASETS="demo_shapes",
+                  OUTPUT_DIR=str(tmp_path / "run"), NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1",
+                  NPROC_PER_NODE="8")
+    assert cmd[0] == "torchrun"
+    joined = " ".join(cmd)
+    for part in ("--nproc_per_node 8", "--nnodes 2", "--node_rank 1", "--master_addr 10.0.0.1",
+                 "--master_port 29500", "--model_name_or_path /m", "--dataset_use demo_shapes",
+                 f"--output_dir {tmp_path / 'run'}", "--run_name run"):
+        assert part in joined, part
+    assert cmd[-2:] == ["--learning_rate", "3e-5"]
+    # one node: a free port, and fp32 on a machine without GPUs (PRECISION=auto)
+    single = dry_run("launch.sh", MODEL_PATH="/m", DATASETS="d")
+    port = int(single[single.index("--master_port") + 1])
+    assert 1024 < port < 65536 and "--nproc_per_node" in single
+    if subprocess.run(["bash", "-c", "command -v nvidia-smi"], capture_output=True).returncode != 0:
+        assert single[single.index("--nproc_per_node") + 1] == "1"
+        assert "--bf16 False --fp16 False" in " ".join(single)
+    assert "--fp16 True --bf16 False" in " ".join(dry_run("launch.sh", MODEL_PATH="/m", DATASETS="d",
+                                                          PRECISION="fp16"))
+
+
+def test_launch_requires_model_and_data():
+    env = {k: v for k, v in os.environ.items() if k not in ("MODEL_PATH", "DATASETS")}
+    result = subprocess.run(["bash", "scripts/launch.sh"], cwd=REPO, env=dict(env, DRY_RUN="1"),
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "MODEL_PATH" in result.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_sft_scripts_parse_and_user_flags_win(script, tmp_path):
+    cmd = dry_run(script, "--learning_rate", "1e-6", "--tune_mm_vision", "True", DATASETS="demo_shapes",
+                  OUTPUT_DIR=str(tmp_path / "out"))
+    deepspeed = Path(cmd[cmd.index("--deepspeed") + 1])
+    assert deepspeed.is_file() and deepspeed.name == ("zero2.json" if "30b" in script else "zero3.json")
+    model, data, training, _ = parse_args(_train_args(cmd))
+    assert training.learning_rate == 1e-6 and model.tune_mm_vision  # the user's values
+    assert model.tune_mm_llm and model.tune_mm_mlp and data.data_flatten
+    assert (data.max_pixels, data.min_pixels, training.model_max_length) == (50176, 784, 8192)
+    assert training.warmup_steps == 0.03 and training.weight_decay == 0 and training.num_train_epochs == 0.5
+    assert training.gradient_checkpointing and training.save_steps == 1000
+    assert model.model_name_or_path.startswith(("Qwen/Qwen2.5-VL", "Qwen/Qwen3-VL"))
+
+
+@pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_offload.json"])
+def test_deepspeed_configs(name):
+    config = json.loads((REPO / "scripts" / name).read_text())
+    stage = config["zero_optimization"]["stage"]
+    assert stage == (2 if name == "zero2.json" else 3)
+    for key in ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps",
+                "gradient_clipping"):
+        assert config[key] == "auto", key
+    assert config["bf16"]["enabled"] == "auto" and config["fp16"]["enabled"] == "auto"
+    # No optimizer/scheduler section: the Trainer builds ours, keeping the per-component groups.
+    assert "optimizer" not in config and "scheduler" not in config
+    if stage == 3:
+        assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
