@@ -189,11 +189,16 @@ def build_model(ctx, dtype: torch.dtype, attn: str):
 # measuring
 # ---------------------------------------------------------------------------------------------
 class Meter:
-    """Work per micro-batch (tokens, attention pairs, patches), kept on the device until the end."""
+    """Work per micro-batch (tokens, attention pairs, patches), kept on the device until the end.
+
+    Nothing here copies to or from the GPU while training runs (such a copy would
+    synchronise the stream): counts stay device tensors or Python ints until ``total``.
+    """
 
     def __init__(self, visual_ids: list[int]):
         self.visual_ids = visual_ids
-        self.records = []  # (optimizer steps done before this micro-batch, counts tensor, grids)
+        self._ids_on = {}  # device -> tensor of the visual placeholder ids
+        self.records = []  # (optimizer steps done before this micro-batch, counts, grids)
 
     def record(self, inputs: dict, steps_done: int) -> None:
         ids = inputs["input_ids"]
@@ -202,31 +207,29 @@ class Meter:
         rows, length = ids.shape
         if mask is not None:
             m = mask.to(torch.long)
-            tokens = m.sum()
+            tokens, samples = m.sum(), rows
             pairs = (m * m.cumsum(-1)).sum()  # s (s + 1) / 2 per row
-            samples = torch.tensor(rows, device=ids.device)
         elif positions is not None and positions.dim() == 3 and positions.shape[0] == 4:
             text = positions[0].to(torch.long)  # restarts at 0 for every packed sample
-            tokens = torch.tensor(ids.numel(), device=ids.device)
+            tokens, samples = ids.numel(), (text == 0).sum()
             pairs = (text + 1).sum()
-            samples = (text == 0).sum()
         else:
-            tokens = torch.tensor(ids.numel(), device=ids.device)
-            pairs = torch.tensor(rows * length * (length + 1) // 2, device=ids.device)
-            samples = torch.tensor(rows, device=ids.device)
-        visual = torch.isin(ids, torch.tensor(self.visual_ids, device=ids.device)).sum()
-        counts = torch.stack([t.to(torch.long) for t in (tokens, visual, pairs, samples,
-                                                         torch.tensor(ids.numel(), device=ids.device))])
+            tokens, samples, pairs = ids.numel(), rows, rows * length * (length + 1) // 2
+        if ids.device not in self._ids_on:
+            self._ids_on[ids.device] = torch.tensor(self.visual_ids, device=ids.device)
+        visual = torch.isin(ids, self._ids_on[ids.device]).sum()
         grids = [inputs[k].detach() for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None]
-        self.records.append((steps_done, counts, grids))
+        self.records.append((steps_done, (tokens, visual, pairs, samples, ids.numel()), grids))
 
     def total(self, first: int, last: int, vision: VisionShape | None) -> tuple[StepWork, int, int]:
-        """Work of optimizer steps first+1 .. last; also (samples, padded token slots)."""
-        chosen = [r for r in self.records if first <= r[0] < last]
-        if not chosen:
-            return StepWork(), 0, 0
-        tokens, visual, pairs, samples, slots = (int(x) for x in torch.stack([r[1] for r in chosen]).sum(0).tolist())
-        grids = [row for r in chosen for g in r[2] for row in g.tolist()]
+        """Work of optimizer steps first+1 .. last; also (samples, token slots including padding)."""
+        sums = [0] * 5
+        grids = []
+        for steps_done, counts, batch_grids in self.records:
+            if first <= steps_done < last:
+                sums = [s + int(c) for s, c in zip(sums, counts)]
+                grids += [row for g in batch_grids for row in g.tolist()]
+        tokens, visual, pairs, samples, slots = sums
         patches = sum(t * h * w for t, h, w in grids)
         window_pairs, full_pairs = vision_attention_pairs(grids, vision) if vision is not None else (0, 0)
         return StepWork(tokens, visual, pairs, patches, window_pairs, full_pairs), samples, slots
@@ -360,7 +363,7 @@ def our_flags(cfg: RunConfig, ctx: Context) -> list[str]:
     flags = ["--model_name_or_path", ctx.model_dir, "--dataset_use", ctx.dataset_use,
              "--dataset_dictionary", ctx.dictionary, "--output_dir", str(ctx.workdir / "out" / cfg.name),
              "--tune_mm_llm", "True", "--tune_mm_mlp", "True", "--tune_mm_vision", str(a.tune_mm_vision),
-             "--bf16", "True", "--gradient_checkpointing", str(a.gradient_checkpointing),
+             "--bf16", str(a.precision == "bf16"), "--gradient_checkpointing", str(a.gradient_checkpointing),
              "--per_device_train_batch_size", str(cfg.batch), "--gradient_accumulation_steps", str(cfg.accumulation),
              "--max_steps", str(total), "--learning_rate", str(a.learning_rate), "--weight_decay", "0",
              "--lr_scheduler_type", "constant", "--max_grad_norm", "1.0", "--optim", a.optim,
@@ -378,23 +381,21 @@ def our_flags(cfg: RunConfig, ctx: Context) -> list[str]:
     return flags
 
 
-def _static_memory(model, trainable_bytes: int) -> int:
-    """Weights, gradients and AdamW state: trainable params x ``trainable_bytes``, the rest as stored."""
-    total = 0
-    for p in model.parameters():
-        total += p.numel() * (trainable_bytes if p.requires_grad else p.element_size())
-    return total
+def _static_memory(model) -> int:
+    """Bytes of weights, gradients and the two AdamW moments (trainable), and of the frozen weights."""
+    return sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in model.parameters())
 
 
-def _check_fits(ctx: Context, model, trainable_bytes: int) -> None:
+def _check_fits(ctx: Context, model) -> None:
+    """Refuse to start a run whose weights, gradients and optimizer state alone exceed the GPU."""
     if ctx.device != "cuda":
         return
-    need = _static_memory(model, trainable_bytes)
+    need = _static_memory(model)
     have = torch.cuda.get_device_properties(0).total_memory
     if need > have:
         raise torch.OutOfMemoryError(
-            f"weights + gradients + AdamW state alone need {need / GIB:.0f} GiB "
-            f"({trainable_bytes} bytes per trainable parameter) and the GPU has {have / GIB:.0f} GiB: not started")
+            f"weights + gradients + AdamW state alone need {need / GIB:.0f} GiB and the GPU has "
+            f"{have / GIB:.0f} GiB: not started")
 
 
 def run_ours(cfg: RunConfig, ctx: Context, timer) -> tuple[object, Meter]:
@@ -411,7 +412,7 @@ def run_ours(cfg: RunConfig, ctx: Context, timer) -> tuple[object, Meter]:
         processor, data_args, model_config=ctx.config, model_max_length=training_args.model_max_length,
         seed=training_args.seed, output_dir=training_args.output_dir)
     model = prepare_model(build_model(ctx, load_dtype(training_args), ctx.attn), model_args, training_args)
-    _check_fits(ctx, model, 16)  # fp32 weight, fp32 gradient, two fp32 AdamW moments
+    _check_fits(ctx, model)
     meter = Meter(_visual_ids(ctx.config))
     trainer = metered(QwenVLTrainer)(model=model, args=training_args, processing_class=processor,
                                      callbacks=[timer], **data_module)
@@ -467,14 +468,14 @@ def run_trl(cfg: RunConfig, ctx: Context, timer) -> tuple[object, Meter]:
         output_dir=str(ctx.workdir / "out" / cfg.name), per_device_train_batch_size=cfg.batch,
         gradient_accumulation_steps=cfg.accumulation, max_steps=total, learning_rate=a.learning_rate,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim=a.optim,
-        bf16=True, gradient_checkpointing=a.gradient_checkpointing, seed=ctx.seed,
+        bf16=a.precision == "bf16", gradient_checkpointing=a.gradient_checkpointing, seed=ctx.seed,
         max_length=None,  # a length limit would cut image placeholders out of the ids
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
         dataloader_num_workers=a.num_workers, logging_steps=total, save_strategy="no", report_to="none",
         disable_tqdm=True, use_cpu=ctx.device == "cpu", **extra)
     processor = configure_processor(AutoProcessor.from_pretrained(ctx.model_dir),
                                     DataArguments(max_pixels=ctx.max_pixels, min_pixels=ctx.min_pixels))
-    model = build_model(ctx, torch.bfloat16, ctx.trl_attn)
+    model = build_model(ctx, torch.bfloat16 if a.precision == "bf16" else torch.float32, ctx.trl_attn)
     # TRL's VLM recipe: freeze the vision tower, train the merger and the language model.
     visual = model.model.visual
     for p in visual.parameters():
@@ -485,7 +486,7 @@ def run_trl(cfg: RunConfig, ctx: Context, timer) -> tuple[object, Meter]:
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
-    _check_fits(ctx, model, 16 if a.trl_fp32_weights else 8)
+    _check_fits(ctx, model)
     meter = Meter(_visual_ids(ctx.config))
     trainer = metered(SFTTrainer)(model=model, args=config, train_dataset=ctx.trl_rows, processing_class=processor,
                                   callbacks=[timer])
@@ -517,7 +518,8 @@ def run_config(cfg: RunConfig, ctx: Context) -> dict:
     row = {"config": cfg.name, "trainer": cfg.trainer, "layout": cfg.layout, "batch": cfg.batch,
            "accumulation": cfg.accumulation, "nominal_samples_per_step": cfg.batch * cfg.accumulation,
            "attention": ctx.attn if cfg.trainer == "ours" else ctx.trl_attn,
-           "trainable_dtype": "float32" if (cfg.trainer == "ours" or a.trl_fp32_weights) else "bfloat16",
+           "trainable_dtype": "float32" if (cfg.trainer == "ours" or a.trl_fp32_weights or a.precision == "fp32")
+           else "bfloat16",
            "status": "ok"}
     if cfg.layout == "budget":
         row["max_tokens_per_batch"] = a.max_tokens_per_batch
@@ -696,6 +698,8 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--optim", default=None, help="both trainers (default: our trainer's default)")
     p.add_argument("--num_workers", type=int, default=4, help="dataloader workers, both trainers")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
+                   help="both trainers (default: bf16 on cuda; fp32 on cpu, where bf16 matmuls crawl)")
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="peak dense bf16 TFLOP/s for MFU (default: from the GPU name, 989 for H100 SXM/H200)")
     p.add_argument("--config_timeout", type=float, default=150.0,
@@ -711,6 +715,8 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--weights load needs --model_dir (--model builds random weights)")
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.precision is None:
+        args.precision = "bf16" if args.device == "cuda" else "fp32"
     if args.optim is None:
         from qwenvl.train.arguments import TrainingArguments
 

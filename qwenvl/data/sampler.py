@@ -211,7 +211,7 @@ class LengthGroupedBatchSampler(_RankShardedBatchSampler):
             full, rest = self._group_batches(group, rng)
             batches.extend(full)
             leftovers.extend(rest)
-        leftovers.sort(key=lambda i: -int(self.tokens[i]))
+        # Leftovers stay in group order, so at most one batch mixes the two groups.
         batches.extend(leftovers[i:i + self.batch_size] for i in range(0, len(leftovers), self.batch_size))
         if not batches:
             return []

@@ -1,0 +1,179 @@
+"""The offline packing tool: budgets, fill ratio on the demo mix, a packed file that trains as registered."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from transformers import AutoConfig, AutoProcessor
+
+from qwenvl.data.arguments import DataArguments
+from qwenvl.data.dataset import make_supervised_data_module
+from qwenvl.data.mixture import build_mixture
+from qwenvl.data.registry import load_dictionary, parse_dataset_use
+from qwenvl.data.sources import open_annotations
+from qwenvl.tools import pack_data
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = "demo_shapes,demo_shapes_eval,demo_multi_image,demo_grounding,demo_text,demo_video"
+PIXELS = ["--max_pixels", str(112 * 112), "--min_pixels", str(56 * 56), "--video_max_pixels", str(56 * 56),
+          "--video_min_pixels", str(28 * 28), "--video_max_frames", "8", "--video_min_frames", "4"]
+PIXEL_ARGS = dict(max_pixels=112 * 112, min_pixels=56 * 56, video_max_pixels=56 * 56, video_min_pixels=28 * 28,
+                  video_max_frames=8, video_min_frames=4)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg_cache"))
+
+
+@pytest.fixture
+def demo_copy(tmp_path) -> Path:
+    """The demo annotation files and dictionary copied to tmp (media stay in the repo, by absolute data_path)."""
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    dictionary = json.loads((REPO / "dataset_dictionary.json").read_text())
+    for entry in dictionary.values():
+        name = Path(entry["annotation_path"]).name
+        shutil.copy(REPO / entry["annotation_path"], folder / name)
+        entry["annotation_path"], entry["data_path"] = name, str(REPO / "demo_data")
+    (folder / "dict.json").write_text(json.dumps(dictionary, indent=2))
+    return folder
+
+
+def _pack(argv: list[str], capsys) -> tuple[int, str]:
+    status = pack_data.main(argv)
+    captured = capsys.readouterr()
+    return status, captured.out + captured.err
+
+
+def test_demo_mix_packs_above_95_percent_and_trains_as_registered(demo_copy, tiny_model_dir, tmp_path, capsys):
+    model = tiny_model_dir("qwen2_5_vl")
+    out, report = tmp_path / "packed.json", tmp_path / "packed.report.json"
+    dictionary = demo_copy / "dict.json"
+    status, text = _pack(["--dataset_use", DEMO, "--dataset_dictionary", str(dictionary), "--model_name_or_path",
+                          str(model), "--model_max_length", "1024", "--output", str(out), "--report", str(report),
+                          "--register_as", "demo_packed", "--num_workers", "2", *PIXELS], capsys)
+    assert status == 0, text
+    summary = json.loads(report.read_text())
+    assert summary["fill_ratio"] >= 0.95 and "fill ratio" in text
+    assert summary["dropped_too_long"] == summary["dropped_bad"] == summary["dropped_over_patch_budget"] == 0
+
+    # Every sample of the epoch's mixture is in exactly one pack, with its media made absolute.
+    entries = parse_dataset_use(DEMO, load_dictionary(dictionary))
+    sources = [open_annotations(e.spec.annotation_path) for e in entries]
+    mixture = build_mixture(entries, [len(s) for s in sources], 42)
+    packed = json.loads(out.read_text())
+    assert len(packed) == summary["packs"]
+    wanted = sorted(json.dumps(sources[d][r], sort_keys=True) for d, r in mixture.tolist())
+    got = [record for pack in packed for record in pack]
+    for record in got:
+        for key in ("image", "video"):
+            for ref in np.atleast_1d(record.get(key, [])):
+                assert Path(ref).is_absolute() and Path(ref).exists()
+    strip = [{k: v for k, v in r.items() if k not in ("image", "video")} for r in got]
+    assert sorted(json.dumps(r, sort_keys=True) for r in strip) == sorted(
+        json.dumps({k: v for k, v in json.loads(w).items() if k not in ("image", "video")}, sort_keys=True)
+        for w in wanted)
+
+    # Registered in the dictionary; --data_packing trains on it: a pack renders within the budget.
+    assert load_dictionary(dictionary)["demo_packed"].data_path == ""
+    args = DataArguments(dataset_use="demo_packed", dataset_dictionary=str(dictionary), data_packing=True,
+                         **PIXEL_ARGS)
+    module = make_supervised_data_module(AutoProcessor.from_pretrained(model), args, AutoConfig.from_pretrained(model),
+                                         model_max_length=1024, seed=0)
+    dataset = module["train_dataset"]
+    assert len(dataset) == len(packed)
+    for i in (0, len(dataset) // 2):
+        batch = module["data_collator"]([dataset[i]])
+        assert batch["input_ids"].shape[1] <= 1024
+        assert int((batch["position_ids"][0, 0] == 0).sum()) == len(packed[i])
+
+
+def test_patch_budget_and_too_long_samples(tmp_path, tiny_model_dir, capsys):
+    root = tmp_path / "d"
+    root.mkdir()
+    # 16, 64 and 36 patches of 14 x 14 pixels (4, 16 and 9 visual tokens).
+    for k, size in enumerate([(56, 56), (112, 112), (84, 84)]):
+        Image.new("RGB", size, (k * 80, 0, 0)).save(root / f"{k}.png")
+
+    def rec(image, prompt="<image>\nWhat colour?", answer="red"):
+        record = {"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]}
+        if image is not None:
+            record["image"] = image
+        return record
+    records = [rec(f"{k % 3}.png") for k in range(30)] + [rec(None, "long " * 400)]
+    (root / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (root / "dict.json").write_text(json.dumps({"a": {"annotation_path": "a.jsonl", "data_path": "."}}))
+    model = tiny_model_dir("qwen2_vl")
+    out, report = tmp_path / "p.json", tmp_path / "r.json"
+    status, text = _pack(["--dataset_use", "a", "--dataset_dictionary", str(root / "dict.json"),
+                          "--model_name_or_path", str(model), "--model_max_length", "256", "--max_pixels",
+                          str(112 * 112), "--min_pixels", str(28 * 28), "--max_patches_per_pack", "100",
+                          "--output", str(out), "--report", str(report), "--num_workers", "1"], capsys)
+    assert status == 0, text
+    summary = json.loads(report.read_text())
+    # The long text is dropped as too long (never split); every image fits 100 patches.
+    assert summary["dropped_too_long"] == 1 and summary["items"] == 30
+    packs = json.loads(out.read_text())
+    assert sum(len(p) for p in packs) == 30
+
+    # A patch budget below one 112 x 112 image (64 patches) drops those samples, counted.
+    status, text = _pack(["--dataset_use", "a", "--dataset_dictionary", str(root / "dict.json"),
+                          "--model_name_or_path", str(model), "--model_max_length", "256", "--max_pixels",
+                          str(112 * 112), "--min_pixels", str(28 * 28), "--max_patches_per_pack", "40",
+                          "--output", str(out), "--report", str(report), "--num_workers", "1"], capsys)
+    summary = json.loads(report.read_text())
+    assert status == 0 and summary["dropped_over_patch_budget"] == 10 and summary["items"] == 20
+    assert "10 over the patch budget" in text
+    args = DataArguments(dataset_use="p", dataset_dictionary=str(_register(tmp_path, out)), data_packing=True,
+                         max_pixels=112 * 112, min_pixels=28 * 28)
+    module = make_supervised_data_module(AutoProcessor.from_pretrained(model), args, AutoConfig.from_pretrained(model),
+                                         model_max_length=256, seed=0)
+    for i in range(len(module["train_dataset"])):
+        batch = module["data_collator"]([module["train_dataset"][i]])
+        assert batch["pixel_values"].shape[0] <= 40 and batch["input_ids"].shape[1] <= 256
+
+
+def _register(tmp_path: Path, packed: Path) -> Path:
+    path = tmp_path / "packed_dict.json"
+    path.write_text(json.dumps({"p": {"annotation_path": str(packed), "data_path": ""}}))
+    return path
+
+
+def test_bad_samples_follow_the_policy(tmp_path, tiny_model_dir, capsys):
+    root = tmp_path / "d"
+    root.mkdir()
+    Image.new("RGB", (56, 56)).save(root / "ok.png")
+    good = {"image": "ok.png", "conversations": [{"from": "human", "value": "<image>Hi"},
+                                                 {"from": "gpt", "value": "yes"}]}
+    missing = {**good, "image": "gone.png"}
+    (root / "a.json").write_text(json.dumps([good, missing, good]))
+    (root / "dict.json").write_text(json.dumps({"a": {"annotation_path": "a.json", "data_path": "."}}))
+    argv = ["--dataset_use", "a", "--dataset_dictionary", str(root / "dict.json"), "--model_name_or_path",
+            str(tiny_model_dir("qwen2_5_vl")), "--model_max_length", "512", "--output", str(tmp_path / "p.json"),
+            "--report", str(tmp_path / "r.json"), "--num_workers", "1"]
+    status, text = _pack(argv, capsys)
+    assert status == 1 and "gone.png" in text and "record 1" in text and not (tmp_path / "p.json").exists()
+    status, text = _pack(argv + ["--bad_sample_policy", "skip"], capsys)
+    summary = json.loads((tmp_path / "r.json").read_text())
+    assert status == 0 and summary["dropped_bad"] == 1 and summary["items"] == 2
+
+
+def test_absolute_media_covers_every_reference_style(tmp_path):
+    record = {"image": ["a.png", "/abs/b.png", "s3://bucket/c.png"], "video": [["f1.jpg", "f2.jpg"]],
+              "messages": [{"role": "user", "content": [{"type": "image", "image": "d.png"},
+                                                        {"type": "image_url", "image_url": {"url": "e.png"}},
+                                                        {"type": "text", "text": "hi"}]},
+                           {"role": "assistant", "content": "ok"}]}
+    out = pack_data.absolute_media(record, str(tmp_path))
+    assert out["image"] == [str(tmp_path / "a.png"), "/abs/b.png", "s3://bucket/c.png"]
+    assert out["video"] == [[str(tmp_path / "f1.jpg"), str(tmp_path / "f2.jpg")]]
+    parts = out["messages"][0]["content"]
+    assert parts[0]["image"] == str(tmp_path / "d.png") and parts[1]["image_url"]["url"] == str(tmp_path / "e.png")
+    assert out["messages"][1] == record["messages"][1] and record["image"][0] == "a.png"  # input untouched
+    remote = pack_data.absolute_media({"image": "x.png"}, "s3://bucket/imgs")
+    assert remote["image"] == "s3://bucket/imgs/x.png"
