@@ -93,6 +93,7 @@ RELEASED = {
 }
 DEFAULT_CONFIGS = "ours_padded_bs4,ours_flat_bs4,ours_flat_bs16,ours_budget,trl_bs4,trl_bs16"
 REFERENCE_MAX_PIXELS = 200704  # 256 visual tokens of 28 x 28 pixels
+SETUP_SECONDS = 60  # allowance per configuration for building the model and starting the data loaders
 _CONFIG = re.compile(r"^(?:(ours)_(padded|flat)_bs(\d+)|(trl)_bs(\d+)|(ours)_(budget))$")
 
 
@@ -277,8 +278,7 @@ def make_timer(device: str, label: str, total_steps: int, timeout: float):
             self.times[step] = now
             print(f"    {label}: step {step}/{total_steps} {now - last:.2f} s", flush=True)
             if now - self.start > timeout and step < total_steps:
-                print(f"    {label}: stopping after {now - self.start:.0f} s (--config_timeout {timeout:.0f})",
-                      flush=True)
+                print(f"    {label}: stopping after {now - self.start:.0f} s (time limit {timeout:.0f} s)", flush=True)
                 self.stopped_early = True
                 control.should_training_stop = True
 
@@ -511,8 +511,11 @@ def _cleanup(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def run_config(cfg: RunConfig, ctx: Context) -> dict:
-    """Train one configuration and measure it; an OOM or error becomes the row's status."""
+def run_config(cfg: RunConfig, ctx: Context, timeout: float) -> dict:
+    """Train one configuration (at most ``timeout`` seconds of training) and measure it.
+
+    An OOM or an error becomes the row's status instead of ending the benchmark.
+    """
     a = ctx.args
     total = a.warmup + a.steps
     row = {"config": cfg.name, "trainer": cfg.trainer, "layout": cfg.layout, "batch": cfg.batch,
@@ -529,7 +532,7 @@ def run_config(cfg: RunConfig, ctx: Context) -> dict:
             return row
     started = time.perf_counter()
     _cleanup(ctx.device)
-    timer = make_timer(ctx.device, cfg.name, total, a.config_timeout)
+    timer = make_timer(ctx.device, cfg.name, total, timeout)
     trainer = meter = None
     try:
         trainer, meter = (run_ours if cfg.trainer == "ours" else run_trl)(cfg, ctx, timer)
@@ -559,7 +562,7 @@ def _measure(row: dict, timer, meter: Meter, ctx: Context, cfg: RunConfig) -> No
     done = max(timer.times) if timer.times else 0
     first, last = min(a.warmup, done), done
     if timer.stopped_early:
-        row["note"] = f"stopped by --config_timeout after {done} steps"
+        row["note"] = f"stopped by the time limit after {done} steps"
     if last <= first or first not in timer.times:
         row["status"] = row["status"] if row["status"] != "ok" else "no timed steps"
         return
@@ -696,7 +699,7 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tune_mm_vision", type=_bool, default=False)
     p.add_argument("--learning_rate", type=float, default=1e-5)
     p.add_argument("--optim", default=None, help="both trainers (default: our trainer's default)")
-    p.add_argument("--num_workers", type=int, default=4, help="dataloader workers, both trainers")
+    p.add_argument("--num_workers", type=int, default=8, help="dataloader workers, both trainers")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                    help="both trainers (default: bf16 on cuda; fp32 on cpu, where bf16 matmuls crawl)")
@@ -705,7 +708,8 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config_timeout", type=float, default=150.0,
                    help="seconds of training after which a configuration stops and reports the steps it timed")
     p.add_argument("--time_budget", type=float, default=540.0,
-                   help="seconds after which no further configuration starts (rows say 'skipped')")
+                   help="wall-clock budget of the whole run: each configuration's training is cut to fit it, "
+                        "and one that cannot get 30 s is skipped (its row says so)")
     args = p.parse_args(argv)
     if args.model is None and args.model_dir is None:
         args.model = "3b"
@@ -805,12 +809,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if isinstance(cfg, str):
             rows.append({"config": cfg.split(":")[0], "status": "error", "error": cfg})
             continue
-        if time.perf_counter() - t0 > args.time_budget:
+        # Model building, data-loader start-up and clean-up take up to about a minute besides training.
+        timeout = min(args.config_timeout, args.time_budget - (time.perf_counter() - t0) - SETUP_SECONDS)
+        if timeout < 30:
             rows.append({"config": cfg.name, "trainer": cfg.trainer, "status": f"skipped: --time_budget "
                          f"{args.time_budget:.0f} s used up", "batch": cfg.batch, "accumulation": cfg.accumulation})
             continue
         say(f"{cfg.name}: {cfg.trainer}, {cfg.layout}, batch {cfg.batch} x accumulation {cfg.accumulation}")
-        row = run_config(cfg, ctx)
+        row = run_config(cfg, ctx, timeout)
         rows.append(row)
         say(f"{cfg.name}: {row['status']}" + (f", {row['samples_per_s']} samples/s, {row['step_s']} s/step"
                                                if "samples_per_s" in row else ""))

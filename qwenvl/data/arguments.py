@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 class DataArguments:
     dataset_use: str = field(
         default="",
-        metadata={"help": "Comma list of dataset names from the dictionary, each with an optional %rate: "
-                          "'a%50,b%250,c' (50%% subsample, 2.5x repeat, the entry's own rate)."})
+        metadata={"help": "Comma list of dataset names from the dictionary, each with an optional %%rate: "
+                          "'a%%50,b%%250,c' (50%% subsample, 2.5x repeat, the entry's own rate)."})
     dataset_dictionary: str | None = field(
         default=None,
         metadata={"help": "Path to a dataset_dictionary.json (default: the one at the repository root)."})

@@ -9,9 +9,10 @@ produce (``input_ids`` length, visual tokens, vision-tower patches) from the med
   ``get_number_of_image_patches`` (its resize rule and pixel bounds);
 * videos: frame count, frame rate and frame size from the decoder used for training,
   which decodes one frame; the frames sampled and their size come from
-  ``qwenvl.data.video`` (the rules ``load_video`` applies), the grid from the video
-  processor's ``get_num_of_video_patches``;
-* text: the family's chat template, with each placeholder replaced by the processor's
+  ``qwenvl.data.video`` (the rules ``load_video`` applies); the processor does not
+  resize them again, so the grid is the frame size over the patch size;
+* text: ``prompt.chat_text`` (the family's chat template, as the renderer builds it),
+  with each placeholder replaced by the processor's
   own ``replace_image_token`` / ``replace_video_token`` (Qwen3-VL writes a
   ``<t seconds>`` label per video frame there) and ``get_text_with_replacements``,
   then tokenized.  Tokenizing the whole expanded text, not pieces, keeps BPE merges
@@ -29,8 +30,9 @@ the meta file).  It lives next to the annotation file as
 ``$XDG_CACHE_HOME/qwenvl/lengths`` (default ``~/.cache``) when that folder is not
 writable.  ``key`` hashes the annotation file's size and mtime, the dataset's
 data_path, the processor (family, tokenizer, chat template, pixel bounds, patch and
-merge sizes) and the video settings: a cache that no longer matches is never found,
-so it is rebuilt.  ``model_max_length`` is *not* part of the key: the rows stay valid
+merge sizes), the video settings, and the code that decides lengths (transformers'
+version and the source of the rendering modules): a cache that no longer matches is
+never found, so it is rebuilt.  ``model_max_length`` is *not* part of the key: the rows stay valid
 for every budget, and the few records above a given budget are recounted exactly
 (shrunk, or marked bad) when the table is loaded for it.
 """
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import multiprocessing as mp
@@ -55,14 +58,16 @@ from .errors import DataError, where
 from .formats import Conversation, to_conversation, to_conversations
 from .media import is_url
 from .registry import DatasetSpec
-from .render import SampleRenderer, SampleTooLong, SpecialTokens, _template_messages, assistant_labels
+from .prompt import chat_text, template_messages
+from .render import SampleRenderer, SampleTooLong, SpecialTokens, assistant_labels
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "SampleLength", "MediaError", "TokenCounter", "count_tokens", "image_size", "VideoProbe", "probe_video",
-    "TOKENS", "VISUAL", "PATCHES", "BAD", "LengthTable", "lengths_key", "load_lengths", "save_lengths",
-    "build_lengths", "load_or_build_lengths", "dataset_lengths", "parallel_chunks", "measure_record",
+    "TOKENS", "VISUAL", "PATCHES", "BAD", "LengthTable", "lengths_key", "counter_settings", "load_lengths",
+    "save_lengths", "build_lengths", "fit_to_max_length", "lengths_for", "load_or_build_lengths",
+    "dataset_lengths", "parallel_chunks", "chunk_ranges", "conversation_of", "measure_record",
 ]
 
 LENGTHS_VERSION = 1
@@ -117,7 +122,6 @@ def image_size(ref: Any, origin: str | None = None, verify: bool = False) -> tup
     try:
         if is_url(ref) and not ref.startswith("file://"):
             import fsspec
-            import io
             with fsspec.open(ref, "rb") as f:
                 image = Image.open(io.BytesIO(f.read()))
         else:
@@ -230,7 +234,7 @@ class TokenCounter:
 
     def media(self, conversation: Conversation) -> tuple[list, list]:
         """The image sizes and planned videos of a conversation (reads headers, one frame per video)."""
-        _, image_refs, video_refs = _template_messages(conversation)
+        _, image_refs, video_refs = template_messages(conversation)
         images = [image_size(ref, conversation.origin) for ref in image_refs]
         if video_refs and self.video_settings is None:
             raise ValueError("counting a video needs the video settings (video_settings_from(data_args, processor))")
@@ -240,60 +244,67 @@ class TokenCounter:
             videos.append((probe, self._video_plan(probe)))
         return images, videos
 
-    # -- text ------------------------------------------------------------------------
-    def _image_patches(self, height: int, width: int, scale: float) -> int:
+    # -- sizes at a scale ------------------------------------------------------------
+    # These mirror SampleRenderer._process / _video_inputs: at ``scale`` < 1 every image
+    # is bounded by ``scale`` times the largest image's full-resolution pixels, and the
+    # frames of every video are refitted by the video module to ``scale`` times theirs.
+    def _image_patches(self, height: int, width: int, scale: float, image_pixels: int) -> int:
         image = self.processor.image_processor
         kwargs = {}
-        if scale < 1.0:  # the renderer's shrunk size bounds (SampleRenderer._process)
-            low, high = image.size["shortest_edge"], image.size["longest_edge"]
-            kwargs = {"min_pixels": low, "max_pixels": max(low, int(high * scale))}
+        if scale < 1.0:
+            low = image.size["shortest_edge"]
+            kwargs = {"min_pixels": low, "max_pixels": max(low, int(image_pixels * scale))}
         return int(image.get_number_of_image_patches(height, width, kwargs))
 
-    def _video_patches(self, frames: int, height: int, width: int, scale: float) -> int:
-        video = self.processor.video_processor
-        kwargs = {}
-        if scale < 1.0:
-            low, high = video.size["shortest_edge"], video.size["longest_edge"]
-            kwargs = {"size": {"shortest_edge": low, "longest_edge": max(low, int(high * scale))}}
-        return int(video.get_num_of_video_patches(frames, height, width, kwargs))
+    def _video_size(self, frames: int, height: int, width: int, scale: float) -> tuple[int, int]:
+        if scale >= 1.0:
+            return height, width
+        from .video import frame_size
 
-    def _expand(self, text: str, images: list, videos: list, scale: float) -> tuple[str, int]:
-        """The prompt with placeholders expanded by the processor's own code; and the patch count."""
+        settings = self.video_settings
+        smaller = max(settings.min_pixels or 0, int(width * height * scale))
+        return frame_size(height, width, frames, dataclasses.replace(settings, max_pixels=smaller))
+
+    def _expand(self, text: str, images: list, videos: list, scale: float, image_pixels: int) -> tuple[str, list, int]:
+        """The prompt with placeholders expanded by the processor's own code, the patches of
+        each image, and the patches of all videos."""
         from .video import SampledVideoMetadata
 
         processor = self.processor
-        image_repl, video_repl, patches = [], [], 0
-        if images:
-            counts = [self._image_patches(h, w, scale) for h, w in images]
-            patches += sum(counts)
+        image_repl, video_repl, video_patches = [], [], 0
+        counts = [self._image_patches(h, w, scale, image_pixels) for h, w in images]
+        if counts:
             # Only the product of a grid matters to the replacement; (1, n, 1) keeps it.
             grids = {"image_grid_thw": np.array([[1, n, 1] for n in counts], dtype=np.int64)}
             image_repl = [processor.replace_image_token(grids, image_idx=i) for i in range(len(counts))]
         if videos:
-            temporal = processor.video_processor.temporal_patch_size
+            video = processor.video_processor
             rows, metadata = [], []
             for probe, (frames, height, width, indices) in videos:
-                n = self._video_patches(frames, height, width, scale)
-                patches += n
-                grid_t = -(-frames // temporal)
-                rows.append([grid_t, n // grid_t, 1])  # Qwen3-VL reads grid_t and the per-frame product
+                # The processor is told not to resize (PROCESSOR_VIDEO_KWARGS): the grid is the frame size.
+                height, width = self._video_size(frames, height, width, scale)
+                grid_t = -(-frames // video.temporal_patch_size)
+                rows.append([grid_t, height // video.patch_size, width // video.patch_size])
+                video_patches += grid_t * (height // video.patch_size) * (width // video.patch_size)
                 metadata.append(SampledVideoMetadata(
                     total_num_frames=probe.total_frames, fps=probe.fps, width=width, height=height,
                     duration=probe.total_frames / probe.fps, frames_indices=list(indices)))
             grids = {"video_grid_thw": np.array(rows, dtype=np.int64), "video_metadata": metadata}
             video_repl = [processor.replace_video_token(grids, video_idx=i) for i in range(len(rows))]
         expanded, _ = processor.get_text_with_replacements([text], image_repl, video_repl)
-        return expanded[0], patches
+        return expanded[0], counts, video_patches
 
     def count(self, conversation: Conversation, media: tuple[list, list] | None = None) -> SampleLength:
         """The sample's length; ``media`` (from ``self.media``) skips re-reading the headers."""
-        messages, _, _ = _template_messages(conversation)
-        text = self.processor.apply_chat_template(messages, tokenize=False)
+        text, _, _ = chat_text(self.processor, conversation)
         images, videos = media if media is not None else self.media(conversation)
-        scale, max_length = 1.0, self.model_max_length
-        # Replays SampleRenderer.render's loop on the same numbers, so the result is its result.
+        scale, image_pixels, max_length = 1.0, 0, self.model_max_length
+        # Replays SampleRenderer.encode's loop on the same numbers, so the result is its result.
         for _attempt in range(SampleRenderer.SHRINK_ATTEMPTS + 1):
-            expanded, patches = self._expand(text, images, videos, scale)
+            expanded, image_patches, video_patches = self._expand(text, images, videos, scale, image_pixels)
+            if scale == 1.0 and image_patches:
+                patch = self.processor.image_processor.patch_size
+                image_pixels = max(image_patches) * patch * patch
             ids = self.processor.tokenizer(expanded, add_special_tokens=False)["input_ids"]
             ids = np.asarray(ids, dtype=np.int64)
             length = int(ids.size)
@@ -315,7 +326,7 @@ class TokenCounter:
         if not (assistant_labels(torch.from_numpy(ids), self.tokens) != -100).any():
             raise DataError(f"{conversation.origin}: no assistant reply left to train on (the conversation needs "
                             f"at least one assistant/gpt turn with text).")
-        return SampleLength(length, length - visual, visual, patches, scale)
+        return SampleLength(length, length - visual, visual, sum(image_patches) + video_patches, scale)
 
     def __call__(self, conversation: Conversation | list[Conversation]) -> SampleLength:
         if isinstance(conversation, list):  # a packed record: its samples side by side
@@ -398,11 +409,16 @@ def conversation_of(source, spec: DatasetSpec, index: int):
 
 
 def measure_record(source, spec: DatasetSpec, index: int, counter: TokenCounter) -> tuple[tuple | None, str | None]:
-    """``((tokens, visual, patches), None)`` for a good record, ``(None, reason)`` for a bad one."""
+    """``((tokens, visual, patches), None)`` for a good record, ``(None, reason)`` for a bad one.
+
+    Any exception marks the record bad, not only ``DataError``: a record that makes the
+    processor itself fail (say, an image of 1 x 500 pixels) would stop training when
+    rendered, and is better left out by the samplers, with its reason, than found then.
+    """
     try:
         return counter(conversation_of(source, spec, index)).row(), None
-    except DataError as e:
-        reason = str(e)
+    except Exception as e:
+        reason = str(e) if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
         at = where(spec.name, spec.annotation_path, index)
         return None, reason if at in reason or spec.annotation_path in reason else f"{at}: {reason}"
 
@@ -487,11 +503,31 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
+_CODE_HASH: list[str] = []
+# The modules whose rules decide a sample's tokens: when any of them changes (an upgrade),
+# cached lengths may be wrong, so their source is part of the key.
+_RULE_MODULES = ("lengths.py", "render.py", "prompt.py", "formats.py", "media.py", "video.py")
+
+
+def _code_hash() -> str:
+    if not _CODE_HASH:
+        import transformers
+        digest = hashlib.sha256(transformers.__version__.encode())
+        for name in _RULE_MODULES:
+            try:
+                digest.update((Path(__file__).parent / name).read_bytes())
+            except OSError:
+                digest.update(name.encode())
+        _CODE_HASH.append(digest.hexdigest()[:16])
+    return _CODE_HASH[0]
+
+
 def counter_settings(counter: TokenCounter) -> dict:
     """Everything about the counter that changes a record's length (the cache key's settings part)."""
     processor = counter.processor
     image = processor.image_processor
     settings = {
+        "code": _code_hash(),  # transformers' version and our rendering rules
         "processor": type(processor).__name__,
         "tokenizer": [type(processor.tokenizer).__name__, len(processor.tokenizer), _tokenizer_hash(processor.tokenizer)],
         "chat_template": hashlib.sha256(str(getattr(processor, "chat_template", "")).encode()).hexdigest()[:16],

@@ -9,7 +9,38 @@ nothing to build, even for a 72B config.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+
+@contextlib.contextmanager
+def _unpartitioned_construction():
+    """Build models whole even when a ZeRO-3 config is registered.
+
+    ``--deepspeed zero3.json`` registers its config globally, and transformers then
+    builds every model partitioned (``deepspeed.zero.Init``), which cannot work on the
+    ``meta`` device.  The helper model here holds no weights, so it opts out.
+    """
+    try:
+        from transformers.integrations.deepspeed import (
+            is_deepspeed_zero3_enabled, set_hf_deepspeed_config, unset_hf_deepspeed_config)
+    except ImportError:  # transformers without the DeepSpeed integration
+        yield
+        return
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    import transformers.integrations.deepspeed as hf_deepspeed
+
+    weak = hf_deepspeed._hf_deepspeed_config_weak_ref
+    config = weak() if weak is not None else None
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if config is not None:
+            set_hf_deepspeed_config(config)
 
 
 class RopeIndex:
@@ -19,7 +50,7 @@ class RopeIndex:
         from transformers import AutoModel
 
         self.config = config
-        with torch.device("meta"):
+        with _unpartitioned_construction(), torch.device("meta"):
             self._model = AutoModel.from_config(config)
         self.family = config.model_type
 

@@ -7,8 +7,10 @@ they yield is the list of dataset indices of one micro-batch.  Both are:
   calls it), with the same global list of batches on every rank;
 * sharded by index: rank ``r`` of ``W`` takes global batches ``r, r + W, ...``.
   With ``rank=None`` the sampler yields every global batch, in that order, for a
-  wrapper that shards them itself (accelerate's ``BatchSamplerShard`` hands batch
-  ``i`` to process ``i % W``, which is the same split);
+  wrapper that shards them itself: accelerate's ``BatchSamplerShard`` (what
+  ``accelerator.prepare`` wraps a DataLoader's batch sampler in) hands batch ``i`` to
+  process ``i % W``, the same split (tested).  The samplers have no ``batch_size``
+  attribute, so accelerate treats their batches as variable-sized;
 * exact: every usable item appears exactly once per epoch over all ranks.  The
   number of global batches is made a multiple of ``W`` (all ranks take the same
   number of steps, or DDP would hang) by splitting the batches with the most items
@@ -183,7 +185,9 @@ class LengthGroupedBatchSampler(_RankShardedBatchSampler):
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         table = _as_table(lengths)
         self.tokens = table[:, TOKENS]
-        self.batch_size, self.megabatch_mult = int(batch_size), max(1, int(megabatch_mult))
+        # Not named ``batch_size``: accelerate's BatchSamplerShard treats a sampler with that
+        # attribute as yielding fixed-size batches, and ours are not (halves, leftovers).
+        self.micro_batch_size, self.megabatch_mult = int(batch_size), max(1, int(megabatch_mult))
         self.items = np.flatnonzero(self.tokens > 0)
         self.bad = np.flatnonzero(self.tokens <= 0)
         multimodal = table[:, VISUAL] > 0 if is_multimodal is None else np.asarray(is_multimodal, dtype=bool)
@@ -195,13 +199,14 @@ class LengthGroupedBatchSampler(_RankShardedBatchSampler):
     def _group_batches(self, items: np.ndarray, rng: np.random.Generator) -> tuple[list[list[int]], list[int]]:
         """Full batches of one group, and the leftover items (fewer than a batch)."""
         items = items[rng.permutation(items.size)]
-        mega = self.batch_size * self.world_size * self.megabatch_mult
+        mega = self.micro_batch_size * self.world_size * self.megabatch_mult
         batches: list[list[int]] = []
         for start in range(0, items.size, mega):
             chunk = items[start:start + mega]
             chunk = chunk[np.argsort(-self.tokens[chunk], kind="stable")].tolist()
-            batches.extend(chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
-        leftover = batches.pop() if batches and len(batches[-1]) < self.batch_size else []
+            size = self.micro_batch_size
+            batches.extend(chunk[i:i + size] for i in range(0, len(chunk), size))
+        leftover = batches.pop() if batches and len(batches[-1]) < self.micro_batch_size else []
         return batches, leftover
 
     def _build(self, epoch: int) -> list[list[int]]:
@@ -212,7 +217,8 @@ class LengthGroupedBatchSampler(_RankShardedBatchSampler):
             batches.extend(full)
             leftovers.extend(rest)
         # Leftovers stay in group order, so at most one batch mixes the two groups.
-        batches.extend(leftovers[i:i + self.batch_size] for i in range(0, len(leftovers), self.batch_size))
+        size = self.micro_batch_size
+        batches.extend(leftovers[i:i + size] for i in range(0, len(leftovers), size))
         if not batches:
             return []
         batches = balance_for_ranks(batches, self.world_size)

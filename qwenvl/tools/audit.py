@@ -51,7 +51,8 @@ from qwenvl.data.formats import Conversation
 from qwenvl.data.lengths import (LengthTable, MediaError, TokenCounter, chunk_ranges, conversation_of,
                                  image_size, parallel_chunks, probe_video, save_lengths)
 from qwenvl.data.registry import DatasetSpec, load_dictionary, parse_dataset_use
-from qwenvl.data.render import SampleTooLong, _template_messages
+from qwenvl.data.prompt import template_messages
+from qwenvl.data.render import SampleTooLong
 from qwenvl.data.sources import open_annotations
 
 KINDS = ("invalid_json", "malformed", "tag_mismatch", "no_assistant", "missing_media", "bad_image", "bad_video",
@@ -104,7 +105,7 @@ def _check_media(conversation: Conversation, video_settings, verify: bool) -> No
     """Image headers (every pixel with ``verify``); videos probed (every sampled frame decoded with ``verify``)."""
     from qwenvl.data.video import load_video
 
-    _, images, videos = _template_messages(conversation)
+    _, images, videos = template_messages(conversation)
     for ref in images:
         image_size(ref, conversation.origin, verify=verify)
     for ref in videos:

@@ -90,6 +90,11 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "Module names (last name component) inside the language model that get adapters. "
                           "Default: q,k,v,o,gate,up,down_proj (the official code used q,k,v,o only). On "
                           "Qwen3-VL-MoE the experts are not Linear layers, so only attention gets adapters."})
+    loss_kernel: str = field(
+        default="auto",
+        metadata={"help": "How the training loss is computed: 'fused' never materialises the logits (Liger's "
+                          "fused kernel on CUDA when liger-kernel is installed, else a chunked one); 'model' is the "
+                          "released forward's loss; 'auto' = fused except under ZeRO-3 (lm_head is partitioned)."})
     warmup_ratio: float | None = field(
         default=None,
         metadata={"help": "Official-script flag, gone from transformers 5: sets --warmup_steps to this "
@@ -178,6 +183,19 @@ def _deepspeed_problem(value) -> str | None:
     return None
 
 
+def _zero_stage(value) -> int | None:
+    """The ZeRO stage of a --deepspeed file or dict, None when absent or unreadable."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(Path(value).read_text())
+        except (OSError, ValueError):
+            return None
+    if isinstance(value, dict):
+        stage = value.get("zero_optimization", {}).get("stage")
+        return int(stage) if isinstance(stage, (int, str)) and str(stage).isdigit() else None
+    return None
+
+
 def _cross_checks(v: dict) -> list[str]:
     """Problems of flag combinations, read from the raw values (so they show even if a dataclass failed)."""
     problems = []
@@ -214,6 +232,12 @@ def _cross_checks(v: dict) -> list[str]:
             problems.append("--lora_target_modules is empty: name at least one module, e.g. q_proj v_proj.")
     if int(v.get("model_max_length", 1)) <= 0:
         problems.append(f"--model_max_length must be positive, got {v.get('model_max_length')}.")
+    kernel = v.get("loss_kernel", "auto")
+    if kernel not in ("auto", "fused", "model"):
+        problems.append(f"--loss_kernel must be auto, fused or model, not {kernel!r}.")
+    elif kernel == "fused" and _zero_stage(v.get("deepspeed")) == 3:
+        problems.append("--loss_kernel fused cannot run under ZeRO-3 (lm_head's weight is partitioned outside "
+                        "its own forward): use --loss_kernel auto or model, or ZeRO-2.")
     attn = v.get("attn_implementation")
     if attn == "flash_attention_2" and not flash_attn_available():
         problems.append("--attn_implementation flash_attention_2 needs the flash_attn package and a CUDA GPU; "
@@ -266,7 +290,10 @@ def parse_args(argv: list[str] | None = None) -> ParsedArgs:
     if extra:
         problems.append(f"unrecognised argument(s): {' '.join(extra)}. See --help for the flags.")
     values = _normalise(vars(namespace))
-    problems += _cross_checks(values)
+    try:
+        problems += _cross_checks(values)
+    except (TypeError, ValueError) as err:  # a run file value of the wrong type (e.g. lora_r: null)
+        problems.append(f"a flag value has the wrong type: {err}")
 
     built = []
     for dtype in (ModelArguments, DataArguments, TrainingArguments):
@@ -282,6 +309,8 @@ def parse_args(argv: list[str] | None = None) -> ParsedArgs:
             problems += [line for line in lines if line.strip()] or [f"{dtype.__name__}: {err!r}"]
             built.append(None)
     # The same problem can surface from a cross check and a dataclass: report it once.
+    if values.get("bf16") and values.get("fp16"):
+        problems = [p for p in problems if "fp16 and bf16 can be True" not in p]
     problems = list(dict.fromkeys(problems))
     if problems:
         raise ConfigError(problems)

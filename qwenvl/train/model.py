@@ -20,7 +20,7 @@ import re
 
 import torch
 
-from .arguments import ConfigError, flash_attn_available
+from .arguments import ConfigError
 
 SUPPORTED_MODEL_TYPES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
@@ -71,10 +71,11 @@ def model_class_for(model_type: str):
 
 
 def resolve_attn_implementation(requested: str | None) -> str:
-    """``requested`` if given; else flash_attention_2 when it can run here, else sdpa."""
-    if requested:
-        return requested
-    return "flash_attention_2" if flash_attn_available() else "sdpa"
+    """``requested`` if given; else flash_attention_2 when flash-attn can run here; else, on a
+    CUDA GPU, PyTorch's own variable-length kernel (``flash_varlen_torch``); else sdpa."""
+    from .attention import choose_attn_implementation
+
+    return choose_attn_implementation(requested, device_is_cuda=torch.cuda.is_available())
 
 
 def load_dtype(training_args) -> torch.dtype:
@@ -92,16 +93,41 @@ def load_dtype(training_args) -> torch.dtype:
     return torch.float32
 
 
+def _zero3(training_args) -> bool:
+    config = getattr(training_args, "hf_deepspeed_config", None)
+    return bool(config is not None and config.is_zero3())
+
+
 def load_model(model_args, training_args):
-    """Load the checkpoint with the class its config names and the chosen attention kernel."""
+    """Load the checkpoint with the class its config names and the chosen attention kernel.
+
+    With ``--loss_kernel`` fused (or auto outside ZeRO-3), and when the vision tower must
+    run on batches without images (ZeRO-3, or DDP with a trainable tower or merger), the
+    class is the family's training subclass from ``fused_loss.py``.
+    Our registered varlen kernel cannot be named to ``from_pretrained`` (transformers
+    only accepts "flash" names it can import), so the model loads with sdpa and then
+    switches to it.
+    """
+    from .attention import apply_attn_implementation, loadable_attn_implementation
+    from .fused_loss import use_fused_loss, vision_sync_for, with_training_forward
+
     path = model_args.model_name_or_path
     cls = model_class_for(model_type_of(path, training_args.cache_dir))
-    return cls.from_pretrained(
+    zero3 = _zero3(training_args)
+    fused = use_fused_loss(getattr(training_args, "loss_kernel", "model"), zero3)
+    sync = vision_sync_for(zero3, distributed=training_args.world_size > 1,
+                           visual_trainable=bool(model_args.tune_mm_vision or model_args.tune_mm_mlp))
+    if fused or sync:
+        cls = with_training_forward(cls, fused_loss=fused, vision_sync=sync)
+    attention = resolve_attn_implementation(model_args.attn_implementation)
+    model = cls.from_pretrained(
         path,
         cache_dir=training_args.cache_dir,
-        attn_implementation=resolve_attn_implementation(model_args.attn_implementation),
+        attn_implementation=loadable_attn_implementation(attention),
         dtype=load_dtype(training_args),
     )
+    apply_attn_implementation(model, attention)
+    return model
 
 
 def apply_tuning(model, model_args) -> None:
@@ -176,7 +202,12 @@ def prepare_model(model, model_args, training_args):
         for param in model.parameters():
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
-    # No KV cache while training (set back before the final save, for inference).
+    if training_args.gradient_checkpointing and not model.get_input_embeddings().weight.requires_grad:
+        # With frozen embeddings nothing entering a checkpointed layer needs a gradient, and
+        # reentrant checkpointing would then skip the layer's backward; transformers 5.23
+        # does this too when it turns checkpointing on, earlier 5.x releases may not.
+        model.enable_input_require_grads()
+    # No KV cache while training (the trainer saves configs with it on, for inference).
     set_use_cache(model, False)
     return model
 

@@ -15,7 +15,6 @@ a non-zero exit status, without a traceback.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -52,8 +51,11 @@ def write_loss_curve(log_history: list[dict], path: str) -> bool:
     if not train and not evals:
         return False
     # The object API with the Agg canvas: no pyplot, no global backend switch, no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:  # an optional extra (pip install matplotlib); the run itself is saved already
+        return False
 
     fig = Figure(figsize=(7, 4), dpi=100)
     FigureCanvasAgg(fig)
@@ -90,34 +92,13 @@ def _summary(trainer, output_dir: str, lora: bool) -> str:
     return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def _no_zero3_init(training_args):
-    """Suspend ZeRO-3's partitioned construction of models while the data side is built.
-
-    Parsing ``--deepspeed zero3.json`` registers the config globally so that
-    ``from_pretrained`` builds the model partitioned; the data side's helper model
-    (mRoPE positions, built on the meta device) must not be partitioned.
-    """
-    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-    config = getattr(training_args, "hf_deepspeed_config", None)
-    if config is None:
-        yield
-        return
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        set_hf_deepspeed_config(config)
-
-
 def _train(argv):
     import transformers
     from transformers import AutoConfig, AutoProcessor
     from transformers.trainer_utils import get_last_checkpoint
 
     from qwenvl.data.dataset import make_supervised_data_module
-    from qwenvl.train.model import load_model, model_class_for, parameter_table, prepare_model, set_use_cache
+    from qwenvl.train.model import load_model, model_class_for, parameter_table, prepare_model
     from qwenvl.train.trainer import QwenVLTrainer
 
     model_args, data_args, training_args, explicit = parse_args(argv)
@@ -133,10 +114,9 @@ def _train(argv):
     config = AutoConfig.from_pretrained(path, cache_dir=training_args.cache_dir)
     model_class_for(config.model_type)  # an unsupported family fails here, before any data work
     processor = AutoProcessor.from_pretrained(path, cache_dir=training_args.cache_dir)
-    with _no_zero3_init(training_args):
-        data_module = make_supervised_data_module(
-            processor, data_args, model_config=config, model_max_length=training_args.model_max_length,
-            seed=training_args.seed, output_dir=output_dir)
+    data_module = make_supervised_data_module(
+        processor, data_args, model_config=config, model_max_length=training_args.model_max_length,
+        seed=training_args.seed, output_dir=output_dir)
 
     model = prepare_model(load_model(model_args, training_args), model_args, training_args)
     if main:
@@ -151,8 +131,7 @@ def _train(argv):
         print(f"resuming from {checkpoint}", flush=True)
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_state()
-    set_use_cache(trainer.accelerator.unwrap_model(trainer.model), True)
-    trainer.save_model(output_dir)
+    trainer.save_model(output_dir)  # with the processor, and use_cache=True in the saved config
     if main:
         print(_summary(trainer, output_dir, training_args.lora_enable), flush=True)
     return output_dir

@@ -32,6 +32,11 @@ IGNORE_INDEX = -100
 class QwenVLTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # The released models declare accepts_loss_kwargs=False, so the Trainer would average
+        # the micro-batches' mean losses. Passing the step's count of trained tokens instead
+        # makes every optimizer step the per-token mean over all its samples, however they are
+        # grouped into micro-batches (padded, flattened, token budget) or spread over ranks.
+        self.model_accepts_loss_kwargs = True
         config = self.accelerator.unwrap_model(self.model).config
         # Visual placeholder ids by name from the model config, never literals.
         self._visual_ids = [i for i in (getattr(config, "image_token_id", None),
@@ -82,6 +87,7 @@ class QwenVLTrainer(Trainer):
     # ---- logging ----
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step, counting the batch's real and visual tokens first (for the throughput log)."""
         ids = inputs.get("input_ids")
         if ids is not None:
             mask = inputs.get("attention_mask")
@@ -118,6 +124,7 @@ class QwenVLTrainer(Trainer):
         return rates
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add per-group rates, token throughput and the dataset's metrics to each training log."""
         if "loss" in logs:  # a training log (not eval, not the end-of-training summary)
             logs.update(self._step_rates or self._group_learning_rates())
             logs.update(self._throughput())

@@ -66,6 +66,7 @@ def big_media(tmp_path):
     """Large images (that must shrink under a small max length), a long text, a frame-list video."""
     Image.new("RGB", (640, 480), (10, 20, 30)).save(tmp_path / "wide.png")
     Image.new("RGB", (300, 900), (200, 20, 30)).save(tmp_path / "tall.jpg")
+    Image.new("RGB", (200, 150), (20, 200, 30)).save(tmp_path / "small.png")  # below --max_pixels
     frames = tmp_path / "frames"
     frames.mkdir()
     for k in range(6):
@@ -76,6 +77,7 @@ def big_media(tmp_path):
         return {**media, "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]}
     records = [rec({"image": "wide.png"}, "<image>Describe."),
                rec({"image": ["wide.png", "tall.jpg"]}, "<image><image>" + "Compare them " * 3),
+               rec({"image": "small.png"}, "<image>" + "Describe it in detail. " * 6),
                rec({"video": "clip.mp4"}, "<video>" + "What moves? " * 4),
                rec({"video": "frames"}, "<video>Frames."),
                rec({}, "word " * 300)]
@@ -87,13 +89,13 @@ def big_media(tmp_path):
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_counts_follow_the_renderers_shrink_and_drop(family, tiny_model_dir, big_media):
     model = tiny_model_dir(family)
-    for max_length in (None, 120):
+    for max_length in (None, 60):
         module, _ = _module(model, max_length, dataset_use="big", dataset_dictionary=str(big_media / "dict.json"),
                             max_pixels=28 * 28 * 300, min_pixels=28 * 28 * 4, video_max_pixels=28 * 28 * 64,
                             video_min_pixels=28 * 28 * 2)
         dataset = module["train_dataset"]
         counter = L.TokenCounter.for_renderer(dataset.renderer)
-        scaled = 0
+        scaled, dropped = set(), 0
         for i in range(len(dataset)):
             conversation = dataset.conversations(i)
             try:
@@ -101,12 +103,16 @@ def test_counts_follow_the_renderers_shrink_and_drop(family, tiny_model_dir, big
             except SampleTooLong:
                 with pytest.raises(SampleTooLong):
                     counter(conversation)
+                dropped += 1
                 continue
             counted = counter(conversation)
             assert counted.row() == rendered, (max_length, dataset.origin(i))
-            scaled += counted.scale < 1
+            if counted.scale < 1:
+                scaled.add(int(dataset.mixture[i][1]))
         if max_length:
-            assert scaled >= 2  # images and videos were re-rendered smaller, and counted so
+            # The image samples (the one below --max_pixels too) and the mp4 video were
+            # re-rendered smaller, and counted so; the long text was dropped by both.
+            assert scaled >= {0, 1, 2, 3} and dropped == 1
 
 
 def test_image_size_reads_headers_only(tmp_path, monkeypatch):

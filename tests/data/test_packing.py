@@ -213,6 +213,21 @@ def test_length_grouping_separates_modalities_and_groups_lengths(world_size):
     assert list(again) != per_rank[0]
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_global_samplers_shard_like_accelerate(world_size):
+    """With rank=None, accelerate's BatchSamplerShard gives each process what rank=r would yield."""
+    accelerate = pytest.importorskip("accelerate.data_loader")
+    table = _table(301, seed=5)
+    for make in (lambda rank: OnlinePackingBatchSampler(table, 1000, seed=1, world_size=world_size, rank=rank),
+                 lambda rank: LengthGroupedBatchSampler(table, 4, seed=1, world_size=world_size, rank=rank,
+                                                        group_by_modality=True)):
+        everything = make(None)
+        for rank in range(world_size):
+            shard = accelerate.BatchSamplerShard(everything, num_processes=world_size, process_index=rank,
+                                                 split_batches=False, even_batches=True)
+            assert list(shard) == list(make(rank)) and len(shard) == len(make(rank))
+
+
 def test_make_train_sampler_follows_the_arguments_and_the_policy():
     table = _table(30)
 

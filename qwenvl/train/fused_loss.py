@@ -1,0 +1,122 @@
+"""A subclass of each family's model with two training-time behaviours.
+
+1. **Fused loss.**  The released forward computes ``lm_head`` over every position
+   (B x L x 151936 floats, several GiB at 16k tokens) and only then the loss.  Here,
+   when training with labels, the base model runs, then ``causal_lm_loss`` on the final
+   hidden states (Liger's fused kernel on CUDA when installed, our chunked one
+   otherwise): the logits are never materialised.
+2. **Vision tower always runs.**  A micro-batch without images still has to use the
+   vision tower when (a) it has trainable parameters under DDP (every parameter must
+   get a gradient, or DDP's reducer errors out) or (b) ZeRO-3 partitions it (every rank
+   must gather the same modules in the same order, or the ranks hang).  A dummy input of
+   one merged token runs through it and enters the loss multiplied by zero.
+
+``with_training_forward(cls, ...)`` returns a subclass of ``cls`` that keeps the
+parent's class name, so checkpoints list the released architecture and load without
+this package.  Generation, eval without labels and saving are the parent's.  This is
+subclassing, not patching: transformers' own classes are left untouched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.utils import ModelOutput
+
+from .loss import causal_lm_loss
+
+
+@dataclass
+class FusedLossOutput(ModelOutput):
+    """The training output of the fused path: a loss and no logits."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+def _dummy_visual_input(visual_config, like: torch.Tensor, temporal: int = 1):
+    """Pixels and grid of the smallest input the vision tower accepts: one merged token
+    (``merge x merge`` patches of ``temporal`` frames' patch size)."""
+    merge = visual_config.spatial_merge_size
+    patch, t_patch = visual_config.patch_size, visual_config.temporal_patch_size
+    channels = getattr(visual_config, "in_channels", getattr(visual_config, "in_chans", 3))
+    pixels = torch.zeros(merge * merge * temporal, channels * t_patch * patch * patch, dtype=like.dtype,
+                         device=like.device)
+    grid = torch.tensor([[temporal, merge, merge]], device=like.device)
+    return pixels, grid
+
+
+class _TrainingForward:
+    fused_loss: bool = False
+    # Which visual inputs must run on every training forward: () none, ("image",) one call
+    # of the tower (DDP with trainable visual parameters), ("image", "video") both calls
+    # (ZeRO-3, where the number of tower calls must match across ranks).
+    vision_sync: tuple = ()
+
+    def _dummy_vision_loss(self, kwargs) -> torch.Tensor | None:
+        if "video" in self.vision_sync:  # ZeRO-3: both tower calls on every rank
+            missing = [k for k in ("pixel_values", "pixel_values_videos") if kwargs.get(k) is None]
+        elif kwargs.get("pixel_values") is None and kwargs.get("pixel_values_videos") is None:
+            missing = ["pixel_values"]  # DDP: one call gives every visual parameter a gradient
+        else:
+            missing = []
+        extra = None
+        visual = self.model.visual
+        for _ in missing:
+            pixels, grid = _dummy_visual_input(visual.config, like=next(visual.parameters()))
+            out = visual(pixels, grid_thw=grid)
+            term = getattr(out, "pooler_output", out).float().sum() * 0.0
+            extra = term if extra is None else extra + term
+        return extra
+
+    def forward(self, input_ids=None, labels=None, num_items_in_batch=None, **kwargs):
+        if labels is None or not self.training:
+            if num_items_in_batch is not None:
+                kwargs["num_items_in_batch"] = num_items_in_batch
+            return super().forward(input_ids=input_ids, labels=labels, **kwargs)
+        if self.fused_loss:
+            kwargs.pop("logits_to_keep", None)
+            outputs = self.model(input_ids=input_ids, **kwargs)
+            loss = causal_lm_loss(outputs.last_hidden_state, self.lm_head.weight, labels,
+                                  num_items_in_batch=num_items_in_batch)
+            outputs = FusedLossOutput(loss=loss)
+        else:
+            if num_items_in_batch is not None:
+                kwargs["num_items_in_batch"] = num_items_in_batch
+            outputs = super().forward(input_ids=input_ids, labels=labels, **kwargs)
+        if self.vision_sync and input_ids is not None:
+            extra = self._dummy_vision_loss(kwargs)
+            if extra is not None:
+                outputs.loss = outputs.loss + extra.to(outputs.loss.dtype)
+        return outputs
+
+
+_CACHE: dict[tuple, type] = {}
+
+
+def with_training_forward(cls: type, fused_loss: bool, vision_sync: tuple = ()) -> type:
+    """``cls`` with the training behaviours above (same class name, same weights layout)."""
+    key = (cls, bool(fused_loss), tuple(vision_sync))
+    if key not in _CACHE:
+        _CACHE[key] = type(cls.__name__, (_TrainingForward, cls), {
+            "__module__": cls.__module__, "__doc__": cls.__doc__,
+            "fused_loss": bool(fused_loss), "vision_sync": tuple(vision_sync)})
+    return _CACHE[key]
+
+
+def use_fused_loss(kernel: str, zero3: bool) -> bool:
+    """Whether ``--loss_kernel`` asks for the fused path here: ``model`` never, ``fused``
+    always (the argument checks refuse it under ZeRO-3, where ``lm_head``'s weight is
+    partitioned outside its own forward), ``auto`` except under ZeRO-3."""
+    if kernel == "model":
+        return False
+    return kernel == "fused" or not zero3
+
+
+def vision_sync_for(zero3: bool, distributed: bool, visual_trainable: bool) -> tuple:
+    """Which dummy vision calls a run needs (see the module docstring)."""
+    if zero3:
+        return ("image", "video")
+    if distributed and visual_trainable:
+        return ("image",)
+    return ()

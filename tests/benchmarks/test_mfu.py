@@ -1,0 +1,148 @@
+"""The FLOP formula of benchmarks/mfu.py on numbers worked out by hand and on torch's own FLOP counter."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.mfu import (LanguageShape, StepWork, VisionShape, causal_pairs, language_flops, mfu,
+                            peak_bf16_flops, training_flops, vision_attention_pairs, vision_flops)
+
+DENSE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from qwenvl.tools.make_tiny_model import qwen_tokenizer_files
+
+    return AutoTokenizer.from_pretrained(qwen_tokenizer_files())
+
+
+def _tiny(model_type, tokenizer, attn="eager"):
+    from qwenvl.tools.make_tiny_model import build_config, model_class
+
+    config = build_config(model_type, tokenizer)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    return model_class(model_type)(config).float()
+
+
+def _linear_weights(module, keep) -> int:
+    return sum(m.weight.numel() for n, m in module.named_modules()
+               if isinstance(m, (torch.nn.Linear, torch.nn.Conv3d)) and keep(n))
+
+
+def test_released_3b_and_7b_shapes_by_hand():
+    from benchmarks.train_throughput import released_config
+
+    for name, layers, hidden, kv, inter, vocab in (("3b", 36, 2048, 256, 11008, 151936),
+                                                   ("7b", 28, 3584, 512, 18944, 152064)):
+        config = released_config(name)
+        lang = LanguageShape.from_config(config.get_text_config())
+        # per layer: q and o (hidden x hidden), k and v (hidden x kv width), gate/up/down; plus lm_head
+        assert lang.matmul_params == layers * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter) \
+            + vocab * hidden
+        vision = VisionShape.from_config(config.vision_config, "qwen2_5_vl")
+        # Conv3d patch embedding 3 x 2 x 14 x 14 -> 1280; 32 blocks of qkv, proj, gate/up/down (1280 <-> 3420)
+        assert vision.patch_params == 3 * 2 * 14 * 14 * 1280 + 32 * (4 * 1280 * 1280 + 3 * 1280 * 3420) == 631_470_080
+        # merger: 2x2 merged tokens (5120 wide) -> 5120 -> LLM width
+        assert vision.merger_params == 5120 * 5120 + 5120 * hidden
+        assert (vision.window, vision.full_blocks, vision.window_blocks) == (4, 4, 28)
+    assert LanguageShape.from_config(released_config("3b").get_text_config()).matmul_params == 3_085_697_024
+    assert LanguageShape.from_config(released_config("7b").get_text_config()).matmul_params == 7_070_285_824
+
+
+@pytest.mark.parametrize("name", ["3b", "7b"])
+def test_shapes_match_the_modules_of_the_released_architecture(name):
+    from benchmarks.train_throughput import released_config
+    from qwenvl.tools.make_tiny_model import model_class
+
+    config = released_config(name)
+    with torch.device("meta"):
+        model = model_class("qwen2_5_vl")(config)
+    lang = LanguageShape.from_config(config.get_text_config())
+    vision = VisionShape.from_config(config.vision_config, "qwen2_5_vl")
+    assert lang.matmul_params == _linear_weights(model, lambda n: "language_model" in n or n.endswith("lm_head"))
+    assert vision.patch_params == _linear_weights(model.model.visual, lambda n: "merger" not in n)
+    assert vision.merger_params == _linear_weights(model.model.visual, lambda n: "merger" in n)
+
+
+def test_small_example_by_hand():
+    lang = LanguageShape(layers=2, hidden=4, heads=2, kv_heads=1, head_dim=2, intermediate=8, vocab=10)
+    assert lang.matmul_params == 2 * (4 * 4 * 2 + 4 * 2 * 2 + 3 * 4 * 8) + 10 * 4 == 328
+    # two samples of 3 and 1 tokens: causal pairs 6 + 1
+    work = StepWork(tokens=4, pairs=causal_pairs([3, 1]))
+    assert work.pairs == 7
+    assert language_flops(work, lang) == 6 * 328 * 4 + 12 * 2 * 4 * 7
+    vision = VisionShape(depth=3, width=8, patch_params=100, merger_params=50, merge_size=2, window=2, full_blocks=1)
+    # one image of 4 x 6 patches -> 2 x 3 merged tokens -> windows of 2x2 and 2x1 merged = 16 and 8 patches
+    w, f = vision_attention_pairs([(1, 4, 6)], vision)
+    assert (w, f) == (16 ** 2 + 8 ** 2, 24 ** 2)
+    work = StepWork(tokens=4, pairs=7, patches=24, window_pairs=w, full_pairs=f)
+    frozen = 2 * 100 * 24 + 4 * 8 * (2 * w + 1 * f)
+    merger = 2 * 50 * 6
+    assert vision_flops(work, vision) == frozen + 3 * merger
+    assert vision_flops(work, vision, train_vision=True) == 3 * frozen + 3 * merger
+    assert training_flops(work, lang, vision) == language_flops(work, lang) + frozen + 3 * merger
+    assert mfu(2e12, 2.0, 1e12) == 1.0 and mfu(1.0, 1.0, None) is None
+
+
+def test_window_pairs_by_hand_and_by_transformers():
+    vision = VisionShape(depth=32, width=1280, patch_params=0, merger_params=0, merge_size=2, window=4, full_blocks=4)
+    # 448 x 448 pixels = 32 x 32 patches = 16 x 16 merged: 16 full windows of 64 patches
+    assert vision_attention_pairs([(1, 32, 32)], vision) == (16 * 64 ** 2, 1024 ** 2)
+    # 280 x 392 pixels = 20 x 28 patches = 10 x 14 merged: window rows 4, 4, 2 and columns 4, 4, 4, 2
+    assert vision_attention_pairs([(1, 20, 28)], vision)[0] == 16 * (16 + 16 + 4) * (16 + 16 + 16 + 4)
+    # a video of 3 temporal patches: each frame on its own
+    assert vision_attention_pairs([(3, 20, 28)], vision) == (3 * 29952, 3 * 560 ** 2)
+
+    vision_utils = pytest.importorskip("transformers.vision_utils")
+    if not hasattr(vision_utils, "get_vision_window_index"):
+        pytest.skip("this transformers has no get_vision_window_index")
+    grids = [(1, 20, 28), (2, 36, 50), (1, 8, 8), (1, 46, 82)]
+    _, cu = vision_utils.get_vision_window_index(torch.tensor(grids), 2, 112, 14)
+    sizes = cu[1:] - cu[:-1]  # patches per window
+    assert vision_attention_pairs(grids, vision)[0] == int((sizes.long() ** 2).sum())
+
+
+@pytest.mark.parametrize("model_type", DENSE)
+def test_formula_equals_torch_flop_counter(model_type, tokenizer):
+    """Forward + backward of the language model and the vision tower's forward, counted by torch.
+
+    Eager attention computes the whole s x s score matrix and masks it afterwards, so the
+    counter sees s^2 pairs; the formula's causal s (s + 1) / 2 is the work a causal kernel does.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _tiny(model_type, tokenizer)
+    config = model.config
+    lang = LanguageShape.from_config(config.get_text_config())
+    vision = VisionShape.from_config(config.vision_config, model_type)
+    assert lang.matmul_params == _linear_weights(model, lambda n: "language_model" in n or n.endswith("lm_head"))
+
+    s = 37
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=torch.randint(0, 1000, (1, s)), use_cache=False).logits.sum().backward()
+    assert counter.get_total_flops() == language_flops(StepWork(tokens=s, pairs=s * s), lang)
+
+    grid = torch.tensor([[1, 12, 20]])
+    v = config.vision_config
+    pixels = torch.randn(int(grid.prod()), 3 * v.temporal_patch_size * v.patch_size ** 2)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.model.visual(pixels, grid_thw=grid)
+    w, f = vision_attention_pairs(grid.tolist(), vision)
+    work = StepWork(patches=int(grid.prod()), window_pairs=w, full_pairs=f)
+    assert counter.get_total_flops() == vision_flops(work, vision, train_vision=False, train_merger=False)
+
+
+def test_moe_is_refused_and_peaks():
+    class MoE:
+        num_experts = 4
+        moe_intermediate_size = 8
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        LanguageShape.from_config(MoE())
+    assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_bf16_flops("NVIDIA H200") == 989e12
+    assert peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_bf16_flops(None) is None and peak_bf16_flops("Some CPU") is None
