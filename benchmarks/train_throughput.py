@@ -151,28 +151,37 @@ def write_model_dir(name: str, folder: Path) -> Path:
 
 
 def choose_attention(requested: str | None, device: str) -> str:
-    """``requested``, else the automatic choice of our trainer for this device."""
-    try:
-        from qwenvl.train.attention import choose_attn_implementation
-    except ImportError:
-        from qwenvl.train.model import resolve_attn_implementation
+    """``requested``, else our trainer's automatic choice for this device (what ``load_model`` uses)."""
+    from qwenvl.train.attention import choose_attn_implementation
 
-        return resolve_attn_implementation(requested) if device == "cuda" or requested else "sdpa"
     return choose_attn_implementation(requested, device_is_cuda=device == "cuda")
 
 
-def build_model(ctx, dtype: torch.dtype, attn: str):
-    """The model on ``ctx.device``: random weights from the config (seeded), or the checkpoint's weights."""
+def our_model_class(config, model_args, training_args):
+    """The class ``qwenvl.train.model.load_model`` instantiates for these flags: the family's
+    class, or its training subclass (fused loss, vision sync) from ``fused_loss.py``.
+
+    Mirrors ``load_model``'s choice for building with random weights; a test checks that
+    both agree.
+    """
+    from qwenvl.train.fused_loss import use_fused_loss, vision_sync_for, with_training_forward
+    from qwenvl.train.model import _zero3, model_class_for
+
+    cls = model_class_for(config.model_type)
+    zero3 = _zero3(training_args)
+    fused = use_fused_loss(getattr(training_args, "loss_kernel", "model"), zero3)
+    sync = vision_sync_for(zero3, distributed=training_args.world_size > 1,
+                           visual_trainable=bool(model_args.tune_mm_vision or model_args.tune_mm_mlp))
+    return with_training_forward(cls, fused_loss=fused, vision_sync=sync) if (fused or sync) else cls
+
+
+def build_model(ctx, cls, dtype: torch.dtype, attn: str):
+    """``cls`` on ``ctx.device`` with attention ``attn``: random weights from the config (seeded),
+    created directly on the device, or the checkpoint's weights (``--weights load``)."""
     from transformers import set_seed
 
-    from qwenvl.train.model import model_class_for
+    from qwenvl.train.attention import apply_attn_implementation, loadable_attn_implementation
 
-    try:
-        from qwenvl.train.attention import apply_attn_implementation, loadable_attn_implementation
-    except ImportError:  # older tree: only library attention names
-        loadable_attn_implementation = lambda name: name  # noqa: E731
-        apply_attn_implementation = None
-    cls = model_class_for(ctx.config.model_type)
     set_seed(ctx.seed)
     if ctx.weights == "random":
         with torch.device(ctx.device):
@@ -181,8 +190,7 @@ def build_model(ctx, dtype: torch.dtype, attn: str):
     else:
         model = cls.from_pretrained(ctx.model_dir, dtype=dtype, attn_implementation=loadable_attn_implementation(attn),
                                     device_map=ctx.device)
-    if apply_attn_implementation is not None:
-        apply_attn_implementation(model, attn)
+    apply_attn_implementation(model, attn)
     return model
 
 
@@ -318,13 +326,21 @@ def parse_configs(text: str, samples_per_step: int) -> list[RunConfig | str]:
     return out
 
 
-def token_budget_flag() -> str | None:
-    """The name of the trainer's token-budget flag if it has one (``max_tokens_per_batch``), else None."""
-    from qwenvl.data.arguments import DataArguments
-    from qwenvl.train.arguments import TrainingArguments
+def token_budget_flags(budget: int) -> list[str] | None:
+    """Our trainer's flags for micro-batches filled up to ``budget`` tokens, or None while it has none.
 
-    names = {f.name for cls in (DataArguments, TrainingArguments) for f in dataclasses.fields(cls)}
-    return "max_tokens_per_batch" if "max_tokens_per_batch" in names else None
+    Accepts either spelling: ``--max_tokens_per_batch N``, or the sampler's
+    ``--online_packing True --pack_max_tokens N``.
+    """
+    from qwenvl.data.arguments import DataArguments
+    from qwenvl.train.arguments import ModelArguments, TrainingArguments
+
+    names = {f.name for cls in (ModelArguments, DataArguments, TrainingArguments) for f in dataclasses.fields(cls)}
+    if "max_tokens_per_batch" in names:
+        return ["--max_tokens_per_batch", str(budget)]
+    if {"online_packing", "pack_max_tokens"} <= names:
+        return ["--online_packing", "True", "--pack_max_tokens", str(budget)]
+    return None
 
 
 def _has_training_field(name: str) -> bool:
@@ -377,7 +393,7 @@ def our_flags(cfg: RunConfig, ctx: Context) -> list[str]:
     if ctx.device == "cpu":
         flags += ["--use_cpu", "True"]
     if cfg.layout == "budget":
-        flags += [f"--{token_budget_flag()}", str(a.max_tokens_per_batch)]
+        flags += token_budget_flags(a.max_tokens_per_batch)
     return flags
 
 
@@ -403,7 +419,7 @@ def run_ours(cfg: RunConfig, ctx: Context, timer) -> tuple[object, Meter]:
 
     from qwenvl.data.dataset import make_supervised_data_module
     from qwenvl.train.arguments import parse_args
-    from qwenvl.train.model import load_dtype, prepare_model
+    from qwenvl.train.model import load_dtype, load_model, prepare_model
     from qwenvl.train.trainer import QwenVLTrainer
 
     model_args, data_args, training_args, _ = parse_args(our_flags(cfg, ctx))
@@ -411,7 +427,12 @@ def run_ours(cfg: RunConfig, ctx: Context, timer) -> tuple[object, Meter]:
     data_module = make_supervised_data_module(
         processor, data_args, model_config=ctx.config, model_max_length=training_args.model_max_length,
         seed=training_args.seed, output_dir=training_args.output_dir)
-    model = prepare_model(build_model(ctx, load_dtype(training_args), ctx.attn), model_args, training_args)
+    if ctx.weights == "load":
+        model = load_model(model_args, training_args)  # exactly train_qwen.py's model
+    else:
+        model = build_model(ctx, our_model_class(ctx.config, model_args, training_args), load_dtype(training_args),
+                            ctx.attn)
+    model = prepare_model(model, model_args, training_args)
     _check_fits(ctx, model)
     meter = Meter(_visual_ids(ctx.config))
     trainer = metered(QwenVLTrainer)(model=model, args=training_args, processing_class=processor,
@@ -475,7 +496,10 @@ def run_trl(cfg: RunConfig, ctx: Context, timer) -> tuple[object, Meter]:
         disable_tqdm=True, use_cpu=ctx.device == "cpu", **extra)
     processor = configure_processor(AutoProcessor.from_pretrained(ctx.model_dir),
                                     DataArguments(max_pixels=ctx.max_pixels, min_pixels=ctx.min_pixels))
-    model = build_model(ctx, torch.bfloat16 if a.precision == "bf16" else torch.float32, ctx.trl_attn)
+    from qwenvl.train.model import model_class_for
+
+    model = build_model(ctx, model_class_for(ctx.config.model_type),
+                        torch.bfloat16 if a.precision == "bf16" else torch.float32, ctx.trl_attn)
     # TRL's VLM recipe: freeze the vision tower, train the merger and the language model.
     visual = model.model.visual
     for p in visual.parameters():
@@ -527,8 +551,8 @@ def run_config(cfg: RunConfig, ctx: Context, timeout: float) -> dict:
     if cfg.layout == "budget":
         row["max_tokens_per_batch"] = a.max_tokens_per_batch
         row["nominal_samples_per_step"] = None
-        if token_budget_flag() is None:
-            row["status"] = "not available: the trainer has no --max_tokens_per_batch yet"
+        if token_budget_flags(a.max_tokens_per_batch) is None:
+            row["status"] = "not available: the trainer has no token-budget flag yet"
             return row
     started = time.perf_counter()
     _cleanup(ctx.device)
@@ -793,8 +817,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             import trl  # noqa: F401
 
             ctx.trl_rows = trl_dataset(ctx, (args.warmup + args.steps) * args.samples_per_step)
-        except ImportError:
-            ctx.trl_rows = "not available: trl is not installed"
+        except Exception as err:  # no TRL (or one of its dependencies), or data TRL cannot take
+            traceback.print_exc()
+            ctx.trl_rows = f"not available: {type(err).__name__}: {str(err).strip()[:200]}"
     say(f"attention: ours {attn}, TRL {trl_attn}; {max_pixels} max pixels; peak "
         f"{'unknown' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}")
 

@@ -204,7 +204,7 @@ def format_summary(summary: dict) -> str:
             f"({s['items_per_pack_mean']} samples per pack); fill ratio {s['fill_ratio']:.2%} "
             f"({s['tokens_used']} tokens used of {s['packs']} x {s['max_tokens']}){patch}.\n"
             f"dropped: {s['dropped_too_long']} too long, {s['dropped_over_patch_budget']} over the patch budget, "
-            f"{s['dropped_bad']} bad (--bad_sample_policy skip).")
+            f"{s['dropped_bad']} bad (skipped: --bad_sample_policy skip).")
 
 
 def main(argv: list[str] | None = None) -> int:

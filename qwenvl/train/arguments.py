@@ -90,6 +90,22 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "Module names (last name component) inside the language model that get adapters. "
                           "Default: q,k,v,o,gate,up,down_proj (the official code used q,k,v,o only). On "
                           "Qwen3-VL-MoE the experts are not Linear layers, so only attention gets adapters."})
+    online_packing: bool = field(
+        default=False,
+        metadata={"help": "Pack micro-batches on the fly up to --max_tokens_per_batch tokens (default: "
+                          "--model_max_length), using the length cache; needs --data_flatten True. One pack per "
+                          "step and rank; --per_device_train_batch_size is then not used."})
+    max_tokens_per_batch: int | None = field(
+        default=None,
+        metadata={"help": "Token budget of each micro-batch (token-budget batching). Turns on --online_packing."})
+    max_patches_per_pack: int | None = field(
+        default=None,
+        metadata={"help": "Optional second budget of each packed micro-batch: vision patches (what the vision "
+                          "tower's memory follows)."})
+    group_by_modality_length: bool = field(
+        default=False,
+        metadata={"help": "Batch samples of similar length together, text-only apart from multimodal (uses the "
+                          "length cache)."})
     loss_kernel: str = field(
         default="auto",
         metadata={"help": "How the training loss is computed: 'fused' never materialises the logits (Liger's "
@@ -232,6 +248,14 @@ def _cross_checks(v: dict) -> list[str]:
             problems.append("--lora_target_modules is empty: name at least one module, e.g. q_proj v_proj.")
     if int(v.get("model_max_length", 1)) <= 0:
         problems.append(f"--model_max_length must be positive, got {v.get('model_max_length')}.")
+    packing = bool(v.get("online_packing")) or v.get("max_tokens_per_batch") is not None
+    if packing and not (v.get("data_flatten") or v.get("data_packing")):
+        problems.append("--online_packing / --max_tokens_per_batch pack samples into one row: add "
+                        "--data_flatten True.")
+    if v.get("max_tokens_per_batch") is not None and int(v["max_tokens_per_batch"]) <= 0:
+        problems.append(f"--max_tokens_per_batch must be positive, got {v['max_tokens_per_batch']}.")
+    if packing and v.get("group_by_modality_length"):
+        problems.append("--group_by_modality_length and online packing both decide the batches: choose one.")
     kernel = v.get("loss_kernel", "auto")
     if kernel not in ("auto", "fused", "model"):
         problems.append(f"--loss_kernel must be auto, fused or model, not {kernel!r}.")

@@ -92,6 +92,32 @@ def _summary(trainer, output_dir: str, lora: bool) -> str:
     return "\n".join(lines)
 
 
+def _batch_sampler(dataset, training_args):
+    """Online packing / length grouping over the length cache, or None for the Trainer's sampler."""
+    from types import SimpleNamespace
+
+    from qwenvl.data.lengths import dataset_lengths
+    from qwenvl.data.sampler import make_train_sampler
+
+    packing = training_args.online_packing or training_args.max_tokens_per_batch is not None
+    grouping = training_args.group_by_modality_length or \
+        getattr(training_args, "train_sampling_strategy", "random") == "group_by_length"
+    if not (packing or grouping):
+        return None
+    # Rank 0 counts (or reads) the length cache first; the others then read it.
+    with training_args.main_process_first(desc="length cache"):
+        rows, _ = dataset_lengths(dataset, num_workers=training_args.dataloader_num_workers,
+                                  progress=training_args.process_index == 0)
+    settings = SimpleNamespace(
+        online_packing=packing, pack_max_tokens=training_args.max_tokens_per_batch or training_args.model_max_length,
+        max_patches_per_pack=training_args.max_patches_per_pack,
+        group_by_modality_length=training_args.group_by_modality_length,
+        train_sampling_strategy=getattr(training_args, "train_sampling_strategy", "random"),
+        per_device_train_batch_size=training_args.per_device_train_batch_size)
+    return make_train_sampler(dataset, rows, settings, world_size=training_args.world_size, rank=None,
+                              seed=training_args.seed)
+
+
 def _train(argv):
     import transformers
     from transformers import AutoConfig, AutoProcessor
@@ -123,7 +149,9 @@ def _train(argv):
         print(f"{type(model).__name__} from {path} (model_type {config.model_type}, "
               f"attention {model.config._attn_implementation})\n{parameter_table(model)}", flush=True)
 
-    trainer = QwenVLTrainer(model=model, args=training_args, processing_class=processor, **data_module)
+    trainer = QwenVLTrainer(model=model, args=training_args, processing_class=processor,
+                            train_batch_sampler=_batch_sampler(data_module["train_dataset"], training_args),
+                            **data_module)
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is None and os.path.isdir(output_dir):
         checkpoint = get_last_checkpoint(output_dir)

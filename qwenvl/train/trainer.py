@@ -30,8 +30,11 @@ IGNORE_INDEX = -100
 
 
 class QwenVLTrainer(Trainer):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, train_batch_sampler=None, **kwargs):
         super().__init__(*args, **kwargs)
+        # From qwenvl.data.sampler (online packing, token budgets, length grouping): it yields
+        # the global list of batches, and accelerate shards it across processes.
+        self.train_batch_sampler = train_batch_sampler
         # The released models declare accepts_loss_kwargs=False, so the Trainer would average
         # the micro-batches' mean losses. Passing the step's count of trained tokens instead
         # makes every optimizer step the per-token mean over all its samples, however they are
@@ -83,6 +86,22 @@ class QwenVLTrainer(Trainer):
         if self.is_world_process_zero():
             print("optimizer groups:\n" + describe_groups(groups), flush=True)
         return self.optimizer
+
+    # ---- data ----
+
+    def get_train_dataloader(self):
+        """The Trainer's loader, or one over ``train_batch_sampler`` when the run packs or groups."""
+        if self.train_batch_sampler is None:
+            return super().get_train_dataloader()
+        from torch.utils.data import DataLoader
+
+        args = self.args
+        loader = DataLoader(
+            self.train_dataset, batch_sampler=self.train_batch_sampler, collate_fn=self.data_collator,
+            num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers and args.dataloader_num_workers > 0,
+            prefetch_factor=args.dataloader_prefetch_factor if args.dataloader_num_workers > 0 else None)
+        return self.accelerator.prepare(loader)
 
     # ---- logging ----
 

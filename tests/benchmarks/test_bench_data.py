@@ -61,6 +61,7 @@ def test_reference_mode_is_single_image_and_seeded(tmp_path):
         bench_data.generate(tmp_path / "d", samples=2, mode="other")
 
 
+@pytest.mark.slow
 def test_reference_samples_render_to_about_430_tokens(tmp_path, tiny_model_dir):
     """Through our data pipeline at --max_pixels 200704: <= 256 visual tokens, ~430 tokens a sample."""
     from transformers import AutoConfig, AutoProcessor

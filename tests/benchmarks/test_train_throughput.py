@@ -50,6 +50,22 @@ def test_model_dir_without_weights(tmp_path):
     assert not list(folder.glob("*.safetensors"))
 
 
+@pytest.mark.parametrize("loss_kernel", ["auto", "model"])
+def test_random_weights_use_the_class_load_model_uses(tiny_model_dir, tmp_path, loss_kernel):
+    from transformers import AutoConfig
+
+    from qwenvl.train.arguments import parse_args
+    from qwenvl.train.model import load_model
+
+    path = str(tiny_model_dir("qwen2_5_vl"))
+    model_args, _, training_args, _ = parse_args([
+        "--model_name_or_path", path, "--tune_mm_llm", "True", "--tune_mm_mlp", "True", "--use_cpu", "True",
+        "--output_dir", str(tmp_path), "--loss_kernel", loss_kernel])
+    cls = tt.our_model_class(AutoConfig.from_pretrained(path), model_args, training_args)
+    assert cls is type(load_model(model_args, training_args))
+    assert getattr(cls, "fused_loss", False) == (loss_kernel == "auto")
+
+
 def test_parse_configs():
     parsed = tt.parse_configs("ours_padded_bs4, ours_flat_bs16,trl_bs4,ours_budget,trl_bs3,nope", 16)
     assert [(c.name, c.trainer, c.layout, c.batch, c.accumulation) for c in parsed[:4]] == [

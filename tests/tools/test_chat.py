@@ -137,7 +137,7 @@ def _teach(model, processor, conversation, steps: int = 40, lr: float = 1e-2):
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 @pytest.fixture(scope="module")

@@ -97,3 +97,29 @@ def test_an_optimizer_step_is_the_per_token_mean_however_samples_are_grouped(tin
         torch.testing.assert_close(delta_three, delta_one, rtol=1e-4, atol=1e-6, msg=name)
         changed += int(bool(delta_one.abs().max() > 0))
     assert changed > len(start) // 2
+
+
+@pytest.mark.slow
+def test_token_budget_batching_trains_on_packs_within_the_budget(tiny_model_dir, tmp_path, monkeypatch):
+    """--max_tokens_per_batch: every micro-batch is one flattened row within the budget."""
+    from qwenvl.train import trainer as trainer_module
+    from qwenvl.train.train_qwen import train
+
+    seen = []
+
+    class Recording(trainer_module.QwenVLTrainer):  # records each micro-batch's row length
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            seen.append(int(inputs["input_ids"].shape[1]))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(trainer_module, "QwenVLTrainer", Recording)  # our own class, for this test only
+    path = tiny_model_dir("qwen2_5_vl")
+    budget = 400
+    train(["--model_name_or_path", str(path), "--dataset_use", "demo_shapes%10,demo_text%20",
+           "--output_dir", str(tmp_path / "out"), "--tune_mm_llm", "True", "--tune_mm_mlp", "True",
+           "--data_flatten", "True", "--max_tokens_per_batch", str(budget), "--max_steps", "4",
+           "--max_pixels", str(112 * 112), "--min_pixels", str(56 * 56), "--save_strategy", "no",
+           "--report_to", "none", "--dataloader_num_workers", "0", "--learning_rate", "1e-3"])
+    assert len(seen) == 4
+    assert all(length <= budget for length in seen)
+    assert max(seen) > budget // 2  # packs are filled, not one sample each
