@@ -14,10 +14,14 @@ supports).  Each configuration then trains ``--warmup`` + ``--steps`` optimizer 
 
 * ``ours_padded_bsB`` / ``ours_flat_bsB``: our entry point's objects, built the way
   ``train_qwen.py`` builds them: flags through ``parse_args``, the data through
-  ``make_supervised_data_module`` (padded, or ``--data_flatten``), the model frozen
-  by ``prepare_model`` (trainable weights in fp32, the rest bf16), ``QwenVLTrainer``;
-* ``ours_budget``: the flattened path with ``--max_tokens_per_batch`` (a row saying
-  "not available" while the trainer has no such flag);
+  ``make_supervised_data_module`` (padded, or ``--data_flatten``), the model class
+  ``load_model`` picks (the training subclass with the fused loss), frozen by
+  ``prepare_model`` (trainable weights in fp32, the rest bf16), ``QwenVLTrainer`` with
+  ``train_qwen``'s batch sampler;
+* ``ours_budget``: flattened micro-batches packed up to ``--max_tokens_per_batch``
+  tokens (7168 by default, about 16 reference samples) over the length cache,
+  accumulation 1; the samples per step vary and are measured (a row saying "not
+  available" if the trainer has no such flag);
 * ``trl_bsB``: TRL's ``SFTTrainer`` and the vision-language collator it picks, on the
   same architecture (same seed, same init), the same samples in the same order
   (converted to TRL's ``messages`` + ``images`` format), the same optimizer, learning
@@ -420,6 +424,7 @@ def run_ours(cfg: RunConfig, ctx: Context, timer) -> tuple[object, Meter]:
     from qwenvl.data.dataset import make_supervised_data_module
     from qwenvl.train.arguments import parse_args
     from qwenvl.train.model import load_dtype, load_model, prepare_model
+    from qwenvl.train.train_qwen import _batch_sampler
     from qwenvl.train.trainer import QwenVLTrainer
 
     model_args, data_args, training_args, _ = parse_args(our_flags(cfg, ctx))
@@ -435,8 +440,9 @@ def run_ours(cfg: RunConfig, ctx: Context, timer) -> tuple[object, Meter]:
     model = prepare_model(model, model_args, training_args)
     _check_fits(ctx, model)
     meter = Meter(_visual_ids(ctx.config))
+    sampler = _batch_sampler(data_module["train_dataset"], training_args)  # token budget: packs by length
     trainer = metered(QwenVLTrainer)(model=model, args=training_args, processing_class=processor,
-                                     callbacks=[timer], **data_module)
+                                     callbacks=[timer], train_batch_sampler=sampler, **data_module)
     trainer.meter = meter
     trainer.train()
     return trainer, meter
@@ -500,12 +506,14 @@ def run_trl(cfg: RunConfig, ctx: Context, timer) -> tuple[object, Meter]:
 
     model = build_model(ctx, model_class_for(ctx.config.model_type),
                         torch.bfloat16 if a.precision == "bf16" else torch.float32, ctx.trl_attn)
-    # TRL's VLM recipe: freeze the vision tower, train the merger and the language model.
+    # TRL's VLM recipe: freeze the vision tower, train the merger(s) and the language model
+    # (the components ours trains with --tune_mm_llm --tune_mm_mlp).
     visual = model.model.visual
     for p in visual.parameters():
         p.requires_grad_(a.tune_mm_vision)
-    for p in visual.merger.parameters():
-        p.requires_grad_(True)
+    for name in ("merger", "deepstack_merger_list"):
+        for p in getattr(visual, name).parameters() if hasattr(visual, name) else ():
+            p.requires_grad_(True)
     if a.trl_fp32_weights:
         for p in model.parameters():
             if p.requires_grad:
@@ -542,15 +550,15 @@ def run_config(cfg: RunConfig, ctx: Context, timeout: float) -> dict:
     """
     a = ctx.args
     total = a.warmup + a.steps
-    row = {"config": cfg.name, "trainer": cfg.trainer, "layout": cfg.layout, "batch": cfg.batch,
-           "accumulation": cfg.accumulation, "nominal_samples_per_step": cfg.batch * cfg.accumulation,
+    budget = cfg.layout == "budget"
+    row = {"config": cfg.name, "trainer": cfg.trainer, "layout": cfg.layout, "batch": None if budget else cfg.batch,
+           "accumulation": cfg.accumulation, "nominal_samples_per_step": None if budget else cfg.batch * cfg.accumulation,
            "attention": ctx.attn if cfg.trainer == "ours" else ctx.trl_attn,
            "trainable_dtype": "float32" if (cfg.trainer == "ours" or a.trl_fp32_weights or a.precision == "fp32")
            else "bfloat16",
            "status": "ok"}
-    if cfg.layout == "budget":
+    if budget:
         row["max_tokens_per_batch"] = a.max_tokens_per_batch
-        row["nominal_samples_per_step"] = None
         if token_budget_flags(a.max_tokens_per_batch) is None:
             row["status"] = "not available: the trainer has no token-budget flag yet"
             return row
@@ -572,6 +580,7 @@ def run_config(cfg: RunConfig, ctx: Context, timeout: float) -> dict:
     if ctx.device == "cuda":
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
     if trainer is not None:
+        row["trainable_params"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         row["loss"] = round(float(losses[-1]), 4) if losses else None
         _measure(row, timer, meter, ctx, cfg)
@@ -701,7 +710,8 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
                    help="generated data: 'reference' (one image <= 256 visual tokens, ~430 tokens/sample) or 'mix'")
     p.add_argument("--video", action="store_true", help="with --data mix: include short mp4 clips (TRL rows skip)")
     p.add_argument("--samples", type=int, default=None,
-                   help="generated samples (default: (warmup + steps) x samples_per_step, each read once)")
+                   help="generated samples (default: 1.25 x (warmup + steps) x samples_per_step; the fixed-batch "
+                        "configurations read the first ones once, in order)")
     p.add_argument("--annotation", help="your own annotation file (LLaVA or messages format) instead of generated data")
     p.add_argument("--data_path", default=".", help="folder the --annotation media paths are relative to")
     p.add_argument("--max_pixels", type=int, default=None,
@@ -709,7 +719,8 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
                         "our trainer's default)")
     p.add_argument("--min_pixels", type=int, default=None, help="fewest pixels per image (default: the trainer's)")
     p.add_argument("--model_max_length", type=int, default=8192)
-    p.add_argument("--max_tokens_per_batch", type=int, default=8192, help="token budget of the ours_budget config")
+    p.add_argument("--max_tokens_per_batch", type=int, default=7168,
+                   help="token budget of the ours_budget micro-batch (7168: about 16 reference samples)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="JSON results (default: $OUT/train_throughput.json or "
                                                   "benchmarks/results/train_throughput.json)")
@@ -782,7 +793,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         dictionary = bench_data.write_dictionary(workdir / "data", args.annotation, args.data_path)
         dataset_use, data_summary = "user_data", {"annotation": os.path.abspath(args.annotation)}
     else:
-        n = args.samples or (args.warmup + args.steps) * args.samples_per_step
+        n = args.samples or -(-5 * (args.warmup + args.steps) * args.samples_per_step // 4)
         say(f"generating {n} samples ({args.data}{', with video' if args.video else ''})")
         data = bench_data.generate(workdir / "data", n, args.data, args.seed, args.video)
         dictionary, dataset_use = data.dictionary, data.name

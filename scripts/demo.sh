@@ -15,7 +15,7 @@ TINY="$ROOT/.cache/tiny-qwen2_5_vl"
 if [ ! -f "$TINY/config.json" ]; then
   python -m qwenvl.tools.make_tiny_model --model_type qwen2_5_vl --output "$TINY"
 fi
-export OUTPUT_DIR="$ROOT/demo_output"
+export OUTPUT_DIR="${DEMO_OUTPUT_DIR:-$ROOT/demo_output}"
 rm -rf "$OUTPUT_DIR"
 
 export MODEL_PATH="$TINY"

@@ -115,7 +115,8 @@ def test_cpu_smoke_run(tmp_path, tiny_model_dir, capsys):
     for r in rows:
         assert r["timed_steps"] == 1 and r["samples_per_step"] == 1 and r["step_s"] > 0
         assert r["visual_tokens_per_s"] > 0 and r["text_tokens_per_s"] > 0 and r["loss"] > 0
-    # the same sample in both, so the same tokens and the same model FLOPs
+    # the same parameters train, the same sample in both, so the same tokens and the same model FLOPs
+    assert ours["trainable_params"] == trl["trainable_params"] > 0
     assert ours["tokens_per_sample"] == trl["tokens_per_sample"]
     assert ours["model_tflops_per_step"] == trl["model_tflops_per_step"] > 0
     saved = json.loads(output.read_text())
