@@ -552,7 +552,8 @@ def run_config(cfg: RunConfig, ctx: Context, timeout: float) -> dict:
     total = a.warmup + a.steps
     budget = cfg.layout == "budget"
     row = {"config": cfg.name, "trainer": cfg.trainer, "layout": cfg.layout, "batch": None if budget else cfg.batch,
-           "accumulation": cfg.accumulation, "nominal_samples_per_step": None if budget else cfg.batch * cfg.accumulation,
+           "accumulation": cfg.accumulation,
+           "nominal_samples_per_step": None if budget else cfg.batch * cfg.accumulation,
            "attention": ctx.attn if cfg.trainer == "ours" else ctx.trl_attn,
            "trainable_dtype": "float32" if (cfg.trainer == "ours" or a.trl_fp32_weights or a.precision == "fp32")
            else "bfloat16",
@@ -639,10 +640,12 @@ def table(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         nominal = r.get("nominal_samples_per_step")
-        per_step = (f"{r['batch']}x{r['accumulation']}={nominal}" if nominal and "samples_per_step" not in r else
-                    _fmt(r.get("samples_per_step"), ".1f") if nominal is None else
-                    f"{r['batch']}x{r['accumulation']}={r['samples_per_step']:g}")
-        status = r["status"] + (f" ({r['error']})" if r.get("error") else "") + (f"; {r['note']}" if r.get("note") else "")
+        if nominal is None:  # the token budget: what the packs held
+            per_step = _fmt(r.get("samples_per_step"), ".1f")
+        else:  # batch x accumulation = samples (measured when the configuration ran)
+            per_step = f"{r['batch']}x{r['accumulation']}={r.get('samples_per_step', nominal):g}"
+        status = r["status"] + (f" ({r['error']})" if r.get("error") else "")
+        status += f"; {r['note']}" if r.get("note") else ""
         mfu_pct = None if r.get("mfu") is None else 100 * r["mfu"]
         lines.append(f"{r['config']:<16}{per_step:>13}{_fmt(r.get('step_s'), '.3f'):>9}"
                      f"{_fmt(r.get('samples_per_s'), '.2f'):>11}{_fmt(r.get('text_tokens_per_s'), ',.0f'):>12}"

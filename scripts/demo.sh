@@ -3,7 +3,7 @@
 # demo data (images, multi-image, grounding, text, video) on the CPU, through the same
 # launcher (scripts/launch.sh) and entry point (qwenvl/train/train_qwen.py) as sft_7b.sh.
 # Safe to re-run: the tiny model is built once into .cache/, and each run starts afresh in
-# demo_output/ (the demo's own folder; it is replaced).
+# demo_output/ (or $DEMO_OUTPUT_DIR), replacing a previous demo run there and nothing else.
 # Extra flags are passed to train_qwen.py, e.g.  bash scripts/demo.sh --max_steps 20
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,7 +16,11 @@ if [ ! -f "$TINY/config.json" ]; then
   python -m qwenvl.tools.make_tiny_model --model_type qwen2_5_vl --output "$TINY"
 fi
 export OUTPUT_DIR="${DEMO_OUTPUT_DIR:-$ROOT/demo_output}"
-rm -rf "$OUTPUT_DIR"
+if [ -d "$OUTPUT_DIR" ] && [ -n "$(ls -A "$OUTPUT_DIR")" ] && [ ! -f "$OUTPUT_DIR/run_args.json" ]; then
+  echo "demo: $OUTPUT_DIR holds files that are not a demo run; not replacing it (set DEMO_OUTPUT_DIR)." >&2
+  exit 2
+fi
+rm -rf "$OUTPUT_DIR"  # a previous demo run: start afresh
 
 export MODEL_PATH="$TINY"
 export DATASETS="${DATASETS:-demo_shapes,demo_multi_image,demo_grounding,demo_text,demo_video}"

@@ -33,6 +33,10 @@ import torch
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
+class CheckpointError(ValueError):
+    """A ``--model`` / ``--base`` that cannot be loaded; the message says how to fix it."""
+
+
 @dataclass
 class Reply:
     """One generated answer: its text, its token ids (end token excluded) and why it stopped."""
@@ -69,11 +73,12 @@ def load_checkpoint(model: str | Path, base: str | Path | None = None, device: s
     """
     from transformers import AutoProcessor
 
+    from qwenvl.train.arguments import ConfigError
     from qwenvl.train.model import model_class_for, model_type_of
 
     path = Path(model)
     if not path.is_dir():
-        raise SystemExit(f"error: --model {model}: no such directory")
+        raise CheckpointError(f"--model {model}: no such directory")
     kwargs = _load_kwargs(device)
     if is_adapter_dir(path):
         from peft import PeftModel
@@ -81,17 +86,26 @@ def load_checkpoint(model: str | Path, base: str | Path | None = None, device: s
         adapter_base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         base = str(base or adapter_base or "")
         if not base:
-            raise SystemExit(f"error: {path}/adapter_config.json names no base model; pass --base DIR")
-        network = model_class_for(model_type_of(base)).from_pretrained(base, **kwargs)
+            raise CheckpointError(f"{path}/adapter_config.json names no base model; pass --base DIR")
+        try:
+            family = model_class_for(model_type_of(base))
+        except ConfigError as err:
+            raise CheckpointError(f"the base model of the adapter {path} does not load ({err}); pass --base DIR "
+                                  "with the model the adapter was trained on") from None
+        network = family.from_pretrained(base, **kwargs)
         network = PeftModel.from_pretrained(network, str(path)).merge_and_unload()
         processor_path = str(path) if _has_processor(path) else base
     elif (path / "config.json").is_file():
         if base is not None:
             print(f"note: --base {base} ignored: {path} is a full checkpoint", file=sys.stderr)
-        network = model_class_for(model_type_of(str(path))).from_pretrained(str(path), **kwargs)
+        try:
+            family = model_class_for(model_type_of(str(path)))
+        except ConfigError as err:
+            raise CheckpointError(str(err)) from None
+        network = family.from_pretrained(str(path), **kwargs)
         processor_path = str(path)
     else:
-        raise SystemExit(f"error: {path} has neither config.json (a model) nor adapter_config.json (a LoRA "
+        raise CheckpointError(f"{path} has neither config.json (a model) nor adapter_config.json (a LoRA "
                          "adapter): pass a training output_dir or one of its checkpoint-N folders")
     network.eval()
     # Generation wants the KV cache that training switched off (saved configs have it back on,
@@ -189,7 +203,11 @@ def main(argv: list[str] | None = None) -> str:
     from qwenvl.data.errors import DataError
     from qwenvl.data.prompt import user_conversation
 
-    model, processor = load_checkpoint(args.model, args.base, args.device)
+    try:
+        model, processor = load_checkpoint(args.model, args.base, args.device)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     data_args = chat_data_args(processor, max_pixels=args.max_pixels, min_pixels=args.min_pixels)
     renderer = make_renderer(model, processor, data_args)
     try:

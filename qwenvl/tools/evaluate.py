@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from qwenvl.data.arguments import DataArguments
     from qwenvl.data.errors import DataError
+    from qwenvl.tools.chat import CheckpointError
 
     parser = HfArgumentParser((EvalArguments, DataArguments))
     try:
@@ -235,6 +236,9 @@ def main(argv: list[str] | None = None) -> dict:
     except DataError as err:
         print(f"data error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     text = json.dumps(results, indent=2) + "\n"
     if eval_args.output:
         output = Path(eval_args.output)

@@ -1,4 +1,4 @@
-"""benchmarks/train_throughput.py on CPU: released parameter counts (meta device), configuration parsing, a smoke run."""
+"""benchmarks/train_throughput.py on CPU: released parameter counts (meta device), configurations, a smoke run."""
 from __future__ import annotations
 
 import json

@@ -248,16 +248,20 @@ def test_lora_adapter_loads_with_its_base(tiny_model_dir, tmp_path):
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = str(tmp_path / "gone")
     (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(chat.CheckpointError, match="pass --base"):
+        chat.load_checkpoint(adapter, device="cpu")
     model, _ = chat.load_checkpoint(adapter, base=moved, device="cpu")
     with torch.no_grad():
         assert torch.allclose(model(input_ids=_probe_ids(base)).logits, expected, atol=1e-4)
 
 
 def test_load_checkpoint_says_what_is_wrong(tmp_path):
-    with pytest.raises(SystemExit, match="no such directory"):
+    with pytest.raises(chat.CheckpointError, match="no such directory"):
         chat.load_checkpoint(tmp_path / "missing")
-    with pytest.raises(SystemExit, match="neither config.json"):
+    with pytest.raises(chat.CheckpointError, match="neither config.json"):
         chat.load_checkpoint(tmp_path)
+    with pytest.raises(SystemExit):  # the command line prints the message and exits
+        chat.main(["--model", str(tmp_path), "--prompt", "hi"])
     (tmp_path / "adapter_config.json").write_text("{}")
-    with pytest.raises(SystemExit, match="names no base model"):
+    with pytest.raises(chat.CheckpointError, match="names no base model"):
         chat.load_checkpoint(tmp_path)
