@@ -111,13 +111,21 @@ class QwenVLTrainer(Trainer):
         if ids is not None:
             mask = inputs.get("attention_mask")
             real = mask.sum() if mask is not None else torch.tensor(ids.numel(), device=ids.device)
-            visual = torch.isin(ids, torch.tensor(self._visual_ids, device=ids.device)).sum() \
+            visual = torch.isin(ids, self._visual_id_tensor(ids.device)).sum() \
                 if self._visual_ids else torch.zeros((), device=ids.device, dtype=torch.long)
             counts = torch.stack([real.to(torch.long), visual.to(torch.long)])
             self._token_counts = counts if self._token_counts is None else self._token_counts + counts
         if self._last_log_time is None:
             self._last_log_time = time.perf_counter()
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def _visual_id_tensor(self, device) -> torch.Tensor:
+        # Made once per device: a host-to-device copy every micro-batch would make the CPU wait
+        # for the GPU's queued work each step.
+        cached = getattr(self, "_visual_ids_on", None)
+        if cached is None or cached.device != device:
+            cached = self._visual_ids_on = torch.tensor(self._visual_ids, device=device)
+        return cached
 
     def _throughput(self) -> dict:
         if self._token_counts is None or self._last_log_time is None:
