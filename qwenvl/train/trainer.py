@@ -110,7 +110,7 @@ class QwenVLTrainer(Trainer):
         ids = inputs.get("input_ids")
         if ids is not None:
             mask = inputs.get("attention_mask")
-            real = mask.sum() if mask is not None else torch.tensor(ids.numel(), device=ids.device)
+            real = mask.sum() if mask is not None else torch.full((), ids.numel(), device=ids.device, dtype=torch.long)
             visual = torch.isin(ids, self._visual_id_tensor(ids.device)).sum() \
                 if self._visual_ids else torch.zeros((), device=ids.device, dtype=torch.long)
             counts = torch.stack([real.to(torch.long), visual.to(torch.long)])
