@@ -40,7 +40,7 @@ def main(argv=None):
     from benchmarks.train_throughput import write_model_dir
     from qwenvl.data.arguments import DataArguments
     from qwenvl.data.dataset import make_supervised_data_module
-    from qwenvl.train.attention import apply_attn_implementation, choose_attn_implementation, loadable_attn_implementation
+    from qwenvl.train.attention import choose_attn_implementation
     from qwenvl.train.fused_loss import with_training_forward
     from qwenvl.train.model import model_class_for
 
@@ -80,48 +80,64 @@ def main(argv=None):
 
     attn = choose_attn_implementation(None, device_is_cuda=True)
     cls = with_training_forward(model_class_for("qwen2_5_vl"), fused_loss=True)
-    for layout in ("fp32_master_autocast", "bf16"):
+    import gc
+
+    for layout in ("bf16", "fp32_master_autocast"):
         for checkpointing in (True, False):
-            torch.manual_seed(0)
-            with torch.device("cuda"):
-                model = cls._from_config(config, dtype=torch.bfloat16,
-                                         attn_implementation=loadable_attn_implementation(attn))
-            apply_attn_implementation(model, attn)
-            model.config.use_cache = False
-            for name, param in model.named_parameters():
-                trainable = not name.startswith("model.visual.") or ".merger." in name
-                param.requires_grad_(trainable)
-                if trainable and layout == "fp32_master_autocast":
-                    param.data = param.data.float()
-            if checkpointing:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                model.enable_input_require_grads()
-            model.train()
-            params = [q for q in model.parameters() if q.requires_grad]
-            optim = torch.optim.AdamW(params, lr=1e-5, fused=True)
-            torch.cuda.reset_peak_memory_stats()
-            fb, st = [], []
-            for i, batch in enumerate(gpu_batches):
-                def fwd_bwd():
-                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=layout != "bf16"):
-                        loss = model(**batch).loss
-                    loss.backward()
-                    return loss
-                t1, _ = _time(fwd_bwd)
-                t2, _ = _time(lambda: (optim.step(), optim.zero_grad(set_to_none=True)))
-                if i >= 2:
-                    fb.append(t1)
-                    st.append(t2)
-            tokens = sum(int(b["input_ids"].shape[1]) for b in gpu_batches[2:]) / max(1, len(fb))
-            row = {"what": f"{layout}, checkpointing {'on' if checkpointing else 'off'}",
-                   "fwd_bwd_s": sum(fb) / len(fb), "optimizer_s": sum(st) / len(st),
-                   "tokens_per_batch": tokens, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-            row["samples_per_s"] = a.batch / (row["fwd_bwd_s"] + row["optimizer_s"])
-            rows.append(row)
-            print(row, flush=True)
-            del model, optim, params
+            try:
+                rows.append(_variant(cls, config, attn, layout, checkpointing, gpu_batches, a.batch))
+            except torch.OutOfMemoryError:
+                rows.append({"what": f"{layout}, checkpointing {'on' if checkpointing else 'off'}: out of memory",
+                             "samples_per_s": 0.0})
+            print(rows[-1], flush=True)
+            gc.collect()
             torch.cuda.empty_cache()
 
+    write(a, attn, rows)
+
+
+def _variant(cls, config, attn, layout, checkpointing, gpu_batches, batch_size):
+    from qwenvl.train.attention import apply_attn_implementation, loadable_attn_implementation
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = cls._from_config(config, dtype=torch.bfloat16,
+                                 attn_implementation=loadable_attn_implementation(attn))
+    apply_attn_implementation(model, attn)
+    model.config.use_cache = False
+    for name, param in model.named_parameters():
+        trainable = not name.startswith("model.visual.") or ".merger." in name
+        param.requires_grad_(trainable)
+        if trainable and layout == "fp32_master_autocast":
+            param.data = param.data.float()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+    params = [q for q in model.parameters() if q.requires_grad]
+    optim = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    torch.cuda.reset_peak_memory_stats()
+    fb, st = [], []
+    for i, batch in enumerate(gpu_batches):
+        def fwd_bwd():
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=layout != "bf16"):
+                loss = model(**batch).loss
+            loss.backward()
+            return loss
+        t1, _ = _time(fwd_bwd)
+        t2, _ = _time(lambda: (optim.step(), optim.zero_grad(set_to_none=True)))
+        if i >= 2:
+            fb.append(t1)
+            st.append(t2)
+    tokens = sum(int(b["input_ids"].shape[1]) for b in gpu_batches[2:]) / max(1, len(fb))
+    row = {"what": f"{layout}, checkpointing {'on' if checkpointing else 'off'}",
+           "fwd_bwd_s": sum(fb) / len(fb), "optimizer_s": sum(st) / len(st),
+           "tokens_per_batch": tokens, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    row["samples_per_s"] = batch_size / (row["fwd_bwd_s"] + row["optimizer_s"])
+    return row
+
+
+def write(a, attn, rows):
     Path(a.output).parent.mkdir(parents=True, exist_ok=True)
     Path(a.output).write_text(json.dumps({"model": a.model, "batch": a.batch, "attention": attn,
                                           "gpu": torch.cuda.get_device_name(), "rows": rows}, indent=2))

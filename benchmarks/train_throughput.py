@@ -398,7 +398,7 @@ def our_flags(cfg: RunConfig, ctx: Context) -> list[str]:
         flags += ["--use_cpu", "True"]
     if cfg.layout == "budget":
         flags += token_budget_flags(a.max_tokens_per_batch)
-    return flags
+    return flags + list(a.our_flags or [])
 
 
 def _static_memory(model) -> int:
@@ -555,7 +555,8 @@ def run_config(cfg: RunConfig, ctx: Context, timeout: float) -> dict:
            "accumulation": cfg.accumulation,
            "nominal_samples_per_step": None if budget else cfg.batch * cfg.accumulation,
            "attention": ctx.attn if cfg.trainer == "ours" else ctx.trl_attn,
-           "trainable_dtype": "float32" if (cfg.trainer == "ours" or a.trl_fp32_weights or a.precision == "fp32")
+           "trainable_dtype": "float32" if ((cfg.trainer == "ours" and "bf16" not in (a.our_flags or []))
+                                            or a.trl_fp32_weights or a.precision == "fp32")
            else "bfloat16",
            "status": "ok"}
     if budget:
@@ -731,6 +732,8 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trl_attn_implementation", default="sdpa",
                    help="TRL's attention (default sdpa: what from_pretrained gives without flash-attn); "
                         "'same' uses ours")
+    p.add_argument("--our_flags", nargs="*", default=[],
+                   help="extra train_qwen.py flags for our configurations, e.g. --master_weights bf16")
     p.add_argument("--trl_fp32_weights", action="store_true",
                    help="give TRL fp32 trainable weights like ours (default: bf16, TRL's recipe)")
     p.add_argument("--gradient_checkpointing", type=_bool, default=True)

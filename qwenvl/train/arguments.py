@@ -106,6 +106,12 @@ class TrainingArguments(transformers.TrainingArguments):
         default=False,
         metadata={"help": "Batch samples of similar length together, text-only apart from multimodal (uses the "
                           "length cache)."})
+    master_weights: str = field(
+        default="fp32",
+        metadata={"help": "Without DeepSpeed, with --bf16/--fp16: 'fp32' keeps trainable weights in float32 under "
+                          "autocast (updates smaller than bf16's resolution are kept: the official 2e-7 learning rate "
+                          "needs this); 'bf16' trains the half-precision weights directly (faster and about half the "
+                          "memory, so --gradient_checkpointing False fits; small updates may round away)."})
     loss_kernel: str = field(
         default="auto",
         metadata={"help": "How the training loss is computed: 'fused' never materialises the logits (Liger's "
@@ -256,6 +262,8 @@ def _cross_checks(v: dict) -> list[str]:
         problems.append(f"--max_tokens_per_batch must be positive, got {v['max_tokens_per_batch']}.")
     if packing and v.get("group_by_modality_length"):
         problems.append("--group_by_modality_length and online packing both decide the batches: choose one.")
+    if v.get("master_weights", "fp32") not in ("fp32", "bf16"):
+        problems.append(f"--master_weights must be fp32 or bf16, not {v.get('master_weights')!r}.")
     kernel = v.get("loss_kernel", "auto")
     if kernel not in ("auto", "fused", "model"):
         problems.append(f"--loss_kernel must be auto, fused or model, not {kernel!r}.")

@@ -198,7 +198,7 @@ def prepare_model(model, model_args, training_args):
         model = apply_lora(model, model_args, training_args)
     else:
         apply_tuning(model, model_args)
-    if not training_args.deepspeed:
+    if not training_args.deepspeed and getattr(training_args, "master_weights", "fp32") == "fp32":
         for param in model.parameters():
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
