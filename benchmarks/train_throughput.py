@@ -732,8 +732,8 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trl_attn_implementation", default="sdpa",
                    help="TRL's attention (default sdpa: what from_pretrained gives without flash-attn); "
                         "'same' uses ours")
-    p.add_argument("--our_flags", nargs="*", default=[],
-                   help="extra train_qwen.py flags for our configurations, e.g. --master_weights bf16")
+    p.add_argument("--our_flags", type=shlex.split, default=[],
+                   help='extra train_qwen.py flags for our configurations, e.g. --our_flags="--master_weights bf16"')
     p.add_argument("--trl_fp32_weights", action="store_true",
                    help="give TRL fp32 trainable weights like ours (default: bf16, TRL's recipe)")
     p.add_argument("--gradient_checkpointing", type=_bool, default=True)
