@@ -3,6 +3,7 @@
 # temporary folder) trained through scripts/launch.sh with ZeRO-2 and then ZeRO-3 on every
 # visible GPU, on the demo mix (images, multi-image, text-only and video samples, so some
 # micro-batches carry no image on one rank while another has images: ZeRO-3 must not hang).
+# (DATASETS=... overrides the mix, e.g. without demo_video where no video decoder is installed.)
 # Prints each run's summary (first/last loss) and its train_runtime; logs go to $OUT or /tmp.
 #   bash benchmarks/zero_multi_gpu.sh [steps]
 set -euo pipefail
@@ -26,7 +27,7 @@ print("random-weight 3B written to", folder, flush=True)
 PY
 for zero in zero2 zero3; do
   echo "=== $zero ==="
-  MODEL_PATH="$WORK/model" DATASETS="demo_shapes,demo_multi_image,demo_text,demo_video" \
+  MODEL_PATH="$WORK/model" DATASETS="${DATASETS:-demo_shapes,demo_multi_image,demo_text,demo_video}" \
   OUTPUT_DIR="$WORK/out_$zero" RUN_NAME="$zero" PRECISION=bf16 \
   bash "$ROOT/scripts/launch.sh" --deepspeed "$ROOT/scripts/$zero.json" \
     --tune_mm_llm True --tune_mm_mlp True --tune_mm_vision False --data_flatten True \
