@@ -1,6 +1,7 @@
 """qwenvl.tools.chat: the prompt is the training rendering's prefix; generation; checkpoint kinds."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -47,7 +48,9 @@ def _conversation(kind: str) -> Conversation:
     return Conversation(messages=messages, origin=f"test {kind}")
 
 
+@functools.lru_cache(maxsize=None)
 def _renderer(path) -> SampleRenderer:
+    """The training renderer of a tiny checkpoint (cached: tests only read it)."""
     processor = AutoProcessor.from_pretrained(path)
     # Small frames and few of them: the test is about token layout, not resolution.
     video = VideoSettings.for_processor(processor, min_pixels=28 * 28, max_pixels=56 * 56, max_frames=4)
