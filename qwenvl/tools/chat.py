@@ -171,7 +171,16 @@ def chat_data_args(processor, **overrides):
                                  ("video_max_frames", "max_frames", int)):
             if getattr(video, attr, None):
                 values[flag] = cast(getattr(video, attr))
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values.update(given)
+    # One bound given below (above) the checkpoint's other bound: move that other bound along,
+    # e.g. --max_pixels 12544 on a Qwen3-VL processor whose min_pixels is 65536.
+    for low, high in (("min_pixels", "max_pixels"), ("video_min_pixels", "video_max_pixels")):
+        if low in values and high in values and values[low] > values[high]:
+            if high in given and low not in given:
+                values[low] = values[high]
+            elif low in given and high not in given:
+                values[high] = values[low]
     return DataArguments(**values)
 
 
