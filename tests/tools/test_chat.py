@@ -186,12 +186,22 @@ def test_chat_cli_prints_the_answer(taught_model, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1] == "red"
 
 
-def test_untrained_model_text_only_generation_returns_a_string(tiny_model_dir):
-    model, processor = chat.load_checkpoint(tiny_model_dir("qwen3_vl"), device="cpu")
-    renderer = chat.make_renderer(model, processor, chat.chat_data_args(processor))
-    reply = chat.generate(model, processor, renderer, user_conversation("Hello?", system="Be brief."),
-                          max_new_tokens=3)
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_generation_with_images_and_a_video_on_every_family(tiny_model_dir, tmp_path, model_type):
+    """An untrained model answers (some string) a two-image + video prompt, and a text-only one."""
+    _image(56, 56, (220, 30, 30)).save(tmp_path / "a.png")
+    _image(84, 56, (40, 70, 220)).save(tmp_path / "b.png")
+    model, processor = chat.load_checkpoint(tiny_model_dir(model_type), device="cpu")
+    settings = chat.chat_data_args(processor, max_pixels=56 * 56, video_max_pixels=56 * 56,
+                                   video_min_pixels=28 * 28, video_max_frames=4)
+    renderer = chat.make_renderer(model, processor, settings)
+    asked = user_conversation("Describe both pictures and the clip.", [tmp_path / "a.png", tmp_path / "b.png"],
+                              [str(DEMO_VIDEO)])
+    reply = chat.generate(model, processor, renderer, asked, max_new_tokens=3)
     assert isinstance(reply.text, str) and 1 <= len(reply.token_ids) <= 3
+    reply = chat.generate(model, processor, renderer, user_conversation("Hello?", system="Be brief."),
+                          max_new_tokens=2)
+    assert isinstance(reply.text, str) and 1 <= len(reply.token_ids) <= 2
 
 
 def test_data_settings_come_from_the_saved_processor_and_flags_override(taught_model):
@@ -200,6 +210,11 @@ def test_data_settings_come_from_the_saved_processor_and_flags_override(taught_m
     assert chat.chat_data_args(processor).max_pixels == 56 * 56
     assert chat.chat_data_args(processor).min_pixels == 56 * 56
     assert chat.chat_data_args(processor, max_pixels=112 * 112).max_pixels == 112 * 112
+    # One bound given past the saved other one moves it along instead of failing.
+    lowered = chat.chat_data_args(processor, max_pixels=28 * 28)
+    assert (lowered.min_pixels, lowered.max_pixels) == (28 * 28, 28 * 28)
+    raised = chat.chat_data_args(processor, min_pixels=112 * 112)
+    assert (raised.min_pixels, raised.max_pixels) == (112 * 112, 112 * 112)
 
 
 # ----------------------------------------------------------------------------- LoRA checkpoints
