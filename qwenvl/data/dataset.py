@@ -67,6 +67,18 @@ class SupervisedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.mixture)
 
+    def log_metrics(self) -> dict:
+        """``skipped_samples``: distinct samples skipped so far, for the training logs.
+
+        Skips happen in dataloader worker processes, so the count is read from the
+        skipped-samples file they append to (one line per sample) when there is one.
+        """
+        path = self.skip_log.path
+        if path and os.path.exists(path):
+            with open(path, "rb") as f:
+                return {"skipped_samples": sum(1 for _ in f)}
+        return {"skipped_samples": len(self.skip_log._seen)}
+
     def origin(self, i: int) -> str:
         d, r = self.mixture[i]
         return where(self.entries[d].spec.name, self.entries[d].spec.annotation_path, int(r))

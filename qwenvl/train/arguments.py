@@ -289,6 +289,10 @@ def _normalise(values: dict) -> dict:
         targets = [targets]
     if targets is not None:
         values["lora_target_modules"] = [t.strip() for item in targets for t in str(item).split(",") if t.strip()]
+    # --report_to wandb,tensorboard: several integrations at once (the flag takes one string).
+    report = values.get("report_to")
+    if isinstance(report, str) and "," in report:
+        values["report_to"] = [r.strip() for r in report.split(",") if r.strip()]
     return values
 
 

@@ -86,6 +86,7 @@ def test_bad_sample_skip_is_logged_once_and_dropped(qwen25, tmp_path):
     lines = (tmp_path / "out" / "skipped_samples.jsonl").read_text().splitlines()
     assert len(lines) == 1 and "missing.png" in json.loads(lines[0])["reason"]
     assert sum(dataset.skip_log.counts.values()) == 2
+    assert dataset.log_metrics() == {"skipped_samples": 1}  # what the training logs report
 
 
 def test_preview_shows_trained_spans_and_json(qwen25):
