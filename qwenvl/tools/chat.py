@@ -74,7 +74,7 @@ def load_checkpoint(model: str | Path, base: str | Path | None = None, device: s
     from transformers import AutoProcessor
 
     from qwenvl.train.arguments import ConfigError
-    from qwenvl.train.model import model_class_for, model_type_of
+    from qwenvl.train.model import model_class_for, model_type_of, set_use_cache
 
     path = Path(model)
     if not path.is_dir():
@@ -106,12 +106,10 @@ def load_checkpoint(model: str | Path, base: str | Path | None = None, device: s
         processor_path = str(path)
     else:
         raise CheckpointError(f"{path} has neither config.json (a model) nor adapter_config.json (a LoRA "
-                         "adapter): pass a training output_dir or one of its checkpoint-N folders")
+                              "adapter): pass a training output_dir or one of its checkpoint-N folders")
     network.eval()
     # Generation wants the KV cache that training switched off (saved configs have it back on,
     # but an adapter's base may not).
-    from qwenvl.train.model import set_use_cache
-
     set_use_cache(network, True)
     return network, AutoProcessor.from_pretrained(processor_path)
 
@@ -148,29 +146,44 @@ def generate(model, processor, renderer, conversation, max_new_tokens: int = 128
     return Reply(text=tokenizer.decode(ids, skip_special_tokens=False), token_ids=ids, stopped_at_end=stop is not None)
 
 
-def chat_data_args(processor, **overrides):
+def written_by_training(path: str | Path) -> bool:
+    """True for a ``train_qwen`` output folder or one of its ``checkpoint-N`` (``run_args.json`` beside it)."""
+    path = Path(path)
+    return (path / "run_args.json").is_file() or (path.parent / "run_args.json").is_file()
+
+
+def chat_data_args(processor, video_from_processor: bool = True, **overrides):
     """The data settings a checkpoint was trained with, read back from its saved processor.
 
     Training writes ``--max_pixels``, ``--min_pixels`` and the ``--video_*`` flags into
     the processor it saves (``configure_processor``); reading them back makes inference
-    resize images and sample video frames as training did.  ``overrides`` (flags the
-    user gave) win.
+    resize images and sample video frames as training did.  Image bounds are always
+    read (for a released checkpoint they are the model's own).  Video settings are read
+    only with ``video_from_processor`` (a checkpoint written by training, see
+    ``written_by_training``): a released Qwen3-VL processor's ``size`` bounds a whole
+    video, not a frame, so there the ``--video_*`` defaults apply, as they would in a
+    training run.  ``overrides`` (flags the user gave) win.
     """
     from qwenvl.data.arguments import DataArguments
+    from qwenvl.data.processor_settings import whole_video_pixel_budget
 
     values = {}
     image_size = getattr(processor.image_processor, "size", None) or {}
     if image_size.get("shortest_edge") and image_size.get("longest_edge"):
         values.update(min_pixels=int(image_size["shortest_edge"]), max_pixels=int(image_size["longest_edge"]))
     video = getattr(processor, "video_processor", None)
-    if video is not None:
-        size = getattr(video, "size", None) or {}
-        if size.get("shortest_edge") and size.get("longest_edge"):
-            values.update(video_min_pixels=int(size["shortest_edge"]), video_max_pixels=int(size["longest_edge"]))
+    if video is not None and video_from_processor:
         for flag, attr, cast in (("video_fps", "fps", float), ("video_min_frames", "min_frames", int),
                                  ("video_max_frames", "max_frames", int)):
             if getattr(video, attr, None):
                 values[flag] = cast(getattr(video, attr))
+        size = getattr(video, "size", None) or {}
+        if size.get("shortest_edge") and size.get("longest_edge"):
+            low, high = int(size["shortest_edge"]), int(size["longest_edge"])
+            if whole_video_pixel_budget(video):  # stored as frames x pixels: undo configure_processor
+                low //= values.get("video_min_frames", 1)
+                high //= values.get("video_max_frames", 1)
+            values.update(video_min_pixels=low, video_max_pixels=high)
     given = {k: v for k, v in overrides.items() if v is not None}
     values.update(given)
     # One bound given below (above) the checkpoint's other bound: move that other bound along,
@@ -217,7 +230,8 @@ def main(argv: list[str] | None = None) -> str:
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    data_args = chat_data_args(processor, max_pixels=args.max_pixels, min_pixels=args.min_pixels)
+    data_args = chat_data_args(processor, written_by_training(args.model),
+                               max_pixels=args.max_pixels, min_pixels=args.min_pixels)
     renderer = make_renderer(model, processor, data_args)
     try:
         conversation = user_conversation(args.prompt, args.image, args.video, args.system)

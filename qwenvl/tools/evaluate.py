@@ -175,13 +175,13 @@ def evaluate(eval_args: EvalArguments, data_args) -> dict:
     from qwenvl.data.collate import PaddedCollator
     from qwenvl.data.dataset import SupervisedDataset
     from qwenvl.data.registry import load_dictionary, parse_dataset_use
-    from qwenvl.tools.chat import chat_data_args, load_checkpoint, make_renderer
+    from qwenvl.tools.chat import chat_data_args, load_checkpoint, make_renderer, written_by_training
 
     dictionary = load_dictionary(data_args.dataset_dictionary)
     entries = parse_dataset_use(data_args.dataset_use, dictionary)  # data problems show before the model loads
     model, processor = load_checkpoint(eval_args.model, eval_args.base, eval_args.device)
     overrides = _explicit(data_args, DataArguments)
-    settings = chat_data_args(processor, **overrides)
+    settings = chat_data_args(processor, written_by_training(eval_args.model), **overrides)
     renderer = make_renderer(model, processor, settings, eval_args.model_max_length)
     collator = PaddedCollator(processor.tokenizer.pad_token_id)
 
