@@ -17,35 +17,10 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export MODEL_PATH="${MODEL_PATH:-Qwen/Qwen2.5-VL-3B-Instruct}"
 export OUTPUT_DIR="${OUTPUT_DIR:-./output/qwen2_5_vl_3b}"
-export WANDB_MODE="${WANDB_MODE:-offline}"
 LR="${LR:-2e-7}"
 BATCH_SIZE="${BATCH_SIZE:-4}"
 GRAD_ACCUM_STEPS="${GRAD_ACCUM_STEPS:-4}"
 
-exec bash "$HERE/launch.sh" \
-  --deepspeed "$HERE/zero3.json" \
-  --data_flatten True \
-  --tune_mm_vision False \
-  --tune_mm_mlp True \
-  --tune_mm_llm True \
-  --num_train_epochs 0.5 \
-  --per_device_train_batch_size "$BATCH_SIZE" \
-  --per_device_eval_batch_size "$((BATCH_SIZE * 2))" \
-  --gradient_accumulation_steps "$GRAD_ACCUM_STEPS" \
-  --max_pixels 50176 \
-  --min_pixels 784 \
-  --eval_strategy no \
-  --save_strategy steps \
-  --save_steps 1000 \
-  --save_total_limit 1 \
-  --learning_rate "$LR" \
-  --weight_decay 0 \
-  --warmup_steps 0.03 \
-  --max_grad_norm 1 \
-  --lr_scheduler_type cosine \
-  --logging_steps 1 \
-  --model_max_length 8192 \
-  --gradient_checkpointing True \
-  --dataloader_num_workers 4 \
-  --report_to wandb \
-  "$@"
+export LR BATCH_SIZE GRAD_ACCUM_STEPS
+export ZERO_CONFIG="${ZERO_CONFIG:-zero3.json}"
+exec bash "$HERE/official_recipe.sh" "$@"

@@ -217,14 +217,15 @@ def test_data_settings_come_from_the_saved_processor_and_flags_override(taught_m
     assert (raised.min_pixels, raised.max_pixels) == (112 * 112, 112 * 112)
 
 
-def test_video_settings_are_read_back_from_a_training_output(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])  # per-frame / whole-video size
+def test_video_settings_are_read_back_from_a_training_output(tiny_model_dir, tmp_path, model_type):
     from qwenvl.data.arguments import DataArguments
     from qwenvl.data.processor_settings import configure_processor
 
     trained = DataArguments(video_fps=3.0, video_min_frames=2, video_max_frames=6, video_min_pixels=28 * 28,
                             video_max_pixels=56 * 56)
     out = tmp_path / "run"
-    configure_processor(AutoProcessor.from_pretrained(tiny_model_dir("qwen3_vl")), trained).save_pretrained(out)
+    configure_processor(AutoProcessor.from_pretrained(tiny_model_dir(model_type)), trained).save_pretrained(out)
     assert not chat.written_by_training(out)
     (out / "run_args.json").write_text("{}")  # what train_qwen writes into its output_dir
     assert chat.written_by_training(out) and chat.written_by_training(out / "checkpoint-5")
@@ -232,7 +233,7 @@ def test_video_settings_are_read_back_from_a_training_output(tiny_model_dir, tmp
     assert (read.video_fps, read.video_min_frames, read.video_max_frames) == (3.0, 2, 6)
     assert (read.video_min_pixels, read.video_max_pixels) == (28 * 28, 56 * 56)
     # A released processor: its video size is not a per-frame bound, so the flag defaults apply.
-    released = chat.chat_data_args(AutoProcessor.from_pretrained(tiny_model_dir("qwen3_vl")),
+    released = chat.chat_data_args(AutoProcessor.from_pretrained(tiny_model_dir(model_type)),
                                    video_from_processor=False)
     assert released.video_max_pixels == DataArguments().video_max_pixels
 
