@@ -96,7 +96,8 @@ def test_checkpoints_carry_the_processor_and_load_with_auto_classes(tiny_model_d
         assert processor.image_processor.size == IMAGE_SIZE  # the training settings, not the base ones
         assert processor.chat_template == original.chat_template
         loaded = AutoModelForImageTextToText.from_pretrained(folder)
-        assert type(loaded) is type(model)
+        # The released class: the trained model may be its training subclass (same name).
+        assert type(loaded).__name__ == type(model).__name__ and isinstance(model, type(loaded))
         assert loaded.config.text_config.use_cache is True  # for inference
         for name, param in loaded.named_parameters():
             assert torch.equal(param, dict(model.named_parameters())[name].detach()), name
