@@ -160,11 +160,10 @@ def format_table(rows: list[dict]) -> str:
 
 
 def _explicit(values, cls) -> dict:
-    """The fields of dataclass instance ``values`` that differ from their defaults."""
+    """The fields of dataclass instance ``values`` that differ from ``cls()``'s defaults (the flags given)."""
     import dataclasses
 
-    default = cls(**{f.name: getattr(values, f.name) for f in dataclasses.fields(cls)
-                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING})
+    default = cls()
     return {f.name: getattr(values, f.name) for f in dataclasses.fields(cls)
             if getattr(values, f.name) != getattr(default, f.name)}
 
@@ -186,7 +185,7 @@ def evaluate(eval_args: EvalArguments, data_args) -> dict:
     collator = PaddedCollator(processor.tokenizer.pad_token_id)
 
     start = time.perf_counter()
-    rows, predictions, total = [], [], None
+    rows, predictions, total = [], [], DatasetScore("all")
     for entry in entries:
         dataset = SupervisedDataset([entry], renderer, eval_args.seed)
         score, preds = evaluate_dataset(model, processor, renderer, collator, dataset, entry.spec.name,
@@ -195,8 +194,6 @@ def evaluate(eval_args: EvalArguments, data_args) -> dict:
                                         log=lambda m: print(m, file=sys.stderr, flush=True))
         rows.append(score.summary())
         predictions += preds
-        if total is None:
-            total = DatasetScore("all")
         total.add(score)
     if len(entries) > 1:
         rows.append(total.summary())

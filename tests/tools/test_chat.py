@@ -304,3 +304,36 @@ def test_load_checkpoint_says_what_is_wrong(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
     with pytest.raises(chat.CheckpointError, match="names no base model"):
         chat.load_checkpoint(tmp_path)
+
+
+@pytest.mark.slow
+def test_lora_output_of_a_training_run_loads_and_answers(tiny_model_dir, tmp_path):
+    """train(--lora_enable True) -> chat loads the adapter folder with its base, as merge_lora would."""
+    from transformers import AutoModelForImageTextToText
+
+    from qwenvl.tools.merge_lora import merge_lora
+    from qwenvl.train.train_qwen import train
+
+    base = tiny_model_dir("qwen2_5_vl")
+    _image(56, 56, (220, 30, 30)).save(tmp_path / "red.png")
+    records = [{"image": "red.png", "conversations": [{"from": "human", "value": f"<image>\n{QUESTION}"},
+                                                      {"from": "gpt", "value": "red"}]}] * 4
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    (tmp_path / "dictionary.json").write_text(json.dumps({"d": {"annotation_path": "data.json", "data_path": "."}}))
+    out = train(["--model_name_or_path", str(base), "--dataset_use", "d", "--dataset_dictionary",
+                 str(tmp_path / "dictionary.json"), "--output_dir", str(tmp_path / "run"), "--lora_enable", "True",
+                 "--lora_r", "4", "--lora_alpha", "8", "--tune_mm_llm", "True", "--tune_mm_mlp", "True",
+                 "--max_steps", "3", "--per_device_train_batch_size", "2", "--learning_rate", "5e-3",
+                 "--max_pixels", str(56 * 56), "--min_pixels", str(56 * 56), "--save_strategy", "no",
+                 "--report_to", "none", "--dataloader_num_workers", "0", "--use_cpu", "True"])
+    assert chat.is_adapter_dir(out) and chat.written_by_training(out)
+
+    model, processor = chat.load_checkpoint(out, device="cpu")
+    merged = AutoModelForImageTextToText.from_pretrained(merge_lora(out, tmp_path / "merged")).eval()
+    ids = _probe_ids(base)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    assert processor.image_processor.size["longest_edge"] == 56 * 56  # the run's settings came along
+    answer = chat.main(["--model", str(out), "--image", str(tmp_path / "red.png"), "--prompt", QUESTION,
+                        "--max_new_tokens", "3", "--device", "cpu"])
+    assert isinstance(answer, str)
