@@ -78,6 +78,9 @@ def open_image(ref: Any, origin: str | None = None) -> Image.Image:
             image = Image.open(ref)
         image.load()
         return image if image.mode == "RGB" else image.convert("RGB")
+    except IsADirectoryError:
+        raise DataError(f"{at}{ref} is a folder, not an image file. Fix: point the record (or --image) at "
+                        "an image file inside it.") from None
     except FileNotFoundError:
         raise DataError(f"{at}image not found: {ref}. Fix: check that the file exists; relative "
                         "image paths are resolved against the dataset's data_path in the "

@@ -224,6 +224,8 @@ def test_open_image_problems_name_the_file_and_fix(tmp_path):
         open_image(str(tmp_path / "bad.png"))
     with pytest.raises(DataError, match="expected a path"):
         open_image(42)
+    with pytest.raises(DataError, match="is a folder, not an image file"):
+        open_image(str(tmp_path))
 
 
 def test_llava_dataset_end_to_end(llava_dataset):
