@@ -28,3 +28,24 @@ def tiny_model_dir(tmp_path_factory):
         return built[model_type]
 
     return get
+
+
+def copy_demo_annotations(folder):
+    """Copy the demo annotation files and a dictionary naming them into ``folder``; returns the
+    dictionary's path.  Media stay in the repo (absolute data_path), so caches written next to
+    the annotations (indexes, lengths) land in ``folder``, not in the repo."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dictionary = json.loads((repo / "dataset_dictionary.json").read_text())
+    for entry in dictionary.values():
+        name = Path(entry["annotation_path"]).name
+        shutil.copy(repo / entry["annotation_path"], folder / name)
+        entry["annotation_path"], entry["data_path"] = name, str(repo / "demo_data")
+    path = folder / "dict.json"
+    path.write_text(json.dumps(dictionary, indent=2))
+    return path

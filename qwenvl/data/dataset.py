@@ -32,14 +32,14 @@ class SkipLog:
 
     path: str | None = None
     counts: dict = field(default_factory=dict)
-    _seen: set = field(default_factory=set)
+    seen: set = field(default_factory=set)  # distinct item indices skipped in this process
 
     def record(self, index: int, origin: str, reason: str) -> None:
         kind = reason.split(":", 1)[0][:60] if ":" in reason else reason[:60]
         self.counts[kind] = self.counts.get(kind, 0) + 1
-        if index in self._seen:
+        if index in self.seen:
             return
-        self._seen.add(index)
+        self.seen.add(index)
         logger.warning("skipping bad sample %s: %s", origin, reason)
         if self.path:
             with open(self.path, "a") as f:
@@ -77,7 +77,7 @@ class SupervisedDataset(Dataset):
         if path and os.path.exists(path):
             with open(path, "rb") as f:
                 return {"skipped_samples": sum(1 for _ in f)}
-        return {"skipped_samples": len(self.skip_log._seen)}
+        return {"skipped_samples": len(self.skip_log.seen)}
 
     def origin(self, i: int) -> str:
         d, r = self.mixture[i]

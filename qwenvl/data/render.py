@@ -23,7 +23,7 @@ import torch
 from .errors import DataError
 from .formats import Conversation
 from .media import open_image
-from .prompt import chat_text, template_messages
+from .prompt import chat_text
 from .rope import RopeIndex
 
 IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy skips
@@ -74,10 +74,6 @@ def assistant_labels(input_ids: torch.Tensor, tokens: SpecialTokens) -> torch.Te
             i += 1
     return labels
 
-
-# The prompt (messages -> chat-template text) is shared with the chat and evaluation tools;
-# the old private name stays for modules that import it from here.
-_template_messages = template_messages
 
 
 class SampleRenderer:

@@ -1,8 +1,6 @@
 """Bin packing under two budgets, and the batch samplers built on it (online packing, length grouping)."""
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +18,7 @@ from qwenvl.data.lengths import PATCHES, TOKENS, VISUAL, dataset_lengths
 from qwenvl.data.packing import ALGORITHMS, _MaxTree, pack_items, shuffle_packs
 from qwenvl.data.sampler import (LengthGroupedBatchSampler, OnlinePackingBatchSampler, balance_for_ranks,
                                  make_train_sampler)
+from tests.conftest import copy_demo_annotations
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -261,13 +260,7 @@ def test_make_train_sampler_follows_the_arguments_and_the_policy():
 @pytest.fixture(scope="module")
 def demo_dataset(tiny_model_dir, tmp_path_factory):
     """A mixture of the demo data (annotation copies in tmp: the length cache lands there)."""
-    folder = tmp_path_factory.mktemp("demo_copy")
-    dictionary = json.loads((REPO / "dataset_dictionary.json").read_text())
-    for entry in dictionary.values():
-        name = Path(entry["annotation_path"]).name
-        shutil.copy(REPO / entry["annotation_path"], folder / name)
-        entry["annotation_path"], entry["data_path"] = name, str(REPO / "demo_data")
-    (folder / "dict.json").write_text(json.dumps(dictionary))
+    folder = copy_demo_annotations(tmp_path_factory.mktemp("demo_copy")).parent
     model = tiny_model_dir("qwen2_5_vl")
     args = DataArguments(dataset_use="demo_shapes%10,demo_text%20,demo_multi_image%20,demo_video%50",
                          dataset_dictionary=str(folder / "dict.json"), max_pixels=112 * 112, min_pixels=56 * 56,

@@ -15,6 +15,7 @@ from qwenvl.data import lengths as L
 from qwenvl.data.arguments import DataArguments
 from qwenvl.data.dataset import make_supervised_data_module
 from qwenvl.tools import audit
+from tests.conftest import copy_demo_annotations
 
 REPO = Path(__file__).resolve().parents[2]
 PIXELS = ["--max_pixels", str(112 * 112), "--min_pixels", str(56 * 56), "--video_max_pixels", str(56 * 56),
@@ -150,14 +151,7 @@ def test_verify_media_decodes_what_headers_hide(tmp_path, capsys):
 
 def test_demo_data_audit_counts_tokens_and_fills_the_cache_training_reads(tiny_model_dir, tmp_path, capsys,
                                                                          monkeypatch):
-    folder = tmp_path / "demo"
-    folder.mkdir()
-    dictionary = json.loads((REPO / "dataset_dictionary.json").read_text())
-    for entry in dictionary.values():
-        name = Path(entry["annotation_path"]).name
-        shutil.copy(REPO / entry["annotation_path"], folder / name)
-        entry["annotation_path"], entry["data_path"] = name, str(REPO / "demo_data")
-    (folder / "dict.json").write_text(json.dumps(dictionary))
+    folder = copy_demo_annotations(tmp_path / "demo").parent
     model = tiny_model_dir("qwen3_vl")
     use = "demo_shapes_eval,demo_multi_image,demo_grounding,demo_text,demo_video"
     argv = ["--dataset_use", use, "--dataset_dictionary", str(folder / "dict.json"),

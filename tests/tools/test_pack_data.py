@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from qwenvl.data.mixture import build_mixture
 from qwenvl.data.registry import load_dictionary, parse_dataset_use
 from qwenvl.data.sources import open_annotations
 from qwenvl.tools import pack_data
+from tests.conftest import copy_demo_annotations
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = "demo_shapes,demo_shapes_eval,demo_multi_image,demo_grounding,demo_text,demo_video"
@@ -33,15 +33,7 @@ def _private_cache(tmp_path, monkeypatch):
 @pytest.fixture
 def demo_copy(tmp_path) -> Path:
     """The demo annotation files and dictionary copied to tmp (media stay in the repo, by absolute data_path)."""
-    folder = tmp_path / "demo"
-    folder.mkdir()
-    dictionary = json.loads((REPO / "dataset_dictionary.json").read_text())
-    for entry in dictionary.values():
-        name = Path(entry["annotation_path"]).name
-        shutil.copy(REPO / entry["annotation_path"], folder / name)
-        entry["annotation_path"], entry["data_path"] = name, str(REPO / "demo_data")
-    (folder / "dict.json").write_text(json.dumps(dictionary, indent=2))
-    return folder
+    return copy_demo_annotations(tmp_path / "demo").parent
 
 
 def _pack(argv: list[str], capsys) -> tuple[int, str]:

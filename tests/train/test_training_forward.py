@@ -3,11 +3,10 @@ per-token normalisation of a whole optimizer step."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText
 
 from qwenvl.data.collate import FlattenedCollator, PaddedCollator
 from qwenvl.data.formats import Conversation
