@@ -307,18 +307,45 @@ class RunConfig:
     layout: str  # "padded" | "flat" | "budget"
     batch: int
     accumulation: int
+    flags: list[str] = dataclasses.field(default_factory=list)  # the variant's extra train_qwen.py flags
 
 
-def parse_configs(text: str, samples_per_step: int) -> list[RunConfig | str]:
-    """Configurations from a comma list; a name that does not parse is returned as an error string."""
+def parse_variants(items: list[str]) -> dict[str, list[str]]:
+    """``--variant LABEL="flags"`` items -> {label: flags}; raises ValueError on a malformed item."""
+    variants = {}
+    for item in items:
+        label, sep, flags = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", label):
+            raise ValueError(f"--variant {item!r}: write LABEL=\"--flag value ...\" (label of letters, digits, _.-)")
+        variants[label] = shlex.split(flags)
+    return variants
+
+
+def parse_configs(text: str, samples_per_step: int, variants: dict[str, list[str]] | None = None
+                  ) -> list[RunConfig | str]:
+    """Configurations from a comma list; a name that does not parse is returned as an error string.
+
+    ``NAME@LABEL`` runs configuration NAME of ours with the extra flags of ``--variant LABEL=...``
+    (after ``--our_flags``), so several settings are timed side by side in one run.
+    """
+    variants = variants or {}
     out = []
     for name in [n.strip() for n in text.split(",") if n.strip()]:
-        m = _CONFIG.match(name)
+        base, _, label = name.partition("@")
+        m = _CONFIG.match(base)
         if not m:
-            out.append(f"{name}: unknown configuration (ours_padded_bsN, ours_flat_bsN, ours_budget, trl_bsN)")
+            out.append(f"{name}: unknown configuration (ours_padded_bsN, ours_flat_bsN, ours_budget, trl_bsN, "
+                       "each of ours optionally @LABEL of a --variant)")
             continue
+        if label and label not in variants:
+            out.append(f"{name}: no --variant {label}=... given")
+            continue
+        if label and not (m.group(1) or m.group(6)):
+            out.append(f"{name}: variants are flags of our trainer; TRL configurations take none")
+            continue
+        flags = list(variants.get(label, []))
         if m.group(7):
-            out.append(RunConfig(name, "ours", "budget", samples_per_step, 1))
+            out.append(RunConfig(name, "ours", "budget", samples_per_step, 1, flags))
             continue
         trainer = m.group(1) or m.group(4)
         layout = m.group(2) or "padded"
@@ -326,7 +353,7 @@ def parse_configs(text: str, samples_per_step: int) -> list[RunConfig | str]:
         if batch < 1 or samples_per_step % batch:
             out.append(f"{name}: batch {batch} does not divide --samples_per_step {samples_per_step}")
             continue
-        out.append(RunConfig(name, trainer, layout, batch, samples_per_step // batch))
+        out.append(RunConfig(name, trainer, layout, batch, samples_per_step // batch, flags))
     return out
 
 
@@ -398,7 +425,7 @@ def our_flags(cfg: RunConfig, ctx: Context) -> list[str]:
         flags += ["--use_cpu", "True"]
     if cfg.layout == "budget":
         flags += token_budget_flags(a.max_tokens_per_batch)
-    return flags + list(a.our_flags or [])
+    return flags + list(a.our_flags or []) + cfg.flags
 
 
 def _static_memory(model) -> int:
@@ -543,6 +570,13 @@ def _cleanup(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def _our_master_weights(cfg: RunConfig, a) -> str:
+    """The --master_weights value our configuration runs with (the last one given wins)."""
+    flags = list(a.our_flags or []) + cfg.flags
+    values = [flags[i + 1] for i, f in enumerate(flags[:-1]) if f == "--master_weights"]
+    return values[-1] if values else "fp32"
+
+
 def run_config(cfg: RunConfig, ctx: Context, timeout: float) -> dict:
     """Train one configuration (at most ``timeout`` seconds of training) and measure it.
 
@@ -555,10 +589,12 @@ def run_config(cfg: RunConfig, ctx: Context, timeout: float) -> dict:
            "accumulation": cfg.accumulation,
            "nominal_samples_per_step": None if budget else cfg.batch * cfg.accumulation,
            "attention": ctx.attn if cfg.trainer == "ours" else ctx.trl_attn,
-           "trainable_dtype": "float32" if ((cfg.trainer == "ours" and "bf16" not in (a.our_flags or []))
-                                            or a.trl_fp32_weights or a.precision == "fp32")
+           "trainable_dtype": "float32" if ((cfg.trainer == "ours" and _our_master_weights(cfg, a) == "fp32")
+                                            or (cfg.trainer == "trl" and a.trl_fp32_weights) or a.precision == "fp32")
            else "bfloat16",
            "status": "ok"}
+    if cfg.trainer == "ours" and (a.our_flags or cfg.flags):
+        row["flags"] = " ".join(list(a.our_flags or []) + cfg.flags)
     if budget:
         row["max_tokens_per_batch"] = a.max_tokens_per_batch
         if token_budget_flags(a.max_tokens_per_batch) is None:
@@ -636,7 +672,7 @@ def _fmt(value, spec: str) -> str:
 
 def table(rows: list[dict]) -> str:
     """The results as a fixed-width table."""
-    head = (f"{'config':<16}{'samples/step':>13}{'s/step':>9}{'samples/s':>11}{'text tok/s':>12}"
+    head = (f"{'config':<26}{'samples/step':>13}{'s/step':>9}{'samples/s':>11}{'text tok/s':>12}"
             f"{'visual tok/s':>14}{'peak GiB':>10}{'MFU %':>7}  status")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -648,7 +684,7 @@ def table(rows: list[dict]) -> str:
         status = r["status"] + (f" ({r['error']})" if r.get("error") else "")
         status += f"; {r['note']}" if r.get("note") else ""
         mfu_pct = None if r.get("mfu") is None else 100 * r["mfu"]
-        lines.append(f"{r['config']:<16}{per_step:>13}{_fmt(r.get('step_s'), '.3f'):>9}"
+        lines.append(f"{r['config']:<26}{per_step:>13}{_fmt(r.get('step_s'), '.3f'):>9}"
                      f"{_fmt(r.get('samples_per_s'), '.2f'):>11}{_fmt(r.get('text_tokens_per_s'), ',.0f'):>12}"
                      f"{_fmt(r.get('visual_tokens_per_s'), ',.0f'):>14}{_fmt(r.get('peak_gib'), '.1f'):>10}"
                      f"{_fmt(mfu_pct, '.1f'):>7}  {status}")
@@ -734,6 +770,10 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
                         "'same' uses ours")
     p.add_argument("--our_flags", type=shlex.split, default=[],
                    help='extra train_qwen.py flags for our configurations, e.g. --our_flags="--master_weights bf16"')
+    p.add_argument("--variant", action="append", default=[], metavar='LABEL="FLAGS"',
+                   help='flags of a variant of ours, named in --configs as NAME@LABEL, e.g. --variant '
+                        'fast="--compile_layers True --gradient_checkpointing False" --configs '
+                        'ours_flat_bs16,ours_flat_bs16@fast,trl_bs16 (repeatable)')
     p.add_argument("--trl_fp32_weights", action="store_true",
                    help="give TRL fp32 trainable weights like ours (default: bf16, TRL's recipe)")
     p.add_argument("--gradient_checkpointing", type=_bool, default=True)
@@ -758,6 +798,10 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
         args.weights = "load" if args.model_dir else "random"
     elif args.model and args.weights == "load":
         p.error("--weights load needs --model_dir (--model builds random weights)")
+    try:
+        args.variants = parse_variants(args.variant)
+    except ValueError as err:
+        p.error(str(err))
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     if args.precision is None:
@@ -826,7 +870,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   min_pixels=min_pixels, workdir=workdir, attn=attn, trl_attn=trl_attn, lang=lang, vision=vision,
                   peak=peak)
 
-    configs = parse_configs(args.configs, args.samples_per_step)
+    configs = parse_configs(args.configs, args.samples_per_step, args.variants)
     if args.baseline == "none":
         configs = [c for c in configs if not (isinstance(c, RunConfig) and c.trainer == "trl")]
     if any(isinstance(c, RunConfig) and c.trainer == "trl" for c in configs):

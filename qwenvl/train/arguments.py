@@ -117,6 +117,12 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "How the training loss is computed: 'fused' never materialises the logits (Liger's "
                           "fused kernel on CUDA when liger-kernel is installed, else a chunked one); 'model' is the "
                           "released forward's loss; 'auto' = fused except under ZeRO-3 (lm_head is partitioned)."})
+    compile_layers: bool = field(
+        default=False,
+        metadata={"help": "torch.compile each decoder layer and vision block in place (regional compilation): fuses "
+                          "the element-wise work around the matmuls (RMSNorm, rotary embedding, SiLU-and-multiply) and "
+                          "saves fewer activations. Costs a minute or two of compilation at the first steps. Not "
+                          "with ZeRO-3."})
     warmup_ratio: float | None = field(
         default=None,
         metadata={"help": "Official-script flag, gone from transformers 5: sets --warmup_steps to this "
@@ -270,6 +276,9 @@ def _cross_checks(v: dict) -> list[str]:
     elif kernel == "fused" and _zero_stage(v.get("deepspeed")) == 3:
         problems.append("--loss_kernel fused cannot run under ZeRO-3 (lm_head's weight is partitioned outside "
                         "its own forward): use --loss_kernel auto or model, or ZeRO-2.")
+    if v.get("compile_layers") and _zero_stage(v.get("deepspeed")) == 3:
+        problems.append("--compile_layers cannot run under ZeRO-3 (its parameter-gathering hooks run inside each "
+                        "layer): drop --compile_layers, or use ZeRO-2 or no DeepSpeed.")
     attn = v.get("attn_implementation")
     if attn == "flash_attention_2" and not flash_attn_available():
         problems.append("--attn_implementation flash_attention_2 needs the flash_attn package and a CUDA GPU; "

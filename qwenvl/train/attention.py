@@ -154,7 +154,11 @@ def _as_cu(cu: torch.Tensor, device) -> torch.Tensor:
 def _max_len(cu: torch.Tensor, given) -> int:
     if given is None:
         return int((cu[1:] - cu[:-1]).max())
-    return int(given)  # a 0-dim tensor from transformers, or an int
+    if isinstance(given, torch.Tensor):  # a 0-dim tensor from transformers
+        return int(given)
+    # An int, or inside a compiled layer a symbolic int: int() would specialise the graph on
+    # this batch's longest sequence and recompile for the next one.
+    return given
 
 
 def layout_from_cu_seqlens(cu_q, cu_k, max_q, max_k, device) -> PackedLayout:
@@ -224,7 +228,7 @@ class _PositionLayoutCache:
             # Positions are sometimes (1, L) for a batch of B rows: the same for every row.
             return layout_from_position_ids(position_ids.expand(batch, -1))
 
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # no identity cache inside a traced graph
             return derive()
         key = (position_ids._version, batch)
         if self._tensor is not position_ids or self._version != key:
@@ -432,3 +436,59 @@ def apply_attn_implementation(model: torch.nn.Module, name: str) -> None:
         if isinstance(config, PreTrainedConfig) and id(config) not in seen:
             seen.add(id(config))
             config._attn_implementation = name
+    supply_packed_boundaries(model)
+
+
+# -- packed-sequence boundaries, once per forward ------------------------------------------
+_HOOK_ATTR = "_qwenvl_packed_boundaries_hook"
+
+
+def language_models(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The text decoders inside ``model`` (``...language_model``), however it is wrapped."""
+    import re
+
+    return [m for n, m in model.named_modules() if re.search(r"(^|\.)language_model$", n) and hasattr(m, "layers")]
+
+
+def _boundaries_pre_hook(module, args, kwargs):
+    """Forward pre-hook of a language model: hand its layers the packed-sequence boundaries.
+
+    A flattened batch reaches the language model as one row of several samples, with
+    4-row position ids whose text row restarts at 0 for every sample and no attention
+    mask.  The boundaries are derived here, once per forward and outside any compiled
+    layer, and passed down as transformers' own FlashAttention kwargs (``cu_seq_lens_q/k``,
+    ``max_length_q/k``), which the text models forward to every layer's attention.  The
+    vision tower never sees them (it is called separately with its own ``cu_seqlens``).
+    Inside a compiled layer (``--compile_layers``) the attention is then fully traceable:
+    no data-dependent ``nonzero`` and no host-side ``max`` breaks the graph.
+    """
+    if not is_ours(getattr(module.config, "_attn_implementation", None)):
+        return None
+    if kwargs.get("attention_mask") is not None or kwargs.get("cu_seq_lens_q") is not None:
+        return None  # padded rows go through the mask path; explicit boundaries win
+    if kwargs.get("past_key_values") is not None:
+        return None  # decoding from a cache: queries and keys differ in length
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        return None
+    if position_ids.dim() == 3 and position_ids.shape[0] == 4:
+        text = position_ids[0]  # the text row the flattened collator writes first
+    elif position_ids.dim() == 2:
+        text = position_ids
+    else:
+        return None  # only the 3 mRoPE rows: no per-sample text positions to split on
+    layout = layout_from_position_ids(text)
+    kwargs = dict(kwargs, cu_seq_lens_q=layout.cu_q, cu_seq_lens_k=layout.cu_k,
+                  max_length_q=layout.max_q, max_length_k=layout.max_k)
+    return args, kwargs
+
+
+def supply_packed_boundaries(model: torch.nn.Module) -> int:
+    """Register ``_boundaries_pre_hook`` on every language model of ``model`` (once each);
+    returns how many language models carry it.  The hook does nothing unless the model's
+    attention is ours."""
+    found = language_models(model)
+    for lm in found:
+        if getattr(lm, _HOOK_ATTR, None) is None:
+            setattr(lm, _HOOK_ATTR, lm.register_forward_pre_hook(_boundaries_pre_hook, with_kwargs=True))
+    return len(found)

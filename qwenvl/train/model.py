@@ -209,6 +209,10 @@ def prepare_model(model, model_args, training_args):
         model.enable_input_require_grads()
     # No KV cache while training (the trainer saves configs with it on, for inference).
     set_use_cache(model, False)
+    if getattr(training_args, "compile_layers", False):
+        from .compile import compile_layers
+
+        compile_layers(model)
     return model
 
 

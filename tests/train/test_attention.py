@@ -260,7 +260,8 @@ def test_apply_reaches_vision_tower_and_language_model(tiny_model_dir, model_typ
 
 
 # -- whole tiny models: a packed batch through our function equals SDPA -------------------------------------
-def _flattened_batch(path, big_images: bool):
+def _flattened_batch(path, big_images: bool, count: int = 3):
+    """A flattened batch of the first ``count`` of three chats (image, text only, two images)."""
     from transformers import AutoConfig, AutoProcessor
 
     from qwenvl.data.collate import FlattenedCollator
@@ -283,7 +284,7 @@ def _flattened_batch(path, big_images: bool):
                                       {"type": "text", "text": "Same colour?"}]},
          {"role": "assistant", "content": [{"type": "text", "text": "no"}]}],
     ]
-    samples = [renderer.render(Conversation(messages=c, origin=f"chat {i}")) for i, c in enumerate(chats)]
+    samples = [renderer.render(Conversation(messages=c, origin=f"chat {i}")) for i, c in enumerate(chats[:count])]
     return FlattenedCollator()(samples)
 
 

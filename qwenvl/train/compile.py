@@ -1,0 +1,66 @@
+"""Regional compilation: ``torch.compile`` each repeated layer of the model in place.
+
+What it buys.  A Qwen-VL decoder layer is a handful of large matmuls surrounded by
+many small element-wise kernels: RMSNorm in float32 (upcast, square, mean, rsqrt,
+scale, downcast), the rotary embedding (slices, negation, concatenation, products),
+SiLU-and-multiply, residual additions.  Run eagerly each of these reads and writes
+the whole activation from GPU memory; at a few thousand tokens they take about as
+long as the matmuls.  Inductor fuses each chain into one kernel, and its partitioner
+saves fewer activations for the backward pass (cheap element-wise results are
+recomputed), which also lowers peak memory.
+
+Why regional.  Compiling the whole model recompiles whenever the vision inputs change
+shape and breaks its graph at the data-dependent vision and mRoPE code; the decoder
+layers and vision blocks are where the time goes, they repeat (36 layers share one
+compiled graph, so compilation costs one layer's worth, not 36), and their inputs
+only vary in token count, which ``dynamic=True`` keeps symbolic (no recompilation per
+batch shape).  PyTorch calls this "regional compilation".
+
+In place.  ``nn.Module.compile()`` keeps the module object, its class, its hooks and
+its parameter names: checkpoints are written exactly as without compilation (no
+``_orig_mod.`` prefixes), and gradient checkpointing, set by the Trainer afterwards on
+the same layer objects, still applies.
+
+Attention inside a compiled layer runs eagerly: our varlen function derives the
+packed-sequence boundaries from the position ids (a data-dependent ``nonzero``), so it
+is excluded from tracing (see ``attention.make_attention_forward``); each layer then
+compiles into the part before attention and the part after it.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def repeated_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The model's repeated blocks: transformers' checkpointable layers (decoder layers of the
+    language model, vision blocks), by module name, in model order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, GradientCheckpointingLayer)]
+
+
+def compile_layers(model: torch.nn.Module, dynamic: bool = True) -> int:
+    """Compile every repeated layer of ``model`` in place; returns how many were compiled.
+
+    ``dynamic=True``: token counts are symbolic from the first call, so packed batches of
+    ever-changing length reuse one graph.  Compilation itself happens lazily, at the
+    first forward (a minute or two for the first layer of each kind on a GPU; the
+    other layers reuse its graph).
+    """
+    layers = repeated_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no repeated layers to compile; is this a Qwen-VL model?")
+    for _, layer in layers:
+        layer.compile(dynamic=dynamic)
+    kinds = sorted({type(layer).__name__ for _, layer in layers})
+    logger.info("compiled %d layers in place (%s)", len(layers), ", ".join(kinds))
+    return len(layers)
+
+
+def is_compiled(module: torch.nn.Module) -> bool:
+    """Whether ``module`` was compiled in place with ``nn.Module.compile()``."""
+    return getattr(module, "_compiled_call_impl", None) is not None

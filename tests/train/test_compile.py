@@ -1,0 +1,159 @@
+"""--compile_layers: each decoder layer and vision block compiled in place, on CPU with inductor.
+
+The attention kernel here is the CPU reference of test_attention.py wrapped as an opaque
+custom op (as PyTorch's own varlen_attn is), so a graph break would come from our model-side
+plumbing, not from the reference kernel's Python loops.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from transformers import AutoModelForImageTextToText
+
+from qwenvl.train.attention import VarlenKernel, apply_attn_implementation, register_attention
+from qwenvl.train.compile import compile_layers, is_compiled, repeated_layers
+
+from .test_attention import _flattened_batch, _reference
+
+TRACEABLE = "flash_varlen_traceable_reference"
+
+
+# -- the reference kernel as an opaque op with its own backward op --------------------------------
+@torch.library.custom_op("qwenvl_tests::varlen_ref", mutates_args=())
+def _varlen_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                scale: float, left: int, right: int) -> torch.Tensor:
+    return _reference(q, k, v, cu_q, cu_k, scale=scale, window=(left, right), gqa=True)
+
+
+@_varlen_ref.register_fake
+def _(q, k, v, cu_q, cu_k, scale, left, right):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("qwenvl_tests::varlen_ref_backward", mutates_args=())
+def _varlen_ref_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor,
+                         cu_k: torch.Tensor, scale: float, left: int, right: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # A custom op's body runs below the autograd key, so differentiate with torch.func.
+    def attention(q, k, v):
+        return _reference(q, k, v, cu_q, cu_k, scale=scale, window=(left, right), gqa=True)
+
+    _, vjp = torch.func.vjp(attention, q, k, v)
+    return tuple(g.contiguous() for g in vjp(grad))
+
+
+@_varlen_ref_backward.register_fake
+def _(grad, q, k, v, cu_q, cu_k, scale, left, right):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, ctx.scale, ctx.left, ctx.right = inputs
+    ctx.save_for_backward(q, k, v, cu_q, cu_k)
+
+
+def _backward(ctx, grad):
+    q, k, v, cu_q, cu_k = ctx.saved_tensors
+    gq, gk, gv = _varlen_ref_backward(grad, q, k, v, cu_q, cu_k, ctx.scale, ctx.left, ctx.right)
+    return gq, gk, gv, None, None, None, None, None
+
+
+_varlen_ref.register_autograd(_backward, setup_context=_setup)
+
+
+def traceable_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    """torch 2.14's varlen_attn signature over the opaque reference op."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    return _varlen_ref(query, key, value, cu_seq_q, cu_seq_k, scale, window_size[0], window_size[1])
+
+
+@pytest.fixture(scope="module")
+def traceable_attention():
+    return register_attention(TRACEABLE, kernel=VarlenKernel.from_function(traceable_varlen, needs_half=False))
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+def _load(path, attention):
+    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
+    apply_attn_implementation(model, attention)
+    model.config.use_cache = False
+    model.train()
+    return model
+
+
+def _step(model, batch):
+    model.zero_grad()
+    out = model(**batch)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _graph_count() -> int:
+    return int(counters["stats"]["unique_graphs"])
+
+
+# -- tests -----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no_checkpointing", "checkpointing"])
+def test_compiled_layers_equal_eager_without_graph_breaks(tiny_model_dir, traceable_attention, model_type,
+                                                          checkpointing):
+    """Same weights, same packed batch: loss and every gradient as eager (fp32), no graph break
+    anywhere in the compiled layers (with checkpointing too, where a break would silently run the
+    layer eagerly), and a batch of another length reuses the graphs (dynamic shapes)."""
+    path = tiny_model_dir(model_type)
+    batch = _flattened_batch(path, big_images=True)
+    want_loss, want_grads = _step(_load(path, traceable_attention), batch)
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = _load(path, traceable_attention)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    layers = repeated_layers(model)
+    assert compile_layers(model) == len(layers) > 0 and all(is_compiled(m) for _, m in layers)
+    loss, grads = _step(model, batch)
+
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # One graph per kind of layer (decoder layer; vision block), not one per layer.
+    assert 0 < _graph_count() <= 2 * len({type(m) for _, m in layers}), _graph_count()
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == want_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+    graphs = _graph_count()
+    shorter = _flattened_batch(path, big_images=True, count=2)  # other token counts, same graphs
+    assert shorter["input_ids"].shape[1] != batch["input_ids"].shape[1]
+    _step(model, shorter)
+    assert _graph_count() == graphs and not counters["graph_break"]
+
+
+def test_every_layer_gets_the_boundaries_once_per_forward(tiny_model_dir, traceable_attention):
+    """The language model's pre-hook derives the packed boundaries once and every decoder layer's
+    attention receives them; the vision blocks keep their own cu_seqlens."""
+    path = tiny_model_dir("qwen2_5_vl")
+    model = _load(path, traceable_attention)
+    seen = []
+
+    @functools.wraps(traceable_varlen)
+    def spy(*args, **kwargs):
+        seen.append(args[3].tolist())
+        return traceable_varlen(*args, **kwargs)
+
+    register_attention(TRACEABLE, kernel=VarlenKernel.from_function(spy, needs_half=False))
+    try:
+        batch = _flattened_batch(path, big_images=False)
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        register_attention(TRACEABLE, kernel=VarlenKernel.from_function(traceable_varlen, needs_half=False))
+    text = batch["position_ids"][0, 0]
+    starts = [i for i in range(len(text)) if text[i] == 0] + [len(text)]
+    layers = model.config.text_config.num_hidden_layers
+    assert seen[-layers:] == [starts] * layers  # the decoder layers come last
+    assert all(cu != starts for cu in seen[:-layers])  # vision blocks: image windows, not samples
