@@ -602,6 +602,9 @@ def run_config(cfg: RunConfig, ctx: Context, timeout: float) -> dict:
             return row
     started = time.perf_counter()
     _cleanup(ctx.device)
+    from torch._dynamo.utils import counters
+
+    counters.clear()  # graph breaks and graphs of this configuration only (--compile_layers)
     timer = make_timer(ctx.device, cfg.name, total, timeout)
     trainer = meter = None
     try:
@@ -617,6 +620,9 @@ def run_config(cfg: RunConfig, ctx: Context, timeout: float) -> dict:
         row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:300]
     if ctx.device == "cuda":
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
+    if counters["stats"].get("unique_graphs"):
+        row["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
+        row["graph_breaks"] = int(sum(counters["graph_break"].values()))
     if trainer is not None:
         row["trainable_params"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]

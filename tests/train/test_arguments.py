@@ -124,3 +124,18 @@ def test_hub_token_stays_out_of_the_pickled_arguments(tmp_path):
     assert b"hf_secret" not in blob
     assert pickle.loads(blob).hub_token is None
     assert args.hub_token == "hf_secret"  # the live object keeps it for push_to_hub
+
+
+def test_compile_layers_is_refused_under_zero3_only(base):
+    repo = __import__("pathlib").Path(__file__).resolve().parents[2]
+    with pytest.raises(ConfigError, match="--compile_layers cannot run under ZeRO-3"):
+        parse_args(base + ["--compile_layers", "True", "--deepspeed", str(repo / "scripts/zero3.json")])
+    assert parse_args(base + ["--compile_layers", "True", "--deepspeed",
+                              str(repo / "scripts/zero2.json")]).training.compile_layers
+
+
+def test_selective_checkpointing_flag_reaches_the_trainer_arguments(base):
+    """transformers' own --activation_checkpointing_kwargs (every_n_layers) passes through as a dict."""
+    training = parse_args(base + ["--gradient_checkpointing", "True", "--activation_checkpointing_kwargs",
+                                  '{"every_n_layers": 3}']).training
+    assert training.activation_checkpointing_kwargs == {"every_n_layers": 3}

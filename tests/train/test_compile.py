@@ -157,3 +157,59 @@ def test_every_layer_gets_the_boundaries_once_per_forward(tiny_model_dir, tracea
     layers = model.config.text_config.num_hidden_layers
     assert seen[-layers:] == [starts] * layers  # the decoder layers come last
     assert all(cu != starts for cu in seen[:-layers])  # vision blocks: image windows, not samples
+
+
+@pytest.mark.slow
+def test_train_qwen_with_compiled_layers_saves_a_plain_checkpoint(tiny_model_dir, tmp_path):
+    """Through train_qwen.py, with checkpointing every other layer: the run trains, and the saved
+    weights have the released names (no ``_orig_mod.``) and load without this package's help."""
+    from qwenvl.train.train_qwen import train
+
+    from .test_train_qwen import _flags
+
+    base = tiny_model_dir("qwen2_5_vl")
+    out = train(_flags(base, tmp_path / "out", "--tune_mm_llm", "True", "--data_flatten", "True",
+                       "--compile_layers", "True", "--max_steps", "3", "--gradient_checkpointing", "True",
+                       "--activation_checkpointing_kwargs", '{"every_n_layers": 2}', "--save_strategy", "no"))
+    trained = AutoModelForImageTextToText.from_pretrained(out)
+    original = AutoModelForImageTextToText.from_pretrained(base)
+    assert trained.state_dict().keys() == original.state_dict().keys()
+    moved = [n for n, p in trained.named_parameters()
+             if "language_model.layers" in n and not torch.equal(p, original.get_parameter(n))]
+    assert moved, "no decoder-layer weight changed"
+
+
+# -- GPU: PyTorch's own varlen kernel inside compiled layers ---------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
+def test_compiled_layers_on_gpu_with_torch_varlen_kernel(tiny_model_dir, model_type):
+    """bf16 on CUDA with checkpointing: no graph break around torch's varlen_attn, and the loss and
+    gradients as eager within bf16 tolerance."""
+    from qwenvl.train.attention import VARLEN_ATTENTION
+
+    from .test_attention import _batch_on, _relative_error
+
+    path = tiny_model_dir(model_type)
+    batch = _batch_on(path, "cuda", torch.bfloat16)
+    register_attention()
+
+    def load():
+        model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa",
+                                                            dtype=torch.bfloat16).cuda()
+        apply_attn_implementation(model, VARLEN_ATTENTION)
+        model.config.use_cache = False
+        model.train()
+        model.gradient_checkpointing_enable()
+        return model
+
+    want_loss, want_grads = _step(load(), batch)
+    torch._dynamo.reset()
+    counters.clear()
+    model = load()
+    compile_layers(model)
+    loss, grads = _step(model, batch)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert _relative_error(loss.float(), want_loss.float()) < 1e-2
+    worst = max(_relative_error(grads[n].float(), want_grads[n].float()) for n in want_grads)
+    assert worst < 5e-2, worst
