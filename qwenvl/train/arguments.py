@@ -123,6 +123,11 @@ class TrainingArguments(transformers.TrainingArguments):
                           "the element-wise work around the matmuls (RMSNorm, rotary embedding, SiLU-and-multiply) and "
                           "saves fewer activations. Costs a minute or two of compilation at the first steps. Not "
                           "with ZeRO-3."})
+    activation_memory_budget: float | None = field(
+        default=None,
+        metadata={"help": "With --compile_layers: the fraction (0-1] of its activations each compiled layer keeps for "
+                          "the backward pass; the compiler recomputes the rest, cheapest first. Finer than "
+                          "--gradient_checkpointing (whole layers); use one or the other. Default: keep all."})
     warmup_ratio: float | None = field(
         default=None,
         metadata={"help": "Official-script flag, gone from transformers 5: sets --warmup_steps to this "
@@ -279,6 +284,12 @@ def _cross_checks(v: dict) -> list[str]:
     if v.get("compile_layers") and _zero_stage(v.get("deepspeed")) == 3:
         problems.append("--compile_layers cannot run under ZeRO-3 (its parameter-gathering hooks run inside each "
                         "layer): drop --compile_layers, or use ZeRO-2 or no DeepSpeed.")
+    budget = v.get("activation_memory_budget")
+    if budget is not None:
+        if not v.get("compile_layers"):
+            problems.append("--activation_memory_budget is applied by the compiler: add --compile_layers True.")
+        if not 0 < float(budget) <= 1:
+            problems.append(f"--activation_memory_budget must be in (0, 1], got {budget}.")
     attn = v.get("attn_implementation")
     if attn == "flash_attention_2" and not flash_attn_available():
         problems.append("--attn_implementation flash_attention_2 needs the flash_attn package and a CUDA GPU; "

@@ -326,7 +326,8 @@ def make_attention_forward(kernel: VarlenKernel | Callable[[], VarlenKernel | No
         if run.needs_half and in_dtype not in _HALF:
             # Happens when PEFT or a caller upcasts activations; FlashAttention has no fp32 kernel.
             half = _half_dtype(q.device.type)
-            if not _warned_fp32:
+            # (No logging while a compiled layer is traced: it would break the graph.)
+            if not _warned_fp32 and not torch.compiler.is_compiling():
                 logger.warning("%s: casting %s query/key/value to %s for the FlashAttention kernel",
                                VARLEN_ATTENTION, in_dtype, half)
                 _warned_fp32.append(True)

@@ -43,17 +43,29 @@ def repeated_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]
     return [(name, module) for name, module in model.named_modules() if isinstance(module, GradientCheckpointingLayer)]
 
 
-def compile_layers(model: torch.nn.Module, dynamic: bool = True) -> int:
+def compile_layers(model: torch.nn.Module, dynamic: bool = True, activation_memory_budget: float | None = None
+                   ) -> int:
     """Compile every repeated layer of ``model`` in place; returns how many were compiled.
 
     ``dynamic=True``: token counts are symbolic from the first call, so packed batches of
     ever-changing length reuse one graph.  Compilation itself happens lazily, at the
     first forward (a minute or two for the first layer of each kind on a GPU; the
     other layers reuse its graph).
+
+    ``activation_memory_budget`` (0 < b <= 1): the fraction of its activations each compiled
+    layer may keep for the backward pass; the compiler recomputes the rest, cheapest first
+    (element-wise work before matmuls).  A finer alternative to whole-layer gradient
+    checkpointing; it sets PyTorch's process-wide ``torch._functorch.config.activation_memory_budget``.
     """
     layers = repeated_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no repeated layers to compile; is this a Qwen-VL model?")
+    if activation_memory_budget is not None:
+        if not 0 < activation_memory_budget <= 1:
+            raise ValueError(f"activation_memory_budget must be in (0, 1], got {activation_memory_budget}")
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = float(activation_memory_budget)
     for _, layer in layers:
         layer.compile(dynamic=dynamic)
     kinds = sorted({type(layer).__name__ for _, layer in layers})

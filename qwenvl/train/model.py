@@ -212,7 +212,7 @@ def prepare_model(model, model_args, training_args):
     if getattr(training_args, "compile_layers", False):
         from .compile import compile_layers
 
-        compile_layers(model)
+        compile_layers(model, activation_memory_budget=getattr(training_args, "activation_memory_budget", None))
     return model
 
 
