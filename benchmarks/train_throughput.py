@@ -822,6 +822,9 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_cli(argv)
     t0 = time.perf_counter()
+    from qwenvl.train.train_qwen import default_allocator_settings
+
+    default_allocator_settings()  # as train_qwen.py runs (before the first CUDA allocation)
 
     def say(text: str) -> None:
         print(f"[{time.perf_counter() - t0:6.1f}s] {text}", flush=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Multi-GPU check: the released Qwen2.5-VL-3B architecture (random weights, saved once to a
-# temporary folder) trained through scripts/launch.sh with ZeRO-2 and then ZeRO-3 on every
-# visible GPU, on the demo mix (images, multi-image, text-only and video samples, so some
+# Multi-GPU check: the released Qwen2.5-VL-3B architecture (MODEL=7b: the 7B one; random
+# weights, saved once to a temporary folder) trained through scripts/launch.sh with ZeRO-2 and
+# then ZeRO-3 (ZERO_STAGES="zero3": only that one) on every visible GPU, on the demo mix (images, multi-image, text-only and video samples, so some
 # micro-batches carry no image on one rank while another has images: ZeRO-3 must not hang).
 # (DATASETS=... overrides the mix, e.g. without demo_video where no video decoder is installed.)
 # Prints each run's summary (first/last loss) and its train_runtime; logs go to $OUT or /tmp.
@@ -11,21 +11,22 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STEPS="${1:-20}"
 LOGS="${OUT:-/tmp}"
 WORK="$(mktemp -d)"
-python3 - "$WORK/model" <<'PY'
+MODEL="${MODEL:-3b}"
+python3 - "$WORK/model" "$MODEL" <<'PY'
 import sys, torch
 from pathlib import Path
 from benchmarks.train_throughput import write_model_dir
 from qwenvl.train.model import model_class_for
 from transformers import AutoConfig
-folder = write_model_dir("3b", Path(sys.argv[1]))
+folder = write_model_dir(sys.argv[2], Path(sys.argv[1]))
 config = AutoConfig.from_pretrained(folder)
 torch.manual_seed(0)
 with torch.device("cuda"):
     model = model_class_for("qwen2_5_vl")._from_config(config, dtype=torch.bfloat16)
 model.save_pretrained(folder)
-print("random-weight 3B written to", folder, flush=True)
+print(f"random-weight {sys.argv[2].upper()} written to", folder, flush=True)
 PY
-for zero in zero2 zero3; do
+for zero in ${ZERO_STAGES:-zero2 zero3}; do
   echo "=== $zero ==="
   MODEL_PATH="$WORK/model" DATASETS="${DATASETS:-demo_shapes,demo_multi_image,demo_text,demo_video}" \
   OUTPUT_DIR="$WORK/out_$zero" RUN_NAME="$zero" PRECISION=bf16 \

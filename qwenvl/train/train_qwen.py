@@ -165,12 +165,23 @@ def _train(argv):
     return output_dir
 
 
+def default_allocator_settings(environ=os.environ) -> None:
+    """Let PyTorch's CUDA allocator grow segments (``expandable_segments:True``) unless the
+    user configured it.  Packed batches change shape every step; with fixed-size segments
+    the freed blocks fragment, and on the H100 a 16k-token run stopped with "10.9 GiB
+    reserved but unallocated" out of memory.  Read at the first CUDA allocation, so this
+    runs before the model loads."""
+    if not (environ.get("PYTORCH_CUDA_ALLOC_CONF") or environ.get("PYTORCH_ALLOC_CONF")):
+        environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
 def train(argv: list[str] | None = None) -> str:
     """Run one training from flags (``sys.argv`` when ``argv`` is None); returns the output directory.
 
     Exits with status 2 on argument problems and 1 on data problems, printing only
     their message.
     """
+    default_allocator_settings()
     try:
         return _train(argv)
     except ConfigError as err:

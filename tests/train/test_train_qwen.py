@@ -174,3 +174,15 @@ def test_lora_resume_restores_adapters_and_full_modules(tiny_model_dir, tmp_path
     assert resumed.keys() == expected.keys() and any("merger" in k for k in resumed)
     for key, value in expected.items():
         assert torch.equal(resumed[key], value), key
+
+
+def test_allocator_grows_segments_unless_the_user_configured_it():
+    from qwenvl.train.train_qwen import default_allocator_settings
+
+    env = {}
+    default_allocator_settings(env)
+    assert env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        env = {name: "max_split_size_mb:512"}
+        default_allocator_settings(env)
+        assert env == {name: "max_split_size_mb:512"}
