@@ -133,10 +133,17 @@ def test_committed_annotations_match_generator(fresh, dictionary):
     assert (fresh / "demo_data/README.md").read_bytes() == (REPO / "demo_data/README.md").read_bytes()
 
 
+def _data_files(folder):
+    """Files of a demo_data folder, without the caches training writes next to annotations
+    (length caches, index sidecars; git-ignored)."""
+    caches = re.compile(r"\.lengths\.[0-9a-f]+\.(npy|json)$|\.idx\.npy$")
+    return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file() and not caches.search(p.name))
+
+
 def test_committed_media_match_generator(fresh):
     """PNGs decode to the same pixels; JPEGs and MP4s (encoder builds may differ) to nearly the same."""
-    new_files = sorted(p.relative_to(fresh / "demo_data") for p in (fresh / "demo_data").rglob("*") if p.is_file())
-    old_files = sorted(p.relative_to(REPO / "demo_data") for p in (REPO / "demo_data").rglob("*") if p.is_file())
+    new_files = _data_files(fresh / "demo_data")
+    old_files = _data_files(REPO / "demo_data")
     assert new_files == old_files, "committed demo_data/ has missing or extra files"
     for rel in new_files:
         a, b = fresh / "demo_data" / rel, REPO / "demo_data" / rel

@@ -213,3 +213,24 @@ def test_compiled_layers_on_gpu_with_torch_varlen_kernel(tiny_model_dir, model_t
     assert _relative_error(loss.float(), want_loss.float()) < 1e-2
     worst = max(_relative_error(grads[n].float(), want_grads[n].float()) for n in want_grads)
     assert worst < 5e-2, worst
+
+
+@pytest.mark.slow
+def test_compiled_layers_under_deepspeed_zero2(tiny_model_dir, tmp_path):
+    """ZeRO-2 (one CPU process) with compiled layers: the run trains the language model and
+    saves a checkpoint with the released parameter names."""
+    import sys
+
+    from .conftest import free_port
+    from .test_train_qwen import _changed, _env, _flags, _run
+
+    base = tiny_model_dir("qwen2_5_vl")
+    out = tmp_path / "out"
+    env = _env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    result = _run([sys.executable, "-m", "qwenvl.train.train_qwen",
+                   *_flags(base, out, "--tune_mm_llm", "True", "--data_flatten", "True", "--compile_layers", "True",
+                           "--max_steps", "2", "--save_strategy", "no", "--deepspeed", "scripts/zero2.json")], env)
+    assert "loss: first" in result.stdout
+    assert _changed(base, out) == {"llm"}
+    saved = AutoModelForImageTextToText.from_pretrained(out).state_dict().keys()
+    assert saved == AutoModelForImageTextToText.from_pretrained(base).state_dict().keys()
