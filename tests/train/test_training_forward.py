@@ -13,6 +13,7 @@ from qwenvl.data.formats import Conversation
 from qwenvl.data.render import SampleRenderer
 from qwenvl.tools.make_tiny_model import model_class
 from qwenvl.train.fused_loss import with_training_forward
+from tests.conftest import copy_demo_annotations
 from tests.train.conftest import conversations, load_processor
 
 
@@ -114,8 +115,10 @@ def test_token_budget_batching_trains_on_packs_within_the_budget(tiny_model_dir,
     monkeypatch.setattr(trainer_module, "QwenVLTrainer", Recording)  # our own class, for this test only
     path = tiny_model_dir("qwen2_5_vl")
     budget = 400
+    # Annotation copies in tmp: the length cache is written next to the annotations, not in the repo.
+    dictionary = copy_demo_annotations(tmp_path / "data")
     train(["--model_name_or_path", str(path), "--dataset_use", "demo_shapes%10,demo_text%20",
-           "--output_dir", str(tmp_path / "out"), "--tune_mm_llm", "True", "--tune_mm_mlp", "True",
+           "--dataset_dictionary", str(dictionary), "--output_dir", str(tmp_path / "out"), "--tune_mm_llm", "True", "--tune_mm_mlp", "True",
            "--data_flatten", "True", "--max_tokens_per_batch", str(budget), "--max_steps", "4",
            "--max_pixels", str(112 * 112), "--min_pixels", str(56 * 56), "--save_strategy", "no",
            "--report_to", "none", "--dataloader_num_workers", "0", "--learning_rate", "1e-3"])
