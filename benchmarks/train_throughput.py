@@ -20,8 +20,9 @@ supports).  Each configuration then trains ``--warmup`` + ``--steps`` optimizer 
   ``train_qwen``'s batch sampler;
 * ``ours_budget``: flattened micro-batches packed up to ``--max_tokens_per_batch``
   tokens (7168 by default, about 16 reference samples) over the length cache,
-  accumulation 1; the samples per step vary and are measured (a row saying "not
-  available" if the trainer has no such flag);
+  accumulation 1; the samples per step vary and are measured;
+* ``NAME@LABEL``: configuration NAME of ours with the extra flags of ``--variant
+  LABEL="--flag value ..."``, so several settings run side by side in one run;
 * ``trl_bsB``: TRL's ``SFTTrainer`` and the vision-language collator it picks, on the
   same architecture (same seed, same init), the same samples in the same order
   (converted to TRL's ``messages`` + ``images`` format), the same optimizer, learning
@@ -357,23 +358,6 @@ def parse_configs(text: str, samples_per_step: int, variants: dict[str, list[str
     return out
 
 
-def token_budget_flags(budget: int) -> list[str] | None:
-    """Our trainer's flags for micro-batches filled up to ``budget`` tokens, or None while it has none.
-
-    Accepts either spelling: ``--max_tokens_per_batch N``, or the sampler's
-    ``--online_packing True --pack_max_tokens N``.
-    """
-    from qwenvl.data.arguments import DataArguments
-    from qwenvl.train.arguments import ModelArguments, TrainingArguments
-
-    names = {f.name for cls in (ModelArguments, DataArguments, TrainingArguments) for f in dataclasses.fields(cls)}
-    if "max_tokens_per_batch" in names:
-        return ["--max_tokens_per_batch", str(budget)]
-    if {"online_packing", "pack_max_tokens"} <= names:
-        return ["--online_packing", "True", "--pack_max_tokens", str(budget)]
-    return None
-
-
 def _has_training_field(name: str) -> bool:
     from transformers import TrainingArguments
 
@@ -424,7 +408,7 @@ def our_flags(cfg: RunConfig, ctx: Context) -> list[str]:
     if ctx.device == "cpu":
         flags += ["--use_cpu", "True"]
     if cfg.layout == "budget":
-        flags += token_budget_flags(a.max_tokens_per_batch)
+        flags += ["--max_tokens_per_batch", str(a.max_tokens_per_batch)]
     return flags + list(a.our_flags or []) + cfg.flags
 
 
@@ -570,13 +554,6 @@ def _cleanup(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def _our_master_weights(cfg: RunConfig, a) -> str:
-    """The --master_weights value our configuration runs with (the last one given wins)."""
-    flags = list(a.our_flags or []) + cfg.flags
-    values = [flags[i + 1] for i, f in enumerate(flags[:-1]) if f == "--master_weights"]
-    return values[-1] if values else "fp32"
-
-
 def run_config(cfg: RunConfig, ctx: Context, timeout: float) -> dict:
     """Train one configuration (at most ``timeout`` seconds of training) and measure it.
 
@@ -589,17 +566,11 @@ def run_config(cfg: RunConfig, ctx: Context, timeout: float) -> dict:
            "accumulation": cfg.accumulation,
            "nominal_samples_per_step": None if budget else cfg.batch * cfg.accumulation,
            "attention": ctx.attn if cfg.trainer == "ours" else ctx.trl_attn,
-           "trainable_dtype": "float32" if ((cfg.trainer == "ours" and _our_master_weights(cfg, a) == "fp32")
-                                            or (cfg.trainer == "trl" and a.trl_fp32_weights) or a.precision == "fp32")
-           else "bfloat16",
            "status": "ok"}
     if cfg.trainer == "ours" and (a.our_flags or cfg.flags):
         row["flags"] = " ".join(list(a.our_flags or []) + cfg.flags)
     if budget:
         row["max_tokens_per_batch"] = a.max_tokens_per_batch
-        if token_budget_flags(a.max_tokens_per_batch) is None:
-            row["status"] = "not available: the trainer has no token-budget flag yet"
-            return row
     started = time.perf_counter()
     _cleanup(ctx.device)
     from torch._dynamo.utils import counters
@@ -624,7 +595,10 @@ def run_config(cfg: RunConfig, ctx: Context, timeout: float) -> dict:
         row["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
         row["graph_breaks"] = int(sum(counters["graph_break"].values()))
     if trainer is not None:
-        row["trainable_params"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+        row["trainable_params"] = sum(p.numel() for p in trainable)
+        # Read from the trained model, not inferred from flags (a variant may override --master_weights).
+        row["trainable_dtype"] = str(trainable[0].dtype).removeprefix("torch.") if trainable else None
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         row["loss"] = round(float(losses[-1]), 4) if losses else None
         _measure(row, timer, meter, ctx, cfg)

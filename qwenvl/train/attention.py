@@ -214,6 +214,10 @@ class _PositionLayoutCache:
     """Every layer of one forward gets the same text-position tensor; derive its
     boundaries once instead of once per layer (each derivation syncs the device).
 
+    The fallback for forwards the language model's pre-hook (``_boundaries_pre_hook``)
+    leaves alone: a prefill that already carries a KV cache object (generation), or a
+    model whose attention was switched without ``apply_attn_implementation``.
+
     Keyed on the tensor object itself (held, so its memory cannot be reused by another
     tensor while cached) and its in-place version counter.
     """

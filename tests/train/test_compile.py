@@ -133,9 +133,25 @@ def test_compiled_layers_equal_eager_without_graph_breaks(tiny_model_dir, tracea
     assert _graph_count() == graphs and not counters["graph_break"]
 
 
-def test_every_layer_gets_the_boundaries_once_per_forward(tiny_model_dir, traceable_attention):
+def test_every_layer_gets_the_boundaries_once_per_forward(tiny_model_dir, traceable_attention, monkeypatch):
     """The language model's pre-hook derives the packed boundaries once and every decoder layer's
-    attention receives them; the vision blocks keep their own cu_seqlens."""
+    attention receives them as kwargs (the per-layer fallback is never asked); the vision blocks
+    keep their own cu_seqlens."""
+    from qwenvl.train import attention as attn
+
+    class NoFallback:
+        def get(self, *args):
+            raise AssertionError("a layer derived the boundaries itself: the pre-hook did not supply them")
+
+    derived = []
+
+    def counting(position_ids):
+        derived.append(position_ids.shape)
+        return layout_from_position_ids(position_ids)
+
+    layout_from_position_ids = attn.layout_from_position_ids
+    monkeypatch.setattr(attn, "_POSITION_LAYOUTS", NoFallback())
+    monkeypatch.setattr(attn, "layout_from_position_ids", counting)
     path = tiny_model_dir("qwen2_5_vl")
     model = _load(path, traceable_attention)
     seen = []
@@ -157,6 +173,7 @@ def test_every_layer_gets_the_boundaries_once_per_forward(tiny_model_dir, tracea
     layers = model.config.text_config.num_hidden_layers
     assert seen[-layers:] == [starts] * layers  # the decoder layers come last
     assert all(cu != starts for cu in seen[:-layers])  # vision blocks: image windows, not samples
+    assert len(derived) == 1, derived
 
 
 @pytest.mark.slow
