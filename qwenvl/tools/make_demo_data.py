@@ -25,8 +25,8 @@ the coordinates the model sees.
 
 Same seed, same bytes: each dataset draws from its own ``random.Random`` seeded by
 "<seed>:<dataset>", annotation files and PNGs are byte-identical across runs, and
-JPEGs (Pillow) and MP4s (libx264, one thread, bit-exact muxing) are too on one
-machine.  The output is written to a temporary folder next to ``--output`` and
+JPEGs (Pillow) and MP4s (libx264 fed planes converted here, one thread,
+CPU-independent algorithms, bit-exact muxing) are too on one machine.  The output is written to a temporary folder next to ``--output`` and
 swapped in at the end, so an interrupted run leaves the old data intact.
 """
 from __future__ import annotations
@@ -266,18 +266,48 @@ def build_text(rng: random.Random, root: Path, n: int, prefix: str) -> list[dict
     return records
 
 
+def rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
+    """An RGB frame (H, W, 3; even sides) as one yuv420p array (H * 3 / 2, W), BT.601 limited range.
+
+    Why by hand: with RGB frames converted by FFmpeg's swscale inside PyAV, two generations of the
+    demo in one process gave different MP4 bytes (measured: 3 of 3 differ). Converting here, or
+    x264's ``cpu-independent`` option, each made them repeat; ``write_video`` does both. Integer
+    arithmetic gives the encoder the same planes every time; decoders read them back with the same
+    (default, BT.601) matrix.
+    """
+    rgb = frame.astype(np.int32)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    y = ((66 * r + 129 * g + 25 * b + 128) >> 8) + 16
+    # chroma of each 2x2 block from its mean colour, rounded
+    h, w = r.shape
+    mean = rgb.reshape(h // 2, 2, w // 2, 2, 3).sum(axis=(1, 3))
+    mr, mg, mb = mean[..., 0], mean[..., 1], mean[..., 2]  # 4x the block's mean
+    u = ((-38 * mr - 74 * mg + 112 * mb + 512) >> 10) + 128
+    v = ((112 * mr - 94 * mg - 18 * mb + 512) >> 10) + 128
+    planes = [y.reshape(-1), u.reshape(-1), v.reshape(-1)]
+    return np.concatenate(planes).clip(0, 255).astype(np.uint8).reshape(h * 3 // 2, w)
+
+
 def write_video(path: Path, frames: list[np.ndarray], fps: int) -> None:
-    """H.264 MP4 with PyAV: one encoder thread and bit-exact muxing, so the bytes repeat."""
+    """H.264 MP4 with PyAV, the same bytes on every run of one machine.
+
+    The frames reach x264 already in its pixel format (no swscale, see ``rgb_to_yuv420p``),
+    x264 runs one thread with CPU-independent algorithms, and muxing is bit-exact (no
+    creation time or library version strings in the container).
+    """
     import av  # only the video dataset needs it
 
     h, w = frames[0].shape[:2]
     with av.open(str(path), mode="w", format="mp4", options={"fflags": "+bitexact"}) as container:
-        stream = container.add_stream("libx264", rate=fps, options={"crf": "20", "preset": "medium"})
+        stream = container.add_stream("libx264", rate=fps, options={
+            "crf": "20", "preset": "medium",
+            "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0:cpu-independent=1"})
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.thread_count = 1
         stream.codec_context.flags |= av.codec.context.Flags.bitexact
         for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            yuv = av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format="yuv420p")
+            for packet in stream.encode(yuv):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
