@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run the test suite (the fast tests and the slow end-to-end ones; CI runs exactly this).
-# Extra arguments go to pytest, e.g.  bash scripts/test.sh -m "not slow"  for the quick subset.
+# Extra arguments go to pytest, e.g.  bash scripts/test.sh -m "not slow"  for the quick subset
+# (a bare `pytest` skips the slow tests; -m "" here undoes that, and a later -m wins).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
@@ -8,7 +9,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export WANDB_MODE=offline
 set +e
-python -m pytest "$@"
+python -m pytest -m "" "$@"
 rc=$?
 set -e
 if [ "$rc" = "5" ]; then
