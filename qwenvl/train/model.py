@@ -27,6 +27,8 @@ SUPPORTED_MODEL_TYPES = {
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
     "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+    "qwen3_5": "Qwen3_5ForConditionalGeneration",
+    "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
 }
 
 # (component, pattern searched in the parameter name); first match wins, which is why the
@@ -110,6 +112,7 @@ def load_model(model_args, training_args):
     """
     from .attention import apply_attn_implementation, loadable_attn_implementation
     from .fused_loss import use_fused_loss, vision_sync_for, with_training_forward
+    from .linear_attention import make_linear_attention_packable
 
     path = model_args.model_name_or_path
     cls = model_class_for(model_type_of(path, training_args.cache_dir))
@@ -127,6 +130,9 @@ def load_model(model_args, training_args):
         dtype=load_dtype(training_args),
     )
     apply_attn_implementation(model, attention)
+    # Qwen3.5's Gated DeltaNet layers carry state along the sequence: make them stop at the
+    # boundaries of flattened samples (linear_attention.py), whatever the attention kernel.
+    make_linear_attention_packable(model)
     return model
 
 
