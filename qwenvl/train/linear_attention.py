@@ -50,6 +50,7 @@ from .arguments import ConfigError
 # The kwargs transformers' varlen attention takes; the linear-attention layers need only the first.
 _BOUNDARY_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 BACKENDS = ("auto", "fla", "per_sample")
+_FLA_LAYOUT = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "conv1d", "A_log", "dt_bias", "norm", "out_proj")
 
 
 def has_linear_attention(config) -> bool:
@@ -122,9 +123,12 @@ class PackedLinearAttention:
     def _uses_fla(self, hidden_states) -> bool:
         if self.boundary_backend == "per_sample":
             return False
-        usable = hidden_states.is_cuda and fla_available()
+        # The fla forward mirrors the released layer's projections; a release with another
+        # layout (none known) takes the portable path instead of computing something else.
+        usable = hidden_states.is_cuda and fla_available() and all(hasattr(self, a) for a in _FLA_LAYOUT)
         if self.boundary_backend == "fla" and not usable:
-            raise RuntimeError("boundary_backend='fla' needs flash-linear-attention and a CUDA device")
+            raise RuntimeError("boundary_backend='fla' needs flash-linear-attention and a CUDA device "
+                               f"(and a layer with {', '.join(_FLA_LAYOUT)})")
         return usable
 
     def _per_sample_forward(self, hidden_states, cu, kwargs):
