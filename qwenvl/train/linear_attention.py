@@ -116,6 +116,12 @@ class PackedLinearAttention:
             raise ValueError("a linear-attention layer got both a padding mask and packed-sequence boundaries; "
                              "a flattened batch has no padding mask")
         kwargs = {k: v for k, v in kwargs.items() if k not in _BOUNDARY_KWARGS}
+        return self._packed_forward(hidden_states, cu, kwargs)
+
+    # Inside a compiled layer (--compile_layers) this part runs eagerly, like our varlen attention:
+    # the per-sample path slices on host-side boundaries and fla's kernels are Triton already.
+    @torch.compiler.disable
+    def _packed_forward(self, hidden_states, cu, kwargs):
         if self._uses_fla(hidden_states):
             return self._fla_forward(hidden_states, cu)
         return self._per_sample_forward(hidden_states, cu, kwargs)

@@ -137,3 +137,21 @@ def test_load_model_makes_qwen3_5_packable(tmp_path):
     model = load_model(args.model, args.training)
     assert len(linear_attention_modules(model)) == 3
     check_flattening_supported(model)
+
+
+@pytest.mark.slow
+def test_compiled_layers_keep_packed_samples_apart():
+    """--compile_layers: the boundary-aware part runs eagerly inside each compiled decoder layer
+    (aot_eager here: the tracing, not the CPU code generation, is what is tested)."""
+    from qwenvl.train.compile import repeated_layers
+
+    model = tiny_model("qwen3_5")
+    samples = make_samples(model.config, LENGTHS, image_at=(1,))
+    loss_ref, grads_ref = loss_and_grads(model, padded_batch(model, samples))
+    make_linear_attention_packable(model)
+    for _, layer in repeated_layers(model):
+        layer.compile(backend="aot_eager", dynamic=True)
+    loss, grads = loss_and_grads(model, flattened_batch(model, samples))
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-5, msg=name)

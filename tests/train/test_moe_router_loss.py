@@ -112,3 +112,33 @@ def test_training_logs_the_router_loss_and_saves_the_inference_config(moe_dirs, 
     trainer.save_model(str(tmp_path / "saved"))
     saved = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert saved["text_config"]["output_router_logits"] is False
+
+
+def _lora_targets(model) -> set[str]:
+    return {n.split(".lora_A")[0].split(".layers.")[1].split(".", 1)[1] for n, _ in model.named_parameters()
+            if ".lora_A." in n}
+
+
+def test_lora_targets_on_qwen3_5_moe(moe_dirs, tmp_path):
+    """What the README says: the default targets reach the full-attention projections and the
+    shared expert; the routed experts (fused 3-D weights) are never LoRA targets; the
+    linear-attention projections are reached by naming them."""
+    from tests.train.tiny_qwen35 import flattened_batch, loss_and_grads
+
+    path = moe_dirs["qwen3_5_moe"]
+    lora = ("--lora_enable", "True", "--lora_r", "2")
+    args = parse_args(["--model_name_or_path", str(path), "--output_dir", str(tmp_path / "out"),
+                       "--tune_mm_llm", "True", *lora])
+    default = prepare_model(load_model(args.model, args.training), args.model, args.training)
+    assert _lora_targets(default) == {f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")} | {
+        f"mlp.shared_expert.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    args = parse_args(["--model_name_or_path", str(path), "--output_dir", str(tmp_path / "out"),
+                       "--tune_mm_llm", "True", *lora, "--lora_target_modules", "q_proj", "in_proj_qkv",
+                       "in_proj_z", "out_proj"])
+    named = prepare_model(load_model(args.model, args.training), args.model, args.training)
+    assert _lora_targets(named) == {"self_attn.q_proj", "linear_attn.in_proj_qkv", "linear_attn.in_proj_z",
+                                    "linear_attn.out_proj"}
+    # a flattened batch trains through the adapters (the packed layers are unchanged by peft)
+    batch = flattened_batch(named.base_model.model, make_samples(named.config, (20, 30)))
+    loss, grads = loss_and_grads(named, batch)
+    assert any(".linear_attn.in_proj_qkv.lora_B" in n for n in grads) and torch.isfinite(loss)
