@@ -53,14 +53,6 @@ BACKENDS = ("auto", "fla", "per_sample")
 _FLA_LAYOUT = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "conv1d", "A_log", "dt_bias", "norm", "out_proj")
 
 
-def has_linear_attention(config) -> bool:
-    """Whether the (text) config of ``config`` has linear-attention (state-carrying) layers."""
-    text = getattr(config, "text_config", None) or config
-    if hasattr(config, "get_text_config"):
-        text = config.get_text_config()
-    return "linear_attention" in (getattr(text, "layer_types", None) or ())
-
-
 def linear_attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """``(name, module)`` of every linear-attention layer of ``model`` (``...layers.N.linear_attn``)."""
     return [(n, m) for n, m in model.named_modules() if n.endswith("linear_attn") and hasattr(m, "conv1d")]
@@ -106,6 +98,9 @@ class PackedLinearAttention:
     """
 
     boundary_backend: str = "auto"
+    # (causal_conv1d, chunk_gated_delta_rule) with fla's signatures; None: fla's own.  Tests pass
+    # reference kernels here to check this forward's plumbing where fla cannot run (CPU).
+    varlen_kernels: tuple | None = None
 
     def forward(self, hidden_states, cache_params=None, attention_mask=None, **kwargs):
         cu = kwargs.get("cu_seq_lens_q")
@@ -131,7 +126,8 @@ class PackedLinearAttention:
             return False
         # The fla forward mirrors the released layer's projections; a release with another
         # layout (none known) takes the portable path instead of computing something else.
-        usable = hidden_states.is_cuda and fla_available() and all(hasattr(self, a) for a in _FLA_LAYOUT)
+        kernels_here = self.varlen_kernels is not None or (hidden_states.is_cuda and fla_available())
+        usable = kernels_here and all(hasattr(self, a) for a in _FLA_LAYOUT)
         if self.boundary_backend == "fla" and not usable:
             raise RuntimeError("boundary_backend='fla' needs flash-linear-attention and a CUDA device "
                                f"(and a layer with {', '.join(_FLA_LAYOUT)})")
@@ -153,7 +149,7 @@ class PackedLinearAttention:
         grouped query/key heads are repeated explicitly (``repeat_interleave``, the grouping of
         transformers' reference kernel) so any fla release computes the same thing.
         """
-        causal_conv1d, chunk_gated_delta_rule = fla_kernels()
+        causal_conv1d, chunk_gated_delta_rule = self.varlen_kernels or fla_kernels()
         batch, length, _ = hidden_states.shape
         tokens = batch * length
         row = hidden_states.reshape(1, tokens, -1)
@@ -193,12 +189,13 @@ def packable_class(cls: type) -> type:
     return _SUBCLASSES[cls]
 
 
-def make_linear_attention_packable(model: torch.nn.Module, backend: str = "auto") -> int:
+def make_linear_attention_packable(model: torch.nn.Module, backend: str = "auto", varlen_kernels=None) -> int:
     """Give every linear-attention layer of ``model`` the boundary-aware forward, and its language
     model the pre-hook that supplies the boundaries (``attention.supply_packed_boundaries``).
 
     The layers become instances of ``packable_class(type(layer))``: same parameters, same class
     name, nothing in transformers changed.  Returns the number of layers converted.
+    ``varlen_kernels`` replaces fla's ``(causal_conv1d, chunk_gated_delta_rule)`` (tests).
     """
     from .attention import supply_packed_boundaries
 
@@ -208,6 +205,8 @@ def make_linear_attention_packable(model: torch.nn.Module, backend: str = "auto"
     for _, layer in layers:
         layer.__class__ = packable_class(type(layer))
         layer.boundary_backend = backend
+        if varlen_kernels is not None:
+            layer.varlen_kernels = tuple(varlen_kernels)
     if layers:
         supply_packed_boundaries(model)
     return len(layers)

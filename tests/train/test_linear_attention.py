@@ -118,6 +118,52 @@ def test_models_without_linear_attention_are_left_alone():
     check_flattening_supported(model)
 
 
+def _reference_conv(x, weight=None, bias=None, activation=None, cu_seqlens=None, **kwargs):
+    """fla's ``causal_conv1d`` signature ((1, T, D) in, (out, state) back), one sample at a time."""
+    outs = []
+    bounds = cu_seqlens.tolist()
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        piece = x[:, start:stop].transpose(1, 2)
+        y = torch.nn.functional.conv1d(piece, weight.unsqueeze(1), bias, padding=weight.shape[-1] - 1,
+                                       groups=piece.shape[1])[..., :stop - start]
+        outs.append(torch.nn.functional.silu(y).transpose(1, 2))
+    return torch.cat(outs, 1), None
+
+
+def _reference_rule(q, k, v, g=None, beta=None, cu_seqlens=None, use_qk_l2norm_in_kernel=False, **kwargs):
+    """fla's ``chunk_gated_delta_rule`` signature over transformers' reference, one sample at a time."""
+    from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta_rule
+
+    assert q.shape[2] == v.shape[2], "the fla path repeats the grouped query/key heads itself"
+    bounds = cu_seqlens.tolist()
+    outs = [torch_chunk_gated_delta_rule(q[:, a:b], k[:, a:b], v[:, a:b], g=g[:, a:b], beta=beta[:, a:b],
+                                         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)[0]
+            for a, b in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(outs, 1), None
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_fla_path_plumbing_with_reference_kernels(model_type):
+    """The fla forward (one varlen convolution and one varlen delta rule per layer over the whole
+    row) with CPU kernels of fla's signatures: flattened == padded.  The kernels themselves are
+    tested on a GPU (test_linear_attention_gpu.py)."""
+    calls = []
+
+    def rule(*args, **kwargs):
+        calls.append(kwargs["cu_seqlens"].numel() - 1)
+        return _reference_rule(*args, **kwargs)
+
+    model = tiny_model(model_type)
+    samples = make_samples(model.config, LENGTHS, image_at=(1,))
+    loss_ref, grads_ref = loss_and_grads(model, padded_batch(model, samples))
+    make_linear_attention_packable(model, backend="fla", varlen_kernels=(_reference_conv, rule))
+    loss, grads = loss_and_grads(model, flattened_batch(model, samples))
+    assert calls == [3, 3, 3]  # one call per linear-attention layer, three samples each
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_the_fla_backend_says_what_it_needs_on_cpu():
     model = tiny_model("qwen3_5")
     make_linear_attention_packable(model, backend="fla")
