@@ -89,6 +89,19 @@ def fla_available() -> bool:
     return fla_kernels() is not None
 
 
+_LONG_CU: list = [None, None]  # [the boundaries tensor last converted, its int64 copy]
+
+
+def _long_boundaries(cu: torch.Tensor, device) -> torch.Tensor:
+    """``cu`` as int64 on ``device``, the same tensor object for every layer of one forward: fla
+    caches what it derives from the boundaries (chunk indices) by tensor identity."""
+    if cu.dtype == torch.long and cu.device == device:
+        return cu
+    if _LONG_CU[0] is not cu or torch.compiler.is_compiling():
+        _LONG_CU[:] = [cu, cu.to(device=device, dtype=torch.long)]
+    return _LONG_CU[1]
+
+
 # -- the boundary-aware layer ---------------------------------------------------------------------------
 class PackedLinearAttention:
     """Mixin over a released ``*GatedDeltaNet`` class: a forward that honours ``cu_seq_lens_q``.
@@ -153,7 +166,7 @@ class PackedLinearAttention:
         batch, length, _ = hidden_states.shape
         tokens = batch * length
         row = hidden_states.reshape(1, tokens, -1)
-        cu = cu.to(device=row.device, dtype=torch.long)
+        cu = _long_boundaries(cu, row.device)
 
         mixed_qkv = self.in_proj_qkv(row)  # (1, T, 2 * key_dim + value_dim)
         z = self.in_proj_z(row).reshape(1, tokens, -1, self.head_v_dim)

@@ -14,7 +14,8 @@ TEXT = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_la
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
                              "mrope_interleaved": True, "partial_rotary_factor": 0.25})
 MOE = dict(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=8, num_experts_per_tok=2)
-VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=64, patch_size=16, spatial_merge_size=2, temporal_patch_size=2)
+VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=64, patch_size=16,
+              spatial_merge_size=2, temporal_patch_size=2)
 SPECIAL = dict(image_token_id=500, video_token_id=501, vision_start_token_id=502, vision_end_token_id=503)
 TEXT_TOKENS = 480  # random text ids stay below the special ones
 
