@@ -201,3 +201,24 @@ def test_compiled_layers_keep_packed_samples_apart():
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
     for name in grads:
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_fused_loss_training_subclass_on_flattened_qwen3_5(model_type):
+    """The class load_model trains (fused loss; router loss for MoE) on a flattened batch equals
+    the released class on the padded one, router loss included."""
+    from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
+
+    from qwenvl.train.fused_loss import with_training_forward
+
+    released = Qwen3_5ForConditionalGeneration if model_type == "qwen3_5" else Qwen3_5MoeForConditionalGeneration
+    moe = model_type.endswith("moe")
+    training = tiny_model(model_type, cls=with_training_forward(released, fused_loss=True, router_aux_loss=moe))
+    reference = tiny_model(model_type, cls=with_training_forward(released, fused_loss=False, router_aux_loss=moe))
+    samples = make_samples(training.config, LENGTHS, image_at=(2,))
+    make_linear_attention_packable(training)
+    loss, grads = loss_and_grads(training, flattened_batch(training, samples))
+    loss_ref, grads_ref = loss_and_grads(reference, padded_batch(reference, samples))
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5, msg=name)
