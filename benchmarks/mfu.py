@@ -22,6 +22,29 @@ Language model, per step (the LLM trains):
   s (s + 1) / 2 (about s^2 / 2: "halved for causal").  Samples packed into one row
   attend only within themselves, so ``s`` is a sample's length, never the row's.
 
+Qwen3.5 / Qwen3.6 (``qwen3_5``, ``qwen3_5_moe``) add three terms, all in ``N_llm`` or below:
+
+* Gated full attention: ``q_proj`` also yields the output gate (2 x heads x head_dim wide),
+  and only the full-attention layers (one in four) count in the attention term.
+* Gated DeltaNet (linear-attention) layers: their projections (``in_proj_qkv``, ``in_proj_z``,
+  ``in_proj_b``, ``in_proj_a``, ``out_proj``) are in ``N_llm``; per token and layer, the
+  depthwise causal convolution costs 2 * conv_dim * kernel forward, and the gated delta rule
+  in the chunked form every kernel uses (fla's and transformers' reference, chunk C = 64; per
+  value head, q and k repeated to the value heads):
+
+      forward per token = 2 C (2 d_k + d_v) + 6 d_k d_v     (Q K^T and K_beta K^T in the chunk,
+                                                          the chunk's attention times V, and three
+                                                          d_k x d_v products with the state)
+
+  counted over the tokens of each sample rounded up to whole chunks (``StepWork.chunk_tokens``;
+  the kernel computes full chunks), and tripled for training like every other term.  The
+  triangular solve inside a chunk (C^2 (d_k + d_v) per chunk) is left out, as torch's FLOP
+  counter leaves it out.
+* Mixture of experts (``qwen3_vl_moe``, ``qwen3_5_moe``): ``N_llm`` counts the weights a token
+  is multiplied with, not the model's weights: the router (hidden x experts), the
+  ``num_experts_per_tok`` routed experts (3 x hidden x moe_intermediate each), the shared
+  expert and its gate where there is one (Qwen3.5), and dense MLPs in layers without experts.
+
 Vision tower (Qwen2.5-VL: windowed attention except in the full-attention blocks):
 
     forward = 2 * N_patch * patches  +  4 * d_vis * (L_window * W + L_full * F)
@@ -70,9 +93,67 @@ def peak_bf16_flops(device_name: str | None) -> float | None:
     return None
 
 
+LINEAR_ATTENTION_CHUNK = 64  # the chunk of fla's and transformers' chunked gated delta rule
+
+
+@dataclass(frozen=True)
+class LinearAttentionShape:
+    """Gated DeltaNet layers (Qwen3.5): how many, and their widths."""
+
+    layers: int
+    k_heads: int
+    v_heads: int
+    k_dim: int
+    v_dim: int
+    conv_kernel: int
+    chunk: int = LINEAR_ATTENTION_CHUNK
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.k_heads * self.k_dim + self.v_heads * self.v_dim
+
+    def matmul_params(self, hidden: int) -> int:
+        """Per layer: in_proj_qkv, in_proj_z, in_proj_b, in_proj_a and out_proj."""
+        value = self.v_heads * self.v_dim
+        return hidden * self.conv_dim + hidden * value + 2 * hidden * self.v_heads + value * hidden
+
+    def forward_flops(self, tokens: int, chunk_tokens: int) -> float:
+        """Forward FLOPs of one layer's convolution (over ``tokens``) and delta rule (over
+        ``chunk_tokens``, each sample rounded up to whole chunks)."""
+        conv = 2.0 * self.conv_dim * self.conv_kernel * tokens
+        per_token = 2 * self.chunk * (2 * self.k_dim + self.v_dim) + 6 * self.k_dim * self.v_dim
+        return conv + float(self.v_heads * per_token) * chunk_tokens
+
+
+@dataclass(frozen=True)
+class ExpertShape:
+    """The mixture-of-experts MLPs: the weights one token meets in a layer with experts."""
+
+    layers: int  # layers whose MLP has experts
+    experts: int
+    top_k: int
+    intermediate: int  # per expert
+    shared_intermediate: int = 0  # the shared expert (Qwen3.5), gated by a hidden x 1 linear
+
+    def active_params(self, hidden: int) -> int:
+        shared = 3 * hidden * self.shared_intermediate + hidden if self.shared_intermediate else 0
+        return hidden * self.experts + self.top_k * 3 * hidden * self.intermediate + shared
+
+
+def _moe_layers(text_config) -> int:
+    layers = text_config.num_hidden_layers
+    dense = set(getattr(text_config, "mlp_only_layers", None) or ())
+    step = getattr(text_config, "decoder_sparse_step", 1) or 1
+    return sum(1 for i in range(layers) if i not in dense and (i + 1) % step == 0)
+
+
 @dataclass(frozen=True)
 class LanguageShape:
-    """The dimensions of a dense decoder that set its FLOPs."""
+    """The dimensions of a decoder that set its FLOPs.
+
+    ``full_layers``: layers with softmax attention (None: all); ``gated_query``: ``q_proj``
+    also yields the attention output gate (Qwen3.5); ``linear`` and ``moe`` as above.
+    """
 
     layers: int
     hidden: int
@@ -81,28 +162,54 @@ class LanguageShape:
     head_dim: int
     intermediate: int
     vocab: int
+    full_layers: int | None = None
+    gated_query: bool = False
+    linear: LinearAttentionShape | None = None
+    moe: ExpertShape | None = None
 
     @classmethod
     def from_config(cls, text_config) -> "LanguageShape":
-        """From a Qwen2/Qwen2.5/Qwen3-VL text config; raises ValueError for mixture-of-experts models."""
-        if getattr(text_config, "num_experts", None) or getattr(text_config, "moe_intermediate_size", None):
-            raise ValueError("mixture-of-experts language models are not covered by this FLOP formula")
-        heads = text_config.num_attention_heads
-        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
-        return cls(layers=text_config.num_hidden_layers, hidden=text_config.hidden_size, heads=heads,
-                   kv_heads=getattr(text_config, "num_key_value_heads", None) or heads, head_dim=head_dim,
-                   intermediate=text_config.intermediate_size, vocab=text_config.vocab_size)
+        """From a Qwen2/Qwen2.5/Qwen3-VL(-MoE)/Qwen3.5(-MoE) text config."""
+        c = text_config
+        heads = c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        types = list(getattr(c, "layer_types", None) or [])
+        linear = None
+        if "linear_attention" in types:
+            linear = LinearAttentionShape(layers=types.count("linear_attention"), k_heads=c.linear_num_key_heads,
+                                          v_heads=c.linear_num_value_heads, k_dim=c.linear_key_head_dim,
+                                          v_dim=c.linear_value_head_dim, conv_kernel=c.linear_conv_kernel_dim)
+        moe = None
+        if getattr(c, "num_experts", None):
+            moe = ExpertShape(layers=_moe_layers(c), experts=c.num_experts, top_k=c.num_experts_per_tok,
+                              intermediate=c.moe_intermediate_size,
+                              shared_intermediate=getattr(c, "shared_expert_intermediate_size", 0) or 0)
+        return cls(layers=c.num_hidden_layers, hidden=c.hidden_size, heads=heads,
+                   kv_heads=getattr(c, "num_key_value_heads", None) or heads, head_dim=head_dim,
+                   intermediate=getattr(c, "intermediate_size", 0) or 0, vocab=c.vocab_size,
+                   full_layers=c.num_hidden_layers - linear.layers if linear else None,
+                   gated_query=c.model_type.startswith("qwen3_5"), linear=linear, moe=moe)
 
     @property
     def attn_width(self) -> int:
         return self.heads * self.head_dim
 
     @property
+    def attention_layers(self) -> int:
+        return self.layers if self.full_layers is None else self.full_layers
+
+    @property
     def matmul_params(self) -> int:
-        """Matmul weights: q, k, v, o and gate/up/down per layer, plus the lm_head."""
-        attention = self.hidden * self.attn_width * 2 + self.hidden * self.kv_heads * self.head_dim * 2
-        mlp = 3 * self.hidden * self.intermediate
-        return self.layers * (attention + mlp) + self.vocab * self.hidden
+        """Matmul weights one token meets: q (with its gate), k, v, o in the full-attention
+        layers, the linear-attention projections, the MLP (active experts), plus the lm_head."""
+        query = self.hidden * self.attn_width * (2 if self.gated_query else 1)
+        attention = query + self.hidden * self.attn_width + self.hidden * self.kv_heads * self.head_dim * 2
+        moe_layers = self.moe.layers if self.moe else 0
+        mlp = (self.layers - moe_layers) * 3 * self.hidden * self.intermediate
+        if self.moe:
+            mlp += moe_layers * self.moe.active_params(self.hidden)
+        linear = self.linear.layers * self.linear.matmul_params(self.hidden) if self.linear else 0
+        return self.attention_layers * attention + linear + mlp + self.vocab * self.hidden
 
 
 @dataclass(frozen=True)
@@ -137,7 +244,7 @@ class VisionShape:
             mlp = 3 * width * v.intermediate_size
             out = v.out_hidden_size
             mergers = 1
-        elif model_type in ("qwen3_vl", "qwen3_vl_moe"):
+        elif model_type in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"):  # Qwen3.5: no deepstack
             width = v.hidden_size
             mlp = 2 * width * v.intermediate_size
             out = v.out_hidden_size
@@ -195,17 +302,29 @@ class StepWork:
     patches: int = 0  # vision-tower patches
     window_pairs: int = 0  # see vision_attention_pairs
     full_pairs: int = 0
+    chunk_tokens: int = 0  # tokens with each sample rounded up to whole linear-attention chunks
 
     def __add__(self, other: "StepWork") -> "StepWork":
         return StepWork(*(a + b for a, b in zip(self.astuple(), other.astuple())))
 
     def astuple(self) -> tuple:
-        return (self.tokens, self.visual_tokens, self.pairs, self.patches, self.window_pairs, self.full_pairs)
+        return (self.tokens, self.visual_tokens, self.pairs, self.patches, self.window_pairs, self.full_pairs,
+                self.chunk_tokens)
+
+
+def chunk_tokens(lengths: Iterable[int], chunk: int = LINEAR_ATTENTION_CHUNK) -> int:
+    """Tokens of sequences of these lengths, each rounded up to whole chunks."""
+    return sum(-(-int(s) // chunk) * chunk for s in lengths)
 
 
 def language_flops(work: StepWork, lang: LanguageShape) -> float:
-    """Training FLOPs of the language model: 6 N T + 12 L d_attn P."""
-    return 6.0 * lang.matmul_params * work.tokens + 12.0 * lang.layers * lang.attn_width * work.pairs
+    """Training FLOPs of the language model: 6 N T + 12 L_full d_attn P (+ 3 x the linear-attention
+    layers' convolution and delta rule)."""
+    total = 6.0 * lang.matmul_params * work.tokens + 12.0 * lang.attention_layers * lang.attn_width * work.pairs
+    if lang.linear:
+        chunked = work.chunk_tokens or work.tokens
+        total += 3.0 * lang.linear.layers * lang.linear.forward_flops(work.tokens, chunked)
+    return total
 
 
 def vision_flops(work: StepWork, vision: VisionShape, train_vision: bool = False, train_merger: bool = True) -> float:

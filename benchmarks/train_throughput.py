@@ -74,8 +74,8 @@ if __package__ in (None, ""):  # run as a file (python benchmarks/train_throughp
 import torch  # noqa: E402
 
 from benchmarks import bench_data  # noqa: E402
-from benchmarks.mfu import (LanguageShape, StepWork, VisionShape, mfu, peak_bf16_flops,  # noqa: E402
-                            training_flops, vision_attention_pairs)
+from benchmarks.mfu import (LINEAR_ATTENTION_CHUNK, LanguageShape, StepWork, VisionShape, mfu,  # noqa: E402
+                            peak_bf16_flops, training_flops, vision_attention_pairs)
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2 ** 30
@@ -96,6 +96,19 @@ RELEASED = {
                         num_key_value_heads=4, vocab_size=152064, max_window_layers=28),
            "tie_word_embeddings": False, "params": (8_292_166_656, 7_615_616_512, 676_550_144)},
 }
+# The released Qwen3.5 architectures.  Text: transformers' Qwen3_5TextConfig / Qwen3_5MoeTextConfig
+# defaults, which are the 9B's and the 35B-A3B's (their docstrings name Qwen/Qwen3.5-27B and -35B-A3B;
+# the 9B's hidden 4096, 32 layers, 16 heads, 4 KV heads, head_dim 256, MLP 12288, linear attention 16
+# key / 32 value heads of 128, vocabulary 248,320 checked against its published model card), with the
+# published rotary settings (theta 1e7, a quarter of head_dim rotated, interleaved mRoPE [11, 11, 10],
+# 262,144 positions).  Vision: transformers' Qwen3_5VisionConfig defaults (27 blocks of 1152) with the
+# merger projecting to the language model's width.  No published parameter counts are asserted.
+_QWEN35_ROPE = {"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25,
+                "mrope_section": [11, 11, 10], "mrope_interleaved": True}
+QWEN35 = {
+    "qwen3_5_9b": {"model_type": "qwen3_5", "text": dict(hidden_size=4096, num_hidden_layers=32)},
+    "qwen3_5_35b_a3b": {"model_type": "qwen3_5_moe", "text": dict(hidden_size=2048, num_hidden_layers=40)},
+}
 DEFAULT_CONFIGS = "ours_padded_bs4,ours_flat_bs4,ours_flat_bs16,ours_budget,trl_bs4,trl_bs16"
 REFERENCE_MAX_PIXELS = 200704  # 256 visual tokens of 28 x 28 pixels
 SETUP_SECONDS = 60  # allowance per configuration for building the model and starting the data loaders
@@ -105,10 +118,34 @@ _CONFIG = re.compile(r"^(?:(ours)_(padded|flat)_bs(\d+)|(trl)_bs(\d+)|(ours)_(bu
 # ---------------------------------------------------------------------------------------------
 # the model
 # ---------------------------------------------------------------------------------------------
-def released_config(name: str, token_ids: dict | None = None):
-    """The Qwen2.5-VL config of the released ``3b`` or ``7b`` model (token ids: the config's own by default)."""
+def qwen3_5_config(name: str, token_ids: dict | None = None, layers: int | None = None):
+    """The config of a released Qwen3.5 architecture (``QWEN35``); ``layers`` keeps only the first
+    ``layers`` decoder layers (a multiple of 4: the 3 linear + 1 full attention pattern)."""
+    from transformers import Qwen3_5Config, Qwen3_5MoeConfig
+
+    spec = QWEN35[name]
+    text = dict(spec["text"], rope_parameters=dict(_QWEN35_ROPE), max_position_embeddings=262144,
+                tie_word_embeddings=False)
+    if layers:
+        if layers % 4 or layers > text["num_hidden_layers"]:
+            raise ValueError(f"--layers must be a multiple of 4 and at most {text['num_hidden_layers']}, got {layers}")
+        text["num_hidden_layers"] = layers
+    ids = dict(token_ids or {})
+    for key in ("bos_token_id", "eos_token_id"):
+        if key in ids:
+            text[key] = ids.pop(key)
+    vision = {"out_hidden_size": text["hidden_size"]}
+    cls = Qwen3_5Config if spec["model_type"] == "qwen3_5" else Qwen3_5MoeConfig
+    return cls(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+
+
+def released_config(name: str, token_ids: dict | None = None, layers: int | None = None):
+    """The config of the released ``3b`` or ``7b`` Qwen2.5-VL, or of a Qwen3.5 in ``QWEN35``
+    (token ids: the config's own by default)."""
     from transformers import Qwen2_5_VLConfig
 
+    if name in QWEN35:
+        return qwen3_5_config(name, token_ids, layers)
     spec = RELEASED[name]
     text = dict(_TEXT, **spec["text"], tie_word_embeddings=spec["tie_word_embeddings"])
     vision = dict(_VISION, out_hidden_size=spec["text"]["hidden_size"])
@@ -141,15 +178,20 @@ def check_released_params(config, name: str) -> None:
                          f"{got} parameters; the released model has {want}")
 
 
-def write_model_dir(name: str, folder: Path) -> Path:
-    """A model directory without weights: the released config and the Qwen2.5-VL processor (real tokenizer)."""
-    from qwenvl.tools.make_tiny_model import _token_ids, _write_family_tokenizer, build_processor
+def write_model_dir(name: str, folder: Path, layers: int | None = None) -> Path:
+    """A model directory without weights: the released config and the family's processor (real tokenizer)."""
+    from qwenvl.tools import make_tiny_model as tiny
 
+    family = QWEN35[name]["model_type"] if name in QWEN35 else "qwen2_5_vl"
+    if family not in tiny.FAMILIES:
+        raise SystemExit(f"--model {name} needs the {family} tokenizer and processor of make_tiny_model "
+                         f"(not in this checkout); pass --model_dir with a {family} checkpoint instead")
     folder.mkdir(parents=True, exist_ok=True)
-    _write_family_tokenizer("qwen2_5_vl", folder)
-    processor = build_processor("qwen2_5_vl", folder)
-    config = released_config(name, _token_ids(processor.tokenizer))
-    check_released_params(config, name)
+    tiny._write_family_tokenizer(family, folder)
+    processor = tiny.build_processor(family, folder)
+    config = released_config(name, tiny._token_ids(processor.tokenizer), layers)
+    if name in RELEASED:
+        check_released_params(config, name)
     config.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
@@ -177,7 +219,14 @@ def our_model_class(config, model_args, training_args):
     fused = use_fused_loss(getattr(training_args, "loss_kernel", "model"), zero3)
     sync = vision_sync_for(zero3, distributed=training_args.world_size > 1,
                            visual_trainable=bool(model_args.tune_mm_vision or model_args.tune_mm_mlp))
-    return with_training_forward(cls, fused_loss=fused, vision_sync=sync) if (fused or sync) else cls
+    from qwenvl.train.moe import router_aux_loss_coef, set_router_aux_loss_coef
+
+    coef = router_aux_loss_coef(config, getattr(training_args, "router_aux_loss_coef", None))
+    if coef:
+        set_router_aux_loss_coef(config, coef)
+    if fused or sync or coef:
+        return with_training_forward(cls, fused_loss=fused, vision_sync=sync, router_aux_loss=bool(coef))
+    return cls
 
 
 def build_model(ctx, cls, dtype: torch.dtype, attn: str):
@@ -196,6 +245,9 @@ def build_model(ctx, cls, dtype: torch.dtype, attn: str):
         model = cls.from_pretrained(ctx.model_dir, dtype=dtype, attn_implementation=loadable_attn_implementation(attn),
                                     device_map=ctx.device)
     apply_attn_implementation(model, attn)
+    from qwenvl.train.linear_attention import make_linear_attention_packable
+
+    make_linear_attention_packable(model)  # as load_model: Qwen3.5's packed samples stay apart
     return model
 
 
@@ -223,30 +275,37 @@ class Meter:
             m = mask.to(torch.long)
             tokens, samples = m.sum(), rows
             pairs = (m * m.cumsum(-1)).sum()  # s (s + 1) / 2 per row
+            lengths = m.sum(-1)
         elif positions is not None and positions.dim() == 3 and positions.shape[0] == 4:
             text = positions[0].to(torch.long)  # restarts at 0 for every packed sample
             tokens, samples = ids.numel(), (text == 0).sum()
             pairs = (text + 1).sum()
+            # a sample ends where the next position restarts at 0 (or the row ends)
+            ends = torch.nn.functional.pad(text[:, 1:] == 0, (0, 1), value=True)
+            lengths = (text + 1)[ends]
         else:
             tokens, samples, pairs = ids.numel(), rows, rows * length * (length + 1) // 2
+            lengths = torch.full((rows,), length, device=ids.device)
+        chunk = LINEAR_ATTENTION_CHUNK  # Qwen3.5's linear attention works on whole chunks per sample
+        chunked = ((lengths + chunk - 1) // chunk * chunk).sum()
         if ids.device not in self._ids_on:
             self._ids_on[ids.device] = torch.tensor(self.visual_ids, device=ids.device)
         visual = torch.isin(ids, self._ids_on[ids.device]).sum()
         grids = [inputs[k].detach() for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None]
-        self.records.append((steps_done, (tokens, visual, pairs, samples, ids.numel()), grids))
+        self.records.append((steps_done, (tokens, visual, pairs, samples, ids.numel(), chunked), grids))
 
     def total(self, first: int, last: int, vision: VisionShape | None) -> tuple[StepWork, int, int]:
         """Work of optimizer steps first+1 .. last; also (samples, token slots including padding)."""
-        sums = [0] * 5
+        sums = [0] * 6
         grids = []
         for steps_done, counts, batch_grids in self.records:
             if first <= steps_done < last:
                 sums = [s + int(c) for s, c in zip(sums, counts)]
                 grids += [row for g in batch_grids for row in g.tolist()]
-        tokens, visual, pairs, samples, slots = sums
+        tokens, visual, pairs, samples, slots, chunked = sums
         patches = sum(t * h * w for t, h, w in grids)
         window_pairs, full_pairs = vision_attention_pairs(grids, vision) if vision is not None else (0, 0)
-        return StepWork(tokens, visual, pairs, patches, window_pairs, full_pairs), samples, slots
+        return StepWork(tokens, visual, pairs, patches, window_pairs, full_pairs, chunked), samples, slots
 
 
 def metered(trainer_cls):
@@ -716,8 +775,12 @@ def _bool(text: str) -> bool:
 def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", choices=sorted(RELEASED), default=None,
-                     help="released Qwen2.5-VL architecture with random weights (default: 3b)")
+    src.add_argument("--model", choices=sorted(RELEASED) + sorted(QWEN35), default=None,
+                     help="released architecture with random weights: Qwen2.5-VL 3b/7b, Qwen3.5 qwen3_5_9b or "
+                          "qwen3_5_35b_a3b (default: 3b)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="with a Qwen3.5 --model: keep only this many decoder layers (a multiple of 4), e.g. 12 to "
+                        "fit the 35B-A3B on one GPU")
     src.add_argument("--model_dir", help="a checkpoint directory (any family our trainer supports)")
     p.add_argument("--weights", choices=("load", "random"), default=None,
                    help="with --model_dir: load its weights (default) or initialise randomly from its config")
@@ -782,6 +845,8 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
         args.variants = parse_variants(args.variant)
     except ValueError as err:
         p.error(str(err))
+    if args.layers and args.model not in QWEN35:
+        p.error(f"--layers applies to a Qwen3.5 --model ({', '.join(sorted(QWEN35))})")
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     if args.precision is None:
@@ -817,9 +882,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         model_dir = os.path.abspath(args.model_dir)
         say(f"model: {model_dir} ({args.weights} weights)")
     else:
-        say(f"model: released Qwen2.5-VL-{args.model.upper()} architecture, random weights")
-        model_dir = str(write_model_dir(args.model, workdir / "model"))
-        say(f"parameter counts match the released model: {RELEASED[args.model]['params'][0]:,}")
+        depth = f" at {args.layers} layers" if args.layers else ""
+        say(f"model: released {args.model} architecture{depth}, random weights")
+        model_dir = str(write_model_dir(args.model, workdir / "model", args.layers))
+        if args.model in RELEASED:
+            say(f"parameter counts match the released model: {RELEASED[args.model]['params'][0]:,}")
     config = AutoConfig.from_pretrained(model_dir)
 
     if args.annotation:

@@ -117,6 +117,11 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "How the training loss is computed: 'fused' never materialises the logits (Liger's "
                           "fused kernel on CUDA when liger-kernel is installed, else a chunked one); 'model' is the "
                           "released forward's loss; 'auto' = fused except under ZeRO-3 (lm_head is partitioned)."})
+    router_aux_loss_coef: float | None = field(
+        default=None,
+        metadata={"help": "MoE models (qwen3_vl_moe, qwen3_5_moe): weight of the router load-balancing loss added to "
+                          "the training loss (logged as router_aux_loss). Default: the checkpoint's "
+                          "router_aux_loss_coef (0.001 in the released configs); 0 turns it off."})
     compile_layers: bool = field(
         default=False,
         metadata={"help": "torch.compile each decoder layer and vision block in place (regional compilation): fuses "

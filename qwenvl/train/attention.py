@@ -466,8 +466,11 @@ def _boundaries_pre_hook(module, args, kwargs):
     vision tower never sees them (it is called separately with its own ``cu_seqlens``).
     Inside a compiled layer (``--compile_layers``) the attention is then fully traceable:
     no data-dependent ``nonzero`` and no host-side ``max`` breaks the graph.
+
+    Models with linear-attention layers (Qwen3.5's Gated DeltaNet) need the boundaries
+    whatever the attention kernel (``linear_attention.py``), so the hook runs for them too.
     """
-    if not is_ours(getattr(module.config, "_attn_implementation", None)):
+    if not (is_ours(getattr(module.config, "_attn_implementation", None)) or carries_state(module.config)):
         return None
     if kwargs.get("attention_mask") is not None or kwargs.get("cu_seq_lens_q") is not None:
         return None  # padded rows go through the mask path; explicit boundaries win
@@ -488,10 +491,15 @@ def _boundaries_pre_hook(module, args, kwargs):
     return args, kwargs
 
 
+def carries_state(config) -> bool:
+    """Whether a text config has linear-attention layers (state carried along the sequence)."""
+    return "linear_attention" in (getattr(config, "layer_types", None) or ())
+
+
 def supply_packed_boundaries(model: torch.nn.Module) -> int:
     """Register ``_boundaries_pre_hook`` on every language model of ``model`` (once each);
     returns how many language models carry it.  The hook does nothing unless the model's
-    attention is ours."""
+    attention is ours or it has linear-attention layers."""
     found = language_models(model)
     for lm in found:
         if getattr(lm, _HOOK_ATTR, None) is None:

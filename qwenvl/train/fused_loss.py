@@ -10,6 +10,8 @@
    get a gradient, or DDP's reducer errors out) or (b) ZeRO-3 partitions it (every rank
    must gather the same modules in the same order, or the ranks hang).  A dummy input of
    one merged token runs through it and enters the loss multiplied by zero.
+3. **Router load-balancing loss** (MoE families, ``moe.py``): router logits are asked for
+   while training and ``coef * load_balancing_loss`` is added to the loss, on both paths.
 
 ``with_training_forward(cls, ...)`` returns a subclass of ``cls`` that keeps the
 parent's class name, so checkpoints list the released architecture and load without
@@ -24,14 +26,17 @@ import torch
 from transformers.utils import ModelOutput
 
 from .loss import causal_lm_loss
+from .moe import text_config_of, load_balancing_loss
 
 
 @dataclass
 class FusedLossOutput(ModelOutput):
-    """The training output of the fused path: a loss and no logits."""
+    """The training output of the fused path: a loss (with the router loss of MoE models added,
+    ``aux_loss`` unscaled) and no logits."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 def _dummy_visual_input(visual_config, like: torch.Tensor, temporal: int = 1):
@@ -48,6 +53,8 @@ def _dummy_visual_input(visual_config, like: torch.Tensor, temporal: int = 1):
 
 class _TrainingForward:
     fused_loss: bool = False
+    # MoE: train with the router load-balancing loss (moe.py); the coefficient is the config's.
+    router_aux_loss: bool = False
     # Which visual inputs must run on every training forward: () none, ("image",) one call
     # of the tower (DDP with trainable visual parameters), ("image", "video") both calls
     # (ZeRO-3, where the number of tower calls must match across ranks).
@@ -74,12 +81,18 @@ class _TrainingForward:
             if num_items_in_batch is not None:
                 kwargs["num_items_in_batch"] = num_items_in_batch
             return super().forward(input_ids=input_ids, labels=labels, **kwargs)
+        if self.router_aux_loss:
+            kwargs["output_router_logits"] = True  # asked per call: saved configs keep the released False
         if self.fused_loss:
             kwargs.pop("logits_to_keep", None)
             outputs = self.model(input_ids=input_ids, **kwargs)
             loss = causal_lm_loss(outputs.last_hidden_state, self.lm_head.weight, labels,
                                   num_items_in_batch=num_items_in_batch)
-            outputs = FusedLossOutput(loss=loss)
+            aux = None
+            if self.router_aux_loss:
+                aux = load_balancing_loss(self, outputs.router_logits, kwargs.get("attention_mask"))
+                loss = loss + text_config_of(self.config).router_aux_loss_coef * aux.to(loss.device)
+            outputs = FusedLossOutput(loss=loss, aux_loss=aux)
         else:
             if num_items_in_batch is not None:
                 kwargs["num_items_in_batch"] = num_items_in_batch
@@ -94,13 +107,13 @@ class _TrainingForward:
 _CACHE: dict[tuple, type] = {}
 
 
-def with_training_forward(cls: type, fused_loss: bool, vision_sync: tuple = ()) -> type:
+def with_training_forward(cls: type, fused_loss: bool, vision_sync: tuple = (), router_aux_loss: bool = False) -> type:
     """``cls`` with the training behaviours above (same class name, same weights layout)."""
-    key = (cls, bool(fused_loss), tuple(vision_sync))
+    key = (cls, bool(fused_loss), tuple(vision_sync), bool(router_aux_loss))
     if key not in _CACHE:
         _CACHE[key] = type(cls.__name__, (_TrainingForward, cls), {
-            "__module__": cls.__module__, "__doc__": cls.__doc__,
-            "fused_loss": bool(fused_loss), "vision_sync": tuple(vision_sync)})
+            "__module__": cls.__module__, "__doc__": cls.__doc__, "fused_loss": bool(fused_loss),
+            "vision_sync": tuple(vision_sync), "router_aux_loss": bool(router_aux_loss)})
     return _CACHE[key]
 
 

@@ -27,6 +27,8 @@ SUPPORTED_MODEL_TYPES = {
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
     "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+    "qwen3_5": "Qwen3_5ForConditionalGeneration",
+    "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
 }
 
 # (component, pattern searched in the parameter name); first match wins, which is why the
@@ -49,15 +51,19 @@ def component_of(name: str) -> str:
     raise ValueError(f"parameter {name!r} matches no component rule; is this a Qwen-VL model?")
 
 
-def model_type_of(model_name_or_path: str, cache_dir: str | None = None) -> str:
-    """The checkpoint's ``config.model_type`` (read with AutoConfig, never guessed from the path)."""
+def read_config(model_name_or_path: str, cache_dir: str | None = None):
+    """The checkpoint's config (AutoConfig); ConfigError when it cannot be read."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir)
+        return AutoConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot read the config of --model_name_or_path {model_name_or_path}: {err}") from None
-    return config.model_type
+
+
+def model_type_of(model_name_or_path: str, cache_dir: str | None = None) -> str:
+    """The checkpoint's ``config.model_type`` (read with AutoConfig, never guessed from the path)."""
+    return read_config(model_name_or_path, cache_dir).model_type
 
 
 def model_class_for(model_type: str):
@@ -103,30 +109,43 @@ def load_model(model_args, training_args):
 
     With ``--loss_kernel`` fused (or auto outside ZeRO-3), and when the vision tower must
     run on batches without images (ZeRO-3, or DDP with a trainable tower or merger), the
-    class is the family's training subclass from ``fused_loss.py``.
+    class is the family's training subclass from ``fused_loss.py``; also for MoE models,
+    which train with the router load-balancing loss (``--router_aux_loss_coef``, ``moe.py``).
     Our registered varlen kernel cannot be named to ``from_pretrained`` (transformers
     only accepts "flash" names it can import), so the model loads with sdpa and then
     switches to it.
     """
     from .attention import apply_attn_implementation, loadable_attn_implementation
     from .fused_loss import use_fused_loss, vision_sync_for, with_training_forward
+    from .linear_attention import make_linear_attention_packable
+
+    from .moe import router_aux_loss_coef, set_router_aux_loss_coef
 
     path = model_args.model_name_or_path
-    cls = model_class_for(model_type_of(path, training_args.cache_dir))
+    config = read_config(path, training_args.cache_dir)
+    cls = model_class_for(config.model_type)
     zero3 = _zero3(training_args)
     fused = use_fused_loss(getattr(training_args, "loss_kernel", "model"), zero3)
     sync = vision_sync_for(zero3, distributed=training_args.world_size > 1,
                            visual_trainable=bool(model_args.tune_mm_vision or model_args.tune_mm_mlp))
-    if fused or sync:
-        cls = with_training_forward(cls, fused_loss=fused, vision_sync=sync)
+    # MoE: the router load-balancing loss trains with the model (moe.py); 0 turns it off.
+    coef = router_aux_loss_coef(config, getattr(training_args, "router_aux_loss_coef", None))
+    if coef:
+        set_router_aux_loss_coef(config, coef)
+    if fused or sync or coef:
+        cls = with_training_forward(cls, fused_loss=fused, vision_sync=sync, router_aux_loss=bool(coef))
     attention = resolve_attn_implementation(model_args.attn_implementation)
     model = cls.from_pretrained(
         path,
+        config=config,
         cache_dir=training_args.cache_dir,
         attn_implementation=loadable_attn_implementation(attention),
         dtype=load_dtype(training_args),
     )
     apply_attn_implementation(model, attention)
+    # Qwen3.5's Gated DeltaNet layers carry state along the sequence: make them stop at the
+    # boundaries of flattened samples (linear_attention.py), whatever the attention kernel.
+    make_linear_attention_packable(model)
     return model
 
 

@@ -8,6 +8,8 @@ What it adds to ``transformers.Trainer``:
   torch optimizer there);
 - every training log carries ``lr/<group>`` for each group, and token throughput
   (``tokens_per_second`` and its text / visual split, summed over processes);
+- MoE models log their router load-balancing loss (unscaled, mean over the micro-batches
+  since the last log and over processes) as ``router_aux_loss``;
 - a dataset exposing ``log_metrics() -> dict`` (e.g. skipped-sample counts) has
   those values added to every training log;
 - checkpoints are written with ``use_cache=True`` in their config (training runs
@@ -47,6 +49,7 @@ class QwenVLTrainer(Trainer):
         self._token_counts = None  # [tokens, visual tokens] since the last log, on device
         self._last_log_time = None
         self._step_rates = {}  # lr/<group> of the latest optimizer step
+        self._router_aux = None  # [sum of router_aux_loss, micro-batches] since the last log, on device
         self.add_callback(_RecordStepRates(self))
 
     # ---- optimizer ----
@@ -119,6 +122,25 @@ class QwenVLTrainer(Trainer):
             self._last_log_time = time.perf_counter()
         return super().training_step(model, inputs, num_items_in_batch)
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The Trainer's loss; MoE outputs' ``aux_loss`` (the router loss) is kept for the log."""
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        aux = outputs.get("aux_loss") if isinstance(outputs, dict) else getattr(outputs, "aux_loss", None)
+        if torch.is_tensor(aux) and model.training:
+            entry = torch.stack([aux.detach().float().reshape(()), torch.ones((), device=aux.device)])
+            self._router_aux = entry if self._router_aux is None else self._router_aux + entry.to(self._router_aux)
+        return (loss, outputs) if return_outputs else loss
+
+    def _router_aux_log(self) -> dict:
+        if self._router_aux is None:
+            return {}
+        total = self._router_aux
+        if self.args.world_size > 1:
+            total = self.accelerator.reduce(total.to(self.args.device), reduction="sum")
+        self._router_aux = None
+        value, count = total.tolist()
+        return {"router_aux_loss": round(value / max(count, 1.0), 6)}
+
     def _visual_id_tensor(self, device) -> torch.Tensor:
         # Made once per device: a host-to-device copy every micro-batch would make the CPU wait
         # for the GPU's queued work each step.
@@ -155,6 +177,7 @@ class QwenVLTrainer(Trainer):
         if "loss" in logs:  # a training log (not eval, not the end-of-training summary)
             logs.update(self._step_rates or self._group_learning_rates())
             logs.update(self._throughput())
+            logs.update(self._router_aux_log())
             dataset_metrics = getattr(self.train_dataset, "log_metrics", None)
             if callable(dataset_metrics):
                 logs.update(dataset_metrics())

@@ -66,6 +66,35 @@ def test_random_weights_use_the_class_load_model_uses(tiny_model_dir, tmp_path, 
     assert getattr(cls, "fused_loss", False) == (loss_kernel == "auto")
 
 
+def test_moe_random_weights_use_the_class_load_model_uses(tmp_path):
+    """The router load-balancing loss makes load_model pick the training subclass; so does the benchmark."""
+    from transformers import AutoConfig
+
+    from qwenvl.train.arguments import parse_args
+    from qwenvl.train.model import load_model
+    from tests.train.tiny_qwen35 import tiny_model
+
+    tiny_model("qwen3_5_moe").save_pretrained(tmp_path / "moe")
+    model_args, _, training_args, _ = parse_args([
+        "--model_name_or_path", str(tmp_path / "moe"), "--tune_mm_llm", "True", "--use_cpu", "True",
+        "--output_dir", str(tmp_path / "out"), "--loss_kernel", "model"])
+    cls = tt.our_model_class(AutoConfig.from_pretrained(tmp_path / "moe"), model_args, training_args)
+    assert cls is type(load_model(model_args, training_args)) and cls.router_aux_loss
+
+
+def test_qwen3_5_released_configs_and_reduced_depth():
+    nine = tt.released_config("qwen3_5_9b")
+    text = nine.text_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads,
+            text.head_dim, text.intermediate_size, text.vocab_size) == (4096, 32, 16, 4, 256, 12288, 248320)
+    assert text.layer_types[:4] == ["linear_attention"] * 3 + ["full_attention"]
+    assert text.rope_parameters["mrope_section"] == [11, 11, 10] and nine.vision_config.out_hidden_size == 4096
+    moe = tt.released_config("qwen3_5_35b_a3b", layers=12).text_config
+    assert (moe.num_hidden_layers, moe.num_experts, moe.num_experts_per_tok, len(moe.layer_types)) == (12, 256, 8, 12)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        tt.released_config("qwen3_5_35b_a3b", layers=10)
+
+
 def test_parse_configs():
     parsed = tt.parse_configs("ours_padded_bs4, ours_flat_bs16,trl_bs4,ours_budget,trl_bs3,nope", 16)
     assert [(c.name, c.trainer, c.layout, c.batch, c.accumulation) for c in parsed[:4]] == [
@@ -88,6 +117,7 @@ def test_meter_counts_padded_and_flattened_batches_alike():
     a, samples_a, slots_a = meter.total(0, 1, None)
     b, samples_b, slots_b = meter.total(1, 2, None)
     assert a == b and (a.tokens, a.visual_tokens, a.pairs, a.patches) == (5, 2, 6 + 3, 8)
+    assert a.chunk_tokens == 2 * 64  # each sample rounded up to a whole linear-attention chunk
     assert (samples_a, slots_a, samples_b, slots_b) == (2, 6, 2, 5)
 
 

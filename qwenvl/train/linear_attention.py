@@ -1,0 +1,244 @@
+"""Packed samples through Gated DeltaNet (linear-attention) layers, with no state crossing a boundary.
+
+Qwen3.5 / Qwen3.6 (``qwen3_5``, ``qwen3_5_moe``) interleave three Gated DeltaNet layers with
+one full-attention layer.  A Gated DeltaNet layer carries two things along the sequence: a
+causal depthwise convolution over the last ``linear_conv_kernel_dim`` tokens and a recurrent
+state.  In a flattened batch (several samples in one row, text positions restarting at 0),
+restarting position ids separate samples for the full-attention layers only; the linear-
+attention layers need the boundaries themselves.  What transformers (5.17 to 5.23) does with
+them (``models/qwen3_5/modeling_qwen3_5.py``, ``Qwen3_5GatedDeltaNet.forward``):
+
+* ``cu_seq_lens_q`` from the layer's kwargs goes to the gated delta rule as ``cu_seqlens``.
+  With flash-linear-attention (``fla``) installed that is its chunked kernel, which honours
+  it; without, ``integrations/hub_kernels.py`` (``use_kernel_func_from_hub_with_fallback``)
+  raises "can't keep packed sequences apart without `flash-linear-attention`".
+* The convolution takes boundaries only as ``seq_idx``, and only from the ``causal-conv1d``
+  CUDA package; its PyTorch fallback raises when given ``seq_idx`` and otherwise (the usual
+  case: ``cu_seq_lens_q`` is not a name it checks) convolves across the boundary, so the
+  first three tokens of every packed sample see the previous sample.  With fla installed and
+  no causal-conv1d, that is a silent leak.
+* transformers never derives the boundaries from position ids.
+
+So the layers are given a boundary-aware training forward here, as a subclass of the
+released layer class that keeps its name (``make_linear_attention_packable``; the model's
+parameters, state dict and saved checkpoints are unchanged).  It runs only when boundaries
+arrive (``cu_seq_lens_q``, supplied once per forward by the language model's pre-hook in
+``attention.py`` from the text position row); padded batches, evaluation and generation use
+the released forward untouched.  Two ways to compute it:
+
+* ``fla`` (CUDA with flash-linear-attention): one call of fla's Triton causal conv1d and of
+  its chunked gated delta rule over the whole row, both with ``cu_seqlens``.
+* ``per_sample`` (anywhere; CPU tests): the released forward run on each sample's slice of
+  the row, so each sample starts from a zero state and a zero-padded convolution, exactly as
+  it would alone.  Correct but one call per sample per layer.
+
+transformers' other hooks were considered: the hub ``kernels`` package (``KernelConfig``,
+``use_kernel_forward_from_hub("Qwen3_5GatedDeltaNet")``) can replace this layer's forward too,
+but needs that package, which ``kernelize`` only applies to classes with the decorator (the
+MoE variant, ``Qwen3_5MoeGatedDeltaNet``, has none in 5.23), and whose function-level
+fallbacks are chosen once at import.  A layer subclass works on both variants, on every
+transformers release that has them, with or without extra packages.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from .arguments import ConfigError
+
+# The kwargs transformers' varlen attention takes; the linear-attention layers need only the first.
+_BOUNDARY_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+BACKENDS = ("auto", "fla", "per_sample")
+_FLA_LAYOUT = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "conv1d", "A_log", "dt_bias", "norm", "out_proj")
+
+
+def linear_attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """``(name, module)`` of every linear-attention layer of ``model`` (``...layers.N.linear_attn``)."""
+    return [(n, m) for n, m in model.named_modules() if n.endswith("linear_attn") and hasattr(m, "conv1d")]
+
+
+# -- flash-linear-attention ---------------------------------------------------------------------------
+_FLA: list = []  # memo: [] unresolved, [None] absent, [(causal_conv1d, chunk_gated_delta_rule)]
+
+
+def fla_kernels():
+    """fla's ``(causal_conv1d, chunk_gated_delta_rule)``, or None when fla is not installed.
+
+    The convolution moved from ``fla.modules.convolution`` (0.3-0.5) to
+    ``fla.modules.causal_conv1d`` (0.6, which keeps the old name as an alias).
+    """
+    if not _FLA:
+        found = None
+        if importlib.util.find_spec("fla") is not None:
+            try:
+                from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+                try:
+                    from fla.modules.causal_conv1d import causal_conv1d
+                except ImportError:
+                    from fla.modules.convolution import causal_conv1d
+                found = (causal_conv1d, chunk_gated_delta_rule)
+            except ImportError:
+                found = None
+        _FLA.append(found)
+    return _FLA[0]
+
+
+def fla_available() -> bool:
+    """Whether flash-linear-attention's kernels import here (they still need a CUDA GPU)."""
+    return fla_kernels() is not None
+
+
+_LONG_CU: list = [None, None]  # [the boundaries tensor last converted, its int64 copy]
+
+
+def _long_boundaries(cu: torch.Tensor, device) -> torch.Tensor:
+    """``cu`` as int64 on ``device``, the same tensor object for every layer of one forward: fla
+    caches what it derives from the boundaries (chunk indices) by tensor identity."""
+    if cu.dtype == torch.long and cu.device == device:
+        return cu
+    if _LONG_CU[0] is not cu or torch.compiler.is_compiling():
+        _LONG_CU[:] = [cu, cu.to(device=device, dtype=torch.long)]
+    return _LONG_CU[1]
+
+
+# -- the boundary-aware layer ---------------------------------------------------------------------------
+class PackedLinearAttention:
+    """Mixin over a released ``*GatedDeltaNet`` class: a forward that honours ``cu_seq_lens_q``.
+
+    ``boundary_backend``: "auto" (fla on CUDA when installed, else per sample), "fla" or
+    "per_sample" (tests force it to compare the two).
+    """
+
+    boundary_backend: str = "auto"
+    # (causal_conv1d, chunk_gated_delta_rule) with fla's signatures; None: fla's own.  Tests pass
+    # reference kernels here to check this forward's plumbing where fla cannot run (CPU).
+    varlen_kernels: tuple | None = None
+
+    def forward(self, hidden_states, cache_params=None, attention_mask=None, **kwargs):
+        cu = kwargs.get("cu_seq_lens_q")
+        if cu is None or cache_params is not None:
+            # Padded rows, evaluation, generation: the released forward.
+            return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
+        if attention_mask is not None:
+            raise ValueError("a linear-attention layer got both a padding mask and packed-sequence boundaries; "
+                             "a flattened batch has no padding mask")
+        kwargs = {k: v for k, v in kwargs.items() if k not in _BOUNDARY_KWARGS}
+        return self._packed_forward(hidden_states, cu, kwargs)
+
+    # Inside a compiled layer (--compile_layers) this part runs eagerly, like our varlen attention:
+    # the per-sample path slices on host-side boundaries and fla's kernels are Triton already.
+    @torch.compiler.disable
+    def _packed_forward(self, hidden_states, cu, kwargs):
+        if self._uses_fla(hidden_states):
+            return self._fla_forward(hidden_states, cu)
+        return self._per_sample_forward(hidden_states, cu, kwargs)
+
+    def _uses_fla(self, hidden_states) -> bool:
+        if self.boundary_backend == "per_sample":
+            return False
+        # The fla forward mirrors the released layer's projections; a release with another
+        # layout (none known) takes the portable path instead of computing something else.
+        kernels_here = self.varlen_kernels is not None or (hidden_states.is_cuda and fla_available())
+        usable = kernels_here and all(hasattr(self, a) for a in _FLA_LAYOUT)
+        if self.boundary_backend == "fla" and not usable:
+            raise RuntimeError("boundary_backend='fla' needs flash-linear-attention and a CUDA device "
+                               f"(and a layer with {', '.join(_FLA_LAYOUT)})")
+        return usable
+
+    def _per_sample_forward(self, hidden_states, cu, kwargs):
+        """The released forward on each sample's slice: a fresh state and convolution per sample."""
+        batch, length, width = hidden_states.shape
+        row = hidden_states.reshape(1, batch * length, width)
+        bounds = cu.tolist()  # one host sync per layer; this path is the portable one, not the fast one
+        pieces = [super(PackedLinearAttention, self).forward(row[:, start:stop], **kwargs)
+                  for start, stop in zip(bounds[:-1], bounds[1:]) if stop > start]
+        return torch.cat(pieces, dim=1).reshape(batch, length, -1)
+
+    def _fla_forward(self, hidden_states, cu):
+        """The released forward's computation with fla's varlen convolution and delta rule.
+
+        Mirrors ``Qwen3_5GatedDeltaNet.forward`` (transformers 5.17-5.23) without a cache; the
+        grouped query/key heads are repeated explicitly (``repeat_interleave``, the grouping of
+        transformers' reference kernel) so any fla release computes the same thing.
+        """
+        causal_conv1d, chunk_gated_delta_rule = self.varlen_kernels or fla_kernels()
+        batch, length, _ = hidden_states.shape
+        tokens = batch * length
+        row = hidden_states.reshape(1, tokens, -1)
+        cu = _long_boundaries(cu, row.device)
+
+        mixed_qkv = self.in_proj_qkv(row)  # (1, T, 2 * key_dim + value_dim)
+        z = self.in_proj_z(row).reshape(1, tokens, -1, self.head_v_dim)
+        b = self.in_proj_b(row)
+        a = self.in_proj_a(row)
+        mixed_qkv, _ = causal_conv1d(mixed_qkv, weight=self.conv1d.weight.squeeze(1), bias=self.conv1d.bias,
+                                     activation=self.activation, cu_seqlens=cu)
+        query, key, value = torch.split(mixed_qkv, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        query = query.reshape(1, tokens, -1, self.head_k_dim)
+        key = key.reshape(1, tokens, -1, self.head_k_dim)
+        value = value.reshape(1, tokens, -1, self.head_v_dim)
+        if self.num_v_heads != self.num_k_heads:
+            group = self.num_v_heads // self.num_k_heads
+            query, key = query.repeat_interleave(group, dim=2), key.repeat_interleave(group, dim=2)
+        beta = b.sigmoid()
+        g = -self.A_log.float().exp() * torch.nn.functional.softplus(a.float() + self.dt_bias)
+        core, _ = chunk_gated_delta_rule(query, key, value, g=g, beta=beta, initial_state=None,
+                                         output_final_state=False, use_qk_l2norm_in_kernel=True, cu_seqlens=cu)
+        core = self.norm(core.reshape(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim))
+        return self.out_proj(core.reshape(batch, length, -1))
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def packable_class(cls: type) -> type:
+    """``cls`` with ``PackedLinearAttention``'s forward, under the same name and module."""
+    if issubclass(cls, PackedLinearAttention):
+        return cls
+    if cls not in _SUBCLASSES:
+        _SUBCLASSES[cls] = type(cls.__name__, (PackedLinearAttention, cls),
+                                {"__module__": cls.__module__, "__doc__": cls.__doc__})
+    return _SUBCLASSES[cls]
+
+
+def make_linear_attention_packable(model: torch.nn.Module, backend: str = "auto", varlen_kernels=None) -> int:
+    """Give every linear-attention layer of ``model`` the boundary-aware forward, and its language
+    model the pre-hook that supplies the boundaries (``attention.supply_packed_boundaries``).
+
+    The layers become instances of ``packable_class(type(layer))``: same parameters, same class
+    name, nothing in transformers changed.  Returns the number of layers converted.
+    ``varlen_kernels`` replaces fla's ``(causal_conv1d, chunk_gated_delta_rule)`` (tests).
+    """
+    from .attention import supply_packed_boundaries
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+    layers = linear_attention_modules(model)
+    for _, layer in layers:
+        layer.__class__ = packable_class(type(layer))
+        layer.boundary_backend = backend
+        if varlen_kernels is not None:
+            layer.varlen_kernels = tuple(varlen_kernels)
+    if layers:
+        supply_packed_boundaries(model)
+    return len(layers)
+
+
+class PackingUnsupported(ConfigError):
+    """A flattened batch would let one sample's state leak into the next."""
+
+
+def check_flattening_supported(model: torch.nn.Module) -> None:
+    """Raise ``PackingUnsupported`` when ``model`` has linear-attention layers that would carry
+    state across packed samples (not converted by ``make_linear_attention_packable``)."""
+    from .attention import _HOOK_ATTR, language_models
+
+    leaking = [n for n, m in linear_attention_modules(model) if not isinstance(m, PackedLinearAttention)]
+    hooked = all(getattr(lm, _HOOK_ATTR, None) is not None for lm in language_models(model))
+    if leaking or (linear_attention_modules(model) and not hooked):
+        where = ", ".join(leaking[:3]) + (" ..." if len(leaking) > 3 else "") if leaking else "its language model"
+        raise PackingUnsupported(
+            f"this model's linear-attention (Gated DeltaNet) layers would carry state from one packed sample into "
+            f"the next ({where} cannot see sample boundaries). Load it with qwenvl.train.model.load_model (which "
+            f"makes them boundary-aware), or train without --data_flatten / --data_packing / --max_tokens_per_batch.")
