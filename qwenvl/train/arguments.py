@@ -330,10 +330,12 @@ def parse_args(argv: list[str] | None = None) -> ParsedArgs:
     known = {a.dest for a in parser._actions} - {"help"}
     baseline = vars(parser.parse_known_args([])[0])  # every flag's default, before a run file changes them
     problems: list[str] = []
+    warnings: list[str] = []
     file_values: dict = {}
     if argv and argv[0].endswith(RUN_FILE_SUFFIXES) and not argv[0].startswith("-"):
         run_file, argv = argv[0], argv[1:]
         file_values = expand_file_products(_read_run_file(run_file))
+        _, warnings = pop_no_effect_flags([], file_values)
         unknown = sorted(set(file_values) - known)
         if unknown:
             problems.append(f"unknown key(s) in {run_file}: {', '.join(unknown)}. Keys are flag names without "
@@ -341,7 +343,8 @@ def parse_args(argv: list[str] | None = None) -> ParsedArgs:
         # File values become parser defaults: flags given after the file still win, and
         # string values ("1e-5", which YAML keeps as a string) are converted like flags.
         parser.set_defaults(**{k: v for k, v in file_values.items() if k in known})
-    argv, warnings = pop_no_effect_flags(argv, file_values)
+    argv, flag_warnings = pop_no_effect_flags(argv, {})
+    warnings += flag_warnings
     namespace, extra = parser.parse_known_args(argv)
     if extra:
         problems.append(f"unrecognised argument(s): {' '.join(extra)}. See --help for the flags.")
