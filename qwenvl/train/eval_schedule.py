@@ -29,7 +29,7 @@ def schedule_evaluation(values: dict) -> list[str]:
     if _name(values.get("save_strategy", "steps")) == "steps":
         values["eval_strategy"] = "steps"
         values["eval_steps"] = values.get("save_steps") or 500
-        when = f"every {values['eval_steps']} steps (the save steps)"
+        when = f"every {values['eval_steps']:g} steps (the save steps)"
     else:
         values["eval_strategy"] = "epoch"
         when = "at the end of every epoch"

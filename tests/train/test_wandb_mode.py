@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,7 @@ FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 characters, the shap
 
 def _home(tmp_path, netrc: str | None = None) -> dict:
     """An environment of a user whose home is a fresh folder (optionally with a .netrc)."""
-    home = tmp_path / "home"
-    home.mkdir(exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="home", dir=tmp_path))
     if netrc is not None:
         (home / ".netrc").write_text(netrc)
         (home / ".netrc").chmod(stat.S_IRUSR | stat.S_IWUSR)
