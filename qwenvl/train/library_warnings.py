@@ -13,6 +13,9 @@ nothing of ``qwenvl`` is (our own warnings always show).  Called once at start-u
 * torch's FutureWarning "`torch.distributed.reduce_scatter_tensor` is deprecated": raised
   from inside DeepSpeed's ZeRO gradient reduction at every bucket, about 680 lines in a
   7-step ``sft_7b.sh`` run; DeepSpeed's call, not ours, and it still works.
+* transformers' FutureWarning "`gradient_checkpointing` is deprecated and will be removed in
+  v6" (5.2x renamed it ``activation_checkpointing``): ``--gradient_checkpointing`` is the
+  official scripts' flag, which this port accepts on purpose; it works until transformers 6.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import warnings
 
 TORCH_DISTRIBUTED_LAUNCH_ADVICE = "launch your script with `python -m torch.distributed.launch"
 REDUCE_SCATTER_DEPRECATION = r"`torch\.distributed\.reduce_scatter_tensor` is deprecated"
+GRADIENT_CHECKPOINTING_RENAME = r"`gradient_checkpointing` is deprecated and will be removed in v6"
 
 
 class _DropMessages(logging.Filter):
@@ -44,4 +48,5 @@ def quiet_known_library_warnings() -> None:
         return
     logging.getLogger("transformers.training_args").addFilter(_DropMessages(TORCH_DISTRIBUTED_LAUNCH_ADVICE))
     warnings.filterwarnings("ignore", message=REDUCE_SCATTER_DEPRECATION, category=FutureWarning)
+    warnings.filterwarnings("ignore", message=GRADIENT_CHECKPOINTING_RENAME, category=FutureWarning)
     _installed.append(True)
