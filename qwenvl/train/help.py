@@ -26,7 +26,8 @@ TRAINING_SECTIONS = {
                                 "lora_dropout", "lora_target_modules"),
     "Sequence length and batching": ("model_max_length", "online_packing", "max_tokens_per_batch",
                                      "max_patches_per_pack", "group_by_modality_length"),
-    "Speed and memory": ("master_weights", "loss_kernel", "compile_layers", "activation_memory_budget"),
+    "Loss": ("loss_kernel", "router_aux_loss_coef"),
+    "Speed and memory": ("master_weights", "compile_layers", "activation_memory_budget"),
     "Official-script flags (this port's defaults)": ("cache_dir", "optim", "warmup_ratio", "remove_unused_columns"),
 }
 OTHER_OWN_TRAINING = "Other training flags of this port"
