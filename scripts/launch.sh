@@ -32,6 +32,14 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
+# torchrun and python come from the project's virtual environment: say so instead of
+# "torchrun: not found" when it is not active.
+if [[ "${DRY_RUN:-0}" != "1" ]] && ! command -v torchrun >/dev/null 2>&1; then
+  echo "launch: torchrun not found: the project's Python environment is not active." >&2
+  echo "  Activate it first: source $ROOT/.venv/bin/activate   (created by: bash scripts/setup_env.sh)" >&2
+  exit 127
+fi
+
 : "${MODEL_PATH:?set MODEL_PATH to a checkpoint directory or hub id}"
 : "${DATASETS:?set DATASETS to dataset names of dataset_dictionary.json, e.g. DATASETS=demo_shapes}"
 OUTPUT_DIR="${OUTPUT_DIR:-./output}"
@@ -60,6 +68,13 @@ if [[ -z "${MASTER_PORT:-}" ]]; then
   fi
 fi
 
+if [[ "$GPUS" -eq 0 ]]; then
+  # Training still runs (that is how the tests and the demo run), but a real model on the
+  # CPU takes days: make that visible before it starts.
+  echo "launch: no CUDA GPU visible (nvidia-smi lists none): training runs on the CPU, in fp32 unless" \
+       "PRECISION is set; fine for tiny models, far too slow for real ones. On a GPU machine, check" \
+       "nvidia-smi and CUDA_VISIBLE_DEVICES." >&2
+fi
 PRECISION="${PRECISION:-auto}"
 if [[ "$PRECISION" == "auto" ]]; then
   if [[ "$GPUS" -gt 0 ]]; then PRECISION=bf16; else PRECISION=fp32; fi

@@ -9,7 +9,8 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 : "${LR:?}" "${BATCH_SIZE:?}" "${GRAD_ACCUM_STEPS:?}" "${ZERO_CONFIG:?}"
-export WANDB_MODE="${WANDB_MODE:-offline}"
+# wandb: its own default (online when logged in); the training process falls back to offline,
+# saying so, only when no credentials exist (qwenvl/train/wandb_mode.py).
 
 exec bash "$HERE/launch.sh" \
   --deepspeed "$HERE/$ZERO_CONFIG" \

@@ -11,8 +11,8 @@
 # Everything after the script name overrides these defaults (last value wins); MODEL_PATH,
 # DATASETS, OUTPUT_DIR, PRECISION, NPROC_PER_NODE, NNODES ... are read by scripts/launch.sh
 # (see its header). Differences from the official script: --warmup_steps 0.03 is the
-# transformers 5 spelling of --warmup_ratio 0.03; wandb logs offline unless WANDB_MODE is set
-# (as the official 7B/32B scripts); DATASETS has no default, name your own.
+# transformers 5 spelling of --warmup_ratio 0.03; wandb logs to your project when you are
+# logged in (else offline, and the run says where); DATASETS has no default, name your own.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export MODEL_PATH="${MODEL_PATH:-Qwen/Qwen3-VL-8B-Instruct}"

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class DataArguments:
+    help_heading = "Data: datasets, images and video"  # --help's heading (not a flag)
     dataset_use: str = field(
         default="",
         metadata={"help": "Comma list of dataset names from the dictionary, each with an optional %%rate: "

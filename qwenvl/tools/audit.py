@@ -1,7 +1,7 @@
 """Check every record of the selected datasets once, before a run finds the bad ones.
 
     python -m qwenvl.tools.audit --dataset_use a,b [--dataset_dictionary F] [--model_name_or_path DIR]
-        [--num_workers N] [--report audit_report.json] [--model_max_length N] [--verify_media]
+        [--num_workers N] [--report FILE.json] [--model_max_length N] [--verify_media]
         [--bad_sample_policy error|skip] [the data flags of training: --max_pixels ... --video_fps ...]
 
 Each record of each selected annotation file (every record, whatever the ``%`` rate;
@@ -29,7 +29,10 @@ same flags.  Without it only the structural and media checks run (said in the ou
 
 The summary prints per dataset: records, bad records, problems by kind, and token
 statistics (mean / p50 / p95 / max of tokens, text and visual tokens).  The JSON
-report holds the same plus every problem.  Exit status, as ``--bad_sample_policy``
+report holds the same plus every problem; it is written to ``--report`` (alias ``--output``),
+by default ``audit_<datasets>.json`` next to the first selected annotation file (the
+data it describes; the user cache ``~/.cache/qwenvl/audit`` when that folder cannot be
+written), and its path is printed.  Exit status, as ``--bad_sample_policy``
 in training: ``error`` (default) exits 1 when any record is bad; ``skip`` exits 0
 (training would skip them; the report still lists them).  Exit 2: the dictionary
 or flags are wrong.
@@ -38,9 +41,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from transformers import HfArgumentParser
@@ -65,7 +70,11 @@ class AuditArguments:
         default=None, metadata={"help": "Checkpoint whose processor counts tokens (omit: structural checks only)."})
     num_workers: int = field(default=os.cpu_count() or 1, metadata={"help": "Processes reading records."})
     chunk_size: int = field(default=64, metadata={"help": "Records per task handed to a worker."})
-    report: str = field(default="audit_report.json", metadata={"help": "Where to write the JSON report."})
+    report: str | None = field(
+        default=None,
+        metadata={"aliases": ["--output"],
+                  "help": "Where to write the JSON report (default: audit_<datasets>.json next to the first "
+                          "selected annotation file)."})
     model_max_length: int | None = field(
         default=None, metadata={"help": "Report samples training would drop as too long at this length."})
     verify_media: bool = field(
@@ -352,12 +361,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_report(report, audit_args.show))
-    if audit_args.report:
-        os.makedirs(os.path.dirname(os.path.abspath(audit_args.report)), exist_ok=True)
-        with open(audit_args.report, "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"report: {audit_args.report}")
+    path = write_report(report, audit_args.report, _selected(data_args))
+    print(f"report: {path}")
     return status
+
+
+def default_report_paths(selected) -> list[Path]:
+    """Where the report goes without ``--report``: next to the first selected annotation file, else the
+    user cache (a URL, or a folder we cannot write)."""
+    tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", "+".join(name for name, _, _ in selected))[:80]
+    name = f"audit_{tag}.json"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwenvl" / "audit" / name
+    first = selected[0][1].annotation_path if selected else ""
+    if not first or "://" in first:
+        return [cache]
+    return [Path(first).resolve().parent / name, cache]
+
+
+def write_report(report: dict, path: str | None, selected) -> Path:
+    """Write the JSON report to ``path`` (or the first writable default place); returns where."""
+    def write(target: Path) -> Path:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(report, indent=1))
+        return target
+
+    candidates = [Path(path)] if path else default_report_paths(selected)
+    for candidate in candidates[:-1]:
+        try:
+            return write(candidate)
+        except OSError:  # not writable: the next place
+            continue
+    return write(candidates[-1])
 
 
 if __name__ == "__main__":

@@ -1,9 +1,14 @@
-"""Print a ``--dataset_use`` value listing every dataset of a dictionary with its own rate.
+"""Print a ``--dataset_use`` value listing every training dataset of a dictionary with its own rate.
 
     python -m qwenvl.tools.dataset_use [--dataset_dictionary dataset_dictionary.json]
     # llava_665k%30,my_video%250
+    # (stderr) left out as evaluation splits: my_video_eval; use them with --eval_dataset_use my_video_eval
 
-Same output as the jq one-liner
+Evaluation splits are left out of the training string: a dataset is one when its name
+ends with ``_eval``, ``_val``, ``_valid``, ``_validation`` or ``_test`` (also with ``-``),
+the convention of the demo dictionary (``demo_shapes_eval``).  They are named on stderr
+with the ``--eval_dataset_use`` value that evaluates them, so stdout stays the one line
+to paste.  Otherwise the same output as the jq one-liner
 ``jq -r 'to_entries | map("\\(.key)%\\((.value.repeat_time * 100 + 0.5) | floor)") | join(",")'``
 (reading sampling_rate or repeat_time, default 1.0), without needing jq. The
 dictionary is validated first; problems are printed and the exit status is 2.
@@ -11,11 +16,19 @@ dictionary is validated first; problems are printed and the exit status is 2.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from qwenvl.data.errors import DataError
 from qwenvl.data.mixture import mixture_string
 from qwenvl.data.registry import DEFAULT_DICTIONARY, load_dictionary
+
+EVAL_SPLIT_NAME = re.compile(r"[_-](eval|val|valid|validation|test)$", re.IGNORECASE)
+
+
+def is_eval_split(name: str) -> bool:
+    """True for a dataset name that marks an evaluation split (``demo_shapes_eval``, ``coco-val``)."""
+    return EVAL_SPLIT_NAME.search(name) is not None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(mixture_string(dictionary))
+    evaluation = [name for name in dictionary if is_eval_split(name)]
+    training = {name: spec for name, spec in dictionary.items() if name not in evaluation}
+    print(mixture_string(training))
+    if evaluation:
+        names = ",".join(evaluation)
+        print(f"left out as evaluation splits: {names}; use them with --eval_dataset_use {names}",
+              file=sys.stderr)
     return 0
 
 

@@ -21,7 +21,10 @@ all trained tokens of the dataset (the per-token mean training logs).
 The data flags default to the checkpoint's own settings (training saves its pixel and
 frame flags in the processor); flags given here override them.  Prints a table
 (dataset, samples, exact, normalised, loss) and writes JSON with every prediction to
-``--output`` (default: ``<model>/eval_<datasets>.json``).  Generation is one sample at a
+``--output`` (default: ``eval/<checkpoint name>_<datasets>.json`` next to the checkpoint
+folder, never inside it: a checkpoint folder is a model to load, upload or rotate away
+by ``--save_total_limit``; the path is printed).  A progress bar counts the samples of
+each dataset.  Generation is one sample at a
 time: slower than batching, but no padding can change an answer.
 """
 from __future__ import annotations
@@ -52,7 +55,10 @@ class EvalArguments:
     base: str | None = field(default=None, metadata={"help": "Base model of a LoRA adapter (default: its config's)."})
     max_new_tokens: int = field(default=64, metadata={"help": "Longest answer generated."})
     limit: int | None = field(default=None, metadata={"help": "Evaluate at most this many samples per dataset."})
-    output: str | None = field(default=None, metadata={"help": "JSON file to write (default: in --model)."})
+    output: str | None = field(
+        default=None,
+        metadata={"help": "JSON file to write (default: eval/<checkpoint>_<datasets>.json beside the checkpoint "
+                          "folder, not inside it)."})
     seed: int = field(default=42, metadata={"help": "Mixture seed (matters only for %% subsampling)."})
     model_max_length: int | None = field(
         default=None, metadata={"help": "As in training: longer samples are rendered smaller, or skipped."})
@@ -111,15 +117,19 @@ def _conversations(dataset, i: int) -> list:
 
 
 def evaluate_dataset(model, processor, renderer, collator, dataset, name: str, max_new_tokens: int,
-                     limit: int | None = None, skip_bad: bool = False, log=None) -> tuple[DatasetScore, list]:
-    """Score the samples of one ``SupervisedDataset``; returns its score and every prediction."""
+                     limit: int | None = None, skip_bad: bool = False,
+                     progress: bool = True) -> tuple[DatasetScore, list]:
+    """Score the samples of one ``SupervisedDataset`` (with a progress bar on stderr unless ``progress``
+    is False); returns its score and every prediction."""
+    from tqdm.auto import tqdm
+
     from qwenvl.data.errors import DataError
     from qwenvl.data.prompt import split_last_reply
     from qwenvl.tools.chat import generate
 
     score, predictions = DatasetScore(name), []
     count = len(dataset) if limit is None else min(limit, len(dataset))
-    for i in range(count):
+    for i in tqdm(range(count), desc=name, unit="sample", disable=not progress):
         for conversation in _conversations(dataset, i):
             try:
                 prompt, reference = split_last_reply(conversation)
@@ -140,8 +150,6 @@ def evaluate_dataset(model, processor, renderer, collator, dataset, name: str, m
             score.loss_tokens += tokens
             predictions.append(Prediction(name, conversation.origin, reference, reply.text, exact, loose,
                                           reply.stopped_at_end))
-        if log and (i + 1) % 50 == 0:
-            log(f"{name}: {i + 1}/{count}")
     return score, predictions
 
 
@@ -190,8 +198,7 @@ def evaluate(eval_args: EvalArguments, data_args) -> dict:
         dataset = SupervisedDataset([entry], renderer, eval_args.seed)
         score, preds = evaluate_dataset(model, processor, renderer, collator, dataset, entry.spec.name,
                                         eval_args.max_new_tokens, eval_args.limit,
-                                        skip_bad=settings.bad_sample_policy == "skip",
-                                        log=lambda m: print(m, file=sys.stderr, flush=True))
+                                        skip_bad=settings.bad_sample_policy == "skip")
         rows.append(score.summary())
         predictions += preds
         total.add(score)
@@ -206,9 +213,15 @@ def evaluate(eval_args: EvalArguments, data_args) -> dict:
             "datasets": rows, "predictions": [asdict(p) for p in predictions]}
 
 
-def _default_output(model: str, dataset_use: str) -> Path:
+def default_output(model: str, dataset_use: str) -> Path:
+    """``<folder holding the checkpoint>/eval/<checkpoint name>_<datasets>.json`` for a local checkpoint,
+    ``./eval/<model id>_<datasets>.json`` for a hub id."""
     tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset_use)[:80]
-    return Path(model) / f"eval_{tag}.json"
+    path = Path(model).expanduser()
+    if path.is_dir():
+        path = path.resolve()
+        return path.parent / "eval" / f"{path.name}_{tag}.json"
+    return Path.cwd() / "eval" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', model)}_{tag}.json"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -237,17 +250,16 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     text = json.dumps(results, indent=2) + "\n"
-    if eval_args.output:
-        output = Path(eval_args.output)
+    output = Path(eval_args.output) if eval_args.output else default_output(eval_args.model, data_args.dataset_use)
+    try:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text)
-    else:
-        output = _default_output(eval_args.model, data_args.dataset_use)
-        try:
-            output.write_text(text)
-        except OSError:  # a read-only model folder: the working directory instead
-            output = Path.cwd() / output.name
-            output.write_text(text)
+    except OSError:
+        if eval_args.output:
+            raise
+        output = Path.cwd() / "eval" / output.name  # the checkpoint's folder is read-only: here instead
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text)
     print(format_table(results["datasets"]))
     print(f"predictions and scores written to {output}")
     return results

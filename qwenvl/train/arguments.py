@@ -22,6 +22,10 @@ from typing import NamedTuple
 import transformers
 
 from qwenvl.data.arguments import DataArguments
+from qwenvl.train.eval_schedule import schedule_evaluation
+from qwenvl.train.help import USAGE, GroupedHelpParser
+from qwenvl.train.official_flags import (drop_frozen_learning_rates, expand_file_products, expand_pixel_products,
+                                         pop_no_effect_flags)
 
 # The language model's attention and MLP projections (every dense family), matched by the
 # last component of a module's name inside the language model only: the Qwen2.5-VL vision
@@ -45,6 +49,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelArguments:
+    help_heading = "Model: what to load and which parts to train"  # --help's heading (not a flag)
     model_name_or_path: str = field(
         default="Qwen/Qwen2.5-VL-3B-Instruct",
         metadata={"help": "Checkpoint directory or hub id. The family is read from its config.json "
@@ -171,7 +176,7 @@ class ParsedArgs(NamedTuple):
     explicit: dict  # the values the user gave (file and flags), for run_args.json
 
 
-class _Parser(transformers.HfArgumentParser):
+class _Parser(GroupedHelpParser):
     """HfArgumentParser whose usage errors become a ConfigError instead of ``sys.exit(2)``."""
 
     def error(self, message):
@@ -244,12 +249,6 @@ def _cross_checks(v: dict) -> list[str]:
     if v.get("lora_enable") and not tune["tune_mm_llm"]:
         problems.append("--lora_enable puts adapters on the language model, but --tune_mm_llm is False. Pass "
                         "--tune_mm_llm True, or drop --lora_enable to train only the merger / vision tower fully.")
-    if v.get("vision_tower_lr") is not None and not tune["tune_mm_vision"]:
-        problems.append(f"--vision_tower_lr {v['vision_tower_lr']} is set but the vision tower is frozen. "
-                        "Pass --tune_mm_vision True, or drop --vision_tower_lr.")
-    if v.get("mm_projector_lr") is not None and not tune["tune_mm_mlp"]:
-        problems.append(f"--mm_projector_lr {v['mm_projector_lr']} is set but the merger is frozen. "
-                        "Pass --tune_mm_mlp True, or drop --mm_projector_lr.")
     for name in ("learning_rate", "vision_tower_lr", "mm_projector_lr"):
         value = v.get(name)
         if value is not None and not float(value) > 0:
@@ -331,15 +330,17 @@ def parse_args(argv: list[str] | None = None) -> ParsedArgs:
     """
     import sys
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _Parser((ModelArguments, DataArguments, TrainingArguments))
+    argv = expand_pixel_products(list(sys.argv[1:] if argv is None else argv))
+    parser = _Parser((ModelArguments, DataArguments, TrainingArguments), usage=USAGE)
     known = {a.dest for a in parser._actions} - {"help"}
     baseline = vars(parser.parse_known_args([])[0])  # every flag's default, before a run file changes them
     problems: list[str] = []
+    warnings: list[str] = []
     file_values: dict = {}
     if argv and argv[0].endswith(RUN_FILE_SUFFIXES) and not argv[0].startswith("-"):
         run_file, argv = argv[0], argv[1:]
-        file_values = _read_run_file(run_file)
+        file_values = expand_file_products(_read_run_file(run_file))
+        _, warnings = pop_no_effect_flags([], file_values)
         unknown = sorted(set(file_values) - known)
         if unknown:
             problems.append(f"unknown key(s) in {run_file}: {', '.join(unknown)}. Keys are flag names without "
@@ -347,10 +348,14 @@ def parse_args(argv: list[str] | None = None) -> ParsedArgs:
         # File values become parser defaults: flags given after the file still win, and
         # string values ("1e-5", which YAML keeps as a string) are converted like flags.
         parser.set_defaults(**{k: v for k, v in file_values.items() if k in known})
+    argv, flag_warnings = pop_no_effect_flags(argv, {})
+    warnings += flag_warnings
     namespace, extra = parser.parse_known_args(argv)
     if extra:
         problems.append(f"unrecognised argument(s): {' '.join(extra)}. See --help for the flags.")
     values = _normalise(vars(namespace))
+    warnings += drop_frozen_learning_rates(values)
+    notes = schedule_evaluation(values)
     try:
         problems += _cross_checks(values)
     except (TypeError, ValueError) as err:  # a run file value of the wrong type (e.g. lora_r: null)
@@ -376,8 +381,17 @@ def parse_args(argv: list[str] | None = None) -> ParsedArgs:
     if problems:
         raise ConfigError(problems)
 
+    _print_on_main_process([f"warning: {w}" for w in warnings] + [f"note: {n}" for n in notes])
     explicit = {k: v for k, v in values.items() if k in known and v != baseline.get(k)}
     return ParsedArgs(*built, explicit=explicit)
+
+
+def _print_on_main_process(lines: list[str]) -> None:
+    """Print to stderr once per run: torchrun starts every rank with the same flags."""
+    if lines and os.environ.get("RANK", "0") == "0":
+        import sys
+
+        print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def explicit_args_for_saving(explicit: dict) -> dict:

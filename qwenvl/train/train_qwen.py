@@ -22,6 +22,9 @@ import sys
 
 from qwenvl.data.errors import DataError
 from qwenvl.train.arguments import ConfigError, explicit_args_for_saving, parse_args
+from qwenvl.train.completed_run import completed_run_message
+from qwenvl.train.library_warnings import quiet_known_library_warnings
+from qwenvl.train.wandb_mode import configure_wandb
 
 
 def _main_process(training_args) -> bool:
@@ -131,10 +134,19 @@ def _train(argv):
     main = _main_process(training_args)
     transformers.set_seed(training_args.seed)
     output_dir = training_args.output_dir
+    saved_args = explicit_args_for_saving(explicit)
+    finished = completed_run_message(output_dir, saved_args)
+    if finished:
+        if main:
+            print(finished, flush=True)
+        return output_dir
     os.makedirs(output_dir, exist_ok=True)
+    wandb_lines = configure_wandb(training_args.report_to, output_dir)
     if main:
+        for line in wandb_lines:
+            print(line, flush=True)
         with open(os.path.join(output_dir, "run_args.json"), "w") as f:
-            json.dump(explicit_args_for_saving(explicit), f, indent=2, default=str)
+            json.dump(saved_args, f, indent=2, default=str)
 
     path = model_args.model_name_or_path
     config = AutoConfig.from_pretrained(path, cache_dir=training_args.cache_dir)
@@ -186,6 +198,7 @@ def train(argv: list[str] | None = None) -> str:
     their message.
     """
     default_allocator_settings()
+    quiet_known_library_warnings()
     try:
         return _train(argv)
     except ConfigError as err:

@@ -185,3 +185,19 @@ def test_dictionary_errors_exit_2(tmp_path, capsys):
     status = audit.main(["--dataset_use", "a", "--dataset_dictionary", str(tmp_path / "dict.json"),
                          "--report", str(tmp_path / "r.json")])
     assert status == 2 and "annotation file not found" in capsys.readouterr().err
+
+
+def test_report_goes_next_to_the_data_not_the_working_directory(bad_dataset, tmp_path, monkeypatch, capsys):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    argv = ["--dataset_use", "bad", "--dataset_dictionary", str(bad_dataset / "dict.json"), "--num_workers", "1",
+            "--bad_sample_policy", "skip"]
+    audit.main(argv)
+    expected = bad_dataset / "audit_bad.json"
+    assert f"report: {expected}" in capsys.readouterr().out
+    assert json.loads(expected.read_text())["datasets"]["bad"]["bad"] > 0
+    assert list(cwd.iterdir()) == []
+    # --output (alias of --report) puts it where it says
+    audit.main(argv + ["--output", str(tmp_path / "reports" / "a.json")])
+    assert (tmp_path / "reports" / "a.json").is_file()

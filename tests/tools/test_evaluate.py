@@ -153,3 +153,23 @@ def test_table_format():
     assert lines[0].split() == ["dataset", "samples", "exact", "normalised", "loss"]
     assert lines[1].split() == ["d", "2", "50.0%", "100.0%", "0.2500"]
     assert lines[2].split() == ["empty", "0", "-", "-", "-"]
+
+
+def test_default_output_is_beside_the_checkpoint_not_in_it_with_progress(tiny_model_dir, eval_data, tmp_path,
+                                                                          capsys):
+    """Without --output the JSON goes to <run folder>/eval/<checkpoint>_<datasets>.json (a checkpoint folder is
+    a model to load or rotate away), the path is printed, and each dataset gets a progress bar."""
+    import shutil
+
+    checkpoint = tmp_path / "run" / "checkpoint-4"
+    shutil.copytree(tiny_model_dir("qwen2_5_vl"), checkpoint)
+    before = sorted(p.name for p in checkpoint.iterdir())
+    evaluate.main(["--model", str(checkpoint), "--dataset_use", "colours", "--dataset_dictionary", str(eval_data),
+                   "--limit", "1", "--max_new_tokens", "1", "--max_pixels", str(56 * 56), "--min_pixels",
+                   str(56 * 56)])
+    captured = capsys.readouterr()
+    expected = tmp_path / "run" / "eval" / "checkpoint-4_colours.json"
+    assert json.loads(expected.read_text())["datasets"][0]["samples"] == 1
+    assert f"written to {expected}" in captured.out
+    assert sorted(p.name for p in checkpoint.iterdir()) == before  # nothing written into the checkpoint
+    assert "colours: 100%" in captured.err and "1/1" in captured.err  # tqdm's bar, on stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -90,3 +91,28 @@ def test_deepspeed_configs(name):
     assert "optimizer" not in config and "scheduler" not in config
     if stage == 3:
         assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_launch_without_the_environment_says_what_to_do(tmp_path):
+    """Without the virtual environment on PATH: a clear message, not "torchrun: not found"."""
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    for tool in ("bash", "dirname", "basename", "grep"):  # what the script needs before it looks for torchrun
+        found = shutil.which(tool)
+        if found:
+            (bare / tool).symlink_to(found)
+    env = {"PATH": str(bare), "MODEL_PATH": "/m", "DATASETS": "d", "HOME": str(tmp_path)}
+    result = subprocess.run([str(bare / "bash"), "scripts/launch.sh"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 127
+    assert "torchrun not found" in result.stderr and ".venv/bin/activate" in result.stderr
+    assert "command not found" not in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has GPUs")
+def test_launch_on_a_machine_without_gpu_says_it_trains_on_the_cpu(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("NPROC_PER_NODE", "MASTER_PORT", "PRECISION")}
+    result = subprocess.run(["bash", "scripts/sft_7b.sh"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env=dict(env, DRY_RUN="1", DATASETS="demo_shapes", OUTPUT_DIR=str(tmp_path / "o")))
+    assert result.returncode == 0, result.stderr
+    assert "no CUDA GPU visible" in result.stderr and "training runs on the CPU" in result.stderr
