@@ -26,6 +26,7 @@ import sys
 from qwenvl.data.errors import DataError
 from qwenvl.train.arguments import ConfigError, explicit_args_for_saving, parse_args
 from qwenvl.train.checkpoints import DiskFullError, resume_point
+from qwenvl.train.length_cache import require_length_cache
 from qwenvl.train.output_dir import check_output_dir, describe_changes, write_run_args
 from qwenvl.train.secrets import redact_secrets_in_argv
 
@@ -100,8 +101,11 @@ def _summary(trainer, output_dir: str, lora: bool) -> str:
     return "\n".join(lines)
 
 
-def _batch_sampler(dataset, training_args):
-    """Online packing / length grouping over the length cache, or None for the Trainer's sampler."""
+def _batch_sampler(dataset, training_args, check_cache=None):
+    """Online packing / length grouping over the length cache, or None for the Trainer's sampler.
+
+    ``check_cache(dataset)`` runs first when the cache is needed (it stops a
+    multi-process run whose cache is missing: ``qwenvl.train.length_cache``)."""
     from types import SimpleNamespace
 
     from qwenvl.data.lengths import dataset_lengths
@@ -112,6 +116,8 @@ def _batch_sampler(dataset, training_args):
         getattr(training_args, "train_sampling_strategy", "random") == "group_by_length"
     if not (packing or grouping):
         return None
+    if check_cache is not None:
+        check_cache(dataset)
     # Rank 0 counts (or reads) the length cache first; the others then read it.
     with training_args.main_process_first(desc="length cache"):
         rows, _ = dataset_lengths(dataset, num_workers=training_args.dataloader_num_workers,
@@ -149,7 +155,8 @@ def _train(argv):
     data_module = make_supervised_data_module(
         processor, data_args, model_config=config, model_max_length=training_args.model_max_length,
         seed=training_args.seed, output_dir=output_dir)
-    batch_sampler = _batch_sampler(data_module["train_dataset"], training_args)
+    batch_sampler = _batch_sampler(data_module["train_dataset"], training_args, check_cache=lambda dataset: (
+        require_length_cache(dataset, explicit, path, training_args.model_max_length, training_args.world_size)))
 
     # The flags and the data passed their checks: from here on the folder is this run's.
     checkpoint, notes = resume_point(training_args.resume_from_checkpoint, output_dir)

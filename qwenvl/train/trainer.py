@@ -254,6 +254,7 @@ class QwenVLTrainer(Trainer):
                 shutil.rmtree(folder)
             os.makedirs(run_dir, exist_ok=True)
             check_free_space(folder, needed)
+        self.accelerator.wait_for_everyone()  # no rank writes into the folder before it is cleared
         limit = self.args.save_total_limit
         self.args.save_total_limit = None  # rotated below, once the new checkpoint is complete
         try:
