@@ -8,7 +8,9 @@ stop (``control.should_training_stop``).  A second signal stops at once, as usua
 
 Under torchrun every rank gets the signal (the terminal sends it to the whole
 process group; torchrun forwards it, then kills what is still running after its
-shutdown timeout), but not necessarily during the same step: the ranks agree on it
+shutdown timeout: 30 s unless ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` / ``--shutdown_timeout``
+says more, which a large model's save needs; a save cut off there is never taken for a
+complete checkpoint), but not necessarily during the same step: the ranks agree on it
 with one tiny all-reduce per step, so they all save and stop at the same step
 (a rank that stopped alone would leave the others waiting in a collective).
 Dataloader workers forked after the handler is installed inherit it, so a
@@ -18,11 +20,16 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 
 import torch
 from transformers import TrainerCallback
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
+# A terminal's Ctrl-C reaches a torchrun worker twice: from the terminal (the whole process
+# group) and again from torchrun, which forwards what it got.  Signals this close to the
+# first are taken as that same one; a later one means "stop now".
+SAME_SIGNAL_WINDOW_S = 2.0
 
 
 class StopOnSignal(TrainerCallback):
@@ -33,13 +40,18 @@ class StopOnSignal(TrainerCallback):
         self.stopped_at: int | None = None  # the step the run stopped at because of a signal
         self.saved: bool = False
         self._previous = {}
+        self._first_at = 0.0
 
     # ---- signal handling ----
 
     def _handle(self, signum, frame):
-        if self.signal_name is not None:  # the second one: stop now, the default way
-            self.uninstall()
+        now = time.monotonic()
+        if self.signal_name is not None:
+            if now - self._first_at < SAME_SIGNAL_WINDOW_S:
+                return  # the same Ctrl-C, forwarded once more by torchrun
+            self.uninstall()  # a second Ctrl-C: stop now, the default way
             raise KeyboardInterrupt
+        self._first_at = now
         self.signal_name = signal.Signals(signum).name
         print(f"\n{self.signal_name} received: finishing this step, then saving a checkpoint and stopping "
               "(send it again to stop at once without saving).", file=sys.stderr, flush=True)
