@@ -53,10 +53,17 @@ def checkpoint_folders(output_dir: str) -> list[str]:
 
 
 def newest_complete_checkpoint(output_dir: str) -> tuple[str | None, list[IgnoredCheckpoint]]:
-    """The newest complete checkpoint of ``output_dir`` (or None) and the newer folders passed over, with why."""
+    """The newest complete checkpoint of ``output_dir`` (or None) and the newer folders passed over, with why.
+
+    A folder where no checkpoint has the marker was written before markers existed: there
+    a checkpoint with ``trainer_state.json`` counts (the Trainer writes it last), so an
+    upgrade in the middle of a run still resumes.
+    """
+    folders = checkpoint_folders(output_dir)
+    legacy = not any(is_complete(path) for path in folders)
     ignored = []
-    for path in reversed(checkpoint_folders(output_dir)):
-        if is_complete(path):
+    for path in reversed(folders):
+        if is_complete(path) or (legacy and os.path.isfile(os.path.join(path, "trainer_state.json"))):
             return path, ignored
         ignored.append(IgnoredCheckpoint(path, _why_incomplete(path)))
     return None, ignored

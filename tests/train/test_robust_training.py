@@ -73,6 +73,20 @@ def test_the_newest_complete_checkpoint_is_chosen_and_newer_cut_off_ones_are_nam
     assert marker["step"] == 4 and "model.safetensors" in marker["files"]
 
 
+def test_checkpoints_written_before_markers_existed_still_resume(tmp_path):
+    two = _fake_checkpoint(tmp_path, 2, complete=False)
+    (two / "trainer_state.json").write_text("{}")  # whole, by an older version: no marker
+    cut_off = _fake_checkpoint(tmp_path, 4, complete=False)
+    chosen, ignored = newest_complete_checkpoint(str(tmp_path))
+    assert chosen == str(two) and [i.path for i in ignored] == [str(cut_off)]
+    _fake_checkpoint(tmp_path, 6, complete=True)  # once markers exist, only they count
+    assert newest_complete_checkpoint(str(tmp_path))[0] == str(tmp_path / "checkpoint-6")
+    (tmp_path / "checkpoint-6" / COMPLETE_MARKER).unlink()
+    (tmp_path / "checkpoint-6" / "x").write_text("")
+    _fake_checkpoint(tmp_path, 3, complete=True)
+    assert newest_complete_checkpoint(str(tmp_path))[0] == str(tmp_path / "checkpoint-3")
+
+
 def test_rotation_keeps_the_newest_complete_checkpoints_and_a_save_in_progress(tmp_path):
     old_broken = _fake_checkpoint(tmp_path, 1, complete=False)
     for step in (2, 3, 4):
