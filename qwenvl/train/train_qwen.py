@@ -179,7 +179,10 @@ def _train(argv):
                             train_batch_sampler=batch_sampler, **data_module)
     if checkpoint and main:
         print(f"resuming from {checkpoint}", flush=True)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        trainer.stop_on_signal.uninstall()  # also when training raised: Ctrl-C means "stop" again
     if trainer.stop_on_signal.stopped_at is not None:
         # A stopped run is not a finished one: no final model, only the checkpoint to resume from.
         if main:

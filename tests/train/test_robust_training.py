@@ -342,3 +342,28 @@ def test_ctrl_c_under_torchrun_saves_one_checkpoint_from_both_ranks(tiny_model_d
     assert f"after step {step}: checkpoint saved in {checkpoints[0]}" in stderr
     assert "KeyboardInterrupt" not in stderr
     assert _state(checkpoints[0])["global_step"] == step
+
+
+@pytest.mark.slow
+def test_two_process_resume_restores_the_weights_on_every_rank(tiny_model_dir, tmp_path):
+    """Rank 0 alone reads the checkpoint (DDP copies its weights to rank 1): 2 + 1 steps end where 3 do."""
+    from transformers import AutoModelForImageTextToText
+
+    def run(out, steps):
+        flags = _flags(tiny_model_dir("qwen2_5_vl"), out, "--max_steps", str(steps), "--save_steps", "2",
+                       "--lr_scheduler_type", "constant", "--ddp_backend", "gloo")
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                   str(free_port()), "-m", "qwenvl.train.train_qwen", *flags]
+        result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return result
+
+    out, straight = tmp_path / "out", tmp_path / "straight"
+    run(out, 2)
+    assert f"resuming from {out / 'checkpoint-2'}" in run(out, 3).stdout
+    run(straight, 3)
+    losses = [{e["step"]: e["loss"] for e in _state(folder)["log_history"] if "loss" in e} for folder in (out, straight)]
+    assert losses[0][3] == pytest.approx(losses[1][3], rel=1e-5)
+    resumed = dict(AutoModelForImageTextToText.from_pretrained(out).named_parameters())
+    for name, param in AutoModelForImageTextToText.from_pretrained(straight).named_parameters():
+        assert torch.allclose(param, resumed[name], rtol=0, atol=1e-6), name
