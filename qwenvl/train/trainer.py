@@ -206,7 +206,8 @@ class QwenVLTrainer(Trainer):
         if self.is_deepspeed_enabled or self.is_fsdp_enabled or isinstance(unwrapped, PeftModel) \
                 or not os.path.isfile(os.path.join(resume_from_checkpoint, "config.json")):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        persistent_buffers = set(unwrapped.state_dict()) - {name for name, _ in unwrapped.named_parameters(remove_duplicate=False)}
+        parameters = {name for name, _ in unwrapped.named_parameters(remove_duplicate=False)}
+        persistent_buffers = set(unwrapped.state_dict()) - parameters
         if self.args.parallel_mode == ParallelMode.DISTRIBUTED and self.args.process_index != 0 \
                 and not persistent_buffers:
             # Loaded before the model is wrapped in DDP, whose constructor copies rank 0's

@@ -245,7 +245,8 @@ def _dictionary_with_a_bad_record(folder: Path) -> Path:
 @pytest.mark.slow
 def test_skip_at_batch_size_one_never_ends_a_two_process_run(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
-    flags = _flags(tiny_model_dir("qwen2_5_vl"), out, "--dataset_dictionary", str(_dictionary_with_a_bad_record(tmp_path)),
+    dictionary = _dictionary_with_a_bad_record(tmp_path)
+    flags = _flags(tiny_model_dir("qwen2_5_vl"), out, "--dataset_dictionary", str(dictionary),
                    "--bad_sample_policy", "skip", "--num_train_epochs", "1", "--ddp_backend", "gloo",
                    "--save_strategy", "no", data="mixed")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -362,7 +363,8 @@ def test_two_process_resume_restores_the_weights_on_every_rank(tiny_model_dir, t
     run(out, 2)
     assert f"resuming from {out / 'checkpoint-2'}" in run(out, 3).stdout
     run(straight, 3)
-    losses = [{e["step"]: e["loss"] for e in _state(folder)["log_history"] if "loss" in e} for folder in (out, straight)]
+    losses = [{e["step"]: e["loss"] for e in _state(folder)["log_history"] if "loss" in e}
+              for folder in (out, straight)]
     assert losses[0][3] == pytest.approx(losses[1][3], rel=1e-5)
     resumed = dict(AutoModelForImageTextToText.from_pretrained(out).named_parameters())
     for name, param in AutoModelForImageTextToText.from_pretrained(straight).named_parameters():
