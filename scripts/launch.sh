@@ -19,6 +19,8 @@
 #   NODE_RANK       rank of this node, 0..NNODES-1                      [0]
 #   MASTER_ADDR     address of node 0                                   [127.0.0.1]
 #   MASTER_PORT     port on node 0             [a free port when NNODES=1, else 29500]
+#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun gives the ranks after Ctrl-C to save a
+#                   checkpoint before it kills them                     [600]
 #   DRY_RUN=1       print the command instead of running it
 #
 # Multi-node: run the same command on every node with the same NNODES, MASTER_ADDR
@@ -44,6 +46,8 @@ fi
 : "${DATASETS:?set DATASETS to dataset names of dataset_dictionary.json, e.g. DATASETS=demo_shapes}"
 OUTPUT_DIR="${OUTPUT_DIR:-./output}"
 RUN_NAME="${RUN_NAME:-$(basename "$OUTPUT_DIR")}"
+# Ctrl-C saves a checkpoint at the end of the step; torchrun's default 30 s is short for a 7B save.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}"
 
 gpu_count() {
   if command -v nvidia-smi >/dev/null 2>&1; then

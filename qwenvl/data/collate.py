@@ -27,20 +27,31 @@ from __future__ import annotations
 import torch
 
 from .render import IGNORE_INDEX
+from .skips import Skipped
 
 VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
 def _unpack(items: list) -> list[dict]:
-    """Flatten packed records into their samples and drop samples the bad-sample policy skipped."""
-    samples = []
+    """Flatten packed records into their samples and drop samples the bad-sample policy skipped.
+
+    When every item was skipped, the first one's stand-in (the next item that renders,
+    chosen by index alone: the same on every rank) fills the micro-batch, so the rank
+    still takes its step and no other rank waits for it (see ``qwenvl.data.skips``).
+    """
+    samples, skipped = [], []
     for item in items:
         if item is None:
             continue
+        if isinstance(item, Skipped):
+            skipped.append(item)
+            continue
         samples.extend(item["pack"] if "pack" in item else [item])
+    if not samples and skipped:
+        stand_in = skipped[0].stand_in()
+        samples = list(stand_in["pack"]) if "pack" in stand_in else [stand_in]
     if not samples:
-        raise RuntimeError("Every sample of this micro-batch was skipped as bad; see the skipped-samples log in "
-                           "the output directory and fix the data (or lower the batch size).")
+        raise RuntimeError("the micro-batch is empty: the sampler gave no items.")
     return samples
 
 

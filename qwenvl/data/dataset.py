@@ -6,10 +6,8 @@ there, inside dataloader workers; building the dataset only indexes the files.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-from dataclasses import dataclass, field
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -17,33 +15,14 @@ from torch.utils.data import Dataset
 from .collate import make_collator
 from .errors import DataError, where
 from .formats import to_conversation, to_conversations
-from .mixture import build_mixture
+from .mixture import build_mixture, check_not_empty
 from .processor_settings import configure_processor
 from .registry import MixtureEntry, load_dictionary, parse_dataset_use
 from .render import SampleRenderer
+from .skips import SkipLog, Skipped, skip_log_path
 from .sources import open_annotations
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class SkipLog:
-    """Where skipped samples are counted and written (one JSON line each, once per sample)."""
-
-    path: str | None = None
-    counts: dict = field(default_factory=dict)
-    seen: set = field(default_factory=set)  # distinct item indices skipped in this process
-
-    def record(self, index: int, origin: str, reason: str) -> None:
-        kind = reason.split(":", 1)[0][:60] if ":" in reason else reason[:60]
-        self.counts[kind] = self.counts.get(kind, 0) + 1
-        if index in self.seen:
-            return
-        self.seen.add(index)
-        logger.warning("skipping bad sample %s: %s", origin, reason)
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"index": int(index), "origin": origin, "reason": reason, "pid": os.getpid()}) + "\n")
 
 
 class SupervisedDataset(Dataset):
@@ -52,7 +31,8 @@ class SupervisedDataset(Dataset):
     ``entries`` come from ``parse_dataset_use``; the mixture (which records, how many
     copies) depends only on ``seed``, so every rank and every resumed run sees the
     same list.  ``bad_sample_policy`` is ``"error"`` (raise a DataError naming the
-    record) or ``"skip"`` (return None, which the collators drop, and log it once).
+    record) or ``"skip"`` (return a ``Skipped`` marker, which the collators drop or stand in
+    for, and log it once; see ``qwenvl.data.skips``).
     """
 
     def __init__(self, entries: list[MixtureEntry], renderer: SampleRenderer, seed: int,
@@ -60,6 +40,7 @@ class SupervisedDataset(Dataset):
         self.entries = entries
         self.renderer = renderer
         self.sources = [open_annotations(e.spec.annotation_path) for e in entries]
+        check_not_empty(entries, [len(s) for s in self.sources])
         self.mixture = build_mixture(entries, [len(s) for s in self.sources], seed)
         self.bad_sample_policy = bad_sample_policy
         self.skip_log = skip_log or SkipLog()
@@ -68,16 +49,12 @@ class SupervisedDataset(Dataset):
         return len(self.mixture)
 
     def log_metrics(self) -> dict:
-        """``skipped_samples``: distinct samples skipped so far, for the training logs.
+        """``skipped_samples``: distinct samples this rank skipped so far, for the training logs.
 
-        Skips happen in dataloader worker processes, so the count is read from the
-        skipped-samples file they append to (one line per sample) when there is one.
+        Skips happen in dataloader worker processes, so they are read from the rank's
+        skipped-samples file the workers append to (see ``qwenvl.data.skips``).
         """
-        path = self.skip_log.path
-        if path and os.path.exists(path):
-            with open(path, "rb") as f:
-                return {"skipped_samples": sum(1 for _ in f)}
-        return {"skipped_samples": len(self.skip_log.seen)}
+        return {"skipped_samples": len(self.skip_log.skipped_indices())}
 
     def origin(self, i: int) -> str:
         d, r = self.mixture[i]
@@ -104,7 +81,7 @@ class SupervisedDataset(Dataset):
                 err = DataError(f"{origin}: {err}")
             if self.bad_sample_policy == "skip":
                 self.skip_log.record(i, origin, str(err))
-                return None
+                return Skipped(i, self)
             raise err from None
 
 
@@ -134,7 +111,7 @@ def make_supervised_data_module(processor, data_args, model_config, model_max_le
     skip_path = None
     if output_dir and data_args.bad_sample_policy == "skip":
         os.makedirs(output_dir, exist_ok=True)
-        skip_path = os.path.join(output_dir, "skipped_samples.jsonl")
+        skip_path = skip_log_path(output_dir)
     skip_log = SkipLog(skip_path)
     train = SupervisedDataset(parse_dataset_use(data_args.dataset_use, dictionary), renderer, seed,
                               data_args.bad_sample_policy, skip_log)

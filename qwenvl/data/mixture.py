@@ -6,15 +6,20 @@ only on the training seed and the dataset's name.
 """
 from __future__ import annotations
 
+import logging
 import math
 import zlib
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from .errors import DataError
 from .registry import DatasetSpec, MixtureEntry
 
-__all__ = ["MixtureEntry", "mixture_counts", "build_mixture", "mixture_string"]
+__all__ = ["MixtureEntry", "mixture_counts", "build_mixture", "mixture_string", "why_empty",
+           "check_not_empty"]
+
+logger = logging.getLogger(__name__)
 
 
 def _split(rate: float, length: int) -> tuple[int, int]:
@@ -40,6 +45,34 @@ def mixture_counts(entries: Sequence[MixtureEntry], lengths: Sequence[int]) -> l
 def _check(entries, lengths) -> None:
     if len(entries) != len(lengths):
         raise ValueError(f"got {len(entries)} mixture entries but {len(lengths)} lengths")
+
+
+def why_empty(entry: MixtureEntry, length: int) -> str:
+    """Why ``entry`` contributes no rows to the mixture, in the user's terms."""
+    name, path = entry.spec.name, entry.spec.annotation_path
+    if length == 0:
+        return f"dataset '{name}': its annotation file {path} holds no records"
+    if entry.rate == 0:
+        return f"dataset '{name}': its rate is 0 ({name}%0 in --dataset_use, or a sampling rate of 0 in the dictionary)"
+    return (f"dataset '{name}': {entry.rate * 100:g}% of its {length} records rounds to 0 samples; "
+            "raise its rate")
+
+
+def check_not_empty(entries: Sequence[MixtureEntry], lengths: Sequence[int]) -> None:
+    """Raise a DataError naming every dataset and why when the mixture has no rows (rate 0, an
+    empty annotation file, a rate that rounds to 0); log a warning for each entry that alone adds
+    nothing.  Training and the tools call it before building a sampler over the mixture (torch's
+    own message for an empty one is ``num_samples should be a positive integer``)."""
+    _check(entries, lengths)
+    counts = mixture_counts(entries, lengths)
+    empty = [why_empty(e, int(n)) for e, n, c in zip(entries, lengths, counts) if c == 0]
+    if not empty:
+        return
+    if len(empty) == len(entries):
+        raise DataError("the dataset mixture is empty, nothing to train on:\n  " + "\n  ".join(empty)
+                        + "\nFix the annotation file or the rate in --dataset_use (name%percent).")
+    for reason in empty:
+        logger.warning("%s; it adds nothing to the mixture", reason)
 
 
 def _rng(seed: int, name: str) -> np.random.Generator:

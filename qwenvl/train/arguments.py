@@ -138,6 +138,10 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "With --compile_layers: the fraction (0-1] of its activations each compiled layer keeps for "
                           "the backward pass; the compiler recomputes the rest, cheapest first. Finer than "
                           "--gradient_checkpointing (whole layers); use one or the other. Default: keep all."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into a non-empty --output_dir that no run of ours wrote (no run_args.json), "
+                          "overwriting its files. Without it such a folder is refused."})
     warmup_ratio: float | None = field(
         default=None,
         metadata={"help": "Official-script flag, gone from transformers 5: sets --warmup_steps to this "

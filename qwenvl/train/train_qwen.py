@@ -5,10 +5,13 @@
     torchrun --nproc_per_node 8 qwenvl/train/train_qwen.py ...   (or scripts/launch.sh)
     python -m qwenvl.train.train_qwen run.yaml [--flag value ...]
 
-Order of work: parse and check every flag; read the processor and config; build the
-data (so data problems show before the model loads); load the model with the class
-its config names; freeze / LoRA; train, resuming from the newest ``checkpoint-*`` in
-``--output_dir`` if there is one (as the official code); save the model and processor;
+Order of work: parse and check every flag (and that ``--output_dir`` is new, empty or
+ours); read the processor and config; build the data and its batch sampler (so data
+problems show before the model loads, and before anything is written); write
+``run_args.json`` (saying which flags changed since the run that wrote the folder);
+load the model with the class its config names; freeze / LoRA; train, resuming from
+the newest complete ``checkpoint-*`` in ``--output_dir`` if there is one (as the
+official code); Ctrl-C saves a checkpoint and stops (exit 130); save the model and processor;
 on the main process print where they are, the first and last loss, and write
 ``loss_curve.png``.  Argument and data problems end the run with their message and
 a non-zero exit status, without a traceback.
@@ -22,9 +25,15 @@ import sys
 
 from qwenvl.data.errors import DataError
 from qwenvl.train.arguments import ConfigError, explicit_args_for_saving, parse_args
+from qwenvl.train.checkpoints import DiskFullError, resume_point
 from qwenvl.train.completed_run import completed_run_message
+from qwenvl.train.length_cache import require_length_cache
 from qwenvl.train.library_warnings import quiet_known_library_warnings
+from qwenvl.train.output_dir import check_output_dir, describe_changes, write_run_args
+from qwenvl.train.secrets import redact_secrets_in_argv
 from qwenvl.train.wandb_mode import configure_wandb
+
+INTERRUPTED = 130  # the shell's status for a run ended by Ctrl-C
 
 
 def _main_process(training_args) -> bool:
@@ -95,8 +104,11 @@ def _summary(trainer, output_dir: str, lora: bool) -> str:
     return "\n".join(lines)
 
 
-def _batch_sampler(dataset, training_args):
-    """Online packing / length grouping over the length cache, or None for the Trainer's sampler."""
+def _batch_sampler(dataset, training_args, check_cache=None):
+    """Online packing / length grouping over the length cache, or None for the Trainer's sampler.
+
+    ``check_cache(dataset)`` runs first when the cache is needed (it stops a
+    multi-process run whose cache is missing: ``qwenvl.train.length_cache``)."""
     from types import SimpleNamespace
 
     from qwenvl.data.lengths import dataset_lengths
@@ -107,6 +119,8 @@ def _batch_sampler(dataset, training_args):
         getattr(training_args, "train_sampling_strategy", "random") == "group_by_length"
     if not (packing or grouping):
         return None
+    if check_cache is not None:
+        check_cache(dataset)
     # Rank 0 counts (or reads) the length cache first; the others then read it.
     with training_args.main_process_first(desc="length cache"):
         rows, _ = dataset_lengths(dataset, num_workers=training_args.dataloader_num_workers,
@@ -124,29 +138,25 @@ def _batch_sampler(dataset, training_args):
 def _train(argv):
     import transformers
     from transformers import AutoConfig, AutoProcessor
-    from transformers.trainer_utils import get_last_checkpoint
 
     from qwenvl.data.dataset import make_supervised_data_module
     from qwenvl.train.model import load_model, model_class_for, parameter_table, prepare_model
     from qwenvl.train.trainer import QwenVLTrainer
 
     model_args, data_args, training_args, explicit = parse_args(argv)
+    redact_secrets_in_argv()
     main = _main_process(training_args)
     transformers.set_seed(training_args.seed)
     output_dir = training_args.output_dir
     saved_args = explicit_args_for_saving(explicit)
     finished = completed_run_message(output_dir, saved_args)
-    if finished:
+    if finished:  # re-running a finished command changes nothing
         if main:
             print(finished, flush=True)
         return output_dir
-    os.makedirs(output_dir, exist_ok=True)
-    wandb_lines = configure_wandb(training_args.report_to, output_dir)
-    if main:
-        for line in wandb_lines:
-            print(line, flush=True)
-        with open(os.path.join(output_dir, "run_args.json"), "w") as f:
-            json.dump(saved_args, f, indent=2, default=str)
+    # Only the main process judges the folder: the others would see its run_args.json being written.
+    previous_args = check_output_dir(output_dir, training_args.overwrite_output_dir) if main else None
+    wandb_lines = configure_wandb(training_args.report_to, output_dir)  # environment only, writes nothing
 
     path = model_args.model_name_or_path
     config = AutoConfig.from_pretrained(path, cache_dir=training_args.cache_dir)
@@ -155,6 +165,21 @@ def _train(argv):
     data_module = make_supervised_data_module(
         processor, data_args, model_config=config, model_max_length=training_args.model_max_length,
         seed=training_args.seed, output_dir=output_dir)
+    batch_sampler = _batch_sampler(data_module["train_dataset"], training_args, check_cache=lambda dataset: (
+        require_length_cache(dataset, explicit, path, training_args.model_max_length, training_args.world_size)))
+
+    # The flags and the data passed their checks: from here on the folder is this run's.
+    checkpoint, notes = resume_point(training_args.resume_from_checkpoint, output_dir)
+    if main:
+        for line in wandb_lines:
+            print(line, flush=True)
+        if previous_args is not None:
+            changes = describe_changes(previous_args, json.loads(json.dumps(saved_args, default=str)), checkpoint)
+            if changes:
+                print(changes, file=sys.stderr, flush=True)
+        for note in notes:
+            print(note, file=sys.stderr, flush=True)
+        write_run_args(output_dir, saved_args, previous_args)
 
     model = prepare_model(load_model(model_args, training_args), model_args, training_args)
     if data_args.data_flatten or data_args.data_packing:
@@ -166,14 +191,18 @@ def _train(argv):
               f"attention {model.config._attn_implementation})\n{parameter_table(model)}", flush=True)
 
     trainer = QwenVLTrainer(model=model, args=training_args, processing_class=processor,
-                            train_batch_sampler=_batch_sampler(data_module["train_dataset"], training_args),
-                            **data_module)
-    checkpoint = training_args.resume_from_checkpoint
-    if checkpoint is None and os.path.isdir(output_dir):
-        checkpoint = get_last_checkpoint(output_dir)
+                            train_batch_sampler=batch_sampler, **data_module)
     if checkpoint and main:
         print(f"resuming from {checkpoint}", flush=True)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        trainer.stop_on_signal.uninstall()  # also when training raised: Ctrl-C means "stop" again
+    if trainer.stop_on_signal.stopped_at is not None:
+        # A stopped run is not a finished one: no final model, only the checkpoint to resume from.
+        if main:
+            print(trainer.stop_on_signal.report(output_dir), file=sys.stderr, flush=True)
+        raise SystemExit(INTERRUPTED)
     trainer.save_state()
     trainer.save_model(output_dir)  # with the processor, and use_cache=True in the saved config
     if main:
@@ -194,8 +223,8 @@ def default_allocator_settings(environ=os.environ) -> None:
 def train(argv: list[str] | None = None) -> str:
     """Run one training from flags (``sys.argv`` when ``argv`` is None); returns the output directory.
 
-    Exits with status 2 on argument problems and 1 on data problems, printing only
-    their message.
+    Exits with status 2 on argument problems, 1 on data problems and a full disk,
+    printing only their message, and 130 when Ctrl-C / SIGTERM stopped the run.
     """
     default_allocator_settings()
     quiet_known_library_warnings()
@@ -209,6 +238,14 @@ def train(argv: list[str] | None = None) -> str:
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"{prefix}data error: {_clean_message(err)}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+    except DiskFullError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        # Ctrl-C before training started (or a second one during it): nothing half-done is kept as done.
+        print("\ninterrupted: stopped before a checkpoint could be saved; complete checkpoints in "
+              "--output_dir are kept and the same command resumes from the newest.", file=sys.stderr, flush=True)
+        raise SystemExit(INTERRUPTED) from None
 
 
 if __name__ == "__main__":

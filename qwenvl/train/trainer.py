@@ -11,20 +11,33 @@ What it adds to ``transformers.Trainer``:
 - MoE models log their router load-balancing loss (unscaled, mean over the micro-batches
   since the last log and over processes) as ``router_aux_loss``;
 - a dataset exposing ``log_metrics() -> dict`` (e.g. skipped-sample counts) has
-  those values added to every training log;
+  those values added to every training log (``skipped_samples`` summed over ranks
+  as distinct items);
 - checkpoints are written with ``use_cache=True`` in their config (training runs
   without a KV cache), and, as with any ``processing_class``, with the processor
-  and its chat template, so every ``checkpoint-N`` loads like a released model.
+  and its chat template, so every ``checkpoint-N`` loads like a released model;
+- a checkpoint counts only once complete (``checkpoints.COMPLETE_MARKER``, written
+  after every rank's files are synced), a full disk is named with the bytes needed,
+  and Ctrl-C / SIGTERM save and stop at the end of the step (``interrupt.StopOnSignal``);
+- resuming a full model reads the checkpoint in the training dtype, on one rank
+  when DDP will copy it to the others.
 """
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import signal
 import time
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.training_args import ParallelMode
 
 from .arguments import ConfigError
+from .checkpoints import (DiskFullError, check_free_space, checkpoint_folders, disk_full_message, folder_bytes,
+                          is_complete, mark_complete, remove_stale_checkpoints)
+from .interrupt import StopOnSignal
 from .model import set_use_cache
 from .optim import build_param_groups, describe_groups
 
@@ -51,6 +64,8 @@ class QwenVLTrainer(Trainer):
         self._step_rates = {}  # lr/<group> of the latest optimizer step
         self._router_aux = None  # [sum of router_aux_loss, micro-batches] since the last log, on device
         self.add_callback(_RecordStepRates(self))
+        self.stop_on_signal = StopOnSignal()
+        self.add_callback(self.stop_on_signal)
 
     # ---- optimizer ----
 
@@ -181,7 +196,17 @@ class QwenVLTrainer(Trainer):
             dataset_metrics = getattr(self.train_dataset, "log_metrics", None)
             if callable(dataset_metrics):
                 logs.update(dataset_metrics())
+            skip_log = getattr(self.train_dataset, "skip_log", None)
+            if skip_log is not None and self.args.world_size > 1:
+                logs["skipped_samples"] = self._skipped_over_all_ranks(skip_log.skipped_indices())
         super().log(logs, start_time)
+
+    def _skipped_over_all_ranks(self, mine: set[int]) -> int:
+        """Distinct skipped items over every rank: a bad item met by two ranks (in two epochs) counts once."""
+        gathered = [None] * self.args.world_size
+        # Every rank logs at the same steps (the loss above is gathered too), so this cannot hang.
+        torch.distributed.all_gather_object(gathered, sorted(mine))
+        return len(set().union(*(set(g) for g in gathered)))
 
     # ---- resuming ----
 
@@ -204,8 +229,14 @@ class QwenVLTrainer(Trainer):
         if self.is_deepspeed_enabled or self.is_fsdp_enabled or isinstance(unwrapped, PeftModel) \
                 or not os.path.isfile(os.path.join(resume_from_checkpoint, "config.json")):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        # float32 holds every saved dtype exactly; copy_ casts back to each live parameter's dtype.
-        saved = type(unwrapped).from_pretrained(resume_from_checkpoint, dtype=torch.float32)
+        parameters = {name for name, _ in unwrapped.named_parameters(remove_duplicate=False)}
+        persistent_buffers = set(unwrapped.state_dict()) - parameters
+        if self.args.parallel_mode == ParallelMode.DISTRIBUTED and self.args.process_index != 0 \
+                and not persistent_buffers:
+            # Loaded before the model is wrapped in DDP, whose constructor copies rank 0's
+            # parameters and buffers to every rank: one copy is read instead of one per rank.
+            return
+        saved = type(unwrapped).from_pretrained(resume_from_checkpoint, dtype=checkpoint_load_dtype(unwrapped))
         unwrapped.load_state_dict(saved.state_dict(), strict=True)
         del saved
 
@@ -219,6 +250,74 @@ class QwenVLTrainer(Trainer):
             super()._save(output_dir, state_dict=state_dict)
         finally:
             set_use_cache(model, False)
+        _fault_injection_for_tests(output_dir, self.state.global_step)
+
+    def _checkpoint_bytes_estimate(self, run_dir: str) -> int:
+        """About what the next checkpoint needs: the newest complete one's size, else weights plus Adam's two states."""
+        complete = [f for f in checkpoint_folders(run_dir) if is_complete(f)]
+        if complete:
+            return folder_bytes(complete[-1])
+        model = self.accelerator.unwrap_model(self.model)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return weights + 2 * 4 * trainable
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's save, then the completion marker, then the rotation of old checkpoints.
+
+        A folder of the same step left incomplete by an earlier, killed run is removed first
+        (its stale files would otherwise mix with the new ones).  The rotation
+        (``--save_total_limit``) runs only after the marker, over complete checkpoints, so
+        the previous complete checkpoint is never deleted before the new one is whole.
+        """
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
+        needed = self._checkpoint_bytes_estimate(run_dir)
+        if self.args.should_save:
+            if os.path.isdir(folder) and not is_complete(folder):
+                shutil.rmtree(folder)
+            os.makedirs(run_dir, exist_ok=True)
+            check_free_space(folder, needed)
+        self.accelerator.wait_for_everyone()  # no rank writes into the folder before it is cleared
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # rotated below, once the new checkpoint is complete
+        try:
+            super()._save_checkpoint(model, trial)
+        except OSError as err:
+            if err.errno != errno.ENOSPC or isinstance(err, DiskFullError):
+                raise
+            free = shutil.disk_usage(run_dir).free
+            raise DiskFullError(disk_full_message(folder, needed, free)) from None
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every rank's shards are written
+        if self.args.should_save:
+            mark_complete(folder, self.state.global_step)
+            best = self.state.best_model_checkpoint
+            remove_stale_checkpoints(run_dir, limit, {best} if best else set())
+        self.accelerator.wait_for_everyone()
+
+
+def checkpoint_load_dtype(model) -> torch.dtype:
+    """The dtype to read a checkpoint in for ``model``: its floating dtype when it has one, else float32.
+
+    Copying into each parameter casts to that parameter's dtype, so reading in the
+    dtype every parameter already has gives exactly what reading in float32 would, at
+    half the memory for a bf16 model.  Mixed dtypes (fp32 trainable parts next to bf16
+    frozen ones, or bf16 next to fp16) read in float32, which holds each of them exactly.
+    """
+    dtypes = {t.dtype for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _fault_injection_for_tests(output_dir: str | None, step: int) -> None:
+    """SIGKILL this process right after a checkpoint's weights are written (``QWENVL_TEST_KILL_DURING_SAVE=N``
+    for the checkpoint of step N): the deterministic way for a test to leave a half-written
+    checkpoint behind through the real save path.  Unset, it does nothing."""
+    target = os.environ.get("QWENVL_TEST_KILL_DURING_SAVE")
+    if target and output_dir and os.path.basename(os.path.normpath(output_dir)) == f"checkpoint-{target}" \
+            and int(target) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _RecordStepRates(TrainerCallback):

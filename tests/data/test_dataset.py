@@ -13,6 +13,7 @@ from qwenvl.data.arguments import DataArguments
 from qwenvl.data.dataset import make_supervised_data_module
 from qwenvl.data.errors import DataError
 from qwenvl.data.preview import preview
+from qwenvl.data.skips import Skipped
 
 REPO = Path(__file__).resolve().parents[2]
 MIX = {"demo_shapes": 10, "demo_text": 20, "demo_multi_image": 10, "demo_grounding": 5}
@@ -80,7 +81,7 @@ def test_bad_sample_skip_is_logged_once_and_dropped(qwen25, tmp_path):
     module = make_supervised_data_module(processor, args, config, seed=0, output_dir=str(tmp_path / "out"))
     dataset = module["train_dataset"]
     items = [dataset[i] for i in range(len(dataset))] + [dataset[i] for i in range(len(dataset))]
-    assert sum(item is None for item in items) == 2
+    assert sum(isinstance(item, Skipped) for item in items) == 2
     batch = module["data_collator"](items)
     assert batch["input_ids"].shape[0] == 2  # the good record, twice
     lines = (tmp_path / "out" / "skipped_samples.jsonl").read_text().splitlines()

@@ -1,0 +1,371 @@
+"""Nothing lost, nothing hangs: complete-marked checkpoints, Ctrl-C, foreign output folders,
+the skip policy at batch size 1 under two processes, empty mixtures, secrets in wandb's files."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwenvl.train.checkpoints import (COMPLETE_MARKER, DiskFullError, check_free_space, mark_complete,
+                                      newest_complete_checkpoint, remove_stale_checkpoints, resume_point)
+from qwenvl.train.train_qwen import train
+
+from .conftest import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+PIXELS = ["--max_pixels", str(56 * 56), "--min_pixels", str(28 * 28)]
+
+
+def _flags(model_dir, out, *extra, data="demo_shapes%2,demo_text%4"):
+    return ["--model_name_or_path", str(model_dir), "--dataset_use", data, "--output_dir", str(out),
+            "--tune_mm_llm", "True", "--tune_mm_mlp", "True", "--per_device_train_batch_size", "1",
+            "--learning_rate", "1e-3", "--logging_steps", "1", "--report_to", "none", "--use_cpu", "True",
+            "--model_max_length", "512", "--dataloader_num_workers", "0", "--disable_tqdm", "True", "--seed", "3",
+            *PIXELS, *extra]
+
+
+def _env(**extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               WANDB_MODE="offline", PYTHONPATH=str(REPO))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "QWENVL_TEST_KILL_DURING_SAVE"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def _train_command():
+    return [sys.executable, "-m", "qwenvl.train.train_qwen"]
+
+
+def _state(folder: Path) -> dict:
+    return json.loads((folder / "trainer_state.json").read_text())
+
+
+# ---- which checkpoints count ----
+
+def _fake_checkpoint(root: Path, step: int, complete: bool) -> Path:
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"x" * 10)
+    if complete:
+        (folder / "trainer_state.json").write_text("{}")
+        mark_complete(str(folder), step)
+    return folder
+
+
+def test_the_newest_complete_checkpoint_is_chosen_and_newer_cut_off_ones_are_named(tmp_path):
+    _fake_checkpoint(tmp_path, 2, complete=True)
+    four = _fake_checkpoint(tmp_path, 4, complete=True)
+    six = _fake_checkpoint(tmp_path, 6, complete=False)
+    chosen, ignored = newest_complete_checkpoint(str(tmp_path))
+    assert chosen == str(four)
+    assert [i.path for i in ignored] == [str(six)] and "trainer_state.json missing" in ignored[0].why
+    checkpoint, notes = resume_point(None, str(tmp_path))
+    assert checkpoint == str(four) and len(notes) == 1 and str(six) in notes[0]
+    marker = json.loads((four / COMPLETE_MARKER).read_text())
+    assert marker["step"] == 4 and "model.safetensors" in marker["files"]
+
+
+def test_checkpoints_written_before_markers_existed_still_resume(tmp_path):
+    two = _fake_checkpoint(tmp_path, 2, complete=False)
+    (two / "trainer_state.json").write_text("{}")  # whole, by an older version: no marker
+    cut_off = _fake_checkpoint(tmp_path, 4, complete=False)
+    chosen, ignored = newest_complete_checkpoint(str(tmp_path))
+    assert chosen == str(two) and [i.path for i in ignored] == [str(cut_off)]
+    _fake_checkpoint(tmp_path, 6, complete=True)  # once markers exist, only they count
+    assert newest_complete_checkpoint(str(tmp_path))[0] == str(tmp_path / "checkpoint-6")
+    (tmp_path / "checkpoint-6" / COMPLETE_MARKER).unlink()
+    (tmp_path / "checkpoint-6" / "x").write_text("")
+    _fake_checkpoint(tmp_path, 3, complete=True)
+    assert newest_complete_checkpoint(str(tmp_path))[0] == str(tmp_path / "checkpoint-3")
+
+
+def test_rotation_keeps_the_newest_complete_checkpoints_and_a_save_in_progress(tmp_path):
+    old_broken = _fake_checkpoint(tmp_path, 1, complete=False)
+    for step in (2, 3, 4):
+        _fake_checkpoint(tmp_path, step, complete=True)
+    in_progress = _fake_checkpoint(tmp_path, 5, complete=False)
+    deleted = remove_stale_checkpoints(str(tmp_path), keep=1)
+    assert sorted(deleted) == sorted(str(tmp_path / f"checkpoint-{s}") for s in (1, 2, 3))
+    assert (tmp_path / "checkpoint-4").is_dir() and in_progress.is_dir() and not old_broken.exists()
+
+
+def test_a_full_disk_names_the_disk_and_the_bytes_needed(tmp_path):
+    with pytest.raises(DiskFullError) as err:
+        check_free_space(str(tmp_path / "out" / "checkpoint-8"), needed=5_000_000, free=1_000)
+    message = str(err.value)
+    assert "5,000,000 bytes" in message and "1,000 bytes" in message and "mounted at /" in message
+    check_free_space(str(tmp_path / "checkpoint-8"), needed=1)  # room enough: no error
+
+
+@pytest.mark.slow
+def test_killed_mid_save_resumes_from_the_previous_complete_checkpoint(tiny_model_dir, tmp_path):
+    """SIGKILL right after checkpoint-4's weights are written (before its optimizer and trainer state):
+    the same command resumes from checkpoint-2, says why checkpoint-4 was passed over, and ends
+    where an uninterrupted run ends."""
+    path = tiny_model_dir("qwen2_5_vl")
+    common = ["--max_steps", "5", "--save_strategy", "steps", "--save_steps", "2", "--lr_scheduler_type",
+              "constant"]
+    out = tmp_path / "out"
+    killed = subprocess.run(_train_command() + _flags(path, out, *common), env=_env(QWENVL_TEST_KILL_DURING_SAVE="4"),
+                            capture_output=True, text=True, timeout=900)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert (out / "checkpoint-4" / "model.safetensors").is_file()  # half-written: weights only
+    assert not (out / "checkpoint-4" / "trainer_state.json").exists()
+    assert (out / "checkpoint-2" / COMPLETE_MARKER).is_file()
+
+    rerun = subprocess.run(_train_command() + _flags(path, out, *common), env=_env(), capture_output=True,
+                           text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming from {out / 'checkpoint-2'}" in rerun.stdout
+    assert f"ignoring {out / 'checkpoint-4'}" in rerun.stderr
+    state = _state(out)
+    assert state["global_step"] == 5
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4, 5]
+    assert (out / "checkpoint-4" / COMPLETE_MARKER).is_file()  # written again, whole this time
+
+    straight = tmp_path / "straight"
+    subprocess.run(_train_command() + _flags(path, straight, *common, "--save_strategy", "no"), env=_env(),
+                   check=True, capture_output=True, timeout=900)
+    expected = {e["step"]: e["loss"] for e in _state(straight)["log_history"] if "loss" in e}
+    resumed = {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+    for step in (3, 4, 5):
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-4), step
+
+
+# ---- Ctrl-C ----
+
+def _run_until_logged(command, env, steps_logged: int = 1):
+    """Start a run and return it once it has printed ``steps_logged`` loss logs."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    seen = 0
+    deadline = time.time() + 600
+    for line in proc.stdout:
+        seen += "'loss'" in line
+        if seen >= steps_logged:
+            return proc
+        assert time.time() < deadline
+    raise AssertionError(f"the run ended before logging a step: {proc.wait()} {proc.stderr.read()[-3000:]}")
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_exits_without_a_traceback(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    command = _train_command() + _flags(tiny_model_dir("qwen2_5_vl"), out, "--max_steps", "500",
+                                        "--save_strategy", "steps", "--save_steps", "1000")
+    proc = _run_until_logged(command, _env())
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / COMPLETE_MARKER).is_file()
+    step = int(checkpoints[0].name.split("-")[1])
+    assert f"stopped by SIGINT after step {step}: checkpoint saved in {checkpoints[0]}" in stderr
+    assert not (out / "model.safetensors").exists()  # no final model for an unfinished run
+    assert _state(checkpoints[0])["global_step"] == step
+
+
+# ---- the output folder ----
+
+def test_a_foreign_output_folder_is_refused_and_left_untouched(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "someone_else"
+    out.mkdir()
+    (out / "config.json").write_text('{"theirs": true}')
+    with pytest.raises(SystemExit) as exit_info:
+        train(_flags(tiny_model_dir("qwen2_5_vl"), out, "--max_steps", "1"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "not empty (config.json)" in err and "--overwrite_output_dir" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert (out / "config.json").read_text() == '{"theirs": true}'
+
+
+def test_nothing_is_written_when_the_data_checks_fail(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        train(_flags(tiny_model_dir("qwen2_5_vl"), out, "--max_steps", "1", data="demo_shapes%0"))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "the dataset mixture is empty" in err and "dataset 'demo_shapes': its rate is 0" in err
+    assert "num_samples" not in err and "Traceback" not in err
+    assert not (out / "run_args.json").exists()
+
+
+def test_an_empty_annotation_file_is_named(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("")
+    dictionary = tmp_path / "dict.json"
+    dictionary.write_text(json.dumps({"nothing": {"annotation_path": "empty.jsonl", "data_path": "."}}))
+    with pytest.raises(SystemExit) as exit_info:
+        train(_flags(tiny_model_dir("qwen2_5_vl"), tmp_path / "out", "--dataset_dictionary", str(dictionary),
+                     data="nothing"))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "dataset 'nothing'" in err and "empty.jsonl" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_resuming_says_which_flags_changed(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    model_dir = tiny_model_dir("qwen2_5_vl")
+    train(_flags(model_dir, out, "--max_steps", "1", "--save_steps", "1"))
+    capsys.readouterr()
+    train(_flags(model_dir, out, "--max_steps", "2", "--save_steps", "1", data="demo_shapes%3,demo_text%4"))
+    err = capsys.readouterr().err
+    trained, _, other = err.partition("other changed flags:")
+    assert "change what is trained" in trained
+    assert '--dataset_use: "demo_shapes%2,demo_text%4" -> "demo_shapes%3,demo_text%4"' in trained
+    assert "--max_steps: 1 -> 2" in other and "--max_steps" not in trained
+    assert json.loads((out / "run_args.previous.json").read_text())["dataset_use"] == "demo_shapes%2,demo_text%4"
+    assert json.loads((out / "run_args.json").read_text())["dataset_use"] == "demo_shapes%3,demo_text%4"
+
+
+# ---- the skip policy at batch size 1, two processes ----
+
+def _dictionary_with_a_bad_record(folder: Path) -> Path:
+    records = [json.loads(line) for line in (REPO / "demo_data" / "text.jsonl").read_text().splitlines()[:5]]
+    records.insert(2, {"id": "bad", "image": "images/missing.png",
+                       "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                                         {"from": "gpt", "value": "nothing"}]})
+    (folder / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    dictionary = folder / "dict.json"
+    dictionary.write_text(json.dumps({"mixed": {"annotation_path": "mixed.jsonl",
+                                                "data_path": str(REPO / "demo_data")}}))
+    return dictionary
+
+
+@pytest.mark.slow
+def test_skip_at_batch_size_one_never_ends_a_two_process_run(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    dictionary = _dictionary_with_a_bad_record(tmp_path)
+    flags = _flags(tiny_model_dir("qwen2_5_vl"), out, "--dataset_dictionary", str(dictionary),
+                   "--bad_sample_policy", "skip", "--num_train_epochs", "1", "--ddp_backend", "gloo",
+                   "--save_strategy", "no", data="mixed")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "qwenvl.train.train_qwen", *flags]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-5000:]}"
+    state = _state(out)
+    assert state["global_step"] == 3  # 6 items, 2 ranks, one each per step: the bad one was stood in for
+    lines = [json.loads(line) for f in sorted(out.glob("skipped_samples.rank*.jsonl"))
+             for line in f.read_text().splitlines()]
+    assert len(lines) == 1 and "missing.png" in lines[0]["reason"]
+    assert not (out / "skipped_samples.jsonl").exists()  # never one file shared by both ranks
+    assert [e["skipped_samples"] for e in state["log_history"] if "loss" in e][-1] == 1  # over both ranks
+
+
+# ---- secrets on the command line ----
+
+@pytest.mark.slow
+def test_a_hub_token_on_the_command_line_is_not_written_into_the_wandb_run(tiny_model_dir, tmp_path):
+    secret = "hf_notarealtoken1234567890"
+    out = tmp_path / "out"
+    command = _train_command() + _flags(tiny_model_dir("qwen2_5_vl"), out, "--max_steps", "1", "--report_to",
+                                        "wandb", "--hub_token", secret, "--save_strategy", "no")
+    result = subprocess.run(command, env=_env(WANDB_DIR=str(tmp_path), WANDB_PROJECT="qwenvl-tests"),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    recorded = next(runs[0].glob("run-*.wandb")).read_bytes()  # wandb 0.31 keeps the metadata in it
+    assert b"--hub_token" in recorded and b"<redacted>" in recorded  # the command line is recorded, not its secret
+    for written in [p for p in tmp_path.rglob("*") if p.is_file()]:
+        assert secret.encode() not in written.read_bytes(), written
+
+
+# ---- resume memory ----
+
+def test_resume_reads_the_checkpoint_in_the_training_dtype():
+    from qwenvl.train.trainer import checkpoint_load_dtype
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2)).to(torch.bfloat16)
+    assert checkpoint_load_dtype(model) == torch.bfloat16
+    model[1].float()  # mixed dtypes: float32 holds each exactly
+    assert checkpoint_load_dtype(model) == torch.float32
+
+
+# ---- the length cache under several processes ----
+
+@pytest.mark.slow
+def test_two_processes_without_a_length_cache_stop_with_the_audit_command_that_builds_it(tiny_model_dir, tmp_path):
+    import shlex
+
+    from tests.conftest import copy_demo_annotations
+
+    dictionary = copy_demo_annotations(tmp_path / "data")  # fresh annotation copies: no cache next to them
+    out = tmp_path / "out"
+    flags = _flags(tiny_model_dir("qwen2_5_vl"), out, "--dataset_dictionary", str(dictionary),
+                   "--group_by_modality_length", "True", "--max_steps", "1", "--ddp_backend", "gloo",
+                   "--save_strategy", "no", data="demo_shapes%3,demo_text%5")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "qwenvl.train.train_qwen", *flags]
+    env = _env(XDG_CACHE_HOME=str(tmp_path / "cache"))  # nor in the user cache folder
+    stopped = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert stopped.returncode != 0
+    assert "no length cache for demo_shapes, demo_text" in stopped.stderr
+    audit = [line.strip() for line in stopped.stderr.splitlines() if "qwenvl.tools.audit" in line][0]
+    assert "--dataset_use demo_shapes%3,demo_text%5" in audit and "--max_pixels 3136" in audit
+    assert not (out / "run_args.json").exists()
+
+    argv = shlex.split(audit)
+    built = subprocess.run([sys.executable, *argv[1:], "--num_workers", "1", "--report", str(tmp_path / "r.json")],
+                           env=env, capture_output=True, text=True, timeout=900)
+    assert built.returncode == 0, built.stderr[-3000:]
+    again = subprocess.run(command[:6] + [str(free_port())] + command[7:], env=env, capture_output=True, text=True,
+                           timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _state(out)["global_step"] == 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_saves_one_checkpoint_from_both_ranks(tiny_model_dir, tmp_path):
+    """The terminal's SIGINT reaches torchrun and both ranks, and torchrun forwards it once more:
+    the ranks agree on one step, save it and exit without a traceback of ours."""
+    out = tmp_path / "out"
+    flags = _flags(tiny_model_dir("qwen2_5_vl"), out, "--max_steps", "500", "--save_strategy", "steps",
+                   "--save_steps", "1000", "--ddp_backend", "gloo")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "qwenvl.train.train_qwen", *flags]
+    proc = _run_until_logged(command, _env(TORCH_ELASTIC_SHUTDOWN_TIMEOUT="300"))
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=600)
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / COMPLETE_MARKER).is_file(), stderr[-4000:]
+    step = int(checkpoints[0].name.split("-")[1])
+    assert f"after step {step}: checkpoint saved in {checkpoints[0]}" in stderr
+    assert "KeyboardInterrupt" not in stderr
+    assert _state(checkpoints[0])["global_step"] == step
+
+
+@pytest.mark.slow
+def test_two_process_resume_restores_the_weights_on_every_rank(tiny_model_dir, tmp_path):
+    """Rank 0 alone reads the checkpoint (DDP copies its weights to rank 1): 2 + 1 steps end where 3 do."""
+    from transformers import AutoModelForImageTextToText
+
+    def run(out, steps):
+        flags = _flags(tiny_model_dir("qwen2_5_vl"), out, "--max_steps", str(steps), "--save_steps", "2",
+                       "--lr_scheduler_type", "constant", "--ddp_backend", "gloo")
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                   str(free_port()), "-m", "qwenvl.train.train_qwen", *flags]
+        result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return result
+
+    out, straight = tmp_path / "out", tmp_path / "straight"
+    run(out, 2)
+    assert f"resuming from {out / 'checkpoint-2'}" in run(out, 3).stdout
+    run(straight, 3)
+    losses = [{e["step"]: e["loss"] for e in _state(folder)["log_history"] if "loss" in e}
+              for folder in (out, straight)]
+    assert losses[0][3] == pytest.approx(losses[1][3], rel=1e-5)
+    resumed = dict(AutoModelForImageTextToText.from_pretrained(out).named_parameters())
+    for name, param in AutoModelForImageTextToText.from_pretrained(straight).named_parameters():
+        assert torch.allclose(param, resumed[name], rtol=0, atol=1e-6), name
