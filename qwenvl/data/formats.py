@@ -44,6 +44,7 @@ class Conversation:
 
     messages: list[dict]
     origin: str
+    bbox_format: str | None = None  # the dataset's declared box/point coordinates (qwenvl/data/grounding.py)
 
 
 class _Media:
@@ -178,7 +179,7 @@ def _convert(record: Any, spec: DatasetSpec, origin: str) -> Conversation:
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{origin}: no assistant turn, so nothing to train on. Fix: add the "
                         "answer as an assistant ('gpt') turn, or drop the record.")
-    return Conversation(messages=messages, origin=origin)
+    return Conversation(messages=messages, origin=origin, bbox_format=getattr(spec, "bbox_format", None))
 
 
 def to_conversation(record: dict, spec: DatasetSpec, index: int) -> Conversation:
