@@ -261,6 +261,12 @@ def place_coordinates(conversation) -> list[Placed]:
     return [replace(p, image=max(p.image, 0) if has_image else -1) for p in placed]
 
 
+def may_hold_coordinates(conversation) -> bool:
+    """A cheap test that rules out most conversations before any parsing."""
+    return any(part["type"] == "text" and ("_2d" in part["text"] or "<|box_start|>" in part["text"])
+               for message in conversation.messages for part in message["content"])
+
+
 class Grounding:
     """Rewrite the boxes and points of conversations into one family's coordinates.
 
@@ -325,10 +331,12 @@ class Grounding:
         The message transform the renderer applies before the chat template; ``size``
         is the renderer's pixel bounds for this attempt (None: the processor's own).
         """
-        if not any(part["type"] == "text" and ("_2d" in part["text"] or "<|box_start|>" in part["text"])
-                   for message in conversation.messages for part in message["content"]):
+        return self.for_sizes(conversation, [image.size for image in images], size)
+
+    def for_sizes(self, conversation, originals: list[tuple[int, int]], size: dict | None = None):
+        """``for_images`` from the images' (width, height) alone (the token counter reads only headers)."""
+        if not may_hold_coordinates(conversation):
             return conversation, []  # the common case, decided without parsing
-        originals = [image.size for image in images]
         resized = self.resized_sizes(originals, size)
         return self.training_conversation(conversation, originals, resized), resized
 
