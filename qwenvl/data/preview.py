@@ -77,14 +77,41 @@ def sample_as_json(sample: dict) -> dict:
     return out
 
 
+def images_as_seen(sample: dict, image_processor) -> list:
+    """The images of a rendered sample as the model sees them, rebuilt from ``pixel_values``.
+
+    Undoes the processor's patch layout (transformers' ``Qwen2VLImageProcessor.patchify``:
+    rows of merge-size blocks, each patch repeated ``temporal_patch_size`` times) and its
+    normalisation, so what comes back is the resized image itself, not a re-resize.
+    """
+    import numpy as np
+    from PIL import Image
+
+    if "pixel_values" not in sample:
+        return []
+    p, m, t = image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size
+    mean = np.asarray(image_processor.image_mean, dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(image_processor.image_std, dtype=np.float32).reshape(3, 1, 1)
+    pixels = sample["pixel_values"].float().numpy()
+    out, row = [], 0
+    for _, gh, gw in sample["image_grid_thw"].tolist():
+        block = pixels[row:row + gh * gw].reshape(gh // m, gw // m, m, m, 3, t, p, p)[:, :, :, :, :, 0]
+        image = block.transpose(4, 0, 2, 5, 1, 3, 6).reshape(3, gh * p, gw * p)  # (C, H, W)
+        image = np.clip((image * std + mean) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        out.append(Image.fromarray(image.transpose(1, 2, 0)))
+        row += gh * gw
+    return out
+
+
 def draw_trained_coordinates(conversation, sample: dict, renderer) -> list:
     """Each image of ``conversation`` resized as the model sees it, with the sample's boxes/points drawn.
 
-    The sizes come from the rendered sample's ``image_grid_thw`` (so a sample shrunk to
-    fit ``--model_max_length`` is drawn as shrunk); the coordinates are the ones in the
-    trained text, read back from the family's convention into pixels of that image.
+    The images are rebuilt from the sample's ``pixel_values`` (``images_as_seen``), so a
+    sample shrunk to fit ``--model_max_length`` is drawn as shrunk; the coordinates are
+    the ones in the trained text, read back from the family's convention into pixels
+    of that image.
     """
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw
 
     from .grounding import convert_values, place_coordinates
     from .media import open_image
@@ -99,7 +126,7 @@ def draw_trained_coordinates(conversation, sample: dict, renderer) -> list:
     grounding = renderer.grounding
     originals = [image.size for image in images]
     trained = grounding.training_conversation(conversation, originals, resized)
-    canvases = [image.resize(size, Image.Resampling.BICUBIC) for image, size in zip(images, resized)]
+    canvases = images_as_seen(sample, renderer.processor.image_processor)
     convention = grounding.convention or "abs_resized"
     for placed in place_coordinates(trained):
         k = placed.image
