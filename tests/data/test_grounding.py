@@ -222,3 +222,15 @@ def test_unknown_family_with_declared_boxes_is_an_error(tiny_model_dir):
     c = conversation("x", '{"bbox_2d": [0, 0, 5, 5]}', "abs_original")
     with pytest.raises(DataError, match="no grounding convention is known for model_type 'llava'"):
         grounding.training_conversation(c, [(10, 10)], [(28, 28)])
+
+
+def test_a_record_may_carry_its_own_bbox_format():
+    from qwenvl.data.formats import to_conversation
+    from qwenvl.data.registry import DatasetSpec
+
+    spec = DatasetSpec("boxes", "/data/boxes.jsonl", bbox_format="rel_1000")
+    turns = [{"from": "human", "value": "Where?"}, {"from": "gpt", "value": '{"bbox_2d": [1, 2, 3, 4]}'}]
+    assert to_conversation({"conversations": turns}, spec, 0).bbox_format == "rel_1000"
+    assert to_conversation({"conversations": turns, "bbox_format": "rel_1"}, spec, 0).bbox_format == "rel_1"
+    with pytest.raises(DataError, match=r"record 5: 'bbox_format' must be one of .* got 'pixels'"):
+        to_conversation({"conversations": turns, "bbox_format": "pixels"}, spec, 5)
