@@ -160,8 +160,10 @@ def test_each_box_converts_against_its_own_image(tiny_model_dir, tmp_path):
     Image.new("RGB", (300, 600)).save(tmp_path / "tall.png")
     c = Conversation([
         {"role": "user", "content": [
-            {"type": "image", "image": str(tmp_path / "wide.png")}, {"type": "text", "text": '{"bbox_2d": [0, 0, 500, 250]}'},
-            {"type": "image", "image": str(tmp_path / "tall.png")}, {"type": "text", "text": '{"point_2d": [150, 300]}'}]},
+            {"type": "image", "image": str(tmp_path / "wide.png")},
+            {"type": "text", "text": '{"bbox_2d": [0, 0, 500, 250]}'},
+            {"type": "image", "image": str(tmp_path / "tall.png")},
+            {"type": "text", "text": '{"point_2d": [150, 300]}'}]},
         {"role": "assistant", "content": [{"type": "text", "text": '{"bbox_2d": [0, 0, 300, 600]}'}]}],
         origin="r", bbox_format="abs_original")
     sample = renderer.render(c)

@@ -165,8 +165,9 @@ def test_evaluate_scores_grounding_by_iou(tiny_model_dir, tmp_path):
                                                               min_pixels=56 * 56))
     (entry,) = parse_dataset_use("boxes", load_dictionary(dictionary))
     dataset = SupervisedDataset([entry], renderer, seed=0)
-    score, (prediction,) = evaluate_dataset(model, processor, renderer, PaddedCollator(processor.tokenizer.pad_token_id),
-                                            dataset, "boxes", max_new_tokens=4, iou_threshold=0.5)
+    collator = PaddedCollator(processor.tokenizer.pad_token_id)
+    score, (prediction,) = evaluate_dataset(model, processor, renderer, collator, dataset, "boxes", max_new_tokens=4,
+                                            iou_threshold=0.5)
     # The random model writes no box: IoU 0 for this grounding sample, not "not a grounding sample".
     assert score.grounding == 1 and prediction.iou == 0.0 and score.iou_hits == 0
     row = score.summary()
