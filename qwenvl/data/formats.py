@@ -28,7 +28,7 @@ from typing import Any
 
 from .errors import DataError, where
 from .media import resolve_media
-from .registry import DatasetSpec
+from .registry import BBOX_FORMATS, DatasetSpec
 
 __all__ = ["Conversation", "to_conversation", "to_conversations"]
 
@@ -44,6 +44,7 @@ class Conversation:
 
     messages: list[dict]
     origin: str
+    bbox_format: str | None = None  # the dataset's declared box/point coordinates (qwenvl/data/grounding.py)
 
 
 class _Media:
@@ -178,7 +179,11 @@ def _convert(record: Any, spec: DatasetSpec, origin: str) -> Conversation:
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{origin}: no assistant turn, so nothing to train on. Fix: add the "
                         "answer as an assistant ('gpt') turn, or drop the record.")
-    return Conversation(messages=messages, origin=origin)
+    # A record's own "bbox_format" (packed files from pack_data carry one) wins over its dataset's.
+    bbox_format = record.get("bbox_format", getattr(spec, "bbox_format", None))
+    if bbox_format is not None and bbox_format not in BBOX_FORMATS:
+        raise DataError(f"{origin}: 'bbox_format' must be one of {', '.join(BBOX_FORMATS)}, got {bbox_format!r}.")
+    return Conversation(messages=messages, origin=origin, bbox_format=bbox_format)
 
 
 def to_conversation(record: dict, spec: DatasetSpec, index: int) -> Conversation:

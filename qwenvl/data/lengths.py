@@ -205,20 +205,21 @@ class TokenCounter:
     rendering would raise (``SampleTooLong`` included).
     """
 
-    def __init__(self, processor, video_settings=None, model_max_length: int | None = None):
+    def __init__(self, processor, video_settings=None, model_max_length: int | None = None, grounding=None):
         self.processor = processor
         self.video_settings = video_settings
         self.model_max_length = model_max_length
         self.tokens = SpecialTokens.from_tokenizer(processor.tokenizer)
+        self.grounding = grounding  # the renderer's box/point rewriting (converted numbers change the count)
 
     @classmethod
     def for_renderer(cls, renderer: SampleRenderer, model_max_length: int | None | str = "renderer") -> "TokenCounter":
         """A counter with the renderer's processor, video settings and (by default) max length."""
         max_length = renderer.model_max_length if model_max_length == "renderer" else model_max_length
-        return cls(renderer.processor, renderer.video_settings, max_length)
+        return cls(renderer.processor, renderer.video_settings, max_length, getattr(renderer, "grounding", None))
 
     def with_max_length(self, model_max_length: int | None) -> "TokenCounter":
-        return TokenCounter(self.processor, self.video_settings, model_max_length)
+        return TokenCounter(self.processor, self.video_settings, model_max_length, self.grounding)
 
     # -- media -----------------------------------------------------------------------
     def _video_plan(self, probe: VideoProbe) -> tuple[int, int, int, list[int]]:
@@ -301,6 +302,13 @@ class TokenCounter:
         scale, image_pixels, max_length = 1.0, 0, self.model_max_length
         # Replays SampleRenderer.encode's loop on the same numbers, so the result is its result.
         for _attempt in range(SampleRenderer.SHRINK_ATTEMPTS + 1):
+            if self.grounding is not None:  # boxes/points as the renderer rewrites them at this scale
+                low = self.processor.image_processor.size["shortest_edge"]
+                size = None if scale >= 1.0 else {"shortest_edge": low,
+                                                  "longest_edge": max(low, int(image_pixels * scale))}
+                grounded, _ = self.grounding.for_sizes(conversation, [(w, h) for h, w in images], size)
+                if grounded is not conversation:
+                    text, _, _ = chat_text(self.processor, grounded)
             expanded, image_patches, video_patches = self._expand(text, images, videos, scale, image_pixels)
             if scale == 1.0 and image_patches:
                 patch = self.processor.image_processor.patch_size
@@ -506,7 +514,7 @@ def _plain(value: Any) -> Any:
 _CODE_HASH: list[str] = []
 # The modules whose rules decide a sample's tokens: when any of them changes (an upgrade),
 # cached lengths may be wrong, so their source is part of the key.
-_RULE_MODULES = ("lengths.py", "render.py", "prompt.py", "formats.py", "media.py", "video.py")
+_RULE_MODULES = ("lengths.py", "render.py", "prompt.py", "formats.py", "media.py", "video.py", "grounding.py")
 
 
 def _code_hash() -> str:
@@ -554,6 +562,8 @@ def lengths_key(spec: DatasetSpec, counter: TokenCounter) -> tuple[str, dict]:
         else spec.annotation_path,
         "data_path": spec.data_path,
         "stamp": _file_stamp(spec.annotation_path),
+        # Converted box numbers change token counts: the family's convention and the declared format.
+        "grounding": [getattr(counter.grounding, "convention", None), getattr(spec, "bbox_format", None)],
         "settings": counter_settings(counter),
     }
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode("utf-8")).hexdigest()[:16]

@@ -1,11 +1,15 @@
 """Show one training sample as the model will see it.
 
     python -m qwenvl.data.preview --dataset_use demo_shapes --model_name_or_path DIR [--index 3] [--json]
+        [--draw_dir DIR]
 
 Takes the same data flags as training (pixel bounds, video sampling,
 ``--model_max_length``) and renders the sample through the same code.  The text
 view marks trained tokens with ``[[ ]]`` (and colour on a terminal) and collapses
 runs of image/video placeholders; ``--json`` prints the tensors as lists.
+``--draw_dir DIR`` also writes each image of the sample as the model sees it (resized
+to its grid) with the boxes and points of the trained text drawn on it (boxes in
+red, points as red dots), so a person can check a grounding dataset by looking.
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ class PreviewArguments:
     json: bool = field(default=False, metadata={"help": "Print input_ids, labels, position_ids and grids as JSON."})
     model_max_length: int | None = field(default=None, metadata={"help": "As in training."})
     seed: int = field(default=42, metadata={"help": "Mixture seed, as --seed in training."})
+    draw_dir: str | None = field(default=None, metadata={
+        "help": "Write each image as the model sees it (resized) with the trained boxes/points drawn, into DIR."})
 
 
 def _segments(ids: list[int], trained: list[bool], tokenizer, pads: set[int]):
@@ -71,6 +77,70 @@ def sample_as_json(sample: dict) -> dict:
     return out
 
 
+def images_as_seen(sample: dict, image_processor) -> list:
+    """The images of a rendered sample as the model sees them, rebuilt from ``pixel_values``.
+
+    Undoes the processor's patch layout (transformers' ``Qwen2VLImageProcessor.patchify``:
+    rows of merge-size blocks, each patch repeated ``temporal_patch_size`` times) and its
+    normalisation, so what comes back is the resized image itself, not a re-resize.
+    """
+    import numpy as np
+    from PIL import Image
+
+    if "pixel_values" not in sample:
+        return []
+    p, m, t = image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size
+    mean = np.asarray(image_processor.image_mean, dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(image_processor.image_std, dtype=np.float32).reshape(3, 1, 1)
+    pixels = sample["pixel_values"].float().numpy()
+    out, row = [], 0
+    for _, gh, gw in sample["image_grid_thw"].tolist():
+        block = pixels[row:row + gh * gw].reshape(gh // m, gw // m, m, m, 3, t, p, p)[:, :, :, :, :, 0]
+        image = block.transpose(4, 0, 2, 5, 1, 3, 6).reshape(3, gh * p, gw * p)  # (C, H, W)
+        image = np.clip((image * std + mean) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        out.append(Image.fromarray(image.transpose(1, 2, 0)))
+        row += gh * gw
+    return out
+
+
+def draw_trained_coordinates(conversation, sample: dict, renderer) -> list:
+    """Each image of ``conversation`` resized as the model sees it, with the sample's boxes/points drawn.
+
+    The images are rebuilt from the sample's ``pixel_values`` (``images_as_seen``), so a
+    sample shrunk to fit ``--model_max_length`` is drawn as shrunk; the coordinates are
+    the ones in the trained text, read back from the family's convention into pixels
+    of that image.
+    """
+    from PIL import ImageDraw
+
+    from .grounding import convert_values, place_coordinates
+    from .media import open_image
+    from .prompt import template_messages
+
+    _, refs, _ = template_messages(conversation)
+    if not refs:
+        return []
+    images = [open_image(ref, origin=conversation.origin) for ref in refs]
+    patch = renderer.processor.image_processor.patch_size
+    resized = [(int(w) * patch, int(h) * patch) for _, h, w in sample["image_grid_thw"].tolist()]
+    grounding = renderer.grounding
+    originals = [image.size for image in images]
+    trained = grounding.training_conversation(conversation, originals, resized)
+    canvases = images_as_seen(sample, renderer.processor.image_processor)
+    convention = grounding.convention or "abs_resized"
+    for placed in place_coordinates(trained):
+        k = placed.image
+        pixels = convert_values(placed.coordinates.values, convention, "abs_resized", originals[k], resized[k])
+        draw = ImageDraw.Draw(canvases[k])
+        if placed.coordinates.kind == "box":
+            x1, y1, x2, y2 = pixels
+            draw.rectangle((x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)), outline=(255, 0, 0), width=1)
+        else:
+            x, y = pixels
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=(255, 0, 0))
+    return canvases
+
+
 def preview(argv: list[str] | None = None) -> str:
     """Render the chosen sample and return what ``main`` prints."""
     from .dataset import make_supervised_data_module, sample_token_counts
@@ -87,6 +157,17 @@ def preview(argv: list[str] | None = None) -> str:
     if args.json:
         return json.dumps([sample_as_json(s) for s in samples] if "pack" in item else sample_as_json(item))
     lines = [f"# {dataset.origin(args.index)}  (item {args.index} of {len(dataset)})"]
+    if args.draw_dir:
+        import os
+
+        os.makedirs(args.draw_dir, exist_ok=True)
+        conversations = dataset.conversations(args.index)
+        conversations = conversations if isinstance(conversations, list) else [conversations]
+        for k, (conversation, sample) in enumerate(zip(conversations, samples)):
+            for i, canvas in enumerate(draw_trained_coordinates(conversation, sample, dataset.renderer)):
+                path = os.path.join(args.draw_dir, f"item{args.index}_sample{k}_image{i}.png")
+                canvas.save(path)
+                lines.append(f"drawn: {path} ({canvas.size[0]}x{canvas.size[1]}, as the model sees it)")
     for sample in samples:
         counts = sample_token_counts(sample, dataset.renderer)
         lines.append(render_text(sample, processor.tokenizer, colour=sys.stdout.isatty()))

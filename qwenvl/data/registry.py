@@ -12,7 +12,8 @@ The dictionary replaces the official code's registry-as-Python-code::
 Relative paths resolve against the dictionary file's folder. ``sampling_rate``
 and ``repeat_time`` are two spellings of one number, the fraction of the dataset
 used per epoch (give at most one); ``length`` is an optional record count that
-is checked against the file. Every problem in a dictionary is collected and
+is checked against the file; ``bbox_format`` says which coordinates the records'
+boxes and points are in (see ``qwenvl/data/grounding.py``). Every problem in a dictionary is collected and
 raised together in one ``DataError``, each with its fix.
 """
 from __future__ import annotations
@@ -33,7 +34,9 @@ __all__ = ["DatasetSpec", "MixtureEntry", "DEFAULT_DICTIONARY", "load_dictionary
            "parse_dataset_use"]
 
 DEFAULT_DICTIONARY = Path(__file__).parents[2] / "dataset_dictionary.json"
-KEYS = ("annotation_path", "data_path", "sampling_rate", "repeat_time", "length")
+KEYS = ("annotation_path", "data_path", "sampling_rate", "repeat_time", "length", "bbox_format")
+# The coordinate conventions a dataset's boxes/points may be declared in (qwenvl/data/grounding.py).
+BBOX_FORMATS = ("abs_original", "abs_resized", "rel_1", "rel_1000")
 _NAME_FORBIDDEN = "%,"
 
 
@@ -47,6 +50,7 @@ class DatasetSpec:
     sampling_rate: float | None = None
     repeat_time: float | None = None
     length: int | None = None
+    bbox_format: str | None = None  # coordinates of the records' boxes/points; None: the family's own
 
     @property
     def rate(self) -> float:
@@ -158,6 +162,12 @@ def _parse_entry(name: str, value: Any, folder: Path, problems: list[str],
         problems.append(f"{at}: 'length' must be a whole number of records >= 0, got "
                         f"{length!r}. Fix: correct it or remove the key.")
         length = None
+    bbox_format = value.get("bbox_format")
+    if bbox_format is not None and bbox_format not in BBOX_FORMATS:
+        problems.append(f"{at}: 'bbox_format' must be one of {', '.join(BBOX_FORMATS)}, got {bbox_format!r}."
+                        f"{_did_you_mean(str(bbox_format), BBOX_FORMATS)} Fix: abs_original for pixels of the "
+                        "image files, abs_resized for pixels after the processor's resize, rel_1 for 0-1 "
+                        "fractions, rel_1000 for the 0-1000 scale.")
     ann = _resolve(ann, folder) if ann else None
     data = _resolve(data, folder) if data else ""
     if check_files and ann:
@@ -166,7 +176,7 @@ def _parse_entry(name: str, value: Any, folder: Path, problems: list[str],
         return None
     return DatasetSpec(name=name, annotation_path=ann, data_path=data,
                        sampling_rate=rates.get("sampling_rate"),
-                       repeat_time=rates.get("repeat_time"), length=length)
+                       repeat_time=rates.get("repeat_time"), length=length, bbox_format=bbox_format)
 
 
 def _check_paths(name: str, ann: str, data: str, length: int | None, raw: dict,

@@ -22,6 +22,7 @@ import torch
 
 from .errors import DataError
 from .formats import Conversation
+from .grounding import Grounding
 from .media import open_image
 from .prompt import chat_text
 from .rope import RopeIndex
@@ -95,6 +96,8 @@ class SampleRenderer:
         self.rope = RopeIndex(model_config)
         self.model_max_length = model_max_length
         self.video_settings = video_settings
+        # Boxes and points are rewritten into the family's coordinates for each image as resized.
+        self.grounding = Grounding(getattr(model_config, "model_type", None), processor.image_processor)
 
     # -- media -----------------------------------------------------------------------
     def _load_videos(self, refs: list, origin: str) -> list:
@@ -125,6 +128,14 @@ class SampleRenderer:
         return frames, metadata
 
     # -- rendering -------------------------------------------------------------------
+    def _image_size(self, scale: float, image_pixels: int) -> dict | None:
+        """The pixel bounds images are resized into at ``scale`` (None: the processor's own), as ``_process`` sets."""
+        if scale >= 1.0:
+            return None
+        size = self.processor.image_processor.size
+        return {"shortest_edge": size["shortest_edge"],
+                "longest_edge": max(size["shortest_edge"], int(image_pixels * scale))}
+
     def _process(self, text: str, images: list, clips: list, scale: float, image_pixels: int = 0) -> dict:
         """Run the processor; with ``scale`` < 1 every image is bounded by ``scale`` times
         ``image_pixels`` (the largest image's pixels at full resolution), never below
@@ -162,7 +173,12 @@ class SampleRenderer:
 
         scale, image_pixels = 1.0, 0
         for _attempt in range(self.SHRINK_ATTEMPTS + 1):
+            grounded, resized = self.grounding.for_images(conversation, images, self._image_size(scale, image_pixels))
+            if grounded is not conversation:
+                text = chat_text(self.processor, grounded, add_generation_prompt)[0]
             out = self._process(text, images, clips, scale, image_pixels)
+            if grounded is not conversation:
+                self.grounding.check_grid(resized, out["image_grid_thw"], conversation.origin)
             if scale == 1.0 and images:
                 patch = self.processor.image_processor.patch_size
                 image_pixels = int(out["image_grid_thw"][:, 1:].prod(-1).max()) * patch * patch

@@ -20,12 +20,22 @@ dataset, file, record index, line (JSON/JSONL) and reason, tallied by kind:
 * ``too_long``: with ``--model_max_length``, samples training drops because their
   text alone does not fit (samples that only need smaller images are counted as
   ``resized``, not as problems);
+* ``box_outside_image``: a box or point (``bbox_2d``, ``point_2d``, Qwen2-VL box
+  tokens) that cannot belong to its image in the dataset's ``bbox_format`` (or, when
+  undeclared, the family's own coordinates for the image as resized), which training
+  refuses (``qwenvl/data/grounding.py``);
 * ``other``: anything else rendering would raise.
 
 With ``--model_name_or_path`` every good record is also counted exactly (tokens, text
 and visual tokens, vision patches; ``qwenvl.data.lengths``) and the counts are stored
 in the length cache that training, ``pack_data`` and online packing read, under the
 same flags.  Without it only the structural and media checks run (said in the output).
+
+Grounding: per dataset the boxes and points are counted, and degenerate boxes (no
+area) and records whose coordinates look like another convention than their own
+are listed as warnings (``grounding_warnings`` in the report; they do not make a
+record bad).  Without ``--model_name_or_path`` the family and resized sizes are
+unknown, so undeclared and ``abs_resized`` coordinates are counted but not checked.
 
 The summary prints per dataset: records, bad records, problems by kind, and token
 statistics (mean / p50 / p95 / max of tokens, text and visual tokens).  The JSON
@@ -53,6 +63,8 @@ from transformers import HfArgumentParser
 from qwenvl.data.arguments import DataArguments
 from qwenvl.data.errors import DataError, where
 from qwenvl.data.formats import Conversation
+from qwenvl.data.grounding import Grounding, may_hold_coordinates
+from qwenvl.data.grounding_check import GroundingFindings, inspect_coordinates
 from qwenvl.data.lengths import (LengthTable, MediaError, TokenCounter, chunk_ranges, conversation_of,
                                  image_size, parallel_chunks, probe_video, save_lengths)
 from qwenvl.data.registry import DatasetSpec, load_dictionary, parse_dataset_use
@@ -61,7 +73,7 @@ from qwenvl.data.render import SampleTooLong
 from qwenvl.data.sources import open_annotations
 
 KINDS = ("invalid_json", "malformed", "tag_mismatch", "no_assistant", "missing_media", "bad_image", "bad_video",
-         "too_long", "other")
+         "too_long", "box_outside_image", "other")
 
 
 @dataclass
@@ -95,6 +107,8 @@ def classify(err: BaseException) -> str:
     if "is not valid JSON" in msg or "expected a JSON object" in msg or "expected a list of samples" in msg \
             or "a record must be a JSON object" in msg:
         return "invalid_json"
+    if "lies outside" in msg and ("box" in msg or "point" in msg):
+        return "box_outside_image"
     if "placeholder(s) but" in msg:
         return "tag_mismatch"
     if "no assistant turn" in msg or "no assistant reply" in msg:
@@ -124,28 +138,44 @@ def _check_media(conversation: Conversation, video_settings, verify: bool) -> No
             probe_video(ref, video_settings, conversation.origin)
 
 
+def _grounding_findings(samples: list[Conversation], grounding: Grounding | None) -> GroundingFindings:
+    """The boxes/points findings of a record's samples (image headers read only where text may hold some)."""
+    findings = GroundingFindings()
+    for c in samples:
+        if may_hold_coordinates(c):
+            _, refs, _ = template_messages(c)
+            sizes = [(w, h) for h, w in (image_size(ref, c.origin) for ref in refs)]
+            findings.add(inspect_coordinates(c, sizes, grounding))
+    return findings
+
+
 def audit_record(source, spec: DatasetSpec, index: int, counter: TokenCounter | None, video_settings,
                  capped: TokenCounter | None, verify: bool) -> tuple:
-    """``(row, kind, reason, resized)`` for one record.
+    """``(row, kind, reason, resized, grounding)`` for one record.
 
     ``row``: the full-resolution ``(tokens, visual, patches)``, or None when the record
     cannot be counted (or there is no counter); ``kind``/``reason``: the problem, or
     None; ``capped``: a counter with ``--model_max_length``, to replay what training does
-    with samples above it (``resized``: they fit at a lower resolution).
+    with samples above it (``resized``: they fit at a lower resolution); ``grounding``: its
+    ``GroundingFindings`` (None when the record could not be read).
     """
     at = where(spec.name, spec.annotation_path, index)
 
     def problem(err: BaseException, row=None) -> tuple:  # one bad record must never stop the audit
         reason = str(err) if isinstance(err, DataError) else f"{type(err).__name__}: {err}"
-        return row, classify(err), reason if spec.annotation_path in reason else f"{at}: {reason}", False
+        return row, classify(err), reason if spec.annotation_path in reason else f"{at}: {reason}", False, None
 
     try:
         conversation = conversation_of(source, spec, index)
         samples = conversation if isinstance(conversation, list) else [conversation]
+        findings = _grounding_findings(samples, getattr(counter, "grounding", None))
+        if findings.outside:  # training refuses these records
+            more = f" ({len(findings.outside)} in this record)" if len(findings.outside) > 1 else ""
+            return None, "box_outside_image", findings.outside[0] + more, False, findings
         if counter is None:
             for c in samples:
                 _check_media(c, video_settings, verify)
-            return None, None, None, False
+            return None, None, None, False, findings
         counted = []
         for c in samples:
             media = counter.media(c)
@@ -164,7 +194,7 @@ def audit_record(source, spec: DatasetSpec, index: int, counter: TokenCounter | 
                     resized = True
         except Exception as err:
             return problem(err, row)
-    return row, None, None, resized
+    return row, None, None, resized, findings
 
 
 def _audit_chunk(state, task):
@@ -196,6 +226,22 @@ def _line_numbers(source, indices: list[int]) -> dict[int, int]:
             newlines += nl.size
             base += len(chunk)
     return {i: line_at[p] for i, p in wanted.items() if p in line_at}
+
+
+def _grounding_entry(name: str, spec: DatasetSpec, records: list, warnings: list) -> dict:
+    """Per-dataset box/point counts; degenerate and other-convention findings appended to ``warnings``."""
+    total, with_coordinates = GroundingFindings(), 0
+    for i, record in enumerate(records):
+        found = record[4]
+        if found is None:
+            continue
+        with_coordinates += bool(found.boxes or found.points)
+        total.add(found)
+        for kind in ("degenerate", "other_convention"):
+            warnings.extend({"dataset": name, "record": i, "kind": kind, "reason": r} for r in getattr(found, kind))
+    return {"bbox_format": spec.bbox_format, "records_with_coordinates": with_coordinates, "boxes": total.boxes,
+            "points": total.points, "outside": len(total.outside), "degenerate": len(total.degenerate),
+            "other_convention": len(total.other_convention)}
 
 
 def _stats(values: np.ndarray) -> dict:
@@ -256,14 +302,16 @@ def _counter(audit_args: AuditArguments, data_args: DataArguments):
         settings = VideoSettings(fps=data_args.video_fps, min_frames=data_args.video_min_frames,
                                  max_frames=data_args.video_max_frames, backend=data_args.video_backend)
         return None, settings
-    from transformers import AutoProcessor
+    from transformers import AutoConfig, AutoProcessor
 
     from qwenvl.data.dataset import video_settings_from
     from qwenvl.data.processor_settings import configure_processor
 
     processor = configure_processor(AutoProcessor.from_pretrained(audit_args.model_name_or_path), data_args)
     settings = video_settings_from(data_args, processor)
-    return TokenCounter(processor, settings, None), settings
+    grounding = Grounding(AutoConfig.from_pretrained(audit_args.model_name_or_path).model_type,
+                          processor.image_processor)
+    return TokenCounter(processor, settings, None, grounding), settings
 
 
 def run_audit(data_args: DataArguments, audit_args: AuditArguments, progress: bool = True) -> tuple[dict, int]:
@@ -294,13 +342,14 @@ def run_audit(data_args: DataArguments, audit_args: AuditArguments, progress: bo
 
     report = {"datasets": {}, "problems": [], "token_counts": counter is not None,
               "model_name_or_path": audit_args.model_name_or_path, "model_max_length": audit_args.model_max_length,
-              "verify_media": audit_args.verify_media, "bad_sample_policy": data_args.bad_sample_policy}
+              "verify_media": audit_args.verify_media, "bad_sample_policy": data_args.bad_sample_policy,
+              "grounding_warnings": []}
     for (name, spec, aliases), (_, source), records in zip(selected, datasets, per_dataset):
         bad = [i for i, r in enumerate(records) if r[1] is not None]
         lines = _line_numbers(source, bad)
         by_kind: dict[str, int] = {}
         for i in bad:
-            _, kind, reason, _ = records[i]
+            _, kind, reason, _, _ = records[i]
             by_kind[kind] = by_kind.get(kind, 0) + 1
             report["problems"].append({"dataset": name, "file": spec.annotation_path, "record": i,
                                        "line": lines.get(i), "kind": kind, "reason": reason})
@@ -316,6 +365,7 @@ def run_audit(data_args: DataArguments, audit_args: AuditArguments, progress: bo
             table = LengthTable.from_results((r[0], r[2]) for r in records)
             path = save_lengths(spec, counter, table, None)
             entry["length_cache"] = str(path) if path else None
+        entry["grounding"] = _grounding_entry(name, spec, records, report["grounding_warnings"])
         report["datasets"][name] = entry
     total = sum(d["records"] for d in report["datasets"].values())
     bad_total = sum(d["bad"] for d in report["datasets"].values())
@@ -335,6 +385,18 @@ def format_report(report: dict, show: int = 20) -> str:
         lines.append("No --model_name_or_path: structural and media checks only (no token counts, no length "
                      "check, length cache not written).")
     lines.append(summary_table(report))
+    grounded = {n: d["grounding"] for n, d in report["datasets"].items() if d["grounding"]["records_with_coordinates"]}
+    if grounded:
+        lines.append("")
+        lines.append("grounding: " + "; ".join(
+            f"{n}: {g['boxes']} boxes, {g['points']} points in {g['records_with_coordinates']} records "
+            f"(bbox_format {g['bbox_format'] or 'undeclared'}), outside their image {g['outside']}, "
+            f"degenerate {g['degenerate']}, other convention {g['other_convention']}" for n, g in grounded.items()))
+        warnings = report["grounding_warnings"]
+        for w in warnings[:show]:
+            lines.append(f"  [{w['kind']}] {w['dataset']} record {w['record']}: {w['reason']}")
+        if len(warnings) > show:
+            lines.append(f"  ... {len(warnings) - show} more grounding warnings in the report")
     problems = report["problems"]
     if problems:
         lines.append("")

@@ -16,6 +16,13 @@ therefore the training sample's ids up to and including ``<|im_start|>assistant\
 Media go in front of the text as ``<image>\\n`` / ``<video>\\n`` (the layout of
 LLaVA-style records) unless ``--prompt`` places them with ``<image>``/``<video>`` tags.
 
+Boxes and points: ``--bbox_format`` (abs_original, abs_resized, rel_1, rel_1000) says
+which coordinates the user works in.  Boxes in ``--prompt`` are then converted into the
+family's coordinates exactly as training converts a dataset declared with that format,
+and boxes in the answer are converted back (``--bbox_format abs_original``: pixels of
+your image file, whatever the resize).  Without it, the text passes unchanged in both
+directions (the family's own coordinates; ``qwenvl/data/grounding.py``).
+
 Decoding is greedy and stops at ``<|im_end|>`` (looked up by name) or the model's
 own end tokens.  On CUDA the model loads with ``dtype="auto"`` and
 ``device_map="auto"``; on CPU in float32.
@@ -25,7 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,6 +51,7 @@ class Reply:
     text: str
     token_ids: list[int]
     stopped_at_end: bool  # False when --max_new_tokens ran out first
+    resized: list = field(default_factory=list)  # (width, height) of each image as the model saw it
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -143,7 +151,33 @@ def generate(model, processor, renderer, conversation, max_new_tokens: int = 128
     new = out[0, prompt_len:].tolist()
     stop = next((i for i, t in enumerate(new) if t in ends), None)
     ids = new if stop is None else new[:stop]
-    return Reply(text=tokenizer.decode(ids, skip_special_tokens=False), token_ids=ids, stopped_at_end=stop is not None)
+    resized = []
+    if inputs.get("image_grid_thw") is not None:
+        patch = processor.image_processor.patch_size
+        resized = [(int(w) * patch, int(h) * patch) for _, h, w in inputs["image_grid_thw"].tolist()]
+    return Reply(text=tokenizer.decode(ids, skip_special_tokens=False), token_ids=ids, stopped_at_end=stop is not None,
+                 resized=resized)
+
+
+def image_sizes(conversation) -> list[tuple[int, int]]:
+    """(width, height) of each image of ``conversation``, in order, as loaded for rendering."""
+    from qwenvl.data.media import open_image
+    from qwenvl.data.prompt import template_messages
+
+    _, refs, _ = template_messages(conversation)
+    return [open_image(ref, origin=conversation.origin).size for ref in refs]
+
+
+def in_user_coordinates(text: str, renderer, conversation, reply: Reply, user_format: str | None) -> str:
+    """``text`` (an answer in the family's coordinates) with its boxes/points in ``user_format``.
+
+    The answer's boxes belong to the last image of ``conversation`` (the rule training uses
+    for a reply that follows every image).  ``None`` or no image: ``text`` unchanged.
+    """
+    if user_format is None or not reply.resized:
+        return text
+    originals = image_sizes(conversation)
+    return renderer.grounding.user_text(text, user_format, originals[-1], reply.resized[-1])
 
 
 def written_by_training(path: str | Path) -> bool:
@@ -220,6 +254,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--max_pixels", type=int, default=None, help="default: the checkpoint's saved setting")
     parser.add_argument("--min_pixels", type=int, default=None, help="default: the checkpoint's saved setting")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--bbox_format", default=None, choices=("abs_original", "abs_resized", "rel_1", "rel_1000"),
+                        help="your coordinates: boxes in the prompt are converted to the model's, and answers back "
+                             "(default: the model's own, unchanged)")
     args = parser.parse_args(argv)
 
     from qwenvl.data.errors import DataError
@@ -235,12 +272,14 @@ def main(argv: list[str] | None = None) -> str:
     renderer = make_renderer(model, processor, data_args)
     try:
         conversation = user_conversation(args.prompt, args.image, args.video, args.system)
+        conversation.bbox_format = args.bbox_format
         reply = generate(model, processor, renderer, conversation, args.max_new_tokens)
+        text = in_user_coordinates(reply.text, renderer, conversation, reply, args.bbox_format)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
-    print(reply.text)
-    return reply.text
+    print(text)
+    return text
 
 
 if __name__ == "__main__":

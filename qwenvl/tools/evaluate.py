@@ -14,6 +14,15 @@ an answer counts as
   articles a/an/the and extra whitespace (the SQuAD rule, for short answers:
   "The red." == "red").
 
+Grounding answers (``bbox_2d``, Qwen2-VL box tokens; ``qwenvl/data/grounding.py``): the
+model answers in its family's coordinates for the image as it saw it; ``exact`` and
+``normalised`` compare that answer with the reference as training wrote it (converted
+from the dataset's ``bbox_format``).  The answer is also converted back into the
+dataset's coordinates (``prediction_user`` in the JSON) and its boxes are scored
+against the reference's by IoU, paired in order (a missing box scores 0):
+``iou`` is the mean IoU and ``iou@T`` the share of grounding samples whose IoU is at
+least ``--iou_threshold`` T (default 0.5).
+
 ``loss`` is the teacher-forced cross-entropy of the whole sample, rendered and collated
 exactly as in training (every assistant reply with its ``<|im_end|>``), averaged over
 all trained tokens of the dataset (the per-token mean training logs).
@@ -63,6 +72,7 @@ class EvalArguments:
     model_max_length: int | None = field(
         default=None, metadata={"help": "As in training: longer samples are rendered smaller, or skipped."})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda or cuda:N (default: cuda if present)."})
+    iou_threshold: float = field(default=0.5, metadata={"help": "IoU at which a grounding answer counts as a hit."})
 
 
 @dataclass
@@ -74,6 +84,8 @@ class Prediction:
     exact: bool
     normalised: bool
     stopped_at_end: bool
+    prediction_user: str | None = None  # the answer with its boxes in the dataset's coordinates
+    iou: float | None = None  # mean IoU of the reference's boxes (None: the reference holds none)
 
 
 @dataclass
@@ -85,9 +97,13 @@ class DatasetScore:
     loss_sum: float = 0.0  # summed over trained tokens
     loss_tokens: int = 0
     skipped: int = 0
+    grounding: int = 0  # samples whose reference holds boxes
+    iou_sum: float = 0.0
+    iou_hits: int = 0
 
     def add(self, other: "DatasetScore") -> None:
-        for name in ("samples", "exact", "normalised", "loss_sum", "loss_tokens", "skipped"):
+        for name in ("samples", "exact", "normalised", "loss_sum", "loss_tokens", "skipped", "grounding", "iou_sum",
+                     "iou_hits"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def summary(self) -> dict:
@@ -95,7 +111,9 @@ class DatasetScore:
         return {"dataset": self.dataset, "samples": self.samples, "exact": self.exact / n if self.samples else None,
                 "normalised": self.normalised / n if self.samples else None,
                 "loss": self.loss_sum / self.loss_tokens if self.loss_tokens else None,
-                "exact_count": self.exact, "normalised_count": self.normalised, "skipped": self.skipped}
+                "exact_count": self.exact, "normalised_count": self.normalised, "skipped": self.skipped,
+                "grounding_samples": self.grounding, "iou": self.iou_sum / self.grounding if self.grounding else None,
+                "iou_hit": self.iou_hits / self.grounding if self.grounding else None}
 
 
 @torch.no_grad()
@@ -116,16 +134,28 @@ def _conversations(dataset, i: int) -> list:
     return conversation if isinstance(conversation, list) else [conversation]
 
 
+def trained_reference(renderer, conversation, resized: list) -> str:
+    """The last reply of ``conversation`` as training writes it: boxes in the family's coordinates."""
+    from qwenvl.data.prompt import split_last_reply
+    from qwenvl.tools.chat import image_sizes
+
+    if not resized:
+        return split_last_reply(conversation)[1]
+    trained = renderer.grounding.training_conversation(conversation, image_sizes(conversation), resized)
+    return split_last_reply(trained)[1]
+
+
 def evaluate_dataset(model, processor, renderer, collator, dataset, name: str, max_new_tokens: int,
-                     limit: int | None = None, skip_bad: bool = False,
-                     progress: bool = True) -> tuple[DatasetScore, list]:
+                     limit: int | None = None, skip_bad: bool = False, progress: bool = True,
+                     iou_threshold: float = 0.5) -> tuple[DatasetScore, list]:
     """Score the samples of one ``SupervisedDataset`` (with a progress bar on stderr unless ``progress``
     is False); returns its score and every prediction."""
     from tqdm.auto import tqdm
 
     from qwenvl.data.errors import DataError
+    from qwenvl.data.grounding import boxes_in, matched_iou
     from qwenvl.data.prompt import split_last_reply
-    from qwenvl.tools.chat import generate
+    from qwenvl.tools.chat import generate, in_user_coordinates
 
     score, predictions = DatasetScore(name), []
     count = len(dataset) if limit is None else min(limit, len(dataset))
@@ -134,6 +164,9 @@ def evaluate_dataset(model, processor, renderer, collator, dataset, name: str, m
             try:
                 prompt, reference = split_last_reply(conversation)
                 reply = generate(model, processor, renderer, prompt, max_new_tokens)
+                trained = trained_reference(renderer, conversation, reply.resized)
+                user_format = conversation.bbox_format or renderer.grounding.convention
+                answer = in_user_coordinates(reply.text, renderer, prompt, reply, user_format)
                 loss, tokens = sample_loss(model, renderer.render(conversation), collator)
             except DataError as err:
                 if not skip_bad:
@@ -141,29 +174,42 @@ def evaluate_dataset(model, processor, renderer, collator, dataset, name: str, m
                 print(f"skipping bad sample: {err}", file=sys.stderr)
                 score.skipped += 1
                 continue
-            exact = reply.text.strip() == reference.strip()
-            loose = normalise(reply.text) == normalise(reference)
+            exact = reply.text.strip() == trained.strip()
+            loose = normalise(reply.text) == normalise(trained)
+            iou = matched_iou(boxes_in(answer), boxes_in(reference))
+            if iou is not None:
+                score.grounding += 1
+                score.iou_sum += iou
+                score.iou_hits += iou >= iou_threshold
             score.samples += 1
             score.exact += exact
             score.normalised += loose
             score.loss_sum += loss
             score.loss_tokens += tokens
             predictions.append(Prediction(name, conversation.origin, reference, reply.text, exact, loose,
-                                          reply.stopped_at_end))
+                                          reply.stopped_at_end, answer, iou))
     return score, predictions
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], threshold: float = 0.5) -> str:
     """The results as a fixed-width text table."""
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}%"
 
     width = max([len("dataset")] + [len(r["dataset"]) for r in rows])
-    lines = [f"{'dataset':<{width}}  {'samples':>7}  {'exact':>7}  {'normalised':>10}  {'loss':>8}"]
+    grounding = any(r.get("grounding_samples") for r in rows)
+    head = f"{'dataset':<{width}}  {'samples':>7}  {'exact':>7}  {'normalised':>10}  {'loss':>8}"
+    if grounding:
+        head += f"  {'iou':>6}  {'iou@' + format(threshold, 'g'):>8}"
+    lines = [head]
     for r in rows:
         loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
-        lines.append(f"{r['dataset']:<{width}}  {r['samples']:>7}  {pct(r['exact']):>7}  "
-                     f"{pct(r['normalised']):>10}  {loss:>8}")
+        line = (f"{r['dataset']:<{width}}  {r['samples']:>7}  {pct(r['exact']):>7}  "
+                f"{pct(r['normalised']):>10}  {loss:>8}")
+        if grounding:
+            iou = "-" if r.get("iou") is None else f"{r['iou']:.3f}"
+            line += f"  {iou:>6}  {pct(r.get('iou_hit')):>8}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -198,7 +244,8 @@ def evaluate(eval_args: EvalArguments, data_args) -> dict:
         dataset = SupervisedDataset([entry], renderer, eval_args.seed)
         score, preds = evaluate_dataset(model, processor, renderer, collator, dataset, entry.spec.name,
                                         eval_args.max_new_tokens, eval_args.limit,
-                                        skip_bad=settings.bad_sample_policy == "skip")
+                                        skip_bad=settings.bad_sample_policy == "skip",
+                                        iou_threshold=eval_args.iou_threshold)
         rows.append(score.summary())
         predictions += preds
         total.add(score)
@@ -206,6 +253,7 @@ def evaluate(eval_args: EvalArguments, data_args) -> dict:
         rows.append(total.summary())
     return {"model": str(eval_args.model), "dataset_use": data_args.dataset_use,
             "max_new_tokens": eval_args.max_new_tokens, "limit": eval_args.limit,
+            "iou_threshold": eval_args.iou_threshold,
             "data_settings": {k: getattr(settings, k) for k in ("min_pixels", "max_pixels", "video_min_pixels",
                                                                  "video_max_pixels", "video_fps", "video_min_frames",
                                                                  "video_max_frames")},
@@ -260,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
         output = Path.cwd() / "eval" / output.name  # the checkpoint's folder is read-only: here instead
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text)
-    print(format_table(results["datasets"]))
+    print(format_table(results["datasets"], eval_args.iou_threshold))
     print(f"predictions and scores written to {output}")
     return results
 

@@ -14,14 +14,15 @@ Datasets (name: annotation file, records):
   demo_shapes       shapes.json (JSON array)   single image; colour, shape or count
   demo_shapes_eval  shapes_eval.json           held-out split of the same task (own seed)
   demo_multi_image  multi_image.jsonl          two images; "more shapes?" / "same colour?"
-  demo_grounding    grounding.jsonl            bbox in absolute pixels, Qwen2.5-VL style
+  demo_grounding    grounding.jsonl            bbox_2d in pixels of the image file (bbox_format abs_original)
   demo_text         text.jsonl                 no media; arithmetic, multi-turn, system turns
   demo_video        video.json                 2 s, 8 fps clips; which way the square moves
 
-Grounding images have sides that are multiples of 28 and between 112x112 and
-224x168 pixels, so the Qwen2.5-VL processor (factor 28, default min/max pixels of
-``DataArguments``) does not resize them: the bbox coordinates in the answers are
-the coordinates the model sees.
+Grounding images have sides that are not multiples of 28 or 32, so every family's
+processor resizes them (and the demo's ``--max_pixels 12544`` shrinks most of them):
+the boxes in the answers are pixels of the image files, declared with
+``"bbox_format": "abs_original"`` in the dictionary, and training rewrites them into
+each family's coordinates for the image as resized (``qwenvl/data/grounding.py``).
 
 Same seed, same bytes: each dataset draws from its own ``random.Random`` seeded by
 "<seed>:<dataset>", annotation files and PNGs are byte-identical across runs, and
@@ -69,7 +70,8 @@ Q_DIRECTION = "Which way does the square move?"
 # (width, height); sides are multiples of 28 (patch 14 x merge 2).
 SIZES_ANY = [(56, 56), (84, 84), (112, 112), (112, 84), (84, 112), (140, 112), (168, 112), (224, 168), (168, 224)]
 SIZES_MANY = [(112, 112), (112, 84), (140, 112), (168, 112), (224, 168), (168, 224)]  # room for 4 shapes
-SIZES_GROUNDING = [(112, 112), (140, 112), (112, 140), (168, 112), (168, 84), (224, 168)]  # >= 112*112 pixels
+# Sides off the 28/32 grids, so every family's processor resizes them (the boxes must follow).
+SIZES_GROUNDING = [(150, 110), (130, 130), (110, 150), (180, 120), (170, 90), (230, 170)]
 VIDEO_SIZES = [(112, 84), (112, 112)]
 VIDEO_FPS, VIDEO_FRAMES = 8, 16
 
@@ -218,7 +220,7 @@ def build_multi_image(rng: random.Random, root: Path, n: int, prefix: str) -> li
 
 
 def build_grounding(rng: random.Random, root: Path, n: int, prefix: str) -> list[dict]:
-    """Locate one of 1-3 shapes with distinct labels; answer a Qwen2.5-VL bbox_2d in pixels."""
+    """Locate one of 1-3 shapes with distinct labels; answer a bbox_2d in pixels of the image file."""
     (root / "images" / prefix).mkdir(parents=True)
     labels = [(k, c) for k in SHAPES for c in PALETTE]
     records = []
@@ -346,13 +348,15 @@ class DemoDataset:
     count: int
     prefix: str  # record ids and the media subfolder
     rate: dict  # the dictionary's repeat_time or sampling_rate
+    extra: dict | None = None  # other dictionary keys (bbox_format)
 
 
 DATASETS = [
     DemoDataset("demo_shapes", "shapes.json", build_shapes, 200, "shapes", {"repeat_time": 1.0}),
     DemoDataset("demo_shapes_eval", "shapes_eval.json", build_shapes, 40, "shapes_eval", {"repeat_time": 1.0}),
     DemoDataset("demo_multi_image", "multi_image.jsonl", build_multi_image, 40, "multi", {"repeat_time": 1.0}),
-    DemoDataset("demo_grounding", "grounding.jsonl", build_grounding, 40, "grounding", {"repeat_time": 1.0}),
+    DemoDataset("demo_grounding", "grounding.jsonl", build_grounding, 40, "grounding", {"repeat_time": 1.0},
+                {"bbox_format": "abs_original"}),
     DemoDataset("demo_text", "text.jsonl", build_text, 60, "text", {"sampling_rate": 0.5}),
     DemoDataset("demo_video", "video.json", build_video, 16, "video", {"repeat_time": 2.0}),
 ]
@@ -370,7 +374,8 @@ def dump_records(records: list[dict], path: Path) -> None:
 def dictionary_entries(output: Path, dictionary: Path, counts: dict[str, int]) -> dict:
     """Dictionary entries with paths relative to the dictionary's folder, POSIX separators."""
     rel = Path(os.path.relpath(output.resolve(), dictionary.resolve().parent)).as_posix()
-    return {d.name: {"annotation_path": f"{rel}/{d.file}", "data_path": rel, **d.rate, "length": counts[d.name]}
+    return {d.name: {"annotation_path": f"{rel}/{d.file}", "data_path": rel, **d.rate, "length": counts[d.name],
+                     **(d.extra or {})}
             for d in DATASETS}
 
 

@@ -119,15 +119,17 @@ def _is_too_long(reason: str) -> bool:
 
 def plan_packs(data_args: DataArguments, args: PackArguments, progress: bool = True) -> dict:
     """Count, pack and describe; returns a dict with the packs (as (dataset, record) pairs) and the summary."""
-    from transformers import AutoProcessor
+    from transformers import AutoConfig, AutoProcessor
 
     from qwenvl.data.dataset import video_settings_from
+    from qwenvl.data.grounding import Grounding
     from qwenvl.data.processor_settings import configure_processor
 
     if args.model_max_length < 1:
         raise DataError(f"--model_max_length must be positive, got {args.model_max_length}.")
     processor = configure_processor(AutoProcessor.from_pretrained(args.model_name_or_path), data_args)
-    counter = TokenCounter(processor, video_settings_from(data_args, processor), args.model_max_length)
+    grounding = Grounding(AutoConfig.from_pretrained(args.model_name_or_path).model_type, processor.image_processor)
+    counter = TokenCounter(processor, video_settings_from(data_args, processor), args.model_max_length, grounding)
     entries = parse_dataset_use(data_args.dataset_use, load_dictionary(data_args.dataset_dictionary))
     sources = [open_annotations(e.spec.annotation_path) for e in entries]
     for entry, source in zip(entries, sources):
@@ -174,7 +176,11 @@ def write_packs(plan: dict, output: str) -> None:
             records = []
             for item in pack:
                 d, r = int(mixture[item, 0]), int(mixture[item, 1])
-                records.append(absolute_media(sources[d][r], entries[d].spec.data_path))
+                record = absolute_media(sources[d][r], entries[d].spec.data_path)
+                if entries[d].spec.bbox_format and isinstance(record, dict) and "bbox_format" not in record:
+                    # The packed file mixes datasets: each record keeps its own box coordinates.
+                    record = {**record, "bbox_format": entries[d].spec.bbox_format}
+                records.append(record)
             f.write(json.dumps(records, ensure_ascii=False))
             f.write(",\n" if k + 1 < len(plan["result"].packs) else "\n")
         f.write("]\n")
