@@ -139,7 +139,7 @@ def fla_rule_importable() -> bool:
     """Whether fla's ``chunk_gated_delta_rule`` imports.  transformers' Qwen3.5 layers then call it
     instead of their PyTorch reference, in every training forward, padded or not: the choice is
     made once, when the modeling module is imported, by ``use_kernel_func_from_hub_with_fallback``
-    (``transformers/integrations/hub_kernels.py``, 5.23 lines 996-1021: fla's function whenever
+    (``transformers/integrations/hub_kernels.py``, 5.23 lines 990-1020: fla's function whenever
     ``fla.ops.gated_delta_rule`` resolves, else the PyTorch one)."""
     if importlib.util.find_spec("fla") is None:
         return False
@@ -189,22 +189,22 @@ def reference_varlen_kernels(layer) -> tuple:
     """transformers' own PyTorch convolution and gated delta rule for ``layer``'s model, behind fla's
     varlen signatures, one sample at a time (exact; no fla, so no fla backward)."""
     module = importlib.import_module(type(layer).__module__)  # the released modeling module
-    # ``inspect.unwrap`` follows ``__wrapped__`` (functools.wraps in hub_kernels.py) to the PyTorch
-    # functions under transformers' fla / causal-conv1d dispatch.
+    # ``inspect.unwrap`` follows ``__wrapped__`` (``functools.wraps``, transformers 5.23
+    # integrations/hub_kernels.py:1027) to the PyTorch functions under the fla / causal-conv1d dispatch.
     conv_fn = inspect.unwrap(module.causal_conv1d_fn)
     rule_fn = inspect.unwrap(module.torch_chunk_gated_delta_rule)
 
     def conv(x, weight=None, bias=None, activation=None, cu_seqlens=None, **_):
         bounds = cu_seqlens.tolist()
         pieces = [conv_fn(x[:, a:b].transpose(1, 2), weight, bias, activation=activation).transpose(1, 2)
-                  for a, b in zip(bounds[:-1], bounds[1:])]
+                  for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         return torch.cat(pieces, 1), None
 
     def rule(q, k, v, g=None, beta=None, cu_seqlens=None, use_qk_l2norm_in_kernel=False, **_):
         bounds = cu_seqlens.tolist()
         pieces = [rule_fn(q[:, a:b], k[:, a:b], v[:, a:b], g=g[:, a:b], beta=beta[:, a:b],
                           use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)[0]
-                  for a, b in zip(bounds[:-1], bounds[1:])]
+                  for a, b in zip(bounds[:-1], bounds[1:]) if b > a]  # as _per_sample_forward: skip empty
         return torch.cat(pieces, 1), None
 
     return conv, rule
@@ -265,10 +265,10 @@ class PackedLinearAttention:
         """How a packed row is computed: "fla" (varlen kernels), "per_sample" (the released forward
         per sample) or "per_sample_torch" (transformers' PyTorch functions per sample: fla's backward
         cannot run here and the released forward would call fla too, see ``fla_rule_importable``).
-        An explicit "fla" backend or injected kernels are left alone; without gradients fla is fine."""
-        blocked = (self.fla_backward_blocker is not None and torch.is_grad_enabled()
-                   and self.boundary_backend != "fla" and self.varlen_kernels is None)
-        if blocked:
+        An explicit "fla" backend or injected kernels are left alone.  Not conditioned on gradients
+        being enabled: reentrant gradient checkpointing runs the first forward without them and
+        the recomputation with them, and both must compute the same thing."""
+        if self.fla_backward_blocker is not None and self.boundary_backend != "fla" and self.varlen_kernels is None:
             return "per_sample_torch"
         return "fla" if self._uses_fla(hidden_states) else "per_sample"
 
