@@ -182,10 +182,12 @@ def _train(argv):
         write_run_args(output_dir, saved_args, previous_args)
 
     model = prepare_model(load_model(model_args, training_args), model_args, training_args)
-    if data_args.data_flatten or data_args.data_packing:
-        from qwenvl.train.linear_attention import check_flattening_supported
+    from qwenvl.train.linear_attention import check_flattening_supported, check_linear_attention_trainable
 
+    flattened = bool(data_args.data_flatten or data_args.data_packing)
+    if flattened:
         check_flattening_supported(model)  # never a silent leak between packed samples
+    check_linear_attention_trainable(model, flattened)  # fla's backward on this GPU (Hopper + Triton < 3.7.1)
     if main:
         print(f"{type(model).__name__} from {path} (model_type {config.model_type}, "
               f"attention {model.config._attn_implementation})\n{parameter_table(model)}", flush=True)

@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-from qwenvl.train.linear_attention import fla_available, linear_attention_modules, make_linear_attention_packable
+from qwenvl.train.linear_attention import (fla_available, fla_backward_blocker_here, linear_attention_modules,
+                                           make_linear_attention_packable)
 from tests.train.tiny_qwen35 import flattened_batch, loss_and_grads, make_samples, padded_batch, tiny_model
 
 pytestmark = [
@@ -18,6 +19,11 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
     pytest.mark.skipif(not fla_available(), reason="needs flash-linear-attention (fla-core)"),
 ]
+
+# Tests that run a backward through fla: fla itself raises on this stack (fla issue #640).
+needs_fla_backward = pytest.mark.skipif(
+    fla_available() and fla_backward_blocker_here() is not None,
+    reason="fla's gated delta rule backward cannot run here (Hopper, Triton < 3.7.1, no tilelang)")
 
 # Head sizes the fla kernels are tuned for (the released models use 128); lengths that cross
 # the 64-token chunks at odd places.
@@ -41,6 +47,7 @@ def _to(batch, device):
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+@needs_fla_backward
 @pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
 @pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_moe"])
 def test_fla_flattened_equals_per_sample_and_padded_in_bf16(model_type, with_image):
@@ -93,6 +100,7 @@ def test_released_layers_with_fla_alone_still_leak_through_the_convolution():
     assert ok < leak
 
 
+@needs_fla_backward
 def test_fla_path_speed_against_per_sample_at_released_widths():
     """Informational: one Qwen3.5-9B-width linear-attention layer, 16 samples of 1k tokens."""
     from transformers import Qwen3_5TextConfig
@@ -122,3 +130,50 @@ def test_fla_path_speed_against_per_sample_at_released_widths():
     print(f"\nGated DeltaNet layer fwd+bwd, 16x1024 tokens: fla varlen {times['fla']:.1f} ms, "
           f"per sample {times['per_sample']:.1f} ms")
     assert _rel(outs["fla"], outs["per_sample"]) < 2e-2
+
+
+@pytest.mark.skipif(fla_backward_blocker_here() is None, reason="fla's backward runs on this GPU stack")
+@pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_moe"])
+def test_where_fla_backward_is_blocked_fla_raises_and_packed_rows_train_without_it(model_type):
+    """Our condition agrees with fla's: transformers' padded path (fla) raises at the backward,
+    while the packed path takes transformers' PyTorch functions per sample and trains."""
+    model = _on_gpu(model_type, "auto")
+    samples = make_samples(model.config, LENGTHS, image_at=(1,))
+    h = torch.zeros(1, 4, model.config.text_config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    assert {m.packed_path(h) for _, m in linear_attention_modules(model)} == {"per_sample_torch"}
+    with pytest.raises(RuntimeError, match="#640"):
+        loss_and_grads(model, _to(padded_batch(model, samples), "cuda"))
+    loss, grads = loss_and_grads(model, _to(flattened_batch(model, samples), "cuda"))
+    # The same path in fp32 on the CPU (same seed, same weights; it equals padded there, see
+    # test_linear_attention_fla_guard.py; padded itself would call fla, which needs CUDA).
+    reference = tiny_model(model_type, **GPU_TEXT)
+    make_linear_attention_packable(reference, fla_blocker=fla_backward_blocker_here())
+    loss_ref, grads_ref = loss_and_grads(reference, flattened_batch(reference, samples))
+    worst = max(_rel(grads[n].cpu(), grads_ref[n]) for n in grads_ref)
+    print(f"\n{model_type} blocked stack, packed bf16 on GPU vs fp32 on CPU: loss {float(loss):.5f} vs "
+          f"{float(loss_ref):.5f}, worst gradient relative error {worst:.2e}")
+    assert abs(float(loss) - float(loss_ref)) < 1e-2 * abs(float(loss_ref))
+    assert grads.keys() == grads_ref.keys() and worst < 5e-2
+
+
+@pytest.mark.skipif(fla_backward_blocker_here() is None, reason="fla's backward runs on this GPU stack")
+def test_blocked_stack_per_sample_torch_speed_at_released_widths():
+    """Informational: what the fallback costs (one Qwen3.5-9B-width layer, 16 x 1k tokens, fwd+bwd)."""
+    from transformers import Qwen3_5TextConfig
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
+
+    from qwenvl.train.linear_attention import packable_class
+
+    layer = Qwen3_5GatedDeltaNet(Qwen3_5TextConfig(hidden_size=4096, num_hidden_layers=4), 0).to("cuda", torch.bfloat16)
+    layer.__class__ = packable_class(type(layer))
+    layer.fla_backward_blocker = fla_backward_blocker_here()
+    cu = torch.tensor([0] + [1024] * 16, device="cuda").cumsum(0).to(torch.int32)
+    x = torch.randn(1, 16 * 1024, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    for i in range(3):
+        if i == 1:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+        layer(x, cu_seq_lens_q=cu).float().square().mean().backward()
+    torch.cuda.synchronize()
+    print(f"\nGated DeltaNet layer fwd+bwd, 16x1024 tokens, per-sample PyTorch: "
+          f"{(time.perf_counter() - start) / 2 * 1e3:.1f} ms")
