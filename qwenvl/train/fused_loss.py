@@ -7,9 +7,12 @@
    otherwise): the logits are never materialised.
 2. **Vision tower always runs.**  A micro-batch without images still has to use the
    vision tower when (a) it has trainable parameters under DDP (every parameter must
-   get a gradient, or DDP's reducer errors out) or (b) ZeRO-3 partitions it (every rank
-   must gather the same modules in the same order, or the ranks hang).  A dummy input of
-   one merged token runs through it and enters the loss multiplied by zero.
+   get a gradient, or DDP's reducer errors out) or (b) ZeRO-3 or FSDP2 shards it (every
+   rank must gather the same modules in the same order, or the ranks hang).  A dummy
+   input of one merged token runs through it and enters the loss multiplied by zero.
+   The dummy calls run after the input embeddings and before the model's own forward:
+   every rank then runs embeddings, the tower twice (images, videos: real or dummy), the
+   decoder layers, so the ranks' all-gathers pair up in the same order.
 
 ``with_training_forward(cls, ...)`` returns a subclass of ``cls`` that keeps the
 parent's class name, so checkpoints list the released architecture and load without
@@ -24,6 +27,7 @@ import torch
 from transformers.utils import ModelOutput
 
 from .loss import causal_lm_loss
+from .sharding import gathered_weight
 
 
 @dataclass
@@ -54,7 +58,7 @@ class _TrainingForward:
     vision_sync: tuple = ()
 
     def _dummy_vision_loss(self, kwargs) -> torch.Tensor | None:
-        if "video" in self.vision_sync:  # ZeRO-3: both tower calls on every rank
+        if "video" in self.vision_sync:  # ZeRO-3 / FSDP: both tower calls on every rank
             missing = [k for k in ("pixel_values", "pixel_values_videos") if kwargs.get(k) is None]
         elif kwargs.get("pixel_values") is None and kwargs.get("pixel_values_videos") is None:
             missing = ["pixel_values"]  # DDP: one call gives every visual parameter a gradient
@@ -74,20 +78,27 @@ class _TrainingForward:
             if num_items_in_batch is not None:
                 kwargs["num_items_in_batch"] = num_items_in_batch
             return super().forward(input_ids=input_ids, labels=labels, **kwargs)
+        extra = None
+        if self.vision_sync and input_ids is not None:
+            # Same order of sharded modules on every rank: embeddings, two tower calls (real
+            # ones inside the model's forward, dummies here), decoder layers.  The model takes
+            # the embeddings given and still reads input_ids for the placeholders and positions.
+            if kwargs.get("inputs_embeds") is None:
+                kwargs["inputs_embeds"] = self.get_input_embeddings()(input_ids)
+            extra = self._dummy_vision_loss(kwargs)
         if self.fused_loss:
             kwargs.pop("logits_to_keep", None)
             outputs = self.model(input_ids=input_ids, **kwargs)
-            loss = causal_lm_loss(outputs.last_hidden_state, self.lm_head.weight, labels,
+            # Under FSDP2 the head's weight is read outside lm_head's forward: take it gathered.
+            loss = causal_lm_loss(outputs.last_hidden_state, gathered_weight(self.lm_head), labels,
                                   num_items_in_batch=num_items_in_batch)
             outputs = FusedLossOutput(loss=loss)
         else:
             if num_items_in_batch is not None:
                 kwargs["num_items_in_batch"] = num_items_in_batch
             outputs = super().forward(input_ids=input_ids, labels=labels, **kwargs)
-        if self.vision_sync and input_ids is not None:
-            extra = self._dummy_vision_loss(kwargs)
-            if extra is not None:
-                outputs.loss = outputs.loss + extra.to(outputs.loss.dtype)
+        if extra is not None:
+            outputs.loss = outputs.loss + extra.to(outputs.loss.dtype)
         return outputs
 
 
@@ -113,9 +124,10 @@ def use_fused_loss(kernel: str, zero3: bool) -> bool:
     return kernel == "fused" or not zero3
 
 
-def vision_sync_for(zero3: bool, distributed: bool, visual_trainable: bool) -> tuple:
-    """Which dummy vision calls a run needs (see the module docstring)."""
-    if zero3:
+def vision_sync_for(zero3: bool, distributed: bool, visual_trainable: bool, fsdp: bool = False) -> tuple:
+    """Which dummy vision calls a run needs (see the module docstring); ``fsdp``: FSDP shards the
+    vision blocks (every rank must gather them as often as the others)."""
+    if zero3 or (fsdp and distributed):
         return ("image", "video")
     if distributed and visual_trainable:
         return ("image",)

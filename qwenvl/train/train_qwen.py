@@ -118,7 +118,7 @@ def _batch_sampler(dataset, training_args):
                               seed=training_args.seed)
 
 
-def _train(argv):
+def _train(argv, trainer_class=None):
     import transformers
     from transformers import AutoConfig, AutoProcessor
     from transformers.trainer_utils import get_last_checkpoint
@@ -149,7 +149,7 @@ def _train(argv):
         print(f"{type(model).__name__} from {path} (model_type {config.model_type}, "
               f"attention {model.config._attn_implementation})\n{parameter_table(model)}", flush=True)
 
-    trainer = QwenVLTrainer(model=model, args=training_args, processing_class=processor,
+    trainer = (trainer_class or QwenVLTrainer)(model=model, args=training_args, processing_class=processor,
                             train_batch_sampler=_batch_sampler(data_module["train_dataset"], training_args),
                             **data_module)
     checkpoint = training_args.resume_from_checkpoint
@@ -175,15 +175,17 @@ def default_allocator_settings(environ=os.environ) -> None:
         environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
-def train(argv: list[str] | None = None) -> str:
+def train(argv: list[str] | None = None, trainer_class=None) -> str:
     """Run one training from flags (``sys.argv`` when ``argv`` is None); returns the output directory.
+
+    ``trainer_class``: a subclass of ``QwenVLTrainer`` to train with (default: that class).
 
     Exits with status 2 on argument problems and 1 on data problems, printing only
     their message.
     """
     default_allocator_settings()
     try:
-        return _train(argv)
+        output_dir = _train(argv, trainer_class)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
@@ -192,6 +194,11 @@ def train(argv: list[str] | None = None) -> str:
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"{prefix}data error: {_clean_message(err)}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from qwenvl.train.sharding import finish_distributed
+
+        finish_distributed()  # every rank leaves together (a lone rank's exit can hang the others)
+    return output_dir
 
 
 if __name__ == "__main__":
