@@ -99,7 +99,8 @@ def _batch_sampler(dataset, training_args):
     from qwenvl.data.lengths import dataset_lengths
     from qwenvl.data.sampler import make_train_sampler
 
-    packing = training_args.online_packing or training_args.max_tokens_per_batch is not None
+    samples = getattr(training_args, "token_budget_samples", None)
+    packing = training_args.online_packing or training_args.max_tokens_per_batch is not None or samples is not None
     grouping = training_args.group_by_modality_length or \
         getattr(training_args, "train_sampling_strategy", "random") == "group_by_length"
     if not (packing or grouping):
@@ -108,8 +109,17 @@ def _batch_sampler(dataset, training_args):
     with training_args.main_process_first(desc="length cache"):
         rows, _ = dataset_lengths(dataset, num_workers=training_args.dataloader_num_workers,
                                   progress=training_args.process_index == 0)
+    budget = training_args.max_tokens_per_batch or training_args.model_max_length
+    if samples is not None:
+        from qwenvl.data.budget import budget_for_samples
+
+        budget, mean = budget_for_samples(rows, samples, training_args.gradient_accumulation_steps)
+        if training_args.process_index == 0:
+            print(f"token budget {budget} per micro-batch: about {samples} samples per optimizer step and process "
+                  f"(mean {mean:.0f} tokens per sample, {training_args.gradient_accumulation_steps} micro-batches "
+                  "per step)", flush=True)
     settings = SimpleNamespace(
-        online_packing=packing, pack_max_tokens=training_args.max_tokens_per_batch or training_args.model_max_length,
+        online_packing=packing, pack_max_tokens=budget,
         max_patches_per_pack=training_args.max_patches_per_pack,
         group_by_modality_length=training_args.group_by_modality_length,
         train_sampling_strategy=getattr(training_args, "train_sampling_strategy", "random"),

@@ -31,7 +31,7 @@ def _flags(model_dir, out, dictionary, *extra):
             "--model_max_length", "512", "--dataloader_num_workers", "0", "--disable_tqdm", "True",
             "--max_pixels", str(112 * 112), "--min_pixels", str(56 * 56), "--seed", "0",
             "--tune_mm_llm", "True", "--tune_mm_mlp", "True", "--tune_mm_vision", "False",
-            "--data_flatten", "True", "--max_tokens_per_batch", "400", "--save_steps", "2", *extra]
+            "--data_flatten", "True", "--token_budget_samples", "4", "--save_steps", "2", *extra]
 
 
 def _torchrun(*args):
