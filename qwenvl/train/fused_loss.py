@@ -9,7 +9,8 @@
    vision tower when (a) it has trainable parameters under DDP (every parameter must
    get a gradient, or DDP's reducer errors out) or (b) ZeRO-3 or FSDP2 shards it (every
    rank must gather the same modules in the same order, or the ranks hang).  A dummy
-   input of one merged token runs through it and enters the loss multiplied by zero.
+   input of one merged token runs through it and enters the input embeddings multiplied
+   by zero.
    The dummy calls run after the input embeddings and before the model's own forward:
    every rank then runs embeddings, the tower twice (images, videos: real or dummy), the
    decoder layers, so the ranks' all-gathers pair up in the same order.
@@ -78,14 +79,20 @@ class _TrainingForward:
             if num_items_in_batch is not None:
                 kwargs["num_items_in_batch"] = num_items_in_batch
             return super().forward(input_ids=input_ids, labels=labels, **kwargs)
-        extra = None
         if self.vision_sync and input_ids is not None:
             # Same order of sharded modules on every rank: embeddings, two tower calls (real
             # ones inside the model's forward, dummies here), decoder layers.  The model takes
             # the embeddings given and still reads input_ids for the placeholders and positions.
-            if kwargs.get("inputs_embeds") is None:
-                kwargs["inputs_embeds"] = self.get_input_embeddings()(input_ids)
+            embeds = kwargs.get("inputs_embeds")
+            if embeds is None:
+                embeds = self.get_input_embeddings()(input_ids)
             extra = self._dummy_vision_loss(kwargs)
+            if extra is not None:
+                # The zero enters the embeddings, not the loss: its backward then runs when the
+                # gradient reaches the embeddings, where a real tower call's backward runs, so
+                # the ranks' reduce-scatters of trainable vision units pair up in order too.
+                embeds = embeds + extra.to(embeds.dtype)
+            kwargs["inputs_embeds"] = embeds
         if self.fused_loss:
             kwargs.pop("logits_to_keep", None)
             outputs = self.model(input_ids=input_ids, **kwargs)
@@ -97,8 +104,6 @@ class _TrainingForward:
             if num_items_in_batch is not None:
                 kwargs["num_items_in_batch"] = num_items_in_batch
             outputs = super().forward(input_ids=input_ids, labels=labels, **kwargs)
-        if extra is not None:
-            outputs.loss = outputs.loss + extra.to(outputs.loss.dtype)
         return outputs
 
 
