@@ -86,6 +86,31 @@ def test_fsdp2_trains_like_ddp_saves_plain_checkpoints_and_resumes(untied_model_
         torch.testing.assert_close(trained[name], param, atol=1e-4, rtol=1e-3, msg=name)
 
 
+@pytest.mark.slow
+def test_fsdp2_lora_with_trainable_vision_tower_and_merger_equals_ddp(untied_model_dir, tmp_path):
+    """LoRA on the language model, vision tower and merger trained fully (peft ``modules_to_save``):
+    under FSDP2 (peft's wrap policy makes the trainable vision modules units of their own) ranks
+    whose micro-batch has no image run the tower on a dummy input; its zero term enters the
+    embeddings, so the units' reduce-scatters come in the same order on every rank (added to
+    the loss, the ranks' orders differed: a collective mismatch at the second step)."""
+    from safetensors.torch import load_file
+
+    dictionary = copy_demo_annotations(tmp_path / "data")
+    env = _env()
+    lora = ["--lora_enable", "True", "--lora_r", "4", "--tune_mm_vision", "True", "--max_steps", "3",
+            "--save_strategy", "no"]
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    _run(_torchrun(str(REPO / "qwenvl/train/train_qwen.py"),
+                   *_flags(untied_model_dir, ddp, dictionary, *lora, "--use_cpu", "True")), env)
+    _run(_torchrun("-m", "tests.train.fsdp_cpu", "--use_cpu", "True", *FSDP,
+                   *_flags(untied_model_dir, fsdp, dictionary, *lora)), env)
+    assert _losses(fsdp) == pytest.approx(_losses(ddp), rel=1e-4)
+    want, got = load_file(ddp / "adapter_model.safetensors"), load_file(fsdp / "adapter_model.safetensors")
+    assert got.keys() == want.keys() and any(".visual.blocks." in k for k in got)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, atol=1e-4, rtol=1e-3, msg=key)
+
+
 def test_fsdp_config_file_shards_every_family_by_its_own_layer_classes():
     """scripts/fsdp2.json names no classes: accelerate then wraps the model's ``_no_split_modules``,
     which for each family are exactly its decoder layer and vision block."""
