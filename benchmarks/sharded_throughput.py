@@ -195,6 +195,23 @@ def active_matmul_params(model_dir: Path) -> int | None:
         return None
 
 
+def ensure_model(key: str, work: Path) -> Path:
+    """The model folder of ``key`` under ``work``, written by a child process unless a previous call
+    on this machine left it there.  A child, so that this process never holds GPU memory (it would
+    count in every run's nvidia-smi peak)."""
+    arch, layers = MODELS[key]
+    folder = work / key
+    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors*")):
+        return folder
+    t = time.time()
+    cmd = [sys.executable, "-m", "benchmarks.sharded_models", "--name", arch, "--output", str(folder)]
+    if layers is not None:
+        cmd += ["--layers", str(layers)]
+    subprocess.run(cmd, cwd=REPO, check=True)
+    print(f"[bench] wrote {key} in {time.time() - t:.0f} s", flush=True)
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="all", help=f"comma list of: {', '.join(RUNS)} (or all)")
@@ -202,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=4, help="logged steps left out of the median (compilation)")
     parser.add_argument("--deadline", type=float, default=480, help="seconds after which no run starts")
     parser.add_argument("--run_timeout", type=float, default=300, help="seconds one training command may take")
-    parser.add_argument("--hard_limit", type=float, default=570,
+    parser.add_argument("--hard_limit", type=float, default=550,
                         help="seconds after the start by which every command is stopped (a device call's limit)")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/sharded_throughput"))
     parser.add_argument("--work", default=None, help="where model folders go (default: /dev/shm if roomy, else /tmp)")
@@ -228,12 +245,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks import bench_data
     from benchmarks.mfu import peak_bf16_flops
-    from benchmarks.sharded_models import write_model
 
     gpus = torch.cuda.device_count()
     device_name = torch.cuda.get_device_name(0) if gpus else None
     peak = peak_bf16_flops(device_name)
-    data = bench_data.generate(work / "data", samples=1024, mode="reference", seed=0)
+    data_dir = work / "data"
+    if (data_dir / "dataset_dictionary.json").is_file():  # a previous call's (seeded: the same files)
+        data = bench_data.BenchData(root=data_dir, dictionary=data_dir / "dataset_dictionary.json",
+                                    annotation=data_dir / "annotations.json")
+    else:
+        data = bench_data.generate(data_dir, samples=1024, mode="reference", seed=0)
     env = dict(os.environ, DATASETS=data.name, PRECISION="bf16", NPROC_PER_NODE=str(gpus), WANDB_MODE="offline",
                PYTHONUNBUFFERED="1", NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1")
     dictionary = ["--dataset_dictionary", str(data.dictionary)]
@@ -246,10 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         model_key = RUN_MODEL[name]
         if model_key not in written:
-            arch, layers = MODELS[model_key]
-            t = time.time()
-            written[model_key] = write_model(arch, work / model_key, layers)
-            print(f"[bench] wrote {model_key} in {time.time() - t:.0f} s", flush=True)
+            written[model_key] = ensure_model(model_key, work)
         model_dir = written[model_key]
         matmul = active_matmul_params(model_dir)
         for label, cmd, extra in run_plan(name, args.steps):
