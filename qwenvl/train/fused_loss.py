@@ -79,20 +79,37 @@ class _TrainingForward:
             if num_items_in_batch is not None:
                 kwargs["num_items_in_batch"] = num_items_in_batch
             return super().forward(input_ids=input_ids, labels=labels, **kwargs)
+        hook = None
         if self.vision_sync and input_ids is not None:
-            # Same order of sharded modules on every rank: embeddings, two tower calls (real
-            # ones inside the model's forward, dummies here), decoder layers.  The model takes
-            # the embeddings given and still reads input_ids for the placeholders and positions.
-            embeds = kwargs.get("inputs_embeds")
-            if embeds is None:
-                embeds = self.get_input_embeddings()(input_ids)
+            hook = self.get_input_embeddings().register_forward_hook(self._vision_sync_hook(kwargs))
+        try:
+            return self._training_outputs(input_ids, labels, num_items_in_batch, kwargs)
+        finally:
+            if hook is not None:
+                hook.remove()
+
+    def _vision_sync_hook(self, kwargs):
+        """A forward hook for the input embeddings that runs the dummy tower calls there.
+
+        Same order of sharded modules on every rank: embeddings, the tower twice (real calls
+        inside the model's forward, dummies in this hook), decoder layers.  The zero term enters
+        the embeddings, not the loss: its backward then runs when the gradient reaches the
+        embeddings, where a real tower call's backward runs, so the ranks' reduce-scatters of
+        trainable vision units pair up in order too.  A hook rather than passing
+        ``inputs_embeds``: Qwen2-VL and Qwen3-VL refuse ``input_ids`` and ``inputs_embeds``
+        together, and the placeholders are found from ``input_ids``."""
+        done = []
+
+        def hook(module, args, output):
+            if done:  # once per forward
+                return output
+            done.append(True)
             extra = self._dummy_vision_loss(kwargs)
-            if extra is not None:
-                # The zero enters the embeddings, not the loss: its backward then runs when the
-                # gradient reaches the embeddings, where a real tower call's backward runs, so
-                # the ranks' reduce-scatters of trainable vision units pair up in order too.
-                embeds = embeds + extra.to(embeds.dtype)
-            kwargs["inputs_embeds"] = embeds
+            return output if extra is None else output + extra.to(output.dtype)
+
+        return hook
+
+    def _training_outputs(self, input_ids, labels, num_items_in_batch, kwargs):
         if self.fused_loss:
             kwargs.pop("logits_to_keep", None)
             outputs = self.model(input_ids=input_ids, **kwargs)
