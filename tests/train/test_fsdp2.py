@@ -92,7 +92,8 @@ def test_fsdp2_lora_with_trainable_vision_tower_and_merger_equals_ddp(untied_mod
     under FSDP2 (peft's wrap policy makes the trainable vision modules units of their own) ranks
     whose micro-batch has no image run the tower on a dummy input; its zero term enters the
     embeddings, so the units' reduce-scatters come in the same order on every rank (added to
-    the loss, the ranks' orders differed: a collective mismatch at the second step)."""
+    the loss, the ranks' orders differed: a collective mismatch at the second step, which raised
+    or hung)."""
     from safetensors.torch import load_file
 
     dictionary = copy_demo_annotations(tmp_path / "data")
@@ -102,8 +103,9 @@ def test_fsdp2_lora_with_trainable_vision_tower_and_merger_equals_ddp(untied_mod
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     _run(_torchrun(str(REPO / "qwenvl/train/train_qwen.py"),
                    *_flags(untied_model_dir, ddp, dictionary, *lora, "--use_cpu", "True")), env)
+    # A collective mismatch can hang gloo instead of raising: the timeout turns that into a failure.
     _run(_torchrun("-m", "tests.train.fsdp_cpu", "--use_cpu", "True", *FSDP,
-                   *_flags(untied_model_dir, fsdp, dictionary, *lora)), env)
+                   *_flags(untied_model_dir, fsdp, dictionary, *lora)), env, timeout=600)
     assert _losses(fsdp) == pytest.approx(_losses(ddp), rel=1e-4)
     want, got = load_file(ddp / "adapter_model.safetensors"), load_file(fsdp / "adapter_model.safetensors")
     assert got.keys() == want.keys() and any(".visual.blocks." in k for k in got)
