@@ -51,6 +51,18 @@ def _dummy_visual_input(visual_config, like: torch.Tensor, temporal: int = 1):
     return pixels, grid
 
 
+def _tensors(value):
+    """The tensors in a model output, list or tuple (nested), in order."""
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, (dict, ModelOutput)):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
 class _TrainingForward:
     fused_loss: bool = False
     # Which visual inputs must run on every training forward: () none, ("image",) one call
@@ -70,8 +82,12 @@ class _TrainingForward:
         for _ in missing:
             pixels, grid = _dummy_visual_input(visual.config, like=next(visual.parameters()))
             out = visual(pixels, grid_thw=grid)
-            term = getattr(out, "pooler_output", out).float().sum() * 0.0
-            extra = term if extra is None else extra + term
+            # Every output, Qwen3-VL's deepstack features included: each parameter that gets a
+            # gradient on one rank must get one on every rank (FSDP2 reduce-scatters only the
+            # parameters that have a gradient; a missing deepstack merger's changed the size).
+            for tensor in _tensors(out):
+                term = tensor.float().sum() * 0.0
+                extra = term if extra is None else extra + term
         return extra
 
     def forward(self, input_ids=None, labels=None, num_items_in_batch=None, **kwargs):

@@ -113,6 +113,23 @@ def test_fsdp2_lora_with_trainable_vision_tower_and_merger_equals_ddp(untied_mod
         torch.testing.assert_close(got[key], value, atol=1e-4, rtol=1e-3, msg=key)
 
 
+@pytest.mark.slow
+def test_fsdp2_qwen3_vl_moe_with_trainable_vision_equals_ddp(tiny_model_dir, tmp_path):
+    """Qwen3-VL-MoE, everything trained: a rank without images runs the tower on a dummy input, and
+    its deepstack mergers must get a (zero) gradient too, or that rank's reduce-scatter of the root
+    group is smaller than the other's (a collective mismatch at the first step)."""
+    model_dir = tiny_model_dir("qwen3_vl_moe")
+    dictionary = copy_demo_annotations(tmp_path / "data")
+    env = _env()
+    flags = ["--tune_mm_vision", "True", "--max_steps", "3", "--save_strategy", "no"]
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    _run(_torchrun(str(REPO / "qwenvl/train/train_qwen.py"),
+                   *_flags(model_dir, ddp, dictionary, *flags, "--use_cpu", "True")), env)
+    _run(_torchrun("-m", "tests.train.fsdp_cpu", "--use_cpu", "True", *FSDP,
+                   *_flags(model_dir, fsdp, dictionary, *flags)), env, timeout=600)
+    assert _losses(fsdp) == pytest.approx(_losses(ddp), rel=1e-4)
+
+
 def test_fsdp_config_file_shards_every_family_by_its_own_layer_classes():
     """scripts/fsdp2.json names no classes: accelerate then wraps the model's ``_no_split_modules``,
     which for each family are exactly its decoder layer and vision block."""
