@@ -8,6 +8,10 @@
 #
 #   DATASETS=my_data%100 OUTPUT_DIR=out/qwen2_5_vl_7b bash scripts/sft_7b.sh [--flag value ...]
 #
+# Fast by default (scripts/official_recipe.sh, FAST=1): token-budget micro-batches holding the
+# recipe's samples per step on average, compiled layers, SHARDING=zero2 (the whole bf16 model fits on each GPU, ZeRO-2 shards gradients and optimizer state);
+# the learning rate, epochs, schedule and samples per step are the official ones. FAST=0: the
+# official batching and DeepSpeed config exactly.
 # Everything after the script name overrides these defaults (last value wins); MODEL_PATH,
 # DATASETS, OUTPUT_DIR, PRECISION, NPROC_PER_NODE, NNODES ... are read by scripts/launch.sh
 # (see its header). Differences from the official script: --warmup_steps 0.03 is the
@@ -23,4 +27,5 @@ GRAD_ACCUM_STEPS="${GRAD_ACCUM_STEPS:-4}"
 
 export LR BATCH_SIZE GRAD_ACCUM_STEPS
 export ZERO_CONFIG="${ZERO_CONFIG:-zero3.json}"
+export SHARDING="${SHARDING:-zero2}"  # fast path (FAST=1); FAST=0 runs ZERO_CONFIG with the official batching
 exec bash "$HERE/official_recipe.sh" "$@"

@@ -103,6 +103,12 @@ class TrainingArguments(transformers.TrainingArguments):
     max_tokens_per_batch: int | None = field(
         default=None,
         metadata={"help": "Token budget of each micro-batch (token-budget batching). Turns on --online_packing."})
+    token_budget_samples: int | None = field(
+        default=None,
+        metadata={"help": "Token-budget batching sized from the data: each optimizer step takes this many samples "
+                          "per process on average (the budget is this x the mean tokens per sample, from the length "
+                          "cache, / --gradient_accumulation_steps). The sft*.sh recipes pass their batch size x "
+                          "accumulation here, so the official samples per step hold. Not with --max_tokens_per_batch."})
     max_patches_per_pack: int | None = field(
         default=None,
         metadata={"help": "Optional second budget of each packed micro-batch: vision patches (what the vision "
@@ -121,7 +127,8 @@ class TrainingArguments(transformers.TrainingArguments):
         default="auto",
         metadata={"help": "How the training loss is computed: 'fused' never materialises the logits (Liger's "
                           "fused kernel on CUDA when liger-kernel is installed, else a chunked one); 'model' is the "
-                          "released forward's loss; 'auto' = fused except under ZeRO-3 (lm_head is partitioned)."})
+                          "released forward's loss; 'auto' = fused except under ZeRO-3 (lm_head is partitioned; under FSDP2 the "
+                          "loss gathers it)."})
     router_aux_loss_coef: float | None = field(
         default=None,
         metadata={"help": "MoE models (qwen3_vl_moe, qwen3_5_moe): weight of the router load-balancing loss added to "
@@ -131,8 +138,8 @@ class TrainingArguments(transformers.TrainingArguments):
         default=False,
         metadata={"help": "torch.compile each decoder layer and vision block in place (regional compilation): fuses "
                           "the element-wise work around the matmuls (RMSNorm, rotary embedding, SiLU-and-multiply) and "
-                          "saves fewer activations. Costs a minute or two of compilation at the first steps. Not "
-                          "with ZeRO-3."})
+                          "saves fewer activations. Costs a minute or two of compilation at the first steps. With "
+                          "FSDP2 (--fsdp_config scripts/fsdp2.json) or ZeRO-2, not with ZeRO-3."})
     activation_memory_budget: float | None = field(
         default=None,
         metadata={"help": "With --compile_layers: the fraction (0-1] of its activations each compiled layer keeps for "
@@ -273,10 +280,19 @@ def _cross_checks(v: dict) -> list[str]:
             problems.append("--lora_target_modules is empty: name at least one module, e.g. q_proj v_proj.")
     if int(v.get("model_max_length", 1)) <= 0:
         problems.append(f"--model_max_length must be positive, got {v.get('model_max_length')}.")
-    packing = bool(v.get("online_packing")) or v.get("max_tokens_per_batch") is not None
+    packing = bool(v.get("online_packing")) or v.get("max_tokens_per_batch") is not None \
+        or v.get("token_budget_samples") is not None
     if packing and not (v.get("data_flatten") or v.get("data_packing")):
-        problems.append("--online_packing / --max_tokens_per_batch pack samples into one row: add "
-                        "--data_flatten True.")
+        problems.append("--online_packing / --max_tokens_per_batch / --token_budget_samples pack samples into one "
+                        "row: add --data_flatten True.")
+    if v.get("token_budget_samples") is not None:
+        if int(v["token_budget_samples"]) <= 0:
+            problems.append(f"--token_budget_samples must be positive, got {v['token_budget_samples']}.")
+        if v.get("max_tokens_per_batch") is not None:
+            problems.append("--token_budget_samples and --max_tokens_per_batch both set the token budget: give one.")
+    if v.get("fsdp") and v.get("deepspeed"):
+        problems.append("--fsdp and --deepspeed both shard the model: choose one (scripts/fsdp2.json or a ZeRO "
+                        "config).")
     if v.get("max_tokens_per_batch") is not None and int(v["max_tokens_per_batch"]) <= 0:
         problems.append(f"--max_tokens_per_batch must be positive, got {v['max_tokens_per_batch']}.")
     if packing and v.get("group_by_modality_length"):

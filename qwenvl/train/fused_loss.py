@@ -7,9 +7,13 @@
    otherwise): the logits are never materialised.
 2. **Vision tower always runs.**  A micro-batch without images still has to use the
    vision tower when (a) it has trainable parameters under DDP (every parameter must
-   get a gradient, or DDP's reducer errors out) or (b) ZeRO-3 partitions it (every rank
-   must gather the same modules in the same order, or the ranks hang).  A dummy input of
-   one merged token runs through it and enters the loss multiplied by zero.
+   get a gradient, or DDP's reducer errors out) or (b) ZeRO-3 or FSDP2 shards it (every
+   rank must gather the same modules in the same order, or the ranks hang).  A dummy
+   input of one merged token runs through it and enters the input embeddings multiplied
+   by zero.
+   The dummy calls run after the input embeddings and before the model's own forward:
+   every rank then runs embeddings, the tower twice (images, videos: real or dummy), the
+   decoder layers, so the ranks' all-gathers pair up in the same order.
 3. **Router load-balancing loss** (MoE families, ``moe.py``): router logits are asked for
    while training and ``coef * load_balancing_loss`` is added to the loss, on both paths.
 
@@ -26,7 +30,8 @@ import torch
 from transformers.utils import ModelOutput
 
 from .loss import causal_lm_loss
-from .moe import text_config_of, load_balancing_loss
+from .moe import load_balancing_loss, text_config_of
+from .sharding import gathered_weight
 
 
 @dataclass
@@ -51,6 +56,18 @@ def _dummy_visual_input(visual_config, like: torch.Tensor, temporal: int = 1):
     return pixels, grid
 
 
+def _tensors(value):
+    """The tensors in a model output, list or tuple (nested), in order."""
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, (dict, ModelOutput)):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
 class _TrainingForward:
     fused_loss: bool = False
     # MoE: train with the router load-balancing loss (moe.py); the coefficient is the config's.
@@ -61,7 +78,7 @@ class _TrainingForward:
     vision_sync: tuple = ()
 
     def _dummy_vision_loss(self, kwargs) -> torch.Tensor | None:
-        if "video" in self.vision_sync:  # ZeRO-3: both tower calls on every rank
+        if "video" in self.vision_sync:  # ZeRO-3 / FSDP: both tower calls on every rank
             missing = [k for k in ("pixel_values", "pixel_values_videos") if kwargs.get(k) is None]
         elif kwargs.get("pixel_values") is None and kwargs.get("pixel_values_videos") is None:
             missing = ["pixel_values"]  # DDP: one call gives every visual parameter a gradient
@@ -72,8 +89,12 @@ class _TrainingForward:
         for _ in missing:
             pixels, grid = _dummy_visual_input(visual.config, like=next(visual.parameters()))
             out = visual(pixels, grid_thw=grid)
-            term = getattr(out, "pooler_output", out).float().sum() * 0.0
-            extra = term if extra is None else extra + term
+            # Every output, Qwen3-VL's deepstack features included: each parameter that gets a
+            # gradient on one rank must get one on every rank (FSDP2 reduce-scatters only the
+            # parameters that have a gradient; a missing deepstack merger's changed the size).
+            for tensor in _tensors(out):
+                term = tensor.float().sum() * 0.0
+                extra = term if extra is None else extra + term
         return extra
 
     def forward(self, input_ids=None, labels=None, num_items_in_batch=None, **kwargs):
@@ -83,10 +104,42 @@ class _TrainingForward:
             return super().forward(input_ids=input_ids, labels=labels, **kwargs)
         if self.router_aux_loss:
             kwargs["output_router_logits"] = True  # asked per call: saved configs keep the released False
+        hook = None
+        if self.vision_sync and input_ids is not None:
+            hook = self.get_input_embeddings().register_forward_hook(self._vision_sync_hook(kwargs))
+        try:
+            return self._training_outputs(input_ids, labels, num_items_in_batch, kwargs)
+        finally:
+            if hook is not None:
+                hook.remove()
+
+    def _vision_sync_hook(self, kwargs):
+        """A forward hook for the input embeddings that runs the dummy tower calls there.
+
+        Same order of sharded modules on every rank: embeddings, the tower twice (real calls
+        inside the model's forward, dummies in this hook), decoder layers.  The zero term enters
+        the embeddings, not the loss: its backward then runs when the gradient reaches the
+        embeddings, where a real tower call's backward runs, so the ranks' reduce-scatters of
+        trainable vision units pair up in order too.  A hook rather than passing
+        ``inputs_embeds``: Qwen2-VL and Qwen3-VL refuse ``input_ids`` and ``inputs_embeds``
+        together, and the placeholders are found from ``input_ids``."""
+        done = []
+
+        def hook(module, args, output):
+            if done:  # once per forward
+                return output
+            done.append(True)
+            extra = self._dummy_vision_loss(kwargs)
+            return output if extra is None else output + extra.to(output.dtype)
+
+        return hook
+
+    def _training_outputs(self, input_ids, labels, num_items_in_batch, kwargs):
         if self.fused_loss:
             kwargs.pop("logits_to_keep", None)
             outputs = self.model(input_ids=input_ids, **kwargs)
-            loss = causal_lm_loss(outputs.last_hidden_state, self.lm_head.weight, labels,
+            # Under FSDP2 the head's weight is read outside lm_head's forward: take it gathered.
+            loss = causal_lm_loss(outputs.last_hidden_state, gathered_weight(self.lm_head), labels,
                                   num_items_in_batch=num_items_in_batch)
             aux = None
             if self.router_aux_loss:
@@ -97,10 +150,6 @@ class _TrainingForward:
             if num_items_in_batch is not None:
                 kwargs["num_items_in_batch"] = num_items_in_batch
             outputs = super().forward(input_ids=input_ids, labels=labels, **kwargs)
-        if self.vision_sync and input_ids is not None:
-            extra = self._dummy_vision_loss(kwargs)
-            if extra is not None:
-                outputs.loss = outputs.loss + extra.to(outputs.loss.dtype)
         return outputs
 
 
@@ -126,9 +175,10 @@ def use_fused_loss(kernel: str, zero3: bool) -> bool:
     return kernel == "fused" or not zero3
 
 
-def vision_sync_for(zero3: bool, distributed: bool, visual_trainable: bool) -> tuple:
-    """Which dummy vision calls a run needs (see the module docstring)."""
-    if zero3:
+def vision_sync_for(zero3: bool, distributed: bool, visual_trainable: bool, fsdp: bool = False) -> tuple:
+    """Which dummy vision calls a run needs (see the module docstring); ``fsdp``: FSDP shards the
+    vision blocks (every rank must gather them as often as the others)."""
+    if zero3 or (fsdp and distributed):
         return ("image", "video")
     if distributed and visual_trainable:
         return ("image",)

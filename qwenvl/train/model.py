@@ -108,7 +108,7 @@ def load_model(model_args, training_args):
     """Load the checkpoint with the class its config names and the chosen attention kernel.
 
     With ``--loss_kernel`` fused (or auto outside ZeRO-3), and when the vision tower must
-    run on batches without images (ZeRO-3, or DDP with a trainable tower or merger), the
+    run on batches without images (ZeRO-3 or FSDP, or DDP with a trainable tower or merger), the
     class is the family's training subclass from ``fused_loss.py``; also for MoE models,
     which train with the router load-balancing loss (``--router_aux_loss_coef``, ``moe.py``).
     Our registered varlen kernel cannot be named to ``from_pretrained`` (transformers
@@ -127,7 +127,8 @@ def load_model(model_args, training_args):
     zero3 = _zero3(training_args)
     fused = use_fused_loss(getattr(training_args, "loss_kernel", "model"), zero3)
     sync = vision_sync_for(zero3, distributed=training_args.world_size > 1,
-                           visual_trainable=bool(model_args.tune_mm_vision or model_args.tune_mm_mlp))
+                           visual_trainable=bool(model_args.tune_mm_vision or model_args.tune_mm_mlp),
+                           fsdp=bool(getattr(training_args, "fsdp", None)))
     # MoE: the router load-balancing loss trains with the model (moe.py); 0 turns it off.
     coef = router_aux_loss_coef(config, getattr(training_args, "router_aux_loss_coef", None))
     if coef:

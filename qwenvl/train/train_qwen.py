@@ -114,7 +114,8 @@ def _batch_sampler(dataset, training_args, check_cache=None):
     from qwenvl.data.lengths import dataset_lengths
     from qwenvl.data.sampler import make_train_sampler
 
-    packing = training_args.online_packing or training_args.max_tokens_per_batch is not None
+    samples = getattr(training_args, "token_budget_samples", None)
+    packing = training_args.online_packing or training_args.max_tokens_per_batch is not None or samples is not None
     grouping = training_args.group_by_modality_length or \
         getattr(training_args, "train_sampling_strategy", "random") == "group_by_length"
     if not (packing or grouping):
@@ -125,8 +126,17 @@ def _batch_sampler(dataset, training_args, check_cache=None):
     with training_args.main_process_first(desc="length cache"):
         rows, _ = dataset_lengths(dataset, num_workers=training_args.dataloader_num_workers,
                                   progress=training_args.process_index == 0)
+    budget = training_args.max_tokens_per_batch or training_args.model_max_length
+    if samples is not None:
+        from qwenvl.data.budget import budget_for_samples
+
+        budget, mean = budget_for_samples(rows, samples, training_args.gradient_accumulation_steps)
+        if training_args.process_index == 0:
+            print(f"token budget {budget} per micro-batch: about {samples} samples per optimizer step and process "
+                  f"(mean {mean:.0f} tokens per sample, {training_args.gradient_accumulation_steps} micro-batches "
+                  "per step)", flush=True)
     settings = SimpleNamespace(
-        online_packing=packing, pack_max_tokens=training_args.max_tokens_per_batch or training_args.model_max_length,
+        online_packing=packing, pack_max_tokens=budget,
         max_patches_per_pack=training_args.max_patches_per_pack,
         group_by_modality_length=training_args.group_by_modality_length,
         train_sampling_strategy=getattr(training_args, "train_sampling_strategy", "random"),
@@ -135,7 +145,7 @@ def _batch_sampler(dataset, training_args, check_cache=None):
                               seed=training_args.seed)
 
 
-def _train(argv):
+def _train(argv, trainer_class=None):
     import transformers
     from transformers import AutoConfig, AutoProcessor
 
@@ -192,8 +202,8 @@ def _train(argv):
         print(f"{type(model).__name__} from {path} (model_type {config.model_type}, "
               f"attention {model.config._attn_implementation})\n{parameter_table(model)}", flush=True)
 
-    trainer = QwenVLTrainer(model=model, args=training_args, processing_class=processor,
-                            train_batch_sampler=batch_sampler, **data_module)
+    trainer = (trainer_class or QwenVLTrainer)(model=model, args=training_args, processing_class=processor,
+                                               train_batch_sampler=batch_sampler, **data_module)
     if checkpoint and main:
         print(f"resuming from {checkpoint}", flush=True)
     try:
@@ -222,8 +232,10 @@ def default_allocator_settings(environ=os.environ) -> None:
         environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
-def train(argv: list[str] | None = None) -> str:
+def train(argv: list[str] | None = None, trainer_class=None) -> str:
     """Run one training from flags (``sys.argv`` when ``argv`` is None); returns the output directory.
+
+    ``trainer_class``: a subclass of ``QwenVLTrainer`` to train with (default: that class).
 
     Exits with status 2 on argument problems, 1 on data problems and a full disk,
     printing only their message, and 130 when Ctrl-C / SIGTERM stopped the run.
@@ -231,7 +243,7 @@ def train(argv: list[str] | None = None) -> str:
     default_allocator_settings()
     quiet_known_library_warnings()
     try:
-        return _train(argv)
+        output_dir = _train(argv, trainer_class)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
@@ -248,6 +260,11 @@ def train(argv: list[str] | None = None) -> str:
         print("\ninterrupted: stopped before a checkpoint could be saved; complete checkpoints in "
               "--output_dir are kept and the same command resumes from the newest.", file=sys.stderr, flush=True)
         raise SystemExit(INTERRUPTED) from None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from qwenvl.train.sharding import finish_distributed
+
+        finish_distributed()  # every rank leaves together (a lone rank's exit can hang the others)
+    return output_dir
 
 
 if __name__ == "__main__":

@@ -20,7 +20,10 @@ What it adds to ``transformers.Trainer``:
   after every rank's files are synced), a full disk is named with the bytes needed,
   and Ctrl-C / SIGTERM save and stop at the end of the step (``interrupt.StopOnSignal``);
 - resuming a full model reads the checkpoint in the training dtype, on one rank
-  when DDP will copy it to the others.
+  when DDP will copy it to the others;
+- under FSDP2 (``sharding.py``): float32 master weights with bf16 compute and float32
+  gradient reduction, and every saved model (checkpoints and the final one) gathered
+  into plain safetensors next to the sharded state used for resuming.
 """
 from __future__ import annotations
 
@@ -66,6 +69,24 @@ class QwenVLTrainer(Trainer):
         self.add_callback(_RecordStepRates(self))
         self.stop_on_signal = StopOnSignal()
         self.add_callback(self.stop_on_signal)
+
+    # ---- sharding ----
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            self._fsdp_unavailable()
+        if self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.fsdp_version == 2:
+            from .sharding import mixed_precision_policy
+
+            # Read by accelerate when it shards the model (Trainer.train -> accelerator.prepare).
+            self.accelerator.state.fsdp_plugin.mixed_precision_policy = mixed_precision_policy(self.args)
+
+    def _fsdp_unavailable(self):
+        # accelerate enables FSDP only on accelerators (CUDA, XPU, ...); elsewhere it would
+        # silently train with DDP instead.
+        raise ConfigError("--fsdp needs GPUs: accelerate turns FSDP on only on accelerators, and this run would "
+                          "otherwise train unsharded with DDP. Run on GPUs, or drop --fsdp / --fsdp_config.")
 
     # ---- optimizer ----
 
@@ -241,6 +262,17 @@ class QwenVLTrainer(Trainer):
         del saved
 
     # ---- saving ----
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """As the Trainer's, but under FSDP every rank gathers the full state dict and the main
+        process writes it as safetensors, whatever ``state_dict_type`` the sharded
+        checkpoints use (with SHARDED_STATE_DICT the Trainer alone would write no model)."""
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call=_internal_call)
+        from .sharding import full_state_dict
+
+        state_dict = full_state_dict(self.model)
+        self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         # Saved configs are for inference, which wants the KV cache training runs without.

@@ -34,6 +34,12 @@ def _train_args(cmd: list[str]) -> list[str]:
     return args
 
 
+def _value(cmd: list[str], flag: str) -> str | None:
+    """The last value given for ``flag`` (the one argparse keeps), or None."""
+    positions = [i for i, part in enumerate(cmd) if part == flag]
+    return cmd[positions[-1] + 1] if positions else None
+
+
 def test_launch_builds_torchrun_with_environment_and_passes_flags_last(tmp_path):
     cmd = dry_run("launch.sh", "--learning_rate", "3e-5", MODEL_PATH="/m", DATASETS="demo_shapes",
                   OUTPUT_DIR=str(tmp_path / "run"), NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1",
@@ -63,19 +69,70 @@ def test_launch_requires_model_and_data():
     assert result.returncode != 0 and "MODEL_PATH" in result.stderr
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_sft_scripts_parse_and_user_flags_win(script, tmp_path):
-    cmd = dry_run(script, "--learning_rate", "1e-6", "--tune_mm_vision", "True", DATASETS="demo_shapes",
-                  OUTPUT_DIR=str(tmp_path / "out"))
-    deepspeed = Path(cmd[cmd.index("--deepspeed") + 1])
-    assert deepspeed.is_file() and deepspeed.name == ("zero2.json" if "30b" in script else "zero3.json")
-    model, data, training, _ = parse_args(_train_args(cmd))
-    assert training.learning_rate == 1e-6 and model.tune_mm_vision  # the user's values
-    assert model.tune_mm_llm and model.tune_mm_mlp and data.data_flatten
+# The official batch size x accumulation of each recipe, and the sharding its fast path uses.
+OFFICIAL = {"sft.sh": (4, 4, "zero2"), "sft_7b.sh": (4, 4, "zero2"), "sft_32b.sh": (2, 8, "fsdp2"),
+            "sft_qwen3_4b.sh": (4, 4, "zero2"), "sft_qwen3_8b.sh": (4, 4, "zero2"),
+            "sft_qwen3_30b_a3b.sh": (1, 4, "fsdp2")}
+
+
+def _official_settings(model, data, training):
+    assert model.tune_mm_llm and model.tune_mm_mlp and not model.tune_mm_vision and data.data_flatten
     assert (data.max_pixels, data.min_pixels, training.model_max_length) == (50176, 784, 8192)
     assert training.warmup_steps == 0.03 and training.weight_decay == 0 and training.num_train_epochs == 0.5
-    assert training.gradient_checkpointing and training.save_steps == 1000
+    assert training.lr_scheduler_type == "cosine" and training.max_grad_norm == 1 and training.save_steps == 1000
     assert model.model_name_or_path.startswith(("Qwen/Qwen2.5-VL", "Qwen/Qwen3-VL"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_sft_scripts_are_fast_by_default_with_the_official_samples_per_step(script, tmp_path):
+    """FAST=1 (default): one token-budget micro-batch per step holding batch x accumulation samples on
+    average, compiled layers instead of checkpointing, the script's sharding; official optimisation."""
+    batch, accumulation, sharding = OFFICIAL[script]
+    cmd = dry_run(script, DATASETS="demo_shapes", OUTPUT_DIR=str(tmp_path / "out"))
+    if sharding == "fsdp2":
+        assert "--deepspeed" not in cmd and _value(cmd, "--fsdp") == "full_shard auto_wrap"
+        assert Path(_value(cmd, "--fsdp_config")) == REPO / "scripts" / "fsdp2.json"
+    else:
+        assert Path(_value(cmd, "--deepspeed")).name == "zero2.json" and "--fsdp" not in cmd
+    model, data, training, _ = parse_args(_train_args(cmd))
+    _official_settings(model, data, training)
+    assert training.token_budget_samples == batch * accumulation and training.gradient_accumulation_steps == 1
+    assert training.compile_layers and training.activation_memory_budget == 0.5
+    assert not training.gradient_checkpointing
+    assert training.learning_rate == (1e-5 if "qwen3" in script else 2e-7)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_sft_scripts_official_batching_one_flag_away_and_user_flags_win(script, tmp_path):
+    batch, accumulation, _ = OFFICIAL[script]
+    cmd = dry_run(script, "--learning_rate", "1e-6", "--tune_mm_vision", "True", DATASETS="demo_shapes",
+                  OUTPUT_DIR=str(tmp_path / "out"), FAST="0")
+    deepspeed = Path(_value(cmd, "--deepspeed"))
+    assert deepspeed.is_file() and deepspeed.name == ("zero2.json" if "30b" in script else "zero3.json")
+    assert "--fsdp" not in cmd
+    model, data, training, _ = parse_args(_train_args(cmd))
+    assert training.learning_rate == 1e-6 and model.tune_mm_vision  # the user's values
+    model.tune_mm_vision = False
+    _official_settings(model, data, training)
+    assert (training.per_device_train_batch_size, training.gradient_accumulation_steps) == (batch, accumulation)
+    assert training.gradient_checkpointing and not training.compile_layers
+    assert training.token_budget_samples is None and training.max_tokens_per_batch is None
+
+
+def test_sft_zero3_keeps_the_token_budget_without_compiled_layers(tmp_path):
+    cmd = dry_run("sft_7b.sh", DATASETS="demo_shapes", OUTPUT_DIR=str(tmp_path / "out"), SHARDING="zero3",
+                  BUDGET_ACCUM_STEPS="2")
+    assert Path(_value(cmd, "--deepspeed")).name == "zero3.json"
+    _, _, training, _ = parse_args(_train_args(cmd))
+    assert training.token_budget_samples == 16 and training.gradient_accumulation_steps == 2
+    assert training.gradient_checkpointing and not training.compile_layers
+
+
+@pytest.mark.parametrize("env", [{"SHARDING": "ddp"}, {"FAST": "2"}])
+def test_sft_scripts_refuse_unknown_settings(env, tmp_path):
+    full_env = dict(os.environ, DRY_RUN="1", DATASETS="d", OUTPUT_DIR=str(tmp_path), **env)
+    result = subprocess.run(["bash", "scripts/sft_7b.sh"], cwd=REPO, env=full_env, capture_output=True, text=True)
+    assert result.returncode == 2 and list(env)[0] in result.stderr
 
 
 @pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_offload.json"])

@@ -1,0 +1,197 @@
+"""FSDP2 (``--fsdp "full_shard auto_wrap" --fsdp_config scripts/fsdp2.json``) through the Trainer.
+
+On CPU: two torchrun processes over gloo (``tests/train/fsdp_cpu.py`` says why a test-only
+trainer is needed there), a tiny Qwen2.5-VL with its own (untied) ``lm_head`` as the released
+7B, so the fused loss reads a head that FSDP2 shards on its own.  On GPUs (marked ``gpu``):
+the compiled path, in bf16, on two GPUs.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from qwenvl.train.arguments import parse_args
+from tests.conftest import copy_demo_annotations
+
+from .conftest import free_port
+from .test_train_qwen import REPO, _env, _run
+
+FSDP = ["--fsdp", "full_shard auto_wrap", "--fsdp_config", str(REPO / "scripts" / "fsdp2.json")]
+
+
+def _flags(model_dir, out, dictionary, *extra):
+    return ["--model_name_or_path", str(model_dir), "--dataset_use", "demo_shapes%8,demo_text%8",
+            "--dataset_dictionary", str(dictionary), "--output_dir", str(out), "--learning_rate", "1e-3",
+            "--lr_scheduler_type", "constant", "--logging_steps", "1", "--report_to", "none",
+            "--model_max_length", "512", "--dataloader_num_workers", "0", "--disable_tqdm", "True",
+            "--max_pixels", str(112 * 112), "--min_pixels", str(56 * 56), "--seed", "0",
+            "--tune_mm_llm", "True", "--tune_mm_mlp", "True", "--tune_mm_vision", "False",
+            "--data_flatten", "True", "--token_budget_samples", "4", "--save_steps", "2", *extra]
+
+
+def _torchrun(*args):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+            *args]
+
+
+def _losses(out: Path) -> list[float]:
+    state = json.loads((out / "trainer_state.json").read_text())
+    return [e["loss"] for e in state["log_history"] if "loss" in e]
+
+
+def _params(folder) -> dict[str, torch.Tensor]:
+    return dict(AutoModelForImageTextToText.from_pretrained(folder).named_parameters())
+
+
+@pytest.mark.slow
+def test_fsdp2_trains_like_ddp_saves_plain_checkpoints_and_resumes(untied_model_dir, tmp_path):
+    """Two CPU processes: FSDP2 with the fused loss (Liger's place taken by our chunked kernel, which
+    multiplies the head's weight outside lm_head's forward: a DTensor shard there until gathered),
+    token-budget batches (some ranks' micro-batches without an image: the dummy vision calls
+    must keep the all-gathers paired), frozen vision tower next to a trainable merger in one
+    FSDP group.  The run is stopped after the checkpoint of step 2 and resumed from its sharded
+    state to step 3; losses and weights equal a DDP run of 3 steps."""
+    dictionary = copy_demo_annotations(tmp_path / "data")
+    env = _env()
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    _run(_torchrun(str(REPO / "qwenvl/train/train_qwen.py"),
+                   *_flags(untied_model_dir, ddp, dictionary, "--max_steps", "3", "--use_cpu", "True")), env)
+    harness = ["-m", "tests.train.fsdp_cpu", "--use_cpu", "True", *FSDP]
+    first = _run(_torchrun(*harness, *_flags(untied_model_dir, fsdp, dictionary, "--max_steps", "2")), env)
+    assert "model and processor saved" in first.stdout
+
+    # Each checkpoint: a plain model that loads with the Auto classes, and the sharded state.
+    checkpoint = fsdp / "checkpoint-2"
+    assert (checkpoint / "model.safetensors").is_file()
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "optimizer_0").is_dir()
+    assert (checkpoint / "chat_template.jinja").is_file()
+    saved = _params(checkpoint)
+    base = _params(untied_model_dir)
+    assert saved.keys() == base.keys()
+    assert all(torch.equal(p, base[n]) for n, p in saved.items() if ".visual." in n and ".merger." not in n)
+    assert any(not torch.equal(p, base[n]) for n, p in saved.items() if "lm_head" in n)
+
+    resumed = _run(_torchrun(*harness, *_flags(untied_model_dir, fsdp, dictionary, "--max_steps", "3")), env)
+    assert f"resuming from {checkpoint}" in resumed.stdout
+    want, got = _losses(ddp), _losses(fsdp)
+    assert len(want) == len(got) == 3
+    assert got == pytest.approx(want, rel=1e-4), (got, want)
+    trained, reference = _params(fsdp), _params(ddp)
+    for name, param in reference.items():
+        torch.testing.assert_close(trained[name], param, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.slow
+def test_fsdp2_lora_with_trainable_vision_tower_and_merger_equals_ddp(untied_model_dir, tmp_path):
+    """LoRA on the language model, vision tower and merger trained fully (peft ``modules_to_save``):
+    under FSDP2 (peft's wrap policy makes the trainable vision modules units of their own) ranks
+    whose micro-batch has no image run the tower on a dummy input; its zero term enters the
+    embeddings, so the units' reduce-scatters come in the same order on every rank (added to
+    the loss, the ranks' orders differed: a collective mismatch at the second step, which raised
+    or hung)."""
+    from safetensors.torch import load_file
+
+    dictionary = copy_demo_annotations(tmp_path / "data")
+    env = _env()
+    lora = ["--lora_enable", "True", "--lora_r", "4", "--tune_mm_vision", "True", "--max_steps", "3",
+            "--save_strategy", "no"]
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    _run(_torchrun(str(REPO / "qwenvl/train/train_qwen.py"),
+                   *_flags(untied_model_dir, ddp, dictionary, *lora, "--use_cpu", "True")), env)
+    # A collective mismatch can hang gloo instead of raising: the timeout turns that into a failure.
+    _run(_torchrun("-m", "tests.train.fsdp_cpu", "--use_cpu", "True", *FSDP,
+                   *_flags(untied_model_dir, fsdp, dictionary, *lora)), env, timeout=600)
+    assert _losses(fsdp) == pytest.approx(_losses(ddp), rel=1e-4)
+    want, got = load_file(ddp / "adapter_model.safetensors"), load_file(fsdp / "adapter_model.safetensors")
+    assert got.keys() == want.keys() and any(".visual.blocks." in k for k in got)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, atol=1e-4, rtol=1e-3, msg=key)
+
+
+@pytest.mark.slow
+def test_fsdp2_qwen3_vl_moe_with_trainable_vision_equals_ddp(tiny_model_dir, tmp_path):
+    """Qwen3-VL-MoE, everything trained: a rank without images runs the tower on a dummy input, and
+    its deepstack mergers must get a (zero) gradient too, or that rank's reduce-scatter of the root
+    group is smaller than the other's (a collective mismatch at the first step)."""
+    model_dir = tiny_model_dir("qwen3_vl_moe")
+    dictionary = copy_demo_annotations(tmp_path / "data")
+    env = _env()
+    flags = ["--tune_mm_vision", "True", "--max_steps", "3", "--save_strategy", "no"]
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    _run(_torchrun(str(REPO / "qwenvl/train/train_qwen.py"),
+                   *_flags(model_dir, ddp, dictionary, *flags, "--use_cpu", "True")), env)
+    _run(_torchrun("-m", "tests.train.fsdp_cpu", "--use_cpu", "True", *FSDP,
+                   *_flags(model_dir, fsdp, dictionary, *flags)), env, timeout=600)
+    assert _losses(fsdp) == pytest.approx(_losses(ddp), rel=1e-4)
+
+
+def test_fsdp_config_file_shards_every_family_by_its_own_layer_classes():
+    """scripts/fsdp2.json names no classes: accelerate then wraps the model's ``_no_split_modules``,
+    which for each family are exactly its decoder layer and vision block."""
+    import transformers
+
+    from qwenvl.train.model import SUPPORTED_MODEL_TYPES
+
+    config = json.loads((REPO / "scripts" / "fsdp2.json").read_text())
+    assert config["fsdp_version"] == 2 and config["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert "transformer_layer_cls_to_wrap" not in config
+    assert config["state_dict_type"] == "SHARDED_STATE_DICT"  # resume state; the model is saved whole anyway
+    for class_name in SUPPORTED_MODEL_TYPES.values():
+        no_split = getattr(transformers, class_name)._no_split_modules
+        assert len(no_split) == 2 and any(n.endswith("DecoderLayer") for n in no_split) \
+            and any(n.endswith("VisionBlock") for n in no_split), (class_name, no_split)
+
+
+def test_fsdp_flags_parse_and_compiled_layers_are_allowed(tiny_model_dir, tmp_path):
+    model = str(tiny_model_dir("qwen2_5_vl"))
+    args = parse_args(["--model_name_or_path", model, "--output_dir", str(tmp_path), "--tune_mm_llm", "True",
+                       "--compile_layers", "True", "--activation_memory_budget", "0.5", *FSDP]).training
+    assert args.fsdp and args.fsdp_config["version"] == 2 and args.compile_layers
+    from qwenvl.train.sharding import fsdp_version, mixed_precision_policy
+
+    assert fsdp_version(args) == 2 and mixed_precision_policy(args) is None  # fp32 run: no casts
+    args.bf16 = True
+    policy = mixed_precision_policy(args)
+    assert (policy.param_dtype, policy.reduce_dtype, policy.output_dtype) == (torch.bfloat16, torch.float32, None)
+
+
+def test_fsdp_without_gpus_is_refused_not_silently_ddp(tiny_model_dir, tmp_path, capsys):
+    """accelerate drops the FSDP plugin on CPU processes; the run stops instead of training unsharded."""
+    from qwenvl.train.train_qwen import train
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit) as exit_info:
+        train(["--model_name_or_path", str(tiny_model_dir("qwen2_5_vl")), "--output_dir", str(tmp_path / "o"),
+               "--dataset_use", "demo_text%2", "--tune_mm_llm", "True", "--use_cpu", "True", "--max_steps", "1",
+               "--report_to", "none", "--dataloader_num_workers", "0", *FSDP])
+    assert exit_info.value.code == 2 and "--fsdp needs GPUs" in capsys.readouterr().err
+
+
+# -- GPU: the compiled FSDP2 path ---------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_compiled_fsdp2_with_fused_loss_matches_ddp_and_exits(untied_model_dir, tmp_path):
+    """bf16, compiled layers, fused loss (Liger when installed), token budget, on 2 GPUs: FSDP2's
+    losses follow DDP's within bf16 noise, the saved model loads, and both processes exit."""
+    dictionary = copy_demo_annotations(tmp_path / "data")
+    env = _env()
+    common = ["--bf16", "True", "--compile_layers", "True", "--activation_memory_budget", "0.5",
+              "--max_steps", "6", "--save_strategy", "no"]
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    _run(_torchrun(str(REPO / "qwenvl/train/train_qwen.py"), *_flags(untied_model_dir, ddp, dictionary, *common)),
+         env, timeout=600)
+    result = _run(_torchrun(str(REPO / "qwenvl/train/train_qwen.py"),
+                            *_flags(untied_model_dir, fsdp, dictionary, *common, *FSDP)), env, timeout=600)
+    assert "model and processor saved" in result.stdout
+    want, got = _losses(ddp), _losses(fsdp)
+    assert len(got) == len(want) == 6
+    assert got == pytest.approx(want, rel=2e-2), (got, want)
+    saved = _params(fsdp)
+    assert saved.keys() == _params(untied_model_dir).keys()
