@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import DataConfigError
+
 
 @dataclass
 class DataArguments:
@@ -41,6 +43,10 @@ class DataArguments:
     bad_sample_policy: str = field(
         default="error",
         metadata={"help": "'error' stops at the first bad sample, naming it; 'skip' drops it and counts it."})
+    media_timeout: float = field(
+        default=120.0,
+        metadata={"help": "Seconds one media read (an image, a video's download and decoding) may take before "
+                          "the sample is bad (a stalled server or disk, a FIFO); 120 by default."})
 
     def __post_init__(self):
         problems = []
@@ -58,5 +64,7 @@ class DataArguments:
             problems.append(f"--video_backend must be auto, torchcodec, decord or pyav, not {self.video_backend!r}.")
         if self.bad_sample_policy not in ("error", "skip"):
             problems.append(f"--bad_sample_policy must be 'error' or 'skip', not {self.bad_sample_policy!r}.")
+        if not self.media_timeout > 0:
+            problems.append(f"--media_timeout must be a positive number of seconds, got {self.media_timeout}.")
         if problems:
-            raise ValueError("Invalid data arguments:\n  - " + "\n  - ".join(problems))
+            raise DataConfigError(problems)

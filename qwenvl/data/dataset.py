@@ -13,8 +13,10 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from .collate import make_collator
-from .errors import DataError, where
-from .formats import to_conversation, to_conversations
+from .conversation_checks import conversation_warnings, log_warnings
+from .errors import DataError, Origin, bad_sample, where
+from .lengths import conversation_of
+from .media import DEFAULT_MEDIA_TIMEOUT_S
 from .mixture import build_mixture, check_not_empty
 from .processor_settings import configure_processor
 from .registry import MixtureEntry, load_dictionary, parse_dataset_use
@@ -63,24 +65,26 @@ class SupervisedDataset(Dataset):
     def conversations(self, i: int):
         """The normalised conversation(s) behind item ``i`` (a list for packed records)."""
         d, r = (int(x) for x in self.mixture[i])
-        spec, source = self.entries[d].spec, self.sources[d]
-        record = source[r]
-        if getattr(source, "is_packed", False) or isinstance(record, list):
-            return to_conversations(record, spec, r)
-        return to_conversation(record, spec, r)
+        # The audit and the length cache convert and check through the same function.
+        return conversation_of(self.sources[d], self.entries[d].spec, r)
 
     def __getitem__(self, i: int):
         try:
             conversation = self.conversations(i)
+            for c in conversation if isinstance(conversation, list) else [conversation]:
+                log_warnings(conversation_warnings(c))
             if isinstance(conversation, list):
                 return {"pack": [self.renderer.render(c) for c in conversation]}
             return self.renderer.render(conversation)
-        except DataError as err:
-            origin = self.origin(i)
-            if origin not in str(err):  # every message names the dataset, file and record
-                err = DataError(f"{origin}: {err}")
+        except Exception as exc:
+            err = bad_sample(exc)  # the one rule of what is bad data; anything else is a bug: crash
+            if err is None:
+                raise
+            d, r = (int(x) for x in self.mixture[i])
+            spec = self.entries[d].spec
+            err.locate(Origin(dataset=spec.name, file=spec.annotation_path, record=r))
             if self.bad_sample_policy == "skip":
-                self.skip_log.record(i, origin, str(err))
+                self.skip_log.record(i, self.origin(i), str(err), err.kind.value)
                 return Skipped(i, self)
             raise err from None
 
@@ -92,7 +96,8 @@ def video_settings_from(data_args, processor):
     return VideoSettings.for_processor(
         processor, fps=data_args.video_fps, min_frames=data_args.video_min_frames,
         max_frames=data_args.video_max_frames, min_pixels=data_args.video_min_pixels,
-        max_pixels=data_args.video_max_pixels, backend=data_args.video_backend)
+        max_pixels=data_args.video_max_pixels, backend=data_args.video_backend,
+        timeout_s=getattr(data_args, "media_timeout", None) or DEFAULT_MEDIA_TIMEOUT_S)
 
 
 def make_supervised_data_module(processor, data_args, model_config, model_max_length: int | None = None,

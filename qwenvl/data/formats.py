@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import DataError, where
+from .errors import DataError, DataKind, where
 from .media import resolve_media
 from .registry import BBOX_FORMATS, DatasetSpec
 
@@ -140,7 +140,8 @@ def _turns(record: dict, key: str, origin: str) -> list:
 
 def _convert(record: Any, spec: DatasetSpec, origin: str) -> Conversation:
     if not isinstance(record, dict):
-        raise DataError(f"{origin}: a record must be a JSON object, got {type(record).__name__}.")
+        raise DataError(f"{origin}: a record must be a JSON object, got {type(record).__name__}.",
+                        DataKind.INVALID_JSON)
     media = {k: _Media(k, _media_list(record, k, origin), spec, origin) for k in ("image", "video")}
     messages = []
     if "conversations" in record:
@@ -175,10 +176,10 @@ def _convert(record: Any, spec: DatasetSpec, origin: str) -> Conversation:
                         "qwenvl/data/formats.py).")
     problems = [p for p in (media["image"].check(), media["video"].check()) if p]
     if problems:
-        raise DataError(f"{origin}: " + " Also: ".join(problems))
+        raise DataError(f"{origin}: " + " Also: ".join(problems), DataKind.TAG_MISMATCH)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{origin}: no assistant turn, so nothing to train on. Fix: add the "
-                        "answer as an assistant ('gpt') turn, or drop the record.")
+                        "answer as an assistant ('gpt') turn, or drop the record.", DataKind.NO_ASSISTANT)
     # A record's own "bbox_format" (packed files from pack_data carry one) wins over its dataset's.
     bbox_format = record.get("bbox_format", getattr(spec, "bbox_format", None))
     if bbox_format is not None and bbox_format not in BBOX_FORMATS:

@@ -44,7 +44,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
-from .errors import DataError
+from .errors import DataError, DataKind
 
 __all__ = ["FORMATS", "FAMILY_CONVENTION", "Coordinates", "find_coordinates", "rewrite_coordinates",
            "convert_values", "family_convention", "Grounding", "box_iou", "boxes_in", "looks_like"]
@@ -317,7 +317,7 @@ class Grounding:
                 unit = to_unit(c.values, source, original, seen)
                 if not inside(unit):
                     raise DataError(_outside_message(origin, c, source, declared, image, original, seen,
-                                                     self.convention))
+                                                     self.convention), DataKind.BOX_OUTSIDE_IMAGE)
                 return from_unit(unit, self.convention, original, seen)
 
             part = messages[i]["content"][j]

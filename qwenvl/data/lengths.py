@@ -54,9 +54,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import DataError, where
+from .conversation_checks import check_conversation
+from .errors import DataError, DataKind, bad_sample, where
 from .formats import Conversation, to_conversation, to_conversations
-from .media import is_url
+from .media import DEFAULT_MEDIA_TIMEOUT_S, image_header, is_url
 from .registry import DatasetSpec
 from .prompt import chat_text, template_messages
 from .render import SampleRenderer, SampleTooLong, SpecialTokens, assistant_labels
@@ -70,7 +71,7 @@ __all__ = [
     "dataset_lengths", "parallel_chunks", "chunk_ranges", "conversation_of", "measure_record",
 ]
 
-LENGTHS_VERSION = 1
+LENGTHS_VERSION = 2  # 2: the kind of each bad record is kept; only bad data is cached, never a bug
 TOKENS, VISUAL, PATCHES = 0, 1, 2  # columns of a length table
 BAD = -1  # every column of a record that cannot be rendered
 
@@ -97,49 +98,21 @@ class SampleLength:
 
 
 class MediaError(DataError):
-    """A media file that is missing or unreadable; ``kind`` says which (for the audit's tally)."""
+    """A media file that is missing or unreadable; its ``kind`` says which (a media ``DataKind``)."""
 
-    def __init__(self, message: str, kind: str):
-        super().__init__(message)
-        self.kind = kind  # "missing_media" | "bad_image" | "bad_video"
+    default_kind = DataKind.BAD_VIDEO
 
 
 # --------------------------------------------------------------------------- media sizes
 
-def image_size(ref: Any, origin: str | None = None, verify: bool = False) -> tuple[int, int]:
-    """(height, width) of an image from its header; ``verify`` also decodes the pixels.
+def image_size(ref: Any, origin: str | None = None, verify: bool = False,
+               timeout_s: float | None = DEFAULT_MEDIA_TIMEOUT_S) -> tuple[int, int]:
+    """(height, width) of an image as displayed, from its header; ``verify`` also decodes the pixels.
 
     ``ref`` is a resolved media reference (path, fsspec URL or PIL image).  Problems
-    raise ``MediaError`` worded like ``open_image``'s, which training would raise.
+    raise the ``DataError`` (with its kind) that ``open_image`` raises in training.
     """
-    at = f"{origin}: " if origin else ""
-    if isinstance(ref, Image.Image):
-        return ref.size[1], ref.size[0]
-    if isinstance(ref, os.PathLike):
-        ref = os.fspath(ref)
-    if not isinstance(ref, str):
-        raise MediaError(f"{at}cannot open {ref!r} as an image: expected a path, a URL or a PIL image.", "bad_image")
-    try:
-        if is_url(ref) and not ref.startswith("file://"):
-            import fsspec
-            with fsspec.open(ref, "rb") as f:
-                image = Image.open(io.BytesIO(f.read()))
-        else:
-            image = Image.open(ref[len("file://"):] if ref.startswith("file://") else ref)
-        with image:
-            if verify:
-                image.load()  # what training does; Image.verify() misses truncated data
-            width, height = image.size
-    except FileNotFoundError:
-        raise MediaError(f"{at}image not found: {ref}. Fix: check that the file exists; relative image paths are "
-                         "resolved against the dataset's data_path in the dataset dictionary.", "missing_media") from None
-    except ImportError as e:
-        raise MediaError(f"{at}cannot open {ref}: {e}. Fix: install the fsspec backend for this URL scheme.",
-                         "bad_image") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise MediaError(f"{at}cannot read image {ref}: {e}. Fix: the file may be corrupt or not an image; "
-                         "re-encode it or drop the record.", "bad_image") from None
-    return height, width
+    return image_header(ref, origin, verify=verify, timeout_s=timeout_s)
 
 
 @dataclass(frozen=True)
@@ -170,12 +143,12 @@ def probe_video(ref: Any, settings, origin: str | None = None) -> VideoProbe:
             paths = ([local_path(os.fspath(p)) for p in ref] if isinstance(ref, (list, tuple))
                      else list_frame_folder(local_path(os.fspath(ref))))
             if not paths:
-                raise DataError("a video given as a list of frame images has no frames; list at least one image")
+                raise MediaError("a video given as a list of frame images has no frames; list at least one image")
             for index, path in enumerate(paths):
                 if not is_url(path) and not os.path.isfile(path):
                     raise MediaError(f"{where(file=path)}: frame {index} of video {paths[0]} not found; check the "
                                      "frame list or folder", "missing_media")
-            height, width = image_size(paths[0])
+            height, width = image_size(paths[0], timeout_s=settings.timeout_s)
             return VideoProbe(len(paths), float(settings.frame_list_fps), height, width)
         name = local_path(os.fspath(ref))
         if is_url(name):
@@ -184,12 +157,12 @@ def probe_video(ref: Any, settings, origin: str | None = None) -> VideoProbe:
                                           settings.num_threads, label=name)
         else:
             decoded, _ = decode_video(name, first_frame, settings.backend, settings.timeout_s, settings.num_threads)
-    except MediaError as e:
-        kind = e.kind if e.kind == "missing_media" else "bad_video"
-        raise MediaError(f"{origin}: {e}" if origin and origin not in str(e) else str(e), kind) from None
     except DataError as e:
-        kind = "missing_media" if "not found" in str(e) else "bad_video"
-        raise MediaError(f"{origin}: {e}" if origin and origin not in str(e) else str(e), kind) from None
+        if e.kind is DataKind.BAD_IMAGE:  # the first frame image of a frame-list video
+            e.kind = DataKind.BAD_VIDEO
+        if origin and origin not in str(e):
+            e.args = (f"{origin}: {e}",)  # the same error, its kind kept, located
+        raise
     _, _, height, width = decoded.frames.shape
     return VideoProbe(decoded.total_frames, decoded.source_fps, int(height), int(width))
 
@@ -236,7 +209,8 @@ class TokenCounter:
     def media(self, conversation: Conversation) -> tuple[list, list]:
         """The image sizes and planned videos of a conversation (reads headers, one frame per video)."""
         _, image_refs, video_refs = template_messages(conversation)
-        images = [image_size(ref, conversation.origin) for ref in image_refs]
+        timeout_s = getattr(self.video_settings, "timeout_s", DEFAULT_MEDIA_TIMEOUT_S)  # --media_timeout
+        images = [image_size(ref, conversation.origin, timeout_s=timeout_s) for ref in image_refs]
         if video_refs and self.video_settings is None:
             raise ValueError("counting a video needs the video settings (video_settings_from(data_args, processor))")
         videos = []
@@ -333,7 +307,7 @@ class TokenCounter:
                 f"--min_pixels.")
         if not (assistant_labels(torch.from_numpy(ids), self.tokens) != -100).any():
             raise DataError(f"{conversation.origin}: no assistant reply left to train on (the conversation needs "
-                            f"at least one assistant/gpt turn with text).")
+                            f"at least one assistant/gpt turn with text).", DataKind.NO_ASSISTANT)
         return SampleLength(length, length - visual, visual, sum(image_patches) + video_patches, scale)
 
     def __call__(self, conversation: Conversation | list[Conversation]) -> SampleLength:
@@ -409,26 +383,38 @@ def chunk_ranges(n: int, chunk: int) -> list[tuple[int, int]]:
 # --------------------------------------------------------------------------- one record
 
 def conversation_of(source, spec: DatasetSpec, index: int):
-    """The Conversation (or list, for a packed record) of record ``index``; raises DataError."""
+    """The checked Conversation (or list, for a packed record) of record ``index``; raises DataError.
+
+    The checks are training's (``conversation_checks.check_conversation``), so a record
+    training refuses is bad here too.
+    """
     record = source[index]
     if getattr(source, "is_packed", False) or isinstance(record, list):
-        return to_conversations(record, spec, index)
-    return to_conversation(record, spec, index)
+        conversations = to_conversations(record, spec, index)
+        for c in conversations:
+            check_conversation(c)
+        return conversations
+    conversation = to_conversation(record, spec, index)
+    check_conversation(conversation)
+    return conversation
 
 
-def measure_record(source, spec: DatasetSpec, index: int, counter: TokenCounter) -> tuple[tuple | None, str | None]:
-    """``((tokens, visual, patches), None)`` for a good record, ``(None, reason)`` for a bad one.
+def measure_record(source, spec: DatasetSpec, index: int, counter: TokenCounter) -> tuple:
+    """``((tokens, visual, patches), None, None)`` for a good record, ``(None, reason, kind)`` for a bad one.
 
-    Any exception marks the record bad, not only ``DataError``: a record that makes the
-    processor itself fail (say, an image of 1 x 500 pixels) would stop training when
-    rendered, and is better left out by the samplers, with its reason, than found then.
+    Bad means what training's skip policy skips (``errors.bad_sample``: a ``DataError``,
+    which covers what the processor would refuse); any other exception is a bug and
+    propagates, never cached as a "bad record".
     """
     try:
-        return counter(conversation_of(source, spec, index)).row(), None
+        return counter(conversation_of(source, spec, index)).row(), None, None
     except Exception as e:
-        reason = str(e) if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
+        err = bad_sample(e)
+        if err is None:
+            raise
+        reason = str(err)
         at = where(spec.name, spec.annotation_path, index)
-        return None, reason if at in reason or spec.annotation_path in reason else f"{at}: {reason}"
+        return None, reason if at in reason or spec.annotation_path in reason else f"{at}: {reason}", err.kind.value
 
 
 def _measure_chunk(state, task):
@@ -446,21 +432,24 @@ class LengthTable:
     rows: np.ndarray
     errors: dict[int, str]
     path: str | None = None  # where it was loaded from or saved to
+    kinds: dict[int, str] = dataclasses.field(default_factory=dict)  # bad record -> DataKind value
 
     @property
     def tokens(self) -> np.ndarray:
         return self.rows[:, TOKENS]
 
     @classmethod
-    def from_results(cls, results: Iterable[tuple[tuple | None, str | None]]) -> "LengthTable":
-        rows, errors = [], {}
-        for i, (row, error) in enumerate(results):
+    def from_results(cls, results: Iterable[tuple]) -> "LengthTable":
+        """From ``(row, reason)`` or ``(row, reason, kind)`` per record (``row`` None when bad)."""
+        rows, errors, kinds = [], {}, {}
+        for i, (row, error, *kind) in enumerate(results):
             if row is None:
                 errors[i] = error or "unknown problem"
+                kinds[i] = (kind[0] if kind and kind[0] else DataKind.MALFORMED.value)
                 rows.append((BAD, BAD, BAD))
             else:
                 rows.append(row)
-        return cls(np.asarray(rows, dtype=np.int64).reshape(-1, 3), errors)
+        return cls(np.asarray(rows, dtype=np.int64).reshape(-1, 3), errors, kinds=kinds)
 
 
 def _cache_root() -> Path:
@@ -514,7 +503,8 @@ def _plain(value: Any) -> Any:
 _CODE_HASH: list[str] = []
 # The modules whose rules decide a sample's tokens: when any of them changes (an upgrade),
 # cached lengths may be wrong, so their source is part of the key.
-_RULE_MODULES = ("lengths.py", "render.py", "prompt.py", "formats.py", "media.py", "video.py", "grounding.py")
+_RULE_MODULES = ("lengths.py", "render.py", "prompt.py", "formats.py", "media.py", "video.py", "grounding.py",
+                 "video_decode.py", "video_checks.py", "conversation_checks.py")
 
 
 def _code_hash() -> str:
@@ -597,7 +587,8 @@ def load_lengths(spec: DatasetSpec, counter: TokenCounter, records: int | None =
         ok = (meta.get("key") == key and rows.dtype == np.int64 and rows.ndim == 2 and rows.shape[1] == 3
               and rows.shape[0] == meta.get("records") and (records is None or rows.shape[0] == records))
         if ok:
-            return LengthTable(rows, {int(k): v for k, v in meta.get("errors", {}).items()}, str(path))
+            return LengthTable(rows, {int(k): v for k, v in meta.get("errors", {}).items()}, str(path),
+                               {int(k): v for k, v in meta.get("kinds", {}).items()})
         logger.info("ignoring the length cache %s: it does not match its file", path)
     return None
 
@@ -627,7 +618,8 @@ def save_lengths(spec: DatasetSpec, counter: TokenCounter, table: LengthTable, s
     """Write ``table`` to the cache (next to the annotation file, else the user cache); returns the path."""
     key, meta = lengths_key(spec, counter)
     meta.update(key=key, records=int(table.rows.shape[0]), columns=["tokens", "visual_tokens", "vision_patches"],
-                errors={str(k): v for k, v in sorted(table.errors.items())}, built_s=seconds)
+                errors={str(k): v for k, v in sorted(table.errors.items())},
+                kinds={str(k): v for k, v in sorted(table.kinds.items())}, built_s=seconds)
     for path in _cache_candidates(spec.annotation_path, key):
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp_meta = path.with_name(f"{path.name}.{os.getpid()}.json.tmp")
@@ -683,16 +675,17 @@ def fit_to_max_length(table: LengthTable, spec: DatasetSpec, source, counter: To
     over = np.flatnonzero(table.rows[:, TOKENS] > model_max_length)
     if over.size == 0:
         return table
-    rows, errors = table.rows.copy(), dict(table.errors)
+    rows, errors, kinds = table.rows.copy(), dict(table.errors), dict(table.kinds)
     exact = counter.with_max_length(model_max_length)
     for i in over.tolist():
-        row, error = measure_record(source, spec, i, exact)
+        row, error, kind = measure_record(source, spec, i, exact)
         if row is None:
             rows[i] = BAD
             errors[i] = error
+            kinds[i] = kind
         else:
             rows[i] = row
-    return LengthTable(rows, errors, table.path)
+    return LengthTable(rows, errors, table.path, kinds)
 
 
 def lengths_for(spec: DatasetSpec, source, counter: TokenCounter, num_workers: int = 0,

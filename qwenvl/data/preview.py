@@ -152,6 +152,8 @@ def preview(argv: list[str] | None = None) -> str:
     dataset = module["train_dataset"]
     if not 0 <= args.index < len(dataset):
         raise DataError(f"--index {args.index} is outside the mixture of {len(dataset)} samples.")
+    # Show why a bad sample is bad, whatever --bad_sample_policy (skip would hand back None).
+    dataset.bad_sample_policy = "error"
     item = dataset[args.index]
     samples = item["pack"] if "pack" in item else [item]
     if args.json:

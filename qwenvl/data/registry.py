@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import DataError, where
+from .errors import DataError, DataKind, where
 from .media import is_url
 
 __all__ = ["DatasetSpec", "MixtureEntry", "DEFAULT_DICTIONARY", "load_dictionary",
@@ -79,7 +79,7 @@ def _raise_all(header: str, problems: list[str]) -> None:
     if problems:
         lines = "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, 1))
         noun = "problem" if len(problems) == 1 else "problems"
-        raise DataError(f"{header}: {len(problems)} {noun}:\n{lines}")
+        raise DataError(f"{header}: {len(problems)} {noun}:\n{lines}", DataKind.CONFIG)
 
 
 def _json_problem(text: str, err: json.JSONDecodeError) -> str:
@@ -219,9 +219,9 @@ def load_dictionary(path: str | os.PathLike | None = None, *,
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise DataError(f"{header} not found. Fix: create it (see qwenvl/data/registry.py for "
-                        "the format) or pass --dataset_dictionary PATH.") from None
+                        "the format) or pass --dataset_dictionary PATH.", DataKind.CONFIG) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{header} cannot be read: {e}.") from None
+        raise DataError(f"{header} cannot be read: {e}.", DataKind.CONFIG) from None
     problems: list[str] = []
     pairs_seen: list[str] = []
 
@@ -265,7 +265,7 @@ def parse_dataset_use(text: str, dictionary: Mapping[str, DatasetSpec]) -> list[
     items = [] if text is None else str(text).split(",")
     if not any(item.strip() for item in items):
         raise DataError(f"--dataset_use is empty. Fix: list datasets like {_PERCENT_FORMS}; "
-                        f"known: {_known(dictionary)}.")
+                        f"known: {_known(dictionary)}.", DataKind.CONFIG)
     for item in items:
         name, sep, percent = (s.strip() for s in item.partition("%"))
         if not name:

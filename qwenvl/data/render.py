@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import DataError
+from .errors import DataError, DataKind
 from .formats import Conversation
 from .grounding import Grounding
-from .media import open_image
+from .media import DEFAULT_MEDIA_TIMEOUT_S, open_image
 from .prompt import chat_text
 from .rope import RopeIndex
 
@@ -53,6 +53,8 @@ class SpecialTokens:
 
 class SampleTooLong(DataError):
     """A sample that does not fit ``model_max_length`` even at the lowest allowed resolution."""
+
+    default_kind = DataKind.TOO_LONG
 
 
 def assistant_labels(input_ids: torch.Tensor, tokens: SpecialTokens) -> torch.Tensor:
@@ -168,7 +170,8 @@ class SampleRenderer:
         the assistant header, so its ids are a prefix of the trained sample's ids.
         """
         text, image_refs, video_refs = chat_text(self.processor, conversation, add_generation_prompt)
-        images = [open_image(ref, origin=conversation.origin) for ref in image_refs]
+        timeout_s = getattr(self.video_settings, "timeout_s", DEFAULT_MEDIA_TIMEOUT_S)  # --media_timeout
+        images = [open_image(ref, origin=conversation.origin, timeout_s=timeout_s) for ref in image_refs]
         clips = self._load_videos(video_refs, conversation.origin) if video_refs else []
 
         scale, image_pixels = 1.0, 0

@@ -32,7 +32,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
-from .errors import DataError
+from .errors import DataError, DataKind
 from .lengths import PATCHES, TOKENS, VISUAL
 from .packing import pack_items
 
@@ -266,7 +266,7 @@ def make_train_sampler(dataset, lengths, args, world_size: int = 1, rank: int | 
         more = f"\n  ... and {bad.size - 10} more" if bad.size > 10 else ""
         raise DataError(f"{bad.size} samples cannot be rendered (bad media, format or over --model_max_length):\n  "
                         f"{names}{more}\nRun python -m qwenvl.tools.audit with the same flags for every reason, "
-                        "fix the data, or pass --bad_sample_policy skip to leave them out.")
+                        "fix the data, or pass --bad_sample_policy skip to leave them out.", DataKind.BAD_SAMPLES)
     if bad.size:
         logger.warning("%d samples that cannot be rendered are left out of training (--bad_sample_policy skip)",
                        bad.size)

@@ -43,11 +43,11 @@ class SkipLog:
     """Where skipped samples are counted and written (one JSON line each, once per sample and process)."""
 
     path: str | None = None
-    counts: dict = field(default_factory=dict)  # reason kind -> skips in this process
+    counts: dict = field(default_factory=dict)  # DataKind value -> skips in this process
     seen: set = field(default_factory=set)  # distinct item indices skipped in this process
 
-    def record(self, index: int, origin: str, reason: str) -> None:
-        kind = reason.split(":", 1)[0][:60] if ":" in reason else reason[:60]
+    def record(self, index: int, origin: str, reason: str, kind: str | None = None) -> None:
+        kind = kind or "bad_sample"  # the DataError's kind (a DataKind value), not words of its message
         self.counts[kind] = self.counts.get(kind, 0) + 1
         if index in self.seen:
             return

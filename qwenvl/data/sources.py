@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import DataError, where
+from .errors import DataError, DataKind, Origin, where
 from .media import is_url
 
 logger = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ def scan_json_array(chunks: Iterator[bytes], name: str = "<stream>") -> np.ndarr
                     raise DataError(
                         f"file {name}: unexpected '{ch}' at byte {base + int(s[t])} outside the "
                         "top-level array. Fix: the file must hold exactly one JSON array "
-                        "[record, record, ...] (or use JSONL, one record per line).")
+                        "[record, record, ...] (or use JSONL, one record per line).", DataKind.INVALID_JSON)
                 opened = True
             closing = (after == 0) & (step == -1)
             at_top = ((before == 1) & (step == 0)) | ((before == 0) & (step == 1)) | closing
@@ -186,7 +186,7 @@ def scan_json_array(chunks: Iterator[bytes], name: str = "<stream>") -> np.ndarr
     if not closed:
         reason = "inside a string" if in_string else f"with {depth} bracket(s) still open"
         raise DataError(f"file {name}: the JSON array ends {reason} (the file is truncated or "
-                        "not valid JSON). Fix: repair or regenerate the file.")
+                        "not valid JSON). Fix: repair or regenerate the file.", DataKind.INVALID_JSON)
     sep = np.concatenate(seps) if seps else np.zeros(0, dtype=np.int64)
     return sep.astype(np.int64) + 1
 
@@ -374,20 +374,18 @@ class OffsetSource(AnnotationSource):
         try:
             record = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            if isinstance(e, json.JSONDecodeError):  # e.lineno counts from the record's start
-                line = self._reader.line_of(int(self.offsets[i])) + e.lineno - 1
-            else:
-                line = self._reader.line_of(int(self.offsets[i]) + len(raw) - len(raw.lstrip(_WS)))
+            line = self._reader.line_of(int(self.offsets[i])) + _error_line(raw, e) - 1
             detail = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
             raise DataError(
                 f"{where(file=self.path, record=i)} (line {line}) is not valid JSON: {detail}. "
-                "Fix: correct or delete that record.") from None
+                "Fix: correct or delete that record.", DataKind.INVALID_JSON, Origin(file=self.path, record=i,
+                                                                                    line=line)) from None
         want = list if self.is_packed else dict
         if not isinstance(record, want):
             shape = "a list of samples (the file is packed)" if self.is_packed else "a JSON object"
             raise DataError(f"{where(file=self.path, record=i)}: expected {shape}, got "
                             f"{type(record).__name__}. Fix: a file holds either records or packed "
-                            "lists of records, not a mix.")
+                            "lists of records, not a mix.", DataKind.INVALID_JSON)
         return record
 
 
@@ -421,11 +419,11 @@ def _open_hf(path: str) -> AnnotationSource:
     if os.path.exists(os.path.join(path, "dataset_dict.json")):
         splits = sorted(p.name for p in Path(path).iterdir() if p.is_dir())
         raise DataError(f"{path} is a saved DatasetDict with splits {splits}. Fix: set "
-                        f"annotation_path to one split folder, e.g. {os.path.join(path, 'train')}.")
+                        f"annotation_path to one split folder, e.g. {os.path.join(path, 'train')}.", DataKind.CONFIG)
     if not os.path.exists(os.path.join(path, "state.json")):
         raise DataError(f"{path} is a folder but not a dataset saved with save_to_disk (no "
                         "state.json). Fix: point annotation_path at a .json/.jsonl file or at "
-                        "the folder written by Dataset.save_to_disk.")
+                        "the folder written by Dataset.save_to_disk.", DataKind.CONFIG)
     return HFSource(path)
 
 
@@ -450,7 +448,7 @@ def open_annotations(path: str | os.PathLike, *, cache: bool | None = None) -> A
             return _open_hf(path)
         if not os.path.isfile(path):
             raise DataError(f"annotation file not found: {path}. Fix: check annotation_path in "
-                            "the dataset dictionary (relative paths resolve against its folder).")
+                            "the dataset dictionary (relative paths resolve against its folder).", DataKind.CONFIG)
     reader = _Reader(path)
     first = _first_byte(reader)
     if path.endswith(".jsonl") or first == b"{":
@@ -462,7 +460,7 @@ def open_annotations(path: str | os.PathLike, *, cache: bool | None = None) -> A
     else:
         raise DataError(f"file {path}: starts with {first!r}, which is neither a JSON array "
                         "'[' nor a JSONL record '{'. Fix: write a JSON array of records or "
-                        "one JSON object per line (.jsonl).")
+                        "one JSON object per line (.jsonl).", DataKind.INVALID_JSON)
     size, mtime = reader.stat()
     use_cache = (not remote) and (size >= CACHE_MIN_BYTES if cache is None else cache)
     offsets = _load_index(path, kind, size, mtime) if use_cache else None
@@ -475,6 +473,8 @@ def open_annotations(path: str | os.PathLike, *, cache: bool | None = None) -> A
             if offsets.size == 2 and not reader.read(int(offsets[0]), int(
                     offsets[1] - offsets[0] - 1)).strip(_WS):
                 offsets = offsets[1:]  # "[]": the only "element" is whitespace
+            else:
+                _check_empty_elements(reader, path, offsets)
         if use_cache:
             _save_index(path, kind, size, mtime, offsets)
     source = OffsetSource(path, kind, offsets, reader)
@@ -483,13 +483,52 @@ def open_annotations(path: str | os.PathLike, *, cache: bool | None = None) -> A
     return source
 
 
+def _error_line(raw: bytes, err: Exception) -> int:
+    """1-based line, within a record's bytes, of a parse error.
+
+    A record's bytes end with its newline (JSONL) or the whitespace before the next
+    separator (JSON arrays), and a record cut short at the end of its line fails at
+    that trailing whitespace: ``json`` then names the next line.  The error is placed
+    at the last non-blank character instead, the line the fix goes on.
+    """
+    if isinstance(err, json.JSONDecodeError):
+        text = err.doc
+        pos = min(err.pos, max(len(text.rstrip()) - 1, 0))
+        return text.count("\n", 0, pos) + 1
+    skipped = len(raw) - len(raw.lstrip(_WS))  # undecodable bytes: the record's first line
+    return raw.count(b"\n", 0, skipped) + 1
+
+
+# An element this short or shorter may be only whitespace; longer ones hold a record.
+_BLANK_CANDIDATE_BYTES = 4096
+
+
+def _check_empty_elements(reader: _Reader, path: str, offsets: np.ndarray) -> None:
+    """Name a comma with nothing after it (``[{...}, {...},]``, ``{...},,{...}``) instead of a phantom record."""
+    sizes = np.diff(offsets) - 1  # bytes between two separators
+    for i in np.flatnonzero(sizes <= _BLANK_CANDIDATE_BYTES).tolist():
+        start = int(offsets[i])
+        if reader.read(start, int(sizes[i])).strip(_WS):
+            continue
+        last = i == len(sizes) - 1
+        comma = start - 1 if last else start + int(sizes[i])  # the comma that has nothing before or after it
+        line = reader.line_of(comma)
+        if last:
+            what = "a trailing comma after the last record"
+        else:
+            what = "an empty element (a comma with no record before it)" + (f", after record {i - 1}" if i else "")
+        raise DataError(f"file {path}: {what} (line {line}, byte {comma}); "
+                        "JSON allows no trailing or doubled commas. Fix: delete that comma.",
+                        DataKind.INVALID_JSON, Origin(file=path, line=line))
+
+
 def _check_tail(reader: _Reader, path: str, end: int, size: int) -> None:
     """Only whitespace may follow the closing bracket of the array."""
     while end < size:
         piece = reader.read(end, min(CHUNK_BYTES, size - end))
         if piece.strip(_WS):
             raise DataError(f"file {path}: extra data after the closing ']' at byte {end}. Fix: "
-                            "the file must hold exactly one JSON array.")
+                            "the file must hold exactly one JSON array.", DataKind.INVALID_JSON)
         end += len(piece)
 
 
@@ -500,4 +539,4 @@ def _check_single_object(source: OffsetSource, path: str) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DataError(f"file {path}: the top level is a JSON object, not a list of records. "
                         "Fix: wrap the records in [...], or write one record per line and name "
-                        "the file .jsonl.") from None
+                        "the file .jsonl.", DataKind.INVALID_JSON) from None

@@ -49,8 +49,10 @@ from typing import Sequence
 import torch
 from transformers.video_utils import VideoMetadata
 
-from .errors import DataError, where
-from .media import is_url
+from .errors import DataError, DataKind, Origin, where
+from .media import MAX_ASPECT_RATIO, is_url
+from .time_limit import DEFAULT_MEDIA_TIMEOUT_S
+from .video_checks import warn_few_frames
 from .video_decode import (
     DecodedVideo, backend_names, decode_video, fetched, list_frame_folder, local_path, read_image_frames,
     run_with_timeout,
@@ -58,7 +60,6 @@ from .video_decode import (
 
 VIDEO_MIN_TOKENS_PER_FRAME = 128  # qwen-vl-utils' VIDEO_MIN_TOKEN_NUM
 VIDEO_MAX_TOKENS_PER_FRAME = 768  # qwen-vl-utils' VIDEO_MAX_TOKEN_NUM
-MAX_ASPECT_RATIO = 200
 
 PROCESSOR_VIDEO_KWARGS = {"do_sample_frames": False, "do_resize": False, "cap_pixels_per_frame": False}
 """Video-processor options for clips from ``load_video``: the frames are already chosen
@@ -95,7 +96,7 @@ class VideoSettings:
     patch_size: int = 14
     merge_size: int = 2
     backend: str = "auto"
-    timeout_s: float | None = 120.0
+    timeout_s: float | None = DEFAULT_MEDIA_TIMEOUT_S
     frame_list_fps: float = 2.0
     num_threads: int = 0
 
@@ -255,7 +256,7 @@ def load_video(source: str | os.PathLike | Sequence[str | os.PathLike],
         return _load(source, settings or VideoSettings())
     except DataError as exc:
         if origin and origin not in str(exc):
-            raise DataError(f"{origin}: {exc}") from None
+            exc.args = (f"{origin}: {exc}",)  # the same error (its kind and origin kept), located
         raise
 
 
@@ -277,14 +278,16 @@ def _load(source, settings: VideoSettings) -> VideoClip:
     else:
         paths = [os.fspath(p) for p in source]
         if not paths:
-            raise DataError("a video given as a list of frame images has no frames; list at least one image")
+            raise DataError("a video given as a list of frame images has no frames; list at least one image",
+                            DataKind.BAD_VIDEO)
         name = f"{paths[0]} (+{len(paths) - 1} frames)"
     try:
         decoded = run_with_timeout(lambda: read_image_frames(paths, settings.frame_list_fps, plan, name),
                                    settings.timeout_s, f"frames of {name}")
     except TimeoutError:
         raise DataError(f"{where(file=name)}: reading the frame images took longer than the "
-                        f"{settings.timeout_s:g} s limit; check the storage or raise the video timeout") from None
+                        f"{settings.timeout_s:g} s limit; check the storage or raise --media_timeout",
+                        DataKind.MEDIA_TIMEOUT, Origin(media=name)) from None
     return _finish(decoded, "images", name, settings)
 
 
@@ -293,7 +296,7 @@ def _fit(frames: torch.Tensor, settings: VideoSettings, name: str) -> torch.Tens
     try:
         h, w = frame_size(height, width, n, settings)
     except ValueError as exc:
-        raise DataError(f"{where(file=name)}: {exc}") from None
+        raise DataError(f"{where(file=name)}: {exc}", DataKind.BAD_VIDEO, Origin(media=name)) from None
     if (h, w) == (height, width):
         return frames
     from torchvision.transforms import InterpolationMode
@@ -314,6 +317,7 @@ def resize_clip(clip: VideoClip, settings: VideoSettings) -> VideoClip:
 
 
 def _finish(decoded: DecodedVideo, backend: str, name: str, settings: VideoSettings) -> VideoClip:
+    warn_few_frames(name, decoded.total_frames, decoded.source_fps, settings)
     frames = _fit(decoded.frames, settings, name)
     start = decoded.pts[0]  # the first sampled frame is always the video's first frame
     return VideoClip(

@@ -17,8 +17,8 @@ import io
 import logging
 import os
 import re
+import stat
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -26,8 +26,10 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .errors import DataError, where
-from .media import is_url
+from .errors import DataError, DataKind, Origin, where
+from .media import as_displayed, is_url, read_url_bytes
+from .time_limit import run_with_timeout  # noqa: F401  (re-exported: video.py and tests import it here)
+from .video_checks import still_image_format
 
 logger = logging.getLogger(__name__)
 
@@ -179,42 +181,24 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def run_with_timeout(fn: Callable[[], object], timeout_s: float | None, what: str):
-    """Run ``fn()`` in a daemon thread and wait at most ``timeout_s`` seconds for it.
-
-    On time-out the thread is abandoned (Python cannot kill it; being a daemon it
-    does not keep the process alive) and ``TimeoutError`` is raised.  An exception
-    raised by ``fn`` is re-raised here.  ``timeout_s=None`` runs ``fn`` inline.
-    A decoder that holds the GIL without releasing it would still block the caller;
-    the FFmpeg-based decoders release it while decoding.
-    """
-    if timeout_s is None:
-        return fn()
-    box: dict[str, object] = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # handed to the caller below
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name=f"qwenvl-decode {what}", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        raise TimeoutError(f"{what} took longer than {timeout_s:g} s")
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box["value"]
-
-
 def _check_file(path: str, shown: str) -> None:
     if not os.path.exists(path):
-        raise DataError(f"{where(file=shown)}: video not found; check the path and the dataset's data_path")
+        raise DataError(f"{where(file=shown)}: video not found; check the path and the dataset's data_path",
+                        DataKind.MISSING_MEDIA, Origin(media=shown))
     if os.path.isdir(path):
         return  # a folder of frame images, handled by the caller
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise DataError(f"{where(file=shown)}: not a regular file (a FIFO, socket or device), so reading it could "
+                        "block forever; point the record at the video file itself",
+                        DataKind.MEDIA_UNREACHABLE, Origin(media=shown))
     if os.path.getsize(path) == 0:
-        raise DataError(f"{where(file=shown)}: video file is empty (0 bytes); re-export or remove it")
+        raise DataError(f"{where(file=shown)}: video file is empty (0 bytes); re-export or remove it",
+                        DataKind.BAD_VIDEO, Origin(media=shown))
+    still = still_image_format(path)
+    if still:
+        raise DataError(f"{where(file=shown)}: this is a still {still} image, not a video (a decoder would read it "
+                        "as a one-frame video); list it under 'image' with an <image> tag, or replace the file",
+                        DataKind.BAD_VIDEO, Origin(media=shown))
 
 
 def decode_video(path: str, plan: FramePlan, backend: str = "auto", timeout_s: float | None = 120.0,
@@ -235,12 +219,12 @@ def decode_video(path: str, plan: FramePlan, backend: str = "auto", timeout_s: f
         if not names:
             raise DataError(
                 "no video backend is installed: pip install torchcodec (with FFmpeg), decord or av"
-                f" ({'; '.join(f'{n}: {import_problem(n)}' for n in AUTO_ORDER)})")
+                f" ({'; '.join(f'{n}: {import_problem(n)}' for n in AUTO_ORDER)})", DataKind.CONFIG)
     else:
         problem = import_problem(backend)
         if problem is not None:
             raise DataError(f"video backend {backend!r} cannot be used: {problem}; "
-                            "install it or set the video backend to auto")
+                            "install it or set the video backend to auto", DataKind.CONFIG)
         names = [backend]
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     failures = []
@@ -253,7 +237,7 @@ def decode_video(path: str, plan: FramePlan, backend: str = "auto", timeout_s: f
             raise DataError(
                 f"{where(file=shown)}: decoding with {name} did not finish within the {timeout_s:g} s limit; "
                 "check the file (ffprobe), re-encode it (ffmpeg -i IN -c:v libx264 OUT.mp4) "
-                "or raise the video timeout") from None
+                "or raise --media_timeout", DataKind.MEDIA_TIMEOUT, Origin(media=shown)) from None
         except DataError:
             raise
         except Exception as exc:
@@ -268,17 +252,18 @@ def decode_video(path: str, plan: FramePlan, backend: str = "auto", timeout_s: f
         return decoded, name
     raise DataError(
         f"{where(file=shown)}: could not decode the video ({'; '.join(failures)}); the file may be corrupt, "
-        "cut short or not a video: check it with ffprobe, or re-encode it (ffmpeg -i IN -c:v libx264 OUT.mp4)")
+        "cut short or not a video: check it with ffprobe, or re-encode it (ffmpeg -i IN -c:v libx264 OUT.mp4)",
+        DataKind.BAD_VIDEO, Origin(media=shown))
 
 
 def _validate(decoded: DecodedVideo, path: str, name: str) -> None:
     frames = decoded.frames
     if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[1] != 3:
         raise DataError(f"{where(file=path)}: backend {name} returned frames of shape {tuple(frames.shape)} "
-                        f"and dtype {frames.dtype}, expected (T, 3, H, W) uint8")
+                        f"and dtype {frames.dtype}, expected (T, 3, H, W) uint8", DataKind.BAD_VIDEO)
     if not (len(frames) == len(decoded.indices) == len(decoded.pts)):
         raise DataError(f"{where(file=path)}: backend {name} returned {len(frames)} frames for "
-                        f"{len(decoded.indices)} planned indices")
+                        f"{len(decoded.indices)} planned indices", DataKind.BAD_VIDEO)
 
 
 def local_path(ref: str) -> str:
@@ -288,19 +273,7 @@ def local_path(ref: str) -> str:
 
 def read_url(url: str, what: str = "video") -> bytes:
     """The bytes at an fsspec URL (``s3://``, ``gs://``, ``https://`` ...), problems as ``DataError``."""
-    try:
-        import fsspec
-
-        with fsspec.open(url, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise DataError(f"{where(file=url)}: {what} not found; check the URL and the dataset's data_path") from None
-    except ImportError as exc:
-        raise DataError(f"{where(file=url)}: cannot read the URL ({exc}); install the fsspec backend for its "
-                        "scheme (s3fs for s3, gcsfs for gs, aiohttp for http)") from None
-    except Exception as exc:
-        raise DataError(f"{where(file=url)}: cannot read the {what} ({type(exc).__name__}: {_first_line(exc)}); "
-                        "check the URL and the credentials") from None
+    return read_url_bytes(url, what)
 
 
 @contextlib.contextmanager
@@ -314,7 +287,7 @@ def fetched(url: str, timeout_s: float | None) -> Iterator[str]:
         data = run_with_timeout(lambda: read_url(url), timeout_s, f"download of {url}")
     except TimeoutError:
         raise DataError(f"{where(file=url)}: downloading the video took longer than {timeout_s:g} s; "
-                        "check the storage or raise the video timeout") from None
+                        "check the storage or raise --media_timeout", DataKind.MEDIA_TIMEOUT, Origin(media=url)) from None
     suffix = os.path.splitext(url.split("?")[0])[1][:8]
     handle = tempfile.NamedTemporaryFile(prefix="qwenvl-video-", suffix=suffix, delete=False)
     try:
@@ -339,7 +312,8 @@ def list_frame_folder(folder: str) -> list[str]:
              if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".")]
     if not names:
         raise DataError(f"{where(file=folder)}: folder of video frames has no images "
-                        f"({', '.join(IMAGE_SUFFIXES)}); put the frames there or point at a video file")
+                        f"({', '.join(IMAGE_SUFFIXES)}); put the frames there or point at a video file",
+                        DataKind.BAD_VIDEO, Origin(media=folder))
     return [os.path.join(folder, n) for n in sorted(names, key=_natural_key)]
 
 
@@ -356,7 +330,7 @@ def read_image_frames(paths: Sequence[str], fps: float, plan: FramePlan, owner: 
         # URLs are checked when read: asking remote storage about every frame costs a round trip each.
         if not is_url(path) and not os.path.isfile(path):
             raise DataError(f"{where(file=path)}: frame {index} of video {owner} not found; "
-                            "check the frame list or folder")
+                            "check the frame list or folder", DataKind.MISSING_MEDIA, Origin(media=path))
     indices = _check_plan(plan(len(paths), fps), len(paths))
     loaded: dict[int, torch.Tensor] = {}
     size = None
@@ -365,16 +339,17 @@ def read_image_frames(paths: Sequence[str], fps: float, plan: FramePlan, owner: 
         source = io.BytesIO(read_url(path, f"frame {index} of video {owner}")) if is_url(path) else path
         try:
             with Image.open(source) as image:
-                array = np.array(image.convert("RGB"))  # a writable copy for torch
+                array = np.array(as_displayed(image))  # a writable copy for torch, EXIF and 16-bit handled
         except Exception as exc:
             raise DataError(f"{where(file=paths[index])}: frame {index} of video {owner} is not a readable "
-                            f"image ({_first_line(exc)}); replace or remove it") from None
+                            f"image ({_first_line(exc)}); replace or remove it", DataKind.BAD_VIDEO,
+                            Origin(media=paths[index])) from None
         if size is None:
             size = array.shape
         elif array.shape != size:
             raise DataError(f"{where(file=paths[index])}: frame {index} of video {owner} is "
                             f"{array.shape[1]}x{array.shape[0]}, the first frame read is {size[1]}x{size[0]}; "
-                            "all frames of a video must have one size")
+                            "all frames of a video must have one size", DataKind.BAD_VIDEO, Origin(media=paths[index]))
         loaded[index] = torch.from_numpy(array).permute(2, 0, 1)
     frames = torch.stack([loaded[i] for i in indices])
     return DecodedVideo(frames, [i / fps for i in indices], indices, len(paths), float(fps))

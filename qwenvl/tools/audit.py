@@ -14,9 +14,14 @@ dataset, file, record index, line (JSON/JSONL) and reason, tallied by kind:
 * ``malformed``: unknown roles, empty conversations, non-string text, bad parts;
 * ``tag_mismatch``: ``<image>``/``<video>`` tags that do not match the media listed;
 * ``no_assistant``: nothing to train on;
-* ``missing_media``, ``bad_image``, ``bad_video``: files that are absent, do not
-  open (the header is read; ``--verify_media`` decodes every pixel and frame), or
-  videos the decoder training uses cannot read;
+* ``empty_answer``: an assistant turn with no text (only ``<|im_end|>`` would be trained);
+* ``media_in_answer``: an ``<image>``/``<video>`` inside an assistant turn (placeholders in the labels);
+* ``special_token_text``: a literal ``<|image_pad|>``/``<|video_pad|>`` in a text turn;
+* ``missing_media``, ``media_unreachable`` (refused connection, no credentials, a FIFO),
+  ``media_timeout`` (longer than ``--media_timeout``), ``bad_image``, ``bad_video``: files that
+  are absent, cannot be reached, do not open (the header is read; ``--verify_media`` decodes
+  every pixel and frame), images more than 200:1, still images named as videos, or videos
+  the decoder training uses cannot read;
 * ``too_long``: with ``--model_max_length``, samples training drops because their
   text alone does not fit (samples that only need smaller images are counted as
   ``resized``, not as problems);
@@ -24,7 +29,16 @@ dataset, file, record index, line (JSON/JSONL) and reason, tallied by kind:
   tokens) that cannot belong to its image in the dataset's ``bbox_format`` (or, when
   undeclared, the family's own coordinates for the image as resized), which training
   refuses (``qwenvl/data/grounding.py``);
-* ``other``: anything else rendering would raise.
+* ``config``: a relative media path in a dataset without ``data_path``, a missing decoder;
+* ``internal_error``: an exception that is not bad data but a bug of ours: training stops on
+  it whatever ``--bad_sample_policy`` says (please report it with the record).
+
+Warnings (reported and tallied, never fatal; training logs them): ``starts_with_assistant``,
+``ends_with_user`` (a conversation that starts with the answer or ends with an unanswered
+question), ``few_frames`` (a video with fewer frames than ``--video_min_frames``).
+
+The kinds are ``DataError.kind`` (``qwenvl.data.errors.DataKind``); whether an exception is
+bad data at all is ``errors.bad_sample``, the rule training's skip policy follows.
 
 With ``--model_name_or_path`` every good record is also counted exactly (tokens, text
 and visual tokens, vision patches; ``qwenvl.data.lengths``) and the counts are stored
@@ -39,13 +53,15 @@ unknown, so undeclared and ``abs_resized`` coordinates are counted but not check
 
 The summary prints per dataset: records, bad records, problems by kind, and token
 statistics (mean / p50 / p95 / max of tokens, text and visual tokens).  The JSON
-report holds the same plus every problem; it is written to ``--report`` (alias ``--output``),
-by default ``audit_<datasets>.json`` next to the first selected annotation file (the
-data it describes; the user cache ``~/.cache/qwenvl/audit`` when that folder cannot be
-written), and its path is printed.  Exit status, as ``--bad_sample_policy``
-in training: ``error`` (default) exits 1 when any record is bad; ``skip`` exits 0
-(training would skip them; the report still lists them).  Exit 2: the dictionary
-or flags are wrong.
+report holds the same plus every problem and warning; it is written to ``--report`` (alias
+``--output``), by default ``audit_<datasets>.json`` next to the first selected annotation file
+(the data it describes; the user cache ``~/.cache/qwenvl/audit`` when that folder cannot be
+written), and its path is printed.  Exit status, as ``--bad_sample_policy`` in training:
+``error`` (default) exits 1 when any record is bad; ``skip`` exits 0 (training would skip
+them; the report still lists them), unless a record raised an ``internal_error`` (exit 1:
+training would crash) or the mixture is empty (exit 1; each ``--dataset_use`` entry that
+adds no sample, an empty file or a rate of 0, is named either way).  Exit 2: the
+dictionary or flags are wrong.
 """
 from __future__ import annotations
 
@@ -61,19 +77,23 @@ import numpy as np
 from transformers import HfArgumentParser
 
 from qwenvl.data.arguments import DataArguments
-from qwenvl.data.errors import DataError, where
+from qwenvl.data.conversation_checks import conversation_warnings
+from qwenvl.data.errors import DataError, DataKind, bad_sample, where
 from qwenvl.data.formats import Conversation
 from qwenvl.data.grounding import Grounding, may_hold_coordinates
 from qwenvl.data.grounding_check import GroundingFindings, inspect_coordinates
-from qwenvl.data.lengths import (LengthTable, MediaError, TokenCounter, chunk_ranges, conversation_of,
-                                 image_size, parallel_chunks, probe_video, save_lengths)
-from qwenvl.data.registry import DatasetSpec, load_dictionary, parse_dataset_use
+from qwenvl.data.lengths import (LengthTable, TokenCounter, chunk_ranges, conversation_of, image_size,
+                                 parallel_chunks, probe_video, save_lengths)
+from qwenvl.data.mixture import mixture_counts
 from qwenvl.data.prompt import template_messages
-from qwenvl.data.render import SampleTooLong
+from qwenvl.data.registry import DatasetSpec, load_dictionary, parse_dataset_use
 from qwenvl.data.sources import open_annotations
+from qwenvl.data.video_checks import few_frames_warning
 
-KINDS = ("invalid_json", "malformed", "tag_mismatch", "no_assistant", "missing_media", "bad_image", "bad_video",
-         "too_long", "box_outside_image", "other")
+INTERNAL_ERROR = "internal_error"  # not bad data: a bug that stops training whatever the policy
+KINDS = tuple(k.value for k in DataKind if k not in (DataKind.CONFIG, DataKind.BAD_SAMPLES)) + (
+    DataKind.CONFIG.value, INTERNAL_ERROR)
+WARNING_KINDS = ("starts_with_assistant", "ends_with_user", "few_frames")
 
 
 @dataclass
@@ -96,46 +116,50 @@ class AuditArguments:
 
 
 def classify(err: BaseException) -> str:
-    """The problem kind of an exception raised while reading, converting or counting a record."""
-    if isinstance(err, SampleTooLong):
-        return "too_long"
-    if isinstance(err, MediaError):
-        return err.kind
-    if not isinstance(err, DataError):
-        return "other"
-    msg = str(err)
-    if "is not valid JSON" in msg or "expected a JSON object" in msg or "expected a list of samples" in msg \
-            or "a record must be a JSON object" in msg:
-        return "invalid_json"
-    if "lies outside" in msg and ("box" in msg or "point" in msg):
-        return "box_outside_image"
-    if "placeholder(s) but" in msg:
-        return "tag_mismatch"
-    if "no assistant turn" in msg or "no assistant reply" in msg:
-        return "no_assistant"
-    if "not found" in msg:
-        return "missing_media"
-    if "cannot read image" in msg or "as an image" in msg:
-        return "bad_image"
-    if "video" in msg and ("decode" in msg or "frame" in msg or "empty" in msg):
-        return "bad_video"
-    return "malformed"
+    """The problem kind of an exception raised while reading, converting or counting a record.
+
+    ``errors.bad_sample`` decides, as in training: a ``DataError``'s own kind, else
+    ``internal_error`` (a bug of ours; training would crash on the record).
+    """
+    bad = bad_sample(err)
+    return bad.kind.value if bad is not None else INTERNAL_ERROR
 
 
 # --------------------------------------------------------------------------- one record
 
-def _check_media(conversation: Conversation, video_settings, verify: bool) -> None:
-    """Image headers (every pixel with ``verify``); videos probed (every sampled frame decoded with ``verify``)."""
+def _check_media(conversation: Conversation, video_settings, verify: bool) -> list[tuple[str, str]]:
+    """Image headers (every pixel with ``verify``); videos probed (every sampled frame decoded with ``verify``).
+
+    Returns the videos' ``few_frames`` warnings as ``(kind, message)``.
+    """
     from qwenvl.data.video import load_video
 
     _, images, videos = template_messages(conversation)
     for ref in images:
-        image_size(ref, conversation.origin, verify=verify)
+        image_size(ref, conversation.origin, verify=verify, timeout_s=video_settings.timeout_s)
+    warnings = []
     for ref in videos:
         if verify:
-            load_video(ref, video_settings, origin=conversation.origin)
+            clip = load_video(ref, video_settings, origin=conversation.origin)
+            total, fps = clip.total_frames, clip.source_fps
         else:
-            probe_video(ref, video_settings, conversation.origin)
+            probe = probe_video(ref, video_settings, conversation.origin)
+            total, fps = probe.total_frames, probe.fps
+        message = few_frames_warning(total, fps, video_settings)
+        if message:
+            warnings.append(("few_frames", f"{conversation.origin}: {ref}: {message}"))
+    return warnings
+
+
+def _video_warnings(conversation: Conversation, media: tuple, video_settings) -> list[tuple[str, str]]:
+    """``few_frames`` warnings of the videos a counter probed (``TokenCounter.media``)."""
+    _, _, refs = template_messages(conversation)
+    out = []
+    for ref, (probe, _plan) in zip(refs, media[1]):
+        message = few_frames_warning(probe.total_frames, probe.fps, video_settings)
+        if message:
+            out.append(("few_frames", f"{conversation.origin}: {ref}: {message}"))
+    return out
 
 
 def _grounding_findings(samples: list[Conversation], grounding: Grounding | None) -> GroundingFindings:
@@ -151,34 +175,44 @@ def _grounding_findings(samples: list[Conversation], grounding: Grounding | None
 
 def audit_record(source, spec: DatasetSpec, index: int, counter: TokenCounter | None, video_settings,
                  capped: TokenCounter | None, verify: bool) -> tuple:
-    """``(row, kind, reason, resized, grounding)`` for one record.
+    """``(row, kind, reason, resized, grounding, warnings)`` for one record.
 
     ``row``: the full-resolution ``(tokens, visual, patches)``, or None when the record
     cannot be counted (or there is no counter); ``kind``/``reason``: the problem, or
     None; ``capped``: a counter with ``--model_max_length``, to replay what training does
     with samples above it (``resized``: they fit at a lower resolution); ``grounding``: its
-    ``GroundingFindings`` (None when the record could not be read).
+    ``GroundingFindings`` (None when the record could not be read); ``warnings``:
+    ``(kind, message)`` pairs (``WARNING_KINDS``).
     """
     at = where(spec.name, spec.annotation_path, index)
+    warnings: list[tuple[str, str]] = []
 
     def problem(err: BaseException, row=None) -> tuple:  # one bad record must never stop the audit
-        reason = str(err) if isinstance(err, DataError) else f"{type(err).__name__}: {err}"
-        return row, classify(err), reason if spec.annotation_path in reason else f"{at}: {reason}", False, None
+        kind = classify(err)
+        if kind == INTERNAL_ERROR:
+            reason = (f"{type(err).__name__}: {err} (not a problem of the data but a bug of qwenvl: training stops "
+                      "here whatever --bad_sample_policy says; please report it with this record)")
+        else:
+            reason = str(err)
+        return row, kind, reason if spec.annotation_path in reason else f"{at}: {reason}", False, None, warnings
 
     try:
         conversation = conversation_of(source, spec, index)
         samples = conversation if isinstance(conversation, list) else [conversation]
+        for c in samples:
+            warnings += [(w.kind, w.message) for w in conversation_warnings(c)]
         findings = _grounding_findings(samples, getattr(counter, "grounding", None))
         if findings.outside:  # training refuses these records
             more = f" ({len(findings.outside)} in this record)" if len(findings.outside) > 1 else ""
-            return None, "box_outside_image", findings.outside[0] + more, False, findings
+            return None, DataKind.BOX_OUTSIDE_IMAGE.value, findings.outside[0] + more, False, findings, warnings
         if counter is None:
             for c in samples:
-                _check_media(c, video_settings, verify)
-            return None, None, None, False, findings
+                warnings += _check_media(c, video_settings, verify)
+            return None, None, None, False, findings, warnings
         counted = []
         for c in samples:
             media = counter.media(c)
+            warnings += _video_warnings(c, media, video_settings)
             if verify:
                 _check_media(c, video_settings, verify=True)
             counted.append((c, media, counter.count(c, media)))
@@ -194,7 +228,7 @@ def audit_record(source, spec: DatasetSpec, index: int, counter: TokenCounter | 
                     resized = True
         except Exception as err:
             return problem(err, row)
-    return row, None, None, resized, findings
+    return row, None, None, resized, findings, warnings
 
 
 def _audit_chunk(state, task):
@@ -268,11 +302,17 @@ def summary_table(report: dict) -> str:
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in cells]
     kinds = [k for k in KINDS if any(d["problems_by_kind"].get(k) for d in report["datasets"].values())]
+    warned = [k for k in WARNING_KINDS
+              if any(d.get("warnings_by_kind", {}).get(k) for d in report["datasets"].values())]
     if kinds:
         lines.append("")
         lines.append("problems by kind: " + "; ".join(
             f"{name}: " + ", ".join(f"{k} {d['problems_by_kind'][k]}" for k in kinds if d["problems_by_kind"].get(k))
             for name, d in report["datasets"].items() if d["bad"]))
+    if warned:
+        lines.append("warnings by kind: " + "; ".join(
+            f"{name}: " + ", ".join(f"{k} {d['warnings_by_kind'][k]}" for k in warned if d["warnings_by_kind"].get(k))
+            for name, d in report["datasets"].items() if d.get("warnings_by_kind")))
     return "\n".join(lines)
 
 
@@ -300,7 +340,8 @@ def _counter(audit_args: AuditArguments, data_args: DataArguments):
 
     if audit_args.model_name_or_path is None:
         settings = VideoSettings(fps=data_args.video_fps, min_frames=data_args.video_min_frames,
-                                 max_frames=data_args.video_max_frames, backend=data_args.video_backend)
+                                 max_frames=data_args.video_max_frames, backend=data_args.video_backend,
+                                 timeout_s=data_args.media_timeout)
         return None, settings
     from transformers import AutoConfig, AutoProcessor
 
@@ -312,6 +353,15 @@ def _counter(audit_args: AuditArguments, data_args: DataArguments):
     grounding = Grounding(AutoConfig.from_pretrained(audit_args.model_name_or_path).model_type,
                           processor.image_processor)
     return TokenCounter(processor, settings, None, grounding), settings
+
+
+def _empty_entries(data_args: DataArguments, records: dict[str, int]) -> dict:
+    """Which ``--dataset_use`` entries add no sample (an empty file, a rate of 0), and whether all of them do."""
+    entries = parse_dataset_use(data_args.dataset_use, load_dictionary(data_args.dataset_dictionary))
+    counts = mixture_counts(entries, [records[e.spec.annotation_path] for e in entries])
+    names = [{"dataset": e.spec.name, "file": e.spec.annotation_path, "records": records[e.spec.annotation_path],
+              "rate": e.rate} for e, n in zip(entries, counts) if n == 0]
+    return {"entries": names, "mixture": sum(counts) == 0}
 
 
 def run_audit(data_args: DataArguments, audit_args: AuditArguments, progress: bool = True) -> tuple[dict, int]:
@@ -340,29 +390,38 @@ def run_audit(data_args: DataArguments, audit_args: AuditArguments, progress: bo
     for (d, _, _), chunk in zip(tasks, results):
         per_dataset[d].extend(chunk)
 
-    report = {"datasets": {}, "problems": [], "token_counts": counter is not None,
+    report = {"datasets": {}, "problems": [], "warnings": [], "token_counts": counter is not None,
               "model_name_or_path": audit_args.model_name_or_path, "model_max_length": audit_args.model_max_length,
               "verify_media": audit_args.verify_media, "bad_sample_policy": data_args.bad_sample_policy,
               "grounding_warnings": []}
     for (name, spec, aliases), (_, source), records in zip(selected, datasets, per_dataset):
         bad = [i for i, r in enumerate(records) if r[1] is not None]
-        lines = _line_numbers(source, bad)
+        warned = [i for i, r in enumerate(records) if r[5]]
+        lines = _line_numbers(source, sorted(set(bad) | set(warned)))
         by_kind: dict[str, int] = {}
         for i in bad:
-            _, kind, reason, _, _ = records[i]
+            _, kind, reason, _, _, _ = records[i]
             by_kind[kind] = by_kind.get(kind, 0) + 1
             report["problems"].append({"dataset": name, "file": spec.annotation_path, "record": i,
                                        "line": lines.get(i), "kind": kind, "reason": reason})
+        warnings_by_kind: dict[str, int] = {}
+        for i in warned:
+            for kind, message in records[i][5]:
+                warnings_by_kind[kind] = warnings_by_kind.get(kind, 0) + 1
+                report["warnings"].append({"dataset": name, "file": spec.annotation_path, "record": i,
+                                           "line": lines.get(i), "kind": kind, "message": message})
+        internal = by_kind.get(INTERNAL_ERROR, 0)
         entry = {"annotation_path": spec.annotation_path, "data_path": spec.data_path, "also_named": aliases,
                  "records": len(records), "bad": len(bad), "problems_by_kind": by_kind,
+                 "warnings_by_kind": warnings_by_kind, "internal_errors": internal,
                  "resized": sum(1 for r in records if r[3]), "length_cache": None}
         rows = np.array([r[0] for r in records if r[0] is not None], dtype=np.int64).reshape(-1, 3)
         text = rows[:, 0] - rows[:, 1]
         entry.update(tokens=_stats(rows[:, 0]), text_tokens=_stats(text), visual_tokens=_stats(rows[:, 1]),
                      vision_patches=_stats(rows[:, 2]))
-        if counter is not None:
+        if counter is not None and not internal:  # a bug is never cached as a bad record
             # Full-resolution rows (too_long records keep theirs: that depends on the max length).
-            table = LengthTable.from_results((r[0], r[2]) for r in records)
+            table = LengthTable.from_results((r[0], r[2], r[1]) for r in records)
             path = save_lengths(spec, counter, table, None)
             entry["length_cache"] = str(path) if path else None
         entry["grounding"] = _grounding_entry(name, spec, records, report["grounding_warnings"])
@@ -374,7 +433,11 @@ def run_audit(data_args: DataArguments, audit_args: AuditArguments, progress: bo
     report.update(records=total, bad=bad_total, seconds=round(seconds, 3), check_seconds=round(check_seconds, 3),
                   records_per_s=round(total / check_seconds, 1) if check_seconds > 0 else None,
                   num_workers=audit_args.num_workers)
-    status = 1 if bad_total and data_args.bad_sample_policy == "error" else 0
+    internal_total = sum(d["internal_errors"] for d in report["datasets"].values())
+    report["internal_errors"] = internal_total
+    report["empty"] = _empty_entries(data_args, {spec.annotation_path: len(source) for spec, source in datasets})
+    status = 1 if internal_total or report["empty"]["mixture"] or (
+        bad_total and data_args.bad_sample_policy == "error") else 0
     report["exit_status"] = status
     return report, status
 
@@ -404,10 +467,31 @@ def format_report(report: dict, show: int = 20) -> str:
         for p in problems[:show]:
             line = f" line {p['line']}" if p.get("line") else ""
             lines.append(f"  [{p['kind']}] {p['dataset']} record {p['record']}{line}: {p['reason']}")
+    warnings = report.get("warnings", [])
+    if warnings:
+        lines.append("")
+        lines.append(f"{len(warnings)} warning(s) (training accepts these records; check them); the first "
+                     f"{min(show, len(warnings))}:")
+        for w in warnings[:show]:
+            line = f" line {w['line']}" if w.get("line") else ""
+            lines.append(f"  [{w['kind']}] {w['dataset']} record {w['record']}{line}: {w['message']}")
     policy = report["bad_sample_policy"]
-    verdict = ("no problems" if not problems else
-               f"training with --bad_sample_policy {policy} would "
-               + ("stop at the first of them" if policy == "error" else f"skip these {len(problems)} record(s)"))
+    internal = report.get("internal_errors", 0)
+    if internal:
+        verdict = (f"training would stop with an internal error on {internal} record(s), whatever "
+                   "--bad_sample_policy (a bug of qwenvl: please report it with the record)")
+    else:
+        verdict = ("no problems" if not problems else
+                   f"training with --bad_sample_policy {policy} would "
+                   + ("stop at the first of them" if policy == "error" else f"skip these {len(problems)} record(s)"))
+    if warnings:
+        verdict += f"; {len(warnings)} warning(s)"
+    empty = report.get("empty", {"entries": [], "mixture": False})
+    for e in empty["entries"]:
+        why = "its file holds no records" if not e["records"] else f"its rate is {e['rate']:g}"
+        lines.append(f"dataset '{e['dataset']}' adds no sample to the mixture: {why} ({e['file']}).")
+    if empty["mixture"]:
+        verdict = "the mixture is empty: training would have no sample; " + verdict
     lines.append("")
     lines.append(f"{report['records']} records checked in {report['check_seconds']:.1f} s "
                  f"({report['records_per_s']} records/s with {report['num_workers']} workers; "
@@ -416,8 +500,9 @@ def format_report(report: dict, show: int = 20) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    data_args, audit_args = HfArgumentParser((DataArguments, AuditArguments)).parse_args_into_dataclasses(argv)
     try:
+        # An invalid flag value (--bad_sample_policy skipp) is a DataConfigError: a message, not a traceback.
+        data_args, audit_args = HfArgumentParser((DataArguments, AuditArguments)).parse_args_into_dataclasses(argv)
         report, status = run_audit(data_args, audit_args, progress=True)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -46,7 +46,7 @@ import numpy as np
 from transformers import HfArgumentParser
 
 from qwenvl.data.arguments import DataArguments
-from qwenvl.data.errors import DataError
+from qwenvl.data.errors import DataError, DataKind
 from qwenvl.data.lengths import PATCHES, TOKENS, TokenCounter, lengths_for
 from qwenvl.data.media import is_url, resolve_media
 from qwenvl.data.mixture import build_mixture
@@ -113,8 +113,8 @@ def absolute_media(record: dict, data_path: str) -> dict:
     return out
 
 
-def _is_too_long(reason: str) -> bool:
-    return "do not fit --model_max_length" in reason
+def _is_too_long(kind: str | None) -> bool:
+    return kind == DataKind.TOO_LONG.value
 
 
 def plan_packs(data_args: DataArguments, args: PackArguments, progress: bool = True) -> dict:
@@ -126,7 +126,7 @@ def plan_packs(data_args: DataArguments, args: PackArguments, progress: bool = T
     from qwenvl.data.processor_settings import configure_processor
 
     if args.model_max_length < 1:
-        raise DataError(f"--model_max_length must be positive, got {args.model_max_length}.")
+        raise DataError(f"--model_max_length must be positive, got {args.model_max_length}.", DataKind.CONFIG)
     processor = configure_processor(AutoProcessor.from_pretrained(args.model_name_or_path), data_args)
     grounding = Grounding(AutoConfig.from_pretrained(args.model_name_or_path).model_type, processor.image_processor)
     counter = TokenCounter(processor, video_settings_from(data_args, processor), args.model_max_length, grounding)
@@ -135,23 +135,26 @@ def plan_packs(data_args: DataArguments, args: PackArguments, progress: bool = T
     for entry, source in zip(entries, sources):
         if source.kind == "hf":
             raise DataError(f"dataset '{entry.spec.name}' is a saved Hugging Face dataset; its images cannot be "
-                            "written to a JSON packed file. Fix: use online packing in training instead.")
+                            "written to a JSON packed file. Fix: use online packing in training instead.",
+                            DataKind.CONFIG)
         if source.is_packed:
             raise DataError(f"dataset '{entry.spec.name}' is already packed ({entry.spec.annotation_path}). Fix: "
-                            "pack the original datasets.")
+                            "pack the original datasets.", DataKind.CONFIG)
     tables = [lengths_for(e.spec, s, counter, args.num_workers, progress) for e, s in zip(entries, sources)]
     mixture = build_mixture(entries, [len(s) for s in sources], args.seed)
     rows = np.stack([tables[d].rows[r] for d, r in mixture.tolist()]) if len(mixture) else np.zeros((0, 3), np.int64)
 
     bad = np.flatnonzero(rows[:, TOKENS] <= 0)
     reasons = {int(i): tables[mixture[i, 0]].errors.get(int(mixture[i, 1]), "unknown problem") for i in bad}
-    too_long = [i for i, reason in reasons.items() if _is_too_long(reason)]
-    broken = [i for i, reason in reasons.items() if not _is_too_long(reason)]
+    kinds = {int(i): tables[mixture[i, 0]].kinds.get(int(mixture[i, 1])) for i in bad}
+    too_long = [i for i in reasons if _is_too_long(kinds[i])]
+    broken = [i for i in reasons if not _is_too_long(kinds[i])]
     if broken and data_args.bad_sample_policy == "error":
         listed = "\n  ".join(reasons[i] for i in broken[:10])
         more = f"\n  ... and {len(broken) - 10} more" if len(broken) > 10 else ""
         raise DataError(f"{len(broken)} sample(s) cannot be rendered:\n  {listed}{more}\nFix them (python -m "
-                        "qwenvl.tools.audit lists every reason) or pass --bad_sample_policy skip to leave them out.")
+                        "qwenvl.tools.audit lists every reason) or pass --bad_sample_policy skip to leave them out.",
+                        DataKind.BAD_SAMPLES)
     usable = np.flatnonzero(rows[:, TOKENS] > 0)
     result = pack_items(rows[:, TOKENS], args.model_max_length, rows[:, PATCHES], args.max_patches_per_pack,
                         items=usable, algorithm=args.algorithm)
@@ -222,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_packs(data_args, args)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1 if "cannot be rendered" in str(err) else 2
+        return 1 if err.kind is DataKind.BAD_SAMPLES else 2
     write_packs(plan, args.output)
     summary = {**plan["summary"], "output": os.path.abspath(args.output)}
     print(format_summary(summary))

@@ -14,7 +14,6 @@ import dataclasses
 import importlib.util
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -389,9 +388,7 @@ def parse_args(argv: list[str] | None = None) -> ParsedArgs:
         try:
             built.append(dtype(**inputs))
         except (ValueError, TypeError) as err:
-            lines = str(err).splitlines()
-            if lines and lines[0].startswith("Invalid data arguments"):
-                lines = [re.sub(r"^\s*- ", "", line) for line in lines[1:]]
+            lines = getattr(err, "problems", None) or str(err).splitlines()  # DataConfigError lists its own
             problems += [line for line in lines if line.strip()] or [f"{dtype.__name__}: {err!r}"]
             built.append(None)
     # The same problem can surface from a cross check and a dataclass: report it once.

@@ -190,7 +190,6 @@ def test_packed_record_gives_one_conversation_per_sample():
 @pytest.mark.parametrize("ref, data_path, expected", [
     ("a/b.jpg", "/imgs", "/imgs/a/b.jpg"),
     ("a/b.jpg", "s3://bucket/imgs/", "s3://bucket/imgs/a/b.jpg"),
-    ("a/b.jpg", "", "a/b.jpg"),
     ("/abs/b.jpg", "/imgs", "/abs/b.jpg"),
     ("gs://b/c.jpg", "/imgs", "gs://b/c.jpg"),
     ("http://h/c.jpg", "/imgs", "http://h/c.jpg"),

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoProcessor
 from qwenvl.data import lengths as L
 from qwenvl.data.arguments import DataArguments
 from qwenvl.data.dataset import make_supervised_data_module
+from qwenvl.data.skips import Skipped
 from qwenvl.tools import audit
 from tests.conftest import copy_demo_annotations
 
@@ -130,7 +131,7 @@ def test_audit_and_training_agree_on_which_samples_are_bad(bad_dataset, tiny_mod
                          video_max_pixels=56 * 56, video_min_pixels=28 * 28)
     dataset = make_supervised_data_module(AutoProcessor.from_pretrained(model), args, AutoConfig.from_pretrained(model),
                                           model_max_length=100, seed=0)["train_dataset"]
-    skipped = {int(dataset.mixture[i][1]) for i in range(len(dataset)) if dataset[i] is None}
+    skipped = {int(dataset.mixture[i][1]) for i in range(len(dataset)) if isinstance(dataset[i], Skipped)}
     assert skipped == {p["record"] for p in report["problems"]}
 
 

@@ -1,0 +1,50 @@
+"""Annotation-file errors point at the right place: a JSONL record cut short at the end of its line is
+reported on that line (not the next), and a JSON array's trailing or doubled comma is named instead
+of surfacing as a phantom empty record."""
+from __future__ import annotations
+
+import pytest
+
+from qwenvl.data.errors import DataError, DataKind
+from qwenvl.data.sources import open_annotations
+
+
+@pytest.mark.parametrize("text, line", [
+    ('{"a": 1}\n{"b": 2\n{"c": 3}\n', 2),  # a closing brace missing at the end of line 2
+    ('{"a": 1}\n\n{"b": [1, 2\n{"c": 3}\n', 3),  # ... after a blank line
+    ('{"a": 1}\n{"b": 2,}\n', 2),  # an error inside the line stays where it is
+    ('{"a": 1}\n{"b": 2', 2),  # the last line, no final newline
+])
+def test_a_jsonl_error_at_the_end_of_a_line_is_reported_on_that_line(tmp_path, text, line):
+    (tmp_path / "a.jsonl").write_text(text)
+    with pytest.raises(DataError) as err:
+        open_annotations(tmp_path / "a.jsonl")[1]
+    assert f"record 1 (line {line}) is not valid JSON" in str(err.value)
+    assert err.value.kind is DataKind.INVALID_JSON and err.value.origin.line == line
+
+
+def test_a_json_array_error_at_the_end_of_a_line_is_reported_on_that_line(tmp_path):
+    (tmp_path / "a.json").write_text('[\n  {"ok": 1},\n  {"ok": 2\n  ,"x": }\n]\n')
+    with pytest.raises(DataError, match=r"record 1 \(line 4\)"):
+        open_annotations(tmp_path / "a.json")[1]
+
+
+@pytest.mark.parametrize("text, named, line", [
+    ('[\n  {"a": 1},\n  {"b": 2},\n]\n', "a trailing comma after the last record", 3),
+    ('[{"a": 1},\n ,\n {"b": 2}]', "an empty element (a comma with no record before it), after record 0", 2),
+    ('[{"a": 1},]', "a trailing comma after the last record", 1),
+])
+def test_a_trailing_or_doubled_comma_is_named_not_a_phantom_record(tmp_path, text, named, line):
+    (tmp_path / "a.json").write_text(text)
+    with pytest.raises(DataError) as err:
+        open_annotations(tmp_path / "a.json")
+    message = str(err.value)
+    assert named in message and f"(line {line}," in message and "delete that comma" in message
+    assert err.value.kind is DataKind.INVALID_JSON
+
+
+def test_arrays_without_stray_commas_still_open(tmp_path):
+    (tmp_path / "a.json").write_text('[\n  {"a": 1},\n\n  {"b": 2}\n]\n')
+    assert list(open_annotations(tmp_path / "a.json")) == [{"a": 1}, {"b": 2}]
+    (tmp_path / "e.json").write_text("[ ]")
+    assert len(open_annotations(tmp_path / "e.json")) == 0

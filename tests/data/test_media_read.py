@@ -1,0 +1,154 @@
+"""Media reads: images as displayed (16-bit grayscale, EXIF orientation), a time limit on every read
+(a FIFO, a server that accepts and never answers), failures named by what happened (connection
+refused, no credentials), shapes the processor refuses caught as bad data, relative paths without
+a data_path refused."""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import fsspec
+import numpy as np
+import pytest
+from PIL import Image
+
+from qwenvl.data.errors import DataError, DataKind
+from qwenvl.data.lengths import image_size
+from qwenvl.data.media import open_image, resolve_media
+
+
+# ----------------------------------------------------------------------------- pixels as displayed
+
+def test_16_bit_grayscale_png_keeps_its_grey_levels(tmp_path):
+    # A horizontal ramp over the whole 16-bit range: convert("RGB") alone clips every value above 255.
+    ramp = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (8, 1))
+    path = tmp_path / "gray16.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode.startswith("I")  # the case this test is about
+    pixels = np.asarray(open_image(str(path)))
+    assert pixels.shape == (8, 64, 3) and pixels.dtype == np.uint8
+    expected = np.rint(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert (pixels[..., 0] == expected).all() and (pixels[..., 1] == expected).all()
+    assert (pixels == 255).mean() < 0.05  # was 99.5 % white
+
+
+def test_exif_orientation_is_applied_in_pixels_and_in_the_counted_size(tmp_path):
+    # Stored: 40 wide, 20 high, red left half, blue right half; orientation 6 = show turned 90° clockwise.
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20] = (255, 0, 0)
+    stored[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.png"
+    Image.fromarray(stored).save(path, exif=exif)
+    shown = np.asarray(open_image(str(path)))
+    assert shown.shape == (40, 20, 3)  # displayed upright: 20 wide, 40 high
+    # Turned clockwise, the stored left (red) half is on top, the right (blue) half at the bottom.
+    assert (shown[:20] == (255, 0, 0)).all() and (shown[20:] == (0, 0, 255)).all()
+    assert image_size(str(path)) == (40, 20)  # the length count sees the displayed size too
+
+
+# ----------------------------------------------------------------------------- time limits
+
+def test_a_fifo_is_refused_at_once_instead_of_blocking(tmp_path):
+    fifo = tmp_path / "image.png"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer comes, forever
+    for read in (lambda: open_image(str(fifo), timeout_s=5), lambda: image_size(str(fifo), timeout_s=5)):
+        with pytest.raises(DataError, match="not a regular file") as err:
+            read()
+        assert err.value.kind is DataKind.MEDIA_UNREACHABLE and err.value.origin.media == str(fifo)
+
+
+@pytest.fixture
+def silent_server():
+    """A local HTTP port that accepts connections and never answers; yields its URL base."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    accepted, stop = [], threading.Event()
+
+    def accept():
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in accepted:
+        conn.close()
+    server.close()
+
+
+def test_an_image_url_that_never_answers_stops_at_the_time_limit(silent_server):
+    pytest.importorskip("aiohttp")
+    start = time.monotonic()
+    with pytest.raises(DataError, match=r"took longer than the 0.5 s limit.*--media_timeout") as err:
+        open_image(f"{silent_server}/cat.png", origin="dataset 'web', record 0", timeout_s=0.5)
+    assert err.value.kind is DataKind.MEDIA_TIMEOUT and "record 0" in str(err.value)
+    assert time.monotonic() - start < 60  # it hung for more than 480 s before the limit
+
+
+def test_a_refused_connection_says_so_not_not_found():
+    pytest.importorskip("aiohttp")
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now
+    with pytest.raises(DataError) as err:
+        open_image(f"http://127.0.0.1:{port}/cat.png", timeout_s=30)
+    assert "connection refused" in str(err.value) and "not found" not in str(err.value)
+    assert err.value.kind is DataKind.MEDIA_UNREACHABLE
+
+
+class NoCredentialsError(Exception):
+    """What botocore raises when no AWS credentials are found (not an OSError)."""
+
+
+class _NoCredentialsFS(fsspec.AbstractFileSystem):
+    """A storage whose every read fails as s3fs does without credentials."""
+
+    protocol = "nocreds"
+
+    def _open(self, path, mode="rb", **kwargs):
+        raise NoCredentialsError("Unable to locate credentials")
+
+
+def test_a_storage_error_of_any_type_is_bad_data_naming_the_credentials():
+    fsspec.register_implementation("nocreds", _NoCredentialsFS, clobber=True)
+    with pytest.raises(DataError, match=r"NoCredentialsError: Unable to locate credentials.*credentials") as err:
+        open_image("nocreds://bucket/cat.png")
+    assert err.value.kind is DataKind.MEDIA_UNREACHABLE
+    with pytest.raises(DataError):
+        image_size("nocreds://bucket/cat.png")
+
+
+# ----------------------------------------------------------------------------- what the processor refuses
+
+def test_an_extreme_aspect_ratio_is_bad_data_not_a_processor_value_error(tmp_path, tiny_model_dir):
+    from transformers import AutoProcessor
+
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (250, 1), (9, 9, 9)).save(path)
+    processor = AutoProcessor.from_pretrained(tiny_model_dir("qwen2_5_vl"))
+    with pytest.raises(ValueError) as raw:  # what training met before: not a DataError, so never skipped
+        processor.image_processor(images=[Image.open(path).convert("RGB")])
+    assert not isinstance(raw.value, DataError)
+    for read in (open_image, image_size):
+        with pytest.raises(DataError, match=r"250x1, more than 200:1") as err:
+            read(str(path))
+        assert err.value.kind is DataKind.BAD_IMAGE
+
+
+def test_a_relative_media_path_without_data_path_names_data_path():
+    with pytest.raises(DataError, match=r"relative but the dataset has no data_path.*'data_path'") as err:
+        resolve_media("images/cat.png", "", origin="dataset 'd', record 0")
+    assert err.value.kind is DataKind.CONFIG
+    assert resolve_media("images/cat.png", "/data") == "/data/images/cat.png"
