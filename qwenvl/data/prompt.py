@@ -130,7 +130,7 @@ def split_last_reply(conversation: Conversation) -> tuple[Conversation, str]:
         raise DataError(f"{conversation.origin}: no assistant turn to take the reference answer from.")
     if not any(m["role"] == "user" for m in conversation.messages[:last]):
         raise DataError(f"{conversation.origin}: the last assistant turn has no user turn before it to ask.")
-    prompt = Conversation(messages=conversation.messages[:last], origin=conversation.origin)
+    prompt = Conversation(messages=conversation.messages[:last], origin=conversation.origin, tools=conversation.tools)
     return prompt, reply_text(conversation.messages[last])
 
 
