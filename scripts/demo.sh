@@ -45,3 +45,7 @@ bash "$ROOT/scripts/launch.sh" \
   --dataloader_num_workers 1 \
   --report_to tensorboard \
   "$@"
+
+# One held-out question (demo_shapes_eval was not trained on), asked before and after fine-tuning.
+python -m qwenvl.tools.demo_answer --before "$TINY" --after "$OUTPUT_DIR" \
+  --dataset demo_shapes_eval --index "${DEMO_QUESTION_INDEX:-0}"

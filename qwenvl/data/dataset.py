@@ -18,6 +18,7 @@ from .errors import DataError, Origin, bad_sample, where
 from .lengths import conversation_of
 from .media import DEFAULT_MEDIA_TIMEOUT_S
 from .mixture import build_mixture, check_not_empty
+from .preflight import check_first_records
 from .processor_settings import configure_processor
 from .registry import MixtureEntry, load_dictionary, parse_dataset_use
 from .render import SampleRenderer
@@ -124,6 +125,8 @@ def make_supervised_data_module(processor, data_args, model_config, model_max_le
     if data_args.eval_dataset_use:
         evaluation = SupervisedDataset(parse_dataset_use(data_args.eval_dataset_use, dictionary), renderer, seed,
                                        data_args.bad_sample_policy, skip_log)
+    # Layout and template problems in the first records stop the run now, not after the model loads.
+    check_first_records([train, evaluation], processor, data_args.bad_sample_policy)
     flatten = bool(data_args.data_flatten or data_args.data_packing)
     collator = make_collator(flatten, processor.tokenizer.pad_token_id)
     return {"train_dataset": train, "eval_dataset": evaluation, "data_collator": collator}

@@ -1,18 +1,30 @@
 """Raw annotation records -> ``Conversation`` (chat messages with typed content parts).
 
-Accepted record formats:
+Accepted record layouts (the first key found decides):
 
-* LLaVA: ``{"image": "a.jpg" | [...], "video": ..., "conversations": [{"from":
-  "human"|"gpt"|"system", "value": "<image>\\nWhat is this?"}, ...]}``;
-* messages: ``{"messages": [{"role": ..., "content": "text with <image>" | [parts]}],
-  "images": [...], "videos": [...]}``, parts being ``{"type": "text", "text": ...}``,
-  ``{"type": "image", "image": ref}`` or ``{"type": "video", "video": ref}``; a part
-  without an inline ref takes the next item of ``images``/``videos``. HF rows such as
-  trl-lib/llava-instruct-mix (``{"type": "image"}`` placeholders + PIL ``images``)
-  are this format.
+* LLaVA / LLaMA-Factory sharegpt: ``{"image": "a.jpg" | [...], "video": ..., "system":
+  "...", "tools": "[...]", "conversations": [{"from": "human"|"gpt"|"system"|
+  "function_call"|"observation", "value": "<image>\\nWhat is this?"}, ...]}``.
+  ``system`` (optional) is the system prompt.  ``tools`` (a JSON string or a list of
+  function descriptions), ``function_call`` turns (a JSON ``{"name", "arguments"}`` or a
+  list of them: the assistant's tool calls, trained) and ``observation`` turns (tool
+  results, not trained) go through the family's chat template as tools, tool calls and
+  tool responses; a template that does not render tools refuses them (see ``prompt``).
+* messages (TRL conversational): ``{"messages": [{"role": ..., "content": "text with
+  <image>" | [parts]}], "images": [...], "videos": [...], "tools": [...]}``, parts being
+  ``{"type": "text", "text": ...}``, ``{"type": "image", "image": ref}`` or ``{"type":
+  "video", "video": ref}``; a part without an inline ref takes the next item of
+  ``images``/``videos``.  Roles: system, user, assistant (with optional ``tool_calls``),
+  tool.  HF rows such as trl-lib/llava-instruct-mix (``{"type": "image"}`` placeholders +
+  PIL ``images``) are this layout.
+* prompt-completion (TRL): ``{"prompt": [messages], "completion": [assistant
+  message(s)], "images": [...]}`` is trained as ``prompt + completion`` in the messages
+  layout; the standard form ``{"prompt": "text", "completion": "text"}`` as one user
+  and one assistant turn.
 
-Output: ``[{"role": "system"|"user"|"assistant", "content": [{"type": "text",
-"text": str} | {"type": "image", "image": ref} | {"type": "video", "video": ref}]}]``.
+Output: ``[{"role": "system"|"user"|"assistant"|"tool", "content": [{"type": "text",
+"text": str} | {"type": "image", "image": ref} | {"type": "video", "video": ref}],
+("tool_calls": [...])}]`` and the tools, if any.
 
 ``<image>``/``<video>`` tags become media parts where they appear; the text
 around them is kept exactly, newlines included (the official code replaced the
@@ -22,6 +34,7 @@ equal the number of media given: a mismatch is an error, never a guess.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -30,12 +43,13 @@ from .errors import DataError, DataKind, where
 from .media import resolve_media
 from .registry import BBOX_FORMATS, DatasetSpec
 
-__all__ = ["Conversation", "to_conversation", "to_conversations"]
+__all__ = ["Conversation", "record_layout", "to_conversation", "to_conversations"]
 
 _TAGS = re.compile(r"(<image>|<video>)")
 _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                "system": "system"}
-_ROLES = ("system", "user", "assistant")
+                "system": "system", "function_call": "assistant", "observation": "tool"}
+_ROLES = ("system", "user", "assistant", "tool")
+_LAYOUT_KEYS = {"conversations": "LLaVA / sharegpt", "messages": "messages", "prompt": "prompt-completion"}
 
 
 @dataclass
@@ -45,6 +59,12 @@ class Conversation:
     messages: list[dict]
     origin: str
     bbox_format: str | None = None  # the dataset's declared box/point coordinates (qwenvl/data/grounding.py)
+    tools: list[dict] | None = None  # function descriptions the chat template renders (``tools=``)
+
+    @property
+    def uses_tools(self) -> bool:
+        """True when rendering needs a template that knows tools, tool calls and tool responses."""
+        return bool(self.tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in self.messages)
 
 
 class _Media:
@@ -138,42 +158,157 @@ def _turns(record: dict, key: str, origin: str) -> list:
     return turns
 
 
+def record_layout(record: Any) -> str | None:
+    """The layout of a raw record (``"LLaVA / sharegpt"``, ``"messages"``, ``"prompt-completion"``), or None."""
+    if isinstance(record, dict):
+        for key, name in _LAYOUT_KEYS.items():
+            if record.get(key) is not None:
+                return name
+    return None
+
+
+def _tools(value: Any, origin: str) -> list[dict] | None:
+    """A record's ``tools`` as the chat templates take them: ``{"type": "function", "function": {...}}``.
+
+    LLaMA-Factory stores a JSON string of bare function descriptions; they are wrapped as
+    transformers (``get_json_schema``) and LLaMA-Factory's Qwen formatter wrap them.
+    """
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{origin}: 'tools' is not valid JSON ({exc}). Fix: write a JSON list of "
+                            "function descriptions ({\"name\", \"description\", \"parameters\"}).") from None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(t, dict) and (t.get("name") or t.get("function"))
+                                              for t in value):
+        raise DataError(f"{origin}: 'tools' must be a list of function descriptions, each with a 'name' "
+                        f"(or a 'function' holding one), got {str(value)[:120]!r}.")
+    return [t if "type" in t else {"type": "function", "function": t} for t in value]
+
+
+def _tool_calls(value: Any, turn: int, origin: str) -> list[dict]:
+    """A ``function_call`` turn's value (JSON ``{"name", "arguments"}`` or a list) -> ``tool_calls``."""
+    calls = value
+    if isinstance(calls, str):
+        try:
+            calls = json.loads(calls)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{origin}, turn {turn}: the function_call value is not valid JSON ({exc}). Fix: "
+                            "write {\"name\": ..., \"arguments\": {...}} (or a list of them).") from None
+    if isinstance(calls, dict):
+        calls = [calls]
+    out = []
+    for call in calls if isinstance(calls, list) else [None]:
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise DataError(f"{origin}, turn {turn}: a function call needs a 'name' and 'arguments', got "
+                            f"{str(value)[:120]!r}. Fix: write {{\"name\": ..., \"arguments\": {{...}}}}.")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:  # the templates write a dict with tojson and a string as it is; keep JSON as data
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                pass
+        out.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
+    return out
+
+
+def _message_turns(turns: list, key: str, media: dict[str, _Media], origin: str, offset: int = 0) -> list[dict]:
+    """Messages-layout turns (``{"role", "content"[, "tool_calls"]}``) -> normalised messages."""
+    messages = []
+    for j, turn in enumerate(turns, start=offset):
+        if not isinstance(turn, dict):
+            raise DataError(f"{origin}, turn {j}: expected {{\"role\": ..., \"content\": "
+                            f"...}} in '{key}', got {turn!r}.")
+        role = _role(turn.get("role"), _ROLES, "role", j, origin)
+        content = turn.get("content")
+        calls = turn.get("tool_calls")
+        if isinstance(content, str):
+            parts = _split_tags(content, media)
+        elif isinstance(content, list):
+            parts = [_part(p, media, j, origin) for p in content]
+        elif content is None and calls:
+            parts = []
+        else:
+            raise DataError(f"{origin}, turn {j}: 'content' must be a string or a list of "
+                            f"parts, got {type(content).__name__}.")
+        message = {"role": role, "content": parts}
+        if calls:
+            if role != "assistant":
+                raise DataError(f"{origin}, turn {j}: only an assistant turn can carry 'tool_calls' (role {role!r}).")
+            message["tool_calls"] = _tool_calls(calls, j, origin)
+        messages.append(message)
+    return messages
+
+
+def _sharegpt_turns(record: dict, media: dict[str, _Media], origin: str) -> list[dict]:
+    messages = []
+    for j, turn in enumerate(_turns(record, "conversations", origin)):
+        if not isinstance(turn, dict):
+            raise DataError(f"{origin}, turn {j}: expected {{\"from\": ..., \"value\": ...}}, "
+                            f"got {turn!r}.")
+        speaker = turn.get("from")
+        role = _role(speaker, _LLAVA_ROLES, "'from'", j, origin)
+        value = turn.get("value")
+        if not isinstance(value, str):
+            raise DataError(f"{origin}, turn {j}: 'value' must be a string, got "
+                            f"{type(value).__name__}. Fix: write the turn's text as a string.")
+        if speaker == "function_call":
+            messages.append({"role": "assistant", "content": [], "tool_calls": _tool_calls(value, j, origin)})
+        else:
+            messages.append({"role": role, "content": _split_tags(value, media)})
+    return messages
+
+
+def _prompt_completion(record: dict, media: dict[str, _Media], origin: str) -> list[dict]:
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if completion is None:
+        raise DataError(f"{origin}: a 'prompt' without a 'completion'. Fix: add the answer as 'completion' "
+                        "(TRL's prompt-completion layout), or use 'messages'.")
+    if isinstance(prompt, str) and isinstance(completion, str):  # TRL's standard (not conversational) form
+        return [{"role": "user", "content": _split_tags(prompt, media)},
+                {"role": "assistant", "content": _split_tags(completion, media)}]
+    if isinstance(completion, dict):
+        completion = [completion]
+    if not isinstance(prompt, list) or not prompt or not isinstance(completion, list) or not completion:
+        raise DataError(f"{origin}: 'prompt' and 'completion' must both be lists of messages (TRL's "
+                        f"conversational layout) or both strings, got {type(prompt).__name__} and "
+                        f"{type(completion).__name__}.")
+    messages = _message_turns(prompt, "prompt", media, origin)
+    answers = _message_turns(completion, "completion", media, origin, offset=len(prompt))
+    if any(m["role"] not in ("assistant", "tool") for m in answers):
+        raise DataError(f"{origin}: 'completion' holds a {answers[0]['role']!r} turn; it must be the "
+                        "assistant's reply. Fix: move other turns into 'prompt'.")
+    return messages + answers
+
+
 def _convert(record: Any, spec: DatasetSpec, origin: str) -> Conversation:
     if not isinstance(record, dict):
         raise DataError(f"{origin}: a record must be a JSON object, got {type(record).__name__}.",
                         DataKind.INVALID_JSON)
     media = {k: _Media(k, _media_list(record, k, origin), spec, origin) for k in ("image", "video")}
-    messages = []
-    if "conversations" in record:
-        for j, turn in enumerate(_turns(record, "conversations", origin)):
-            if not isinstance(turn, dict):
-                raise DataError(f"{origin}, turn {j}: expected {{\"from\": ..., \"value\": ...}}, "
-                                f"got {turn!r}.")
-            role = _role(turn.get("from"), _LLAVA_ROLES, "'from'", j, origin)
-            value = turn.get("value")
-            if not isinstance(value, str):
-                raise DataError(f"{origin}, turn {j}: 'value' must be a string, got "
-                                f"{type(value).__name__}. Fix: write the turn's text as a string.")
-            messages.append({"role": role, "content": _split_tags(value, media)})
-    elif "messages" in record:
-        for j, turn in enumerate(_turns(record, "messages", origin)):
-            if not isinstance(turn, dict):
-                raise DataError(f"{origin}, turn {j}: expected {{\"role\": ..., \"content\": "
-                                f"...}}, got {turn!r}.")
-            role = _role(turn.get("role"), _ROLES, "role", j, origin)
-            content = turn.get("content")
-            if isinstance(content, str):
-                parts = _split_tags(content, media)
-            elif isinstance(content, list):
-                parts = [_part(p, media, j, origin) for p in content]
-            else:
-                raise DataError(f"{origin}, turn {j}: 'content' must be a string or a list of "
-                                f"parts, got {type(content).__name__}.")
-            messages.append({"role": role, "content": parts})
+    layout = record_layout(record)
+    if layout == "LLaVA / sharegpt":
+        messages = _sharegpt_turns(record, media, origin)
+    elif layout == "messages":
+        messages = _message_turns(_turns(record, "messages", origin), "messages", media, origin)
+    elif layout == "prompt-completion":
+        messages = _prompt_completion(record, media, origin)
     else:
-        raise DataError(f"{origin}: no 'conversations' (LLaVA) or 'messages' key; found "
-                        f"{sorted(record)}. Fix: use one of the two formats (see "
-                        "qwenvl/data/formats.py).")
+        raise DataError(f"{origin}: no 'conversations' (LLaVA / sharegpt), 'messages' or 'prompt' + "
+                        f"'completion' (TRL) key; found {sorted(record)}. Fix: use one of these layouts "
+                        "(README, Annotation formats).")
+    system = record.get("system")
+    if system is not None and system != "":
+        if not isinstance(system, str):
+            raise DataError(f"{origin}: 'system' must be a string, got {type(system).__name__}.")
+        if messages[0]["role"] == "system":
+            raise DataError(f"{origin}: both a top-level 'system' and a system turn. Fix: keep one.")
+        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
     problems = [p for p in (media["image"].check(), media["video"].check()) if p]
     if problems:
         raise DataError(f"{origin}: " + " Also: ".join(problems), DataKind.TAG_MISMATCH)
@@ -184,11 +319,12 @@ def _convert(record: Any, spec: DatasetSpec, origin: str) -> Conversation:
     bbox_format = record.get("bbox_format", getattr(spec, "bbox_format", None))
     if bbox_format is not None and bbox_format not in BBOX_FORMATS:
         raise DataError(f"{origin}: 'bbox_format' must be one of {', '.join(BBOX_FORMATS)}, got {bbox_format!r}.")
-    return Conversation(messages=messages, origin=origin, bbox_format=bbox_format)
+    return Conversation(messages=messages, origin=origin, tools=_tools(record.get("tools"), origin),
+                        bbox_format=bbox_format)
 
 
 def to_conversation(record: dict, spec: DatasetSpec, index: int) -> Conversation:
-    """Convert record ``index`` of dataset ``spec`` (LLaVA or messages format).
+    """Convert record ``index`` of dataset ``spec`` (any layout of the module docstring).
 
     Media refs are resolved against ``spec.data_path``. Raises DataError naming the
     dataset, file and record for unknown roles, missing assistant turns, empty

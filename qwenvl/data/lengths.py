@@ -243,7 +243,7 @@ class TokenCounter:
     def _expand(self, text: str, images: list, videos: list, scale: float, image_pixels: int) -> tuple[str, list, int]:
         """The prompt with placeholders expanded by the processor's own code, the patches of
         each image, and the patches of all videos."""
-        from .video import SampledVideoMetadata
+        from transformers.video_utils import VideoMetadata
 
         processor = self.processor
         image_repl, video_repl, video_patches = [], [], 0
@@ -261,7 +261,7 @@ class TokenCounter:
                 grid_t = -(-frames // video.temporal_patch_size)
                 rows.append([grid_t, height // video.patch_size, width // video.patch_size])
                 video_patches += grid_t * (height // video.patch_size) * (width // video.patch_size)
-                metadata.append(SampledVideoMetadata(
+                metadata.append(VideoMetadata(
                     total_num_frames=probe.total_frames, fps=probe.fps, width=width, height=height,
                     duration=probe.total_frames / probe.fps, frames_indices=list(indices)))
             grids = {"video_grid_thw": np.array(rows, dtype=np.int64), "video_metadata": metadata}

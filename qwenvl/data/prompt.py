@@ -28,7 +28,7 @@ import re
 from .errors import DataError
 from .formats import Conversation
 
-__all__ = ["template_messages", "chat_text", "split_last_reply", "user_conversation", "reply_text"]
+__all__ = ["template_messages", "chat_text", "renders_tools", "split_last_reply", "user_conversation", "reply_text"]
 
 _TAGS = re.compile(r"(<image>|<video>)")
 
@@ -55,8 +55,40 @@ def template_messages(conversation: Conversation) -> tuple[list[dict], list, lis
                 parts.append({"type": "video"})
             else:
                 raise DataError(f"{conversation.origin}: unknown content part type {kind!r}")
-        messages.append({"role": message["role"], "content": parts})
+        rendered = {"role": message["role"], "content": parts}
+        if message.get("tool_calls"):
+            rendered["tool_calls"] = message["tool_calls"]
+        messages.append(rendered)
     return messages, images, videos
+
+
+_PROBE_TOOL = "qwenvl_probe_tool"
+_TOOL_SUPPORT: dict[str, bool] = {}  # by template text
+
+
+def renders_tools(processor) -> bool:
+    """Whether ``processor``'s chat template writes tools, tool calls and tool responses.
+
+    Asked of the template itself, once per template: a probe conversation with a tool,
+    a tool call and a tool response must show all three in the text.  The released
+    Qwen3-VL templates do; the Qwen2-VL and Qwen2.5-VL processor templates do not (they
+    would print a ``tool`` turn as a plain role and drop the calls).
+    """
+    key = str(getattr(processor, "chat_template", None))
+    if key not in _TOOL_SUPPORT:
+        tool = {"type": "function", "function": {"name": _PROBE_TOOL, "description": "probe",
+                                                 "parameters": {"type": "object", "properties": {}}}}
+        probe = [{"role": "user", "content": [{"type": "text", "text": "q"}]},
+                 {"role": "assistant", "content": [], "tool_calls": [
+                     {"type": "function", "function": {"name": _PROBE_TOOL + "_call", "arguments": {}}}]},
+                 {"role": "tool", "content": [{"type": "text", "text": "qwenvl_probe_result"}]}]
+        try:
+            text = processor.apply_chat_template(probe, tools=[tool], tokenize=False)
+        except Exception:  # a template that raises on tools does not support them
+            text = ""
+        _TOOL_SUPPORT[key] = all(word in text for word in (
+            f'"name": "{_PROBE_TOOL}"', _PROBE_TOOL + "_call", "qwenvl_probe_result")) and "<|im_start|>tool" not in text
+    return _TOOL_SUPPORT[key]
 
 
 def chat_text(processor, conversation: Conversation, add_generation_prompt: bool = False) -> tuple[str, list, list]:
@@ -67,7 +99,18 @@ def chat_text(processor, conversation: Conversation, add_generation_prompt: bool
     generation continues from.
     """
     messages, images, videos = template_messages(conversation)
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    kwargs = {}
+    if conversation.uses_tools:
+        if not renders_tools(processor):
+            raise DataError(
+                f"{conversation.origin}: the record has tools, function calls or tool results, and this model's "
+                "chat template does not render them (the Qwen2-VL / Qwen2.5-VL templates have no tool format), "
+                "so it cannot be trained the way the model is served. Fix: drop 'tools', 'function_call' and "
+                "'observation' turns from these records, or train a family whose template has tools (Qwen3-VL).")
+        if conversation.tools:
+            kwargs["tools"] = conversation.tools
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **kwargs)
     return text, images, videos
 
 
@@ -88,7 +131,7 @@ def split_last_reply(conversation: Conversation) -> tuple[Conversation, str]:
     if not any(m["role"] == "user" for m in conversation.messages[:last]):
         raise DataError(f"{conversation.origin}: the last assistant turn has no user turn before it to ask.")
     prompt = Conversation(messages=conversation.messages[:last], origin=conversation.origin,
-                          bbox_format=conversation.bbox_format)
+                          tools=conversation.tools, bbox_format=conversation.bbox_format)
     return prompt, reply_text(conversation.messages[last])
 
 

@@ -10,16 +10,23 @@
   first frame to the last, computed exactly, so a file and settings always give the
   same frames.  A file shorter than one temporal patch repeats its frames (the
   processors would pad with the last frame the same way).
-* **When.**  ``timestamps`` are each frame's presentation time, in seconds since the
-  video's first frame, as the decoder reports it.  ``sampled_fps`` is the effective
-  rate of the frames chosen, one over their mean spacing:
-  ``source_fps * (n - 1) / (last_index - first_index)``.  It is not ``n / duration``
-  (what qwen-vl-utils and ``VideoMetadata.sampled_fps`` compute): with the first and
-  last frame both sampled the frames are ``(last - first) / (n - 1)`` frames apart, and
-  Qwen2.5-VL's ``second_per_grid_ts = temporal_patch_size / sampled_fps`` is then the
-  true time between temporal grid steps, so its mRoPE time ids land on real times.
-  For a 1 s, 24 fps clip sampled at 4 frames that is 3.13 fps, where ``n / duration``
-  would say 4.
+* **When.**  The time scale is the serving stack's, so a model is trained on the
+  times it will be served with: ``sampled_fps = n / total_frames * source_fps`` (the
+  number qwen-vl-utils' ``fetch_video`` returns as ``sample_fps`` and transformers'
+  ``VideoMetadata.sampled_fps`` computes, which vLLM and the Qwen processors read), so
+  Qwen2.5-VL's ``second_per_grid_ts = temporal_patch_size / sampled_fps``.  Qwen3-VL
+  writes ``<t seconds>`` per temporal patch, the mean of ``index / source_fps`` of the
+  patch's first and last frame (transformers' ``Qwen3VLProcessor._calculate_timestamps``);
+  ``VideoClip.grid_timestamps`` gives the same numbers.  Both come out of the
+  processor from the ``VideoMetadata`` of ``processor_video_inputs``.
+  This is not the true spacing of the sampled frames: with the first and last frame
+  both sampled they are ``(total_frames - 1) / (n - 1)`` frames apart, so on a 1 s,
+  24 fps clip sampled at 4 frames ``second_per_grid_ts`` is 0.5 where the frames are
+  0.64 s apart per grid step (a gap that shrinks as ``n`` grows).  The released models
+  were trained, and are served, on the former; training on the latter (what this module
+  did before) skewed the mRoPE time axis by up to 28% against serving.
+  ``timestamps`` keep each sampled frame's presentation time as the decoder reports it,
+  in seconds since the video's first frame, for inspection.
 * **How big.**  Each frame is resized (bicubic, antialiased) so height and width are
   multiples of ``patch_size * merge_size`` and ``min_pixels <= h * w <= max_pixels``,
   keeping the aspect ratio (qwen-vl-utils' ``smart_resize``).  With ``total_pixels``
@@ -188,10 +195,14 @@ def sample_frame_indices(total_frames: int, source_fps: float, settings: VideoSe
     return [round(Fraction(i * last, n - 1)) for i in range(n)]
 
 
-def effective_fps(frame_indices: Sequence[int], source_fps: float) -> float:
-    """One over the mean spacing of the sampled frames; ``source_fps`` when they do not span any time."""
-    span = frame_indices[-1] - frame_indices[0]
-    return source_fps * (len(frame_indices) - 1) / span if span > 0 else float(source_fps)
+def serving_fps(num_sampled: int, total_frames: int, source_fps: float) -> float:
+    """The sampled frame rate as the serving stack computes it: ``num_sampled / total_frames * source_fps``.
+
+    qwen-vl-utils (``sample_fps`` of ``fetch_video``) and transformers
+    (``VideoMetadata.sampled_fps``) both use this, and Qwen2.5-VL's processor turns it into
+    ``second_per_grid_ts``; see the module docstring for how it differs from the frames' spacing.
+    """
+    return num_sampled / total_frames * source_fps
 
 
 def frame_size(height: int, width: int, num_frames: int, settings: VideoSettings) -> tuple[int, int]:
@@ -227,7 +238,7 @@ class VideoClip:
     source_fps: float  # the source's average frame rate (frame_list_fps for frame images)
     total_frames: int  # frames in the source
     duration: float  # total_frames / source_fps, seconds
-    sampled_fps: float  # effective rate of the sampled frames: effective_fps(frame_indices, source_fps)
+    sampled_fps: float  # serving_fps(len(frame_indices), total_frames, source_fps)
     backend: str  # decoder that produced the frames ("images" for frame images)
     source: str  # the file or folder, or the first frame image
 
@@ -236,10 +247,16 @@ class VideoClip:
         return temporal_patch_size / self.sampled_fps
 
     def grid_timestamps(self, temporal_patch_size: int = 2) -> list[float]:
-        """Mean time of the frames of each temporal patch: the ``<t seconds>`` Qwen3-VL writes."""
-        times = self.timestamps
-        return [sum(times[i:i + temporal_patch_size]) / len(times[i:i + temporal_patch_size])
-                for i in range(0, len(times), temporal_patch_size)]
+        """The ``<t seconds>`` Qwen3-VL writes before each temporal patch, unrounded.
+
+        As transformers' ``Qwen3VLProcessor._calculate_timestamps``: frame times are
+        ``index / source_fps``, the index list is padded with its last index to a whole
+        patch, and each patch gets the mean of its first and last frame's time.
+        """
+        indices = list(self.frame_indices)
+        indices += [indices[-1]] * (-len(indices) % temporal_patch_size)
+        times = [i / self.source_fps for i in indices]
+        return [(times[i] + times[i + temporal_patch_size - 1]) / 2 for i in range(0, len(times), temporal_patch_size)]
 
 
 def load_video(source: str | os.PathLike | Sequence[str | os.PathLike],
@@ -327,41 +344,24 @@ def _finish(decoded: DecodedVideo, backend: str, name: str, settings: VideoSetti
         source_fps=decoded.source_fps,
         total_frames=decoded.total_frames,
         duration=decoded.total_frames / decoded.source_fps,
-        sampled_fps=effective_fps(decoded.indices, decoded.source_fps),
+        sampled_fps=serving_fps(len(decoded.indices), decoded.total_frames, decoded.source_fps),
         backend=backend,
         source=name,
     )
 
 
-class SampledVideoMetadata(VideoMetadata):
-    """``VideoMetadata`` whose ``sampled_fps`` is the effective rate of the frames sampled.
-
-    The base class computes ``len(frames_indices) / total_num_frames * fps`` (frames
-    per second of the whole video), which Qwen2.5-VL's processor turns into
-    ``second_per_grid_ts``; this subclass returns ``effective_fps(frames_indices, fps)``
-    instead, so ``second_per_grid_ts`` is the real time between temporal grid steps.
-    Every field keeps its meaning (real indices, the file's fps and frame count), so
-    Qwen3-VL's timestamps ``frames_indices / fps`` are the frames' real times for a
-    constant-frame-rate video (for a variable-rate one they are its average-rate times).
-    """
-
-    @property
-    def sampled_fps(self) -> float:
-        if not self.frames_indices or self.fps is None:
-            return super().sampled_fps
-        return effective_fps(list(self.frames_indices), self.fps)
-
-
 def processor_video_inputs(clip: VideoClip) -> tuple[torch.Tensor, VideoMetadata]:
     """The ``(video, video_metadata)`` pair to pass a Qwen processor for ``clip``.
 
-    With ``videos_kwargs=processor_videos_kwargs([metadata])``, Qwen2.5-VL's
+    The metadata is what qwen-vl-utils hands the processor (the file's frame rate and
+    frame count, the sampled indices), so with
+    ``videos_kwargs=processor_videos_kwargs([metadata])`` Qwen2.5-VL's
     ``second_per_grid_ts`` is ``temporal_patch_size / clip.sampled_fps`` and Qwen3-VL's
-    ``<t seconds>`` are ``clip.grid_timestamps()`` (to the one decimal it prints);
-    Qwen2-VL reads no timing.
+    ``<t seconds>`` are ``clip.grid_timestamps()`` (to the one decimal it prints), as at
+    serving time; Qwen2-VL reads no timing.
     """
     _, _, height, width = clip.frames.shape
-    metadata = SampledVideoMetadata(
+    metadata = VideoMetadata(
         total_num_frames=clip.total_frames,
         fps=clip.source_fps,
         width=width,
@@ -381,7 +381,7 @@ def processor_videos_kwargs(metadata: Sequence[VideoMetadata]) -> dict:
 
 
 __all__ = [
-    "PROCESSOR_VIDEO_KWARGS", "SampledVideoMetadata", "VideoClip", "VideoSettings", "effective_fps",
+    "PROCESSOR_VIDEO_KWARGS", "VideoClip", "VideoSettings", "serving_fps",
     "frame_count", "frame_size", "load_video", "processor_video_inputs", "processor_videos_kwargs",
     "resize_clip", "sample_frame_indices",
 ]

@@ -90,7 +90,7 @@ def test_llava_more_tags_than_media_and_frame_hint():
     ({"conversations": [{"from": "human", "value": ["x"]}, {"from": "gpt", "value": "y"}]},
      "turn 0: 'value' must be a string, got list"),
     ({"conversations": ["hello"]}, "turn 0: expected {\"from\""),
-    ({"question": "x", "answer": "y"}, "no 'conversations' (LLaVA) or 'messages' key"),
+    ({"question": "x", "answer": "y"}, "no 'conversations' (LLaVA / sharegpt), 'messages' or 'prompt' + 'completion' (TRL) key"),
     ({"image": "a", "images": ["b"], "conversations": []}, "both 'image' and 'images'"),
 ])
 def test_llava_validation_names_the_record(record, expected):

@@ -30,18 +30,19 @@ def test_each_backend_samples_the_right_frames_at_the_right_times(video_dir, bac
     # The frames really are the ones the indices name: each carries its index in its pixels.
     assert [read_frame_number(f) for f in clip.frames] == clip.frame_indices
     assert clip.timestamps == pytest.approx([i / fps for i in clip.frame_indices], abs=1e-4)
-    last, first = clip.frame_indices[-1], clip.frame_indices[0]
-    assert clip.sampled_fps == pytest.approx(fps * (count - 1) / (last - first))
-    # The effective rate also equals the spacing of the real timestamps.
-    assert clip.sampled_fps == pytest.approx((count - 1) / (clip.timestamps[-1] - clip.timestamps[0]), rel=1e-4)
+    # The serving stack's rate (frames sampled per source frame, times the source rate).
+    assert clip.sampled_fps == pytest.approx(count / total * fps)
 
 
-def test_short_video_effective_rate_is_not_the_configured_fps(video_dir, backend):
-    clip = load_video(video_dir / "1s_24fps.mp4", VideoSettings(backend=backend, **SMALL))
-    # 4 frames (min_frames) over 23/24 s: 3.13 fps, not 2.0 (configured) nor 4.0 (n / duration).
-    assert clip.frame_indices == [0, 8, 15, 23]
-    assert clip.sampled_fps == pytest.approx(24 * 3 / 23)
-    assert clip.second_per_grid_t(2) == pytest.approx(2 / (24 * 3 / 23))
+@pytest.mark.parametrize("name,indices,rate", [("1s_24fps", [0, 8, 15, 23], 4.0),
+                                               ("3s_60fps", [0, 36, 72, 107, 143, 179], 2.0)])
+def test_short_video_rate_is_the_serving_rate(video_dir, backend, name, indices, rate):
+    # The issue's measurement: with --video_fps 2 --video_min_frames 4, serving gives these clips
+    # second_per_grid_ts 0.5 and 1.0; one over the frames' spacing gave 0.64 and 1.19.
+    clip = load_video(video_dir / f"{name}.mp4", VideoSettings(backend=backend, fps=2.0, min_frames=4, **SMALL))
+    assert clip.frame_indices == indices
+    assert clip.sampled_fps == pytest.approx(rate)
+    assert clip.second_per_grid_t(2) == pytest.approx(2 / rate)
 
 
 def test_all_installed_backends_agree(video_dir):
@@ -189,4 +190,5 @@ def test_single_frame_video_repeats_its_frame(tmp_path, backend, video_maker, re
     clip = load_video(tmp_path / "still.mp4", VideoSettings(backend=backend, **SMALL))
     assert clip.frame_indices == [0, 0] and clip.total_frames == 1
     assert [read_frame_number(f) for f in clip.frames] == [0, 0]
-    assert clip.timestamps == [0.0, 0.0] and clip.sampled_fps == clip.source_fps
+    # Two samples of one frame: transformers' sampled_fps (2 / 1 * fps), what the processor computes too.
+    assert clip.timestamps == [0.0, 0.0] and clip.sampled_fps == 2 * clip.source_fps

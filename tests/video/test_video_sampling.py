@@ -1,4 +1,4 @@
-"""Frame counts, indices, effective rate and frame sizes: pure functions, no decoding."""
+"""Frame counts, indices, sampled rate and frame sizes: pure functions, no decoding."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 
 from qwenvl.data.video import (
-    SampledVideoMetadata, VideoSettings, effective_fps, frame_count, frame_size, sample_frame_indices,
+    VideoSettings, frame_count, frame_size, sample_frame_indices, serving_fps,
 )
 
 
@@ -50,16 +50,21 @@ def test_indices_are_evenly_spaced_first_to_last_and_deterministic():
     assert sample_frame_indices(24, 24.0, VideoSettings()) == [0, 8, 15, 23]
 
 
-def test_effective_fps_is_one_over_mean_spacing():
-    assert effective_fps([0, 8, 15, 23], 24.0) == pytest.approx(24.0 * 3 / 23)
-    assert effective_fps([0, 13, 26], 25.0) == pytest.approx(25.0 * 2 / 26)
-    assert effective_fps([0, 0], 25.0) == 25.0  # a repeated single frame spans no time
+def test_serving_fps_is_frames_sampled_over_frames_in_the_file():
+    # Frames sampled per frame of the source, times its rate: what serving computes,
+    # not one over the sampled frames' spacing (24 * 3 / 23 = 3.13 for these four).
+    assert serving_fps(4, 24, 24.0) == pytest.approx(4.0)
+    assert serving_fps(6, 180, 60.0) == pytest.approx(2.0)
+    assert serving_fps(2, 1, 25.0) == pytest.approx(50.0)  # a repeated single frame, as transformers counts it
 
 
-def test_metadata_sampled_fps_is_the_effective_rate():
-    meta = SampledVideoMetadata(total_num_frames=24, fps=24.0, frames_indices=[0, 8, 15, 23])
-    assert meta.sampled_fps == pytest.approx(24.0 * 3 / 23)
-    assert meta.timestamps == pytest.approx([0.0, 8 / 24, 15 / 24, 23 / 24])
+@pytest.mark.parametrize("total,fps", [(24, 24.0), (180, 60.0), (250, 25.0), (31, 29.97)])
+def test_serving_fps_is_what_transformers_video_metadata_says(total, fps):
+    from transformers.video_utils import VideoMetadata
+
+    indices = sample_frame_indices(total, fps, VideoSettings())
+    meta = VideoMetadata(total_num_frames=total, fps=fps, frames_indices=indices)
+    assert serving_fps(len(indices), total, fps) == pytest.approx(meta.sampled_fps, rel=1e-12)
 
 
 @pytest.mark.parametrize("height,width", [(48, 64), (360, 640), (1080, 1920), (2160, 3840), (100, 7000), (30, 30)])
