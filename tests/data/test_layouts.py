@@ -97,7 +97,7 @@ def test_trl_standard_prompt_completion_is_one_user_and_one_assistant_turn(rende
 ])
 def test_trl_layout_problems_name_the_record(record, expected):
     with pytest.raises(DataError) as info:
-        to_conversation({**record, "images": ["a.png"]}, _spec("/d/trl.json"), 7)
+        to_conversation({**record, "images": ["a.png"]}, _spec("/d/trl.json", data_path="/d"), 7)
     assert "file /d/trl.json, record 7" in str(info.value) and expected in str(info.value)
 
 
