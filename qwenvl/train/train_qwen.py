@@ -30,7 +30,7 @@ from qwenvl.train.completed_run import completed_run_message
 from qwenvl.train.length_cache import require_length_cache
 from qwenvl.train.library_warnings import quiet_known_library_warnings
 from qwenvl.train.output_dir import check_output_dir, describe_changes, write_run_args
-from qwenvl.train.secrets import redact_secrets_in_argv
+from qwenvl.train.secret_flags import redact_secrets_in_argv
 from qwenvl.train.wandb_mode import configure_wandb
 
 INTERRUPTED = 130  # the shell's status for a run ended by Ctrl-C
