@@ -4,22 +4,36 @@ Packing and length grouping read every sample's length from the cache
 (``qwenvl.data.lengths``).  When it is missing, rank 0 counts every record while the
 other ranks wait in a barrier; on a large dataset that outlasts the distributed
 timeout (``--ddp_timeout``, 30 minutes) and every other rank fails with a timeout
-that says nothing about lengths.  So a run of several processes with a missing cache
-stops at once with the exact ``qwenvl.tools.audit`` command that builds it (in
-parallel, over all the machine's cores, and checking every record on the way); a
-single-process run still builds it inline, as there is no one to wait.
+that says nothing about lengths.  So a run of several processes whose missing cache
+covers more than ``inline_count_limit()`` records stops at once with the exact
+``qwenvl.tools.audit`` command that builds it (in parallel, over all the machine's
+cores, and checking every record on the way).  Fewer records are counted inline on
+rank 0, as is every cache of a single-process run: counting reads image headers, not
+pixels, so the limit's worth takes minutes, far inside the timeout, and stopping a
+first run on a small dataset would only cost the user a command.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import shlex
 
 from qwenvl.data.arguments import DataArguments
 from qwenvl.data.errors import DataError
 
 
-def datasets_without_length_cache(dataset) -> list[str]:
-    """Names of the mixture's datasets whose length cache for this renderer is absent or stale."""
+# Records a multi-process run may count inline on rank 0 (QWENVL_INLINE_LENGTH_COUNT overrides).
+INLINE_COUNT_LIMIT = 20_000
+
+
+def inline_count_limit(environ=os.environ) -> int:
+    """How many uncached records a multi-process run counts inline before it stops with the audit command."""
+    value = environ.get("QWENVL_INLINE_LENGTH_COUNT")
+    return INLINE_COUNT_LIMIT if value in (None, "") else int(value)
+
+
+def datasets_without_length_cache(dataset) -> list[tuple[str, int]]:
+    """(name, records) of the mixture's datasets whose length cache for this renderer is absent or stale."""
     from qwenvl.data.lengths import TokenCounter, load_lengths
 
     counter = TokenCounter.for_renderer(dataset.renderer)
@@ -30,7 +44,7 @@ def datasets_without_length_cache(dataset) -> list[str]:
             continue
         seen.add(key)
         if load_lengths(entry.spec, counter, len(source)) is None:
-            missing.append(entry.spec.name)
+            missing.append((entry.spec.name, len(source)))
     return missing
 
 
@@ -48,14 +62,17 @@ def audit_command(explicit: dict, model_name_or_path: str, model_max_length: int
 
 def require_length_cache(dataset, explicit: dict, model_name_or_path: str, model_max_length: int | None,
                          world_size: int) -> None:
-    """Raise a DataError naming the audit command when several processes would wait on rank 0 counting lengths."""
+    """Raise a DataError naming the audit command when several processes would wait on rank 0 counting
+    more than ``inline_count_limit()`` records; fewer are counted inline by the caller."""
     if world_size <= 1:
         return
     missing = datasets_without_length_cache(dataset)
-    if not missing:
+    records = sum(n for _, n in missing)
+    if not missing or records <= inline_count_limit():
         return
-    raise DataError(f"no length cache for {', '.join(missing)} (packing and length grouping need every sample's "
-                    f"length). With {world_size} processes the other ranks would wait while rank 0 counts them, "
-                    "and past the distributed timeout (--ddp_timeout) they fail. Build the cache first, in "
+    names = ", ".join(name for name, _ in missing)
+    raise DataError(f"no length cache for {names} ({records} records; packing and length grouping need every "
+                    f"sample's length). With {world_size} processes the other ranks would wait while rank 0 counts "
+                    "them, and past the distributed timeout (--ddp_timeout) they fail. Build the cache first, in "
                     f"parallel, then run the same training command again:\n  "
                     f"{audit_command(explicit, model_name_or_path, model_max_length)}")

@@ -308,14 +308,24 @@ def test_two_processes_without_a_length_cache_stop_with_the_audit_command_that_b
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), "-m", "qwenvl.train.train_qwen", *flags]
     env = _env(XDG_CACHE_HOME=str(tmp_path / "cache"))  # nor in the user cache folder
-    stopped = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    # 180 records: above a limit of 100, so the run stops; the default limit counts them inline
+    stopped = subprocess.run(command, env={**env, "QWENVL_INLINE_LENGTH_COUNT": "100"}, capture_output=True,
+                             text=True, timeout=900)
     assert stopped.returncode != 0
-    assert "no length cache for demo_shapes, demo_text" in stopped.stderr
+    assert "no length cache for demo_shapes, demo_text (" in stopped.stderr
     audit = [line.strip() for line in stopped.stderr.splitlines() if "qwenvl.tools.audit" in line][0]
     assert "--dataset_use demo_shapes%3,demo_text%5" in audit and "--max_pixels 3136" in audit
     assert not (out / "run_args.json").exists()
 
     argv = shlex.split(audit)
+    small = [f if f != str(out) else str(tmp_path / "inline") for f in command]
+    inline = subprocess.run(small[:6] + [str(free_port())] + small[7:], env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert inline.returncode == 0, inline.stderr[-3000:]  # under the default limit: counted on rank 0
+    assert _state(tmp_path / "inline")["global_step"] == 1
+    for cache in (tmp_path / "data").rglob("*.lengths.*"):
+        cache.unlink()  # the audit builds them again below
+
     built = subprocess.run([sys.executable, *argv[1:], "--num_workers", "1", "--report", str(tmp_path / "r.json")],
                            env=env, capture_output=True, text=True, timeout=900)
     assert built.returncode == 0, built.stderr[-3000:]
@@ -369,3 +379,10 @@ def test_two_process_resume_restores_the_weights_on_every_rank(tiny_model_dir, t
     resumed = dict(AutoModelForImageTextToText.from_pretrained(out).named_parameters())
     for name, param in AutoModelForImageTextToText.from_pretrained(straight).named_parameters():
         assert torch.allclose(param, resumed[name], rtol=0, atol=1e-6), name
+
+
+def test_inline_length_count_limit_reads_the_environment():
+    from qwenvl.train.length_cache import INLINE_COUNT_LIMIT, inline_count_limit
+
+    assert inline_count_limit({}) == INLINE_COUNT_LIMIT
+    assert inline_count_limit({"QWENVL_INLINE_LENGTH_COUNT": "0"}) == 0
