@@ -52,12 +52,17 @@ def model_class_for_run(config, model_args, training_args):
 def train_batch_sampler(dataset, training_args, check_cache=None):
     """Online packing / length grouping over the length cache, or None for the Trainer's sampler.
 
+    The token budget per micro-batch is ``--max_tokens_per_batch`` (else ``--model_max_length``),
+    or, with ``--token_budget_samples``, the one that holds about that many samples per
+    optimizer step on average (``qwenvl.data.budget``).
+
     ``check_cache(dataset)`` runs first when the cache is needed (it stops a
     multi-process run whose cache is missing: ``qwenvl.train.length_cache``)."""
     from qwenvl.data.lengths import dataset_lengths
     from qwenvl.data.sampler import make_train_sampler
 
-    packing = training_args.online_packing or training_args.max_tokens_per_batch is not None
+    samples = getattr(training_args, "token_budget_samples", None)
+    packing = training_args.online_packing or training_args.max_tokens_per_batch is not None or samples is not None
     grouping = training_args.group_by_modality_length or \
         getattr(training_args, "train_sampling_strategy", "random") == "group_by_length"
     if not (packing or grouping):
@@ -68,8 +73,17 @@ def train_batch_sampler(dataset, training_args, check_cache=None):
     with training_args.main_process_first(desc="length cache"):
         rows, _ = dataset_lengths(dataset, num_workers=training_args.dataloader_num_workers,
                                   progress=training_args.process_index == 0)
+    budget = training_args.max_tokens_per_batch or training_args.model_max_length
+    if samples is not None:
+        from qwenvl.data.budget import budget_for_samples
+
+        budget, mean = budget_for_samples(rows, samples, training_args.gradient_accumulation_steps)
+        if training_args.process_index == 0:
+            print(f"token budget {budget} per micro-batch: about {samples} samples per optimizer step and process "
+                  f"(mean {mean:.0f} tokens per sample, {training_args.gradient_accumulation_steps} micro-batches "
+                  "per step)", flush=True)
     settings = SimpleNamespace(
-        online_packing=packing, pack_max_tokens=training_args.max_tokens_per_batch or training_args.model_max_length,
+        online_packing=packing, pack_max_tokens=budget,
         max_patches_per_pack=training_args.max_patches_per_pack,
         group_by_modality_length=training_args.group_by_modality_length,
         train_sampling_strategy=getattr(training_args, "train_sampling_strategy", "random"),
