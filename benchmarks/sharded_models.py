@@ -76,10 +76,11 @@ def build_config(name: str, token_ids: dict, layers: int | None = None):
 
 def parameter_count(config) -> tuple[int, int]:
     """(total parameters, active parameters per token) of ``config``, built on the meta device."""
+    from qwenvl.hf_internals import build_from_config
     from qwenvl.train.model import model_class_for
 
     with torch.device("meta"):
-        model = model_class_for(config.model_type)._from_config(copy.deepcopy(config), dtype=torch.bfloat16)
+        model = build_from_config(model_class_for(config.model_type), copy.deepcopy(config), dtype=torch.bfloat16)
     total = sum(p.numel() for p in model.parameters())
     text = config.text_config
     experts = getattr(text, "num_experts", None)
@@ -92,18 +93,19 @@ def parameter_count(config) -> tuple[int, int]:
 
 def write_model(name: str, output: str | Path, layers: int | None = None, device: str = "cuda") -> Path:
     """Write the folder: config, processor and random bf16 weights (built on ``device``)."""
-    from qwenvl.tools.make_tiny_model import _token_ids, _write_family_tokenizer, build_processor
+    from qwenvl.hf_internals import build_from_config
+    from qwenvl.tools.make_tiny_model import build_processor, special_token_ids, write_family_tokenizer
     from qwenvl.train.model import model_class_for
 
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
     model_type = model_type_of(name)
-    _write_family_tokenizer(model_type, folder)
+    write_family_tokenizer(model_type, folder)
     processor = build_processor(model_type, folder)
-    config = build_config(name, _token_ids(processor.tokenizer), layers)
+    config = build_config(name, special_token_ids(processor.tokenizer), layers)
     torch.manual_seed(0)
     with torch.device(device):
-        model = model_class_for(model_type)._from_config(config, dtype=torch.bfloat16)
+        model = build_from_config(model_class_for(model_type), config, dtype=torch.bfloat16)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder

@@ -97,12 +97,13 @@ def main(argv=None):
 
 
 def _variant(cls, config, attn, layout, checkpointing, gpu_batches, batch_size):
+    from qwenvl.hf_internals import build_from_config
     from qwenvl.train.attention import apply_attn_implementation, loadable_attn_implementation
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = cls._from_config(config, dtype=torch.bfloat16,
-                                 attn_implementation=loadable_attn_implementation(attn))
+        model = build_from_config(cls, config, dtype=torch.bfloat16,
+                                  attn_implementation=loadable_attn_implementation(attn))
     apply_attn_implementation(model, attn)
     model.config.use_cache = False
     for name, param in model.named_parameters():

@@ -15,9 +15,9 @@ supports).  Each configuration then trains ``--warmup`` + ``--steps`` optimizer 
 * ``ours_padded_bsB`` / ``ours_flat_bsB``: our entry point's objects, built the way
   ``train_qwen.py`` builds them: flags through ``parse_args``, the data through
   ``make_supervised_data_module`` (padded, or ``--data_flatten``), the model class
-  ``load_model`` picks (the training subclass with the fused loss), frozen by
-  ``prepare_model`` (trainable weights in fp32, the rest bf16), ``QwenVLTrainer`` with
-  ``train_qwen``'s batch sampler;
+  ``qwenvl.train.steps.model_class_for_run`` picks (as ``load_model``: the training subclass with the fused loss), frozen by
+  ``prepare_model`` (trainable weights in fp32, the rest bf16), ``steps.build_trainer`` with
+  ``steps.train_batch_sampler``;
 * ``ours_budget``: flattened micro-batches packed up to ``--max_tokens_per_batch``
   tokens (7168 by default, about 16 reference samples) over the length cache,
   accumulation 1; the samples per step vary and are measured;
@@ -169,10 +169,11 @@ def component_params(model) -> tuple[int, int, int]:
 
 def check_released_params(config, name: str) -> None:
     """Build ``config`` on the meta device (no memory) and assert the released model's parameter counts."""
+    from qwenvl.hf_internals import build_from_config
     from qwenvl.train.model import model_class_for
 
     with torch.device("meta"):
-        model = model_class_for(config.model_type)._from_config(copy.deepcopy(config), dtype=torch.bfloat16)
+        model = build_from_config(model_class_for(config.model_type), copy.deepcopy(config), dtype=torch.bfloat16)
     got, want = component_params(model), RELEASED[name]["params"]
     assert got == want, (f"Qwen2.5-VL-{name.upper()} built from config has (total, language model, vision) = "
                          f"{got} parameters; the released model has {want}")
@@ -187,9 +188,9 @@ def write_model_dir(name: str, folder: Path, layers: int | None = None) -> Path:
         raise SystemExit(f"--model {name} needs the {family} tokenizer and processor of make_tiny_model "
                          f"(not in this checkout); pass --model_dir with a {family} checkpoint instead")
     folder.mkdir(parents=True, exist_ok=True)
-    tiny._write_family_tokenizer(family, folder)
+    tiny.write_family_tokenizer(family, folder)
     processor = tiny.build_processor(family, folder)
-    config = released_config(name, tiny._token_ids(processor.tokenizer), layers)
+    config = released_config(name, tiny.special_token_ids(processor.tokenizer), layers)
     if name in RELEASED:
         check_released_params(config, name)
     config.save_pretrained(folder)
@@ -204,43 +205,19 @@ def choose_attention(requested: str | None, device: str) -> str:
     return choose_attn_implementation(requested, device_is_cuda=device == "cuda")
 
 
-def our_model_class(config, model_args, training_args):
-    """The class ``qwenvl.train.model.load_model`` instantiates for these flags: the family's
-    class, or its training subclass (fused loss, vision sync) from ``fused_loss.py``.
-
-    Mirrors ``load_model``'s choice for building with random weights; a test checks that
-    both agree.
-    """
-    from qwenvl.train.fused_loss import use_fused_loss, vision_sync_for, with_training_forward
-    from qwenvl.train.model import _zero3, model_class_for
-
-    cls = model_class_for(config.model_type)
-    zero3 = _zero3(training_args)
-    fused = use_fused_loss(getattr(training_args, "loss_kernel", "model"), zero3)
-    sync = vision_sync_for(zero3, distributed=training_args.world_size > 1,
-                           visual_trainable=bool(model_args.tune_mm_vision or model_args.tune_mm_mlp))
-    from qwenvl.train.moe import router_aux_loss_coef, set_router_aux_loss_coef
-
-    coef = router_aux_loss_coef(config, getattr(training_args, "router_aux_loss_coef", None))
-    if coef:
-        set_router_aux_loss_coef(config, coef)
-    if fused or sync or coef:
-        return with_training_forward(cls, fused_loss=fused, vision_sync=sync, router_aux_loss=bool(coef))
-    return cls
-
-
 def build_model(ctx, cls, dtype: torch.dtype, attn: str):
     """``cls`` on ``ctx.device`` with attention ``attn``: random weights from the config (seeded),
     created directly on the device, or the checkpoint's weights (``--weights load``)."""
     from transformers import set_seed
 
+    from qwenvl.hf_internals import build_from_config
     from qwenvl.train.attention import apply_attn_implementation, loadable_attn_implementation
 
     set_seed(ctx.seed)
     if ctx.weights == "random":
         with torch.device(ctx.device):
-            model = cls._from_config(copy.deepcopy(ctx.config), dtype=dtype,
-                                     attn_implementation=loadable_attn_implementation(attn))
+            model = build_from_config(cls, copy.deepcopy(ctx.config), dtype=dtype,
+                                      attn_implementation=loadable_attn_implementation(attn))
     else:
         model = cls.from_pretrained(ctx.model_dir, dtype=dtype, attn_implementation=loadable_attn_implementation(attn),
                                     device_map=ctx.device)
@@ -494,7 +471,7 @@ def run_ours(cfg: RunConfig, ctx: Context, timer) -> tuple[object, Meter]:
     from qwenvl.data.dataset import make_supervised_data_module
     from qwenvl.train.arguments import parse_args
     from qwenvl.train.model import load_dtype, load_model, prepare_model
-    from qwenvl.train.train_qwen import _batch_sampler
+    from qwenvl.train.steps import build_trainer, model_class_for_run, train_batch_sampler
     from qwenvl.train.trainer import QwenVLTrainer
 
     model_args, data_args, training_args, _ = parse_args(our_flags(cfg, ctx))
@@ -505,14 +482,14 @@ def run_ours(cfg: RunConfig, ctx: Context, timer) -> tuple[object, Meter]:
     if ctx.weights == "load":
         model = load_model(model_args, training_args)  # exactly train_qwen.py's model
     else:
-        model = build_model(ctx, our_model_class(ctx.config, model_args, training_args), load_dtype(training_args),
-                            ctx.attn)
+        model = build_model(ctx, model_class_for_run(ctx.config, model_args, training_args),
+                            load_dtype(training_args), ctx.attn)
     model = prepare_model(model, model_args, training_args)
     _check_fits(ctx, model)
     meter = Meter(_visual_ids(ctx.config))
-    sampler = _batch_sampler(data_module["train_dataset"], training_args)  # token budget: packs by length
-    trainer = metered(QwenVLTrainer)(model=model, args=training_args, processing_class=processor,
-                                     callbacks=[timer], train_batch_sampler=sampler, **data_module)
+    sampler = train_batch_sampler(data_module["train_dataset"], training_args)  # token budget: packs by length
+    trainer = build_trainer(model, training_args, processor, data_module, sampler,
+                            trainer_class=metered(QwenVLTrainer), callbacks=[timer])
     trainer.meter = meter
     trainer.train()
     return trainer, meter

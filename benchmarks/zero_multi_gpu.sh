@@ -16,13 +16,14 @@ python3 - "$WORK/model" "$MODEL" <<'PY'
 import sys, torch
 from pathlib import Path
 from benchmarks.train_throughput import write_model_dir
+from qwenvl.hf_internals import build_from_config
 from qwenvl.train.model import model_class_for
 from transformers import AutoConfig
 folder = write_model_dir(sys.argv[2], Path(sys.argv[1]))
 config = AutoConfig.from_pretrained(folder)
 torch.manual_seed(0)
 with torch.device("cuda"):
-    model = model_class_for("qwen2_5_vl")._from_config(config, dtype=torch.bfloat16)
+    model = build_from_config(model_class_for("qwen2_5_vl"), config, dtype=torch.bfloat16)
 model.save_pretrained(folder)
 print(f"random-weight {sys.argv[2].upper()} written to", folder, flush=True)
 PY

@@ -31,10 +31,9 @@ def _unpartitioned_construction():
     if not is_deepspeed_zero3_enabled():
         yield
         return
-    import transformers.integrations.deepspeed as hf_deepspeed
+    from qwenvl.hf_internals import registered_deepspeed_config
 
-    weak = hf_deepspeed._hf_deepspeed_config_weak_ref
-    config = weak() if weak is not None else None
+    config = registered_deepspeed_config()
     unset_hf_deepspeed_config()
     try:
         yield

@@ -57,7 +57,7 @@ def qwen_tokenizer_files() -> Path:
     return folder
 
 
-def _write_family_tokenizer(model_type: str, out: Path) -> None:
+def write_family_tokenizer(model_type: str, out: Path) -> None:
     """Copy the Qwen tokenizer, keeping only the added tokens the family's release has.
 
     The shipped files are Qwen3's (added tokens up to ``</think>``); Qwen2-VL and
@@ -80,7 +80,7 @@ def _write_family_tokenizer(model_type: str, out: Path) -> None:
         shutil.copy(src / name, out / name)
 
 
-def _token_ids(tokenizer) -> dict[str, int]:
+def special_token_ids(tokenizer) -> dict[str, int]:
     """The special-token ids the config needs, looked up by name in the real tokenizer."""
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in {
         "image_token_id": "<|image_pad|>",
@@ -97,7 +97,7 @@ def build_config(model_type: str, tokenizer):
     """A config of the family with real token ids, patch sizes and vocabulary, tiny widths."""
     from transformers import AutoConfig
 
-    ids = _token_ids(tokenizer)
+    ids = special_token_ids(tokenizer)
     special = {k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
     text = dict(TEXT, vocab_size=VOCAB_SIZE, bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"])
     patch = FAMILIES[model_type]["patch_size"]
@@ -182,7 +182,7 @@ def make_tiny_model(model_type: str, output: str | Path, seed: int = 0) -> Path:
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
         tmp = Path(tmp)
-        _write_family_tokenizer(model_type, tmp)
+        write_family_tokenizer(model_type, tmp)
         processor = build_processor(model_type, tmp)
         config = build_config(model_type, processor.tokenizer)
         torch.manual_seed(seed)

@@ -43,6 +43,8 @@ from typing import Callable
 
 import torch
 
+from qwenvl.hf_internals import attn_implementation, set_attn_implementation_field
+
 logger = logging.getLogger(__name__)
 
 VARLEN_ATTENTION = "flash_varlen_torch"
@@ -429,7 +431,7 @@ def apply_attn_implementation(model: torch.nn.Module, name: str) -> None:
     in case it holds a copy.  Other names go through ``model.set_attn_implementation``.
     """
     if not is_ours(name):
-        if getattr(model.config, "_attn_implementation", None) != name:
+        if attn_implementation(model.config) != name:
             model.set_attn_implementation(name)
         return
     from transformers import PreTrainedConfig
@@ -440,7 +442,7 @@ def apply_attn_implementation(model: torch.nn.Module, name: str) -> None:
         config = getattr(module, "config", None)
         if isinstance(config, PreTrainedConfig) and id(config) not in seen:
             seen.add(id(config))
-            config._attn_implementation = name
+            set_attn_implementation_field(config, name)
     supply_packed_boundaries(model)
 
 
@@ -470,7 +472,7 @@ def _boundaries_pre_hook(module, args, kwargs):
     Models with linear-attention layers (Qwen3.5's Gated DeltaNet) need the boundaries
     whatever the attention kernel (``linear_attention.py``), so the hook runs for them too.
     """
-    if not (is_ours(getattr(module.config, "_attn_implementation", None)) or carries_state(module.config)):
+    if not (is_ours(attn_implementation(module.config)) or carries_state(module.config)):
         return None
     if kwargs.get("attention_mask") is not None or kwargs.get("cu_seq_lens_q") is not None:
         return None  # padded rows go through the mask path; explicit boundaries win

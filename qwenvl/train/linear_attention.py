@@ -50,11 +50,12 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-import inspect
 import logging
 import os
 
 import torch
+
+from qwenvl.hf_internals import reference_linear_attention_functions
 
 from .arguments import ConfigError
 
@@ -189,10 +190,8 @@ def reference_varlen_kernels(layer) -> tuple:
     """transformers' own PyTorch convolution and gated delta rule for ``layer``'s model, behind fla's
     varlen signatures, one sample at a time (exact; no fla, so no fla backward)."""
     module = importlib.import_module(type(layer).__module__)  # the released modeling module
-    # ``inspect.unwrap`` follows ``__wrapped__`` (``functools.wraps``, transformers 5.23
-    # integrations/hub_kernels.py:1027) to the PyTorch functions under the fla / causal-conv1d dispatch.
-    conv_fn = inspect.unwrap(module.causal_conv1d_fn)
-    rule_fn = inspect.unwrap(module.torch_chunk_gated_delta_rule)
+    # The PyTorch functions under the fla / causal-conv1d dispatch (through ``__wrapped__``).
+    conv_fn, rule_fn = reference_linear_attention_functions(module)
 
     def conv(x, weight=None, bias=None, activation=None, cu_seqlens=None, **_):
         bounds = cu_seqlens.tolist()

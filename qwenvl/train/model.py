@@ -99,11 +99,6 @@ def load_dtype(training_args) -> torch.dtype:
     return torch.float32
 
 
-def _zero3(training_args) -> bool:
-    config = getattr(training_args, "hf_deepspeed_config", None)
-    return bool(config is not None and config.is_zero3())
-
-
 def load_model(model_args, training_args):
     """Load the checkpoint with the class its config names and the chosen attention kernel.
 
@@ -116,25 +111,12 @@ def load_model(model_args, training_args):
     switches to it.
     """
     from .attention import apply_attn_implementation, loadable_attn_implementation
-    from .fused_loss import use_fused_loss, vision_sync_for, with_training_forward
     from .linear_attention import make_linear_attention_packable
-
-    from .moe import router_aux_loss_coef, set_router_aux_loss_coef
+    from .steps import model_class_for_run  # steps imports this module
 
     path = model_args.model_name_or_path
     config = read_config(path, training_args.cache_dir)
-    cls = model_class_for(config.model_type)
-    zero3 = _zero3(training_args)
-    fused = use_fused_loss(getattr(training_args, "loss_kernel", "model"), zero3)
-    sync = vision_sync_for(zero3, distributed=training_args.world_size > 1,
-                           visual_trainable=bool(model_args.tune_mm_vision or model_args.tune_mm_mlp),
-                           fsdp=bool(getattr(training_args, "fsdp", None)))
-    # MoE: the router load-balancing loss trains with the model (moe.py); 0 turns it off.
-    coef = router_aux_loss_coef(config, getattr(training_args, "router_aux_loss_coef", None))
-    if coef:
-        set_router_aux_loss_coef(config, coef)
-    if fused or sync or coef:
-        cls = with_training_forward(cls, fused_loss=fused, vision_sync=sync, router_aux_loss=bool(coef))
+    cls = model_class_for_run(config, model_args, training_args)
     attention = resolve_attn_implementation(model_args.attn_implementation)
     model = cls.from_pretrained(
         path,

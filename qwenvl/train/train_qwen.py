@@ -24,6 +24,7 @@ import re
 import sys
 
 from qwenvl.data.errors import DataError
+from qwenvl.hf_internals import attn_implementation, require_transformers_internals
 from qwenvl.train.arguments import ConfigError, explicit_args_for_saving, parse_args
 from qwenvl.train.checkpoints import DiskFullError, resume_point
 from qwenvl.train.completed_run import completed_run_message
@@ -104,54 +105,13 @@ def _summary(trainer, output_dir: str, lora: bool) -> str:
     return "\n".join(lines)
 
 
-def _batch_sampler(dataset, training_args, check_cache=None):
-    """Online packing / length grouping over the length cache, or None for the Trainer's sampler.
-
-    ``check_cache(dataset)`` runs first when the cache is needed (it stops a
-    multi-process run whose cache is missing: ``qwenvl.train.length_cache``)."""
-    from types import SimpleNamespace
-
-    from qwenvl.data.lengths import dataset_lengths
-    from qwenvl.data.sampler import make_train_sampler
-
-    samples = getattr(training_args, "token_budget_samples", None)
-    packing = training_args.online_packing or training_args.max_tokens_per_batch is not None or samples is not None
-    grouping = training_args.group_by_modality_length or \
-        getattr(training_args, "train_sampling_strategy", "random") == "group_by_length"
-    if not (packing or grouping):
-        return None
-    if check_cache is not None:
-        check_cache(dataset)
-    # Rank 0 counts (or reads) the length cache first; the others then read it.
-    with training_args.main_process_first(desc="length cache"):
-        rows, _ = dataset_lengths(dataset, num_workers=training_args.dataloader_num_workers,
-                                  progress=training_args.process_index == 0)
-    budget = training_args.max_tokens_per_batch or training_args.model_max_length
-    if samples is not None:
-        from qwenvl.data.budget import budget_for_samples
-
-        budget, mean = budget_for_samples(rows, samples, training_args.gradient_accumulation_steps)
-        if training_args.process_index == 0:
-            print(f"token budget {budget} per micro-batch: about {samples} samples per optimizer step and process "
-                  f"(mean {mean:.0f} tokens per sample, {training_args.gradient_accumulation_steps} micro-batches "
-                  "per step)", flush=True)
-    settings = SimpleNamespace(
-        online_packing=packing, pack_max_tokens=budget,
-        max_patches_per_pack=training_args.max_patches_per_pack,
-        group_by_modality_length=training_args.group_by_modality_length,
-        train_sampling_strategy=getattr(training_args, "train_sampling_strategy", "random"),
-        per_device_train_batch_size=training_args.per_device_train_batch_size)
-    return make_train_sampler(dataset, rows, settings, world_size=training_args.world_size, rank=None,
-                              seed=training_args.seed)
-
-
 def _train(argv, trainer_class=None):
     import transformers
     from transformers import AutoConfig, AutoProcessor
 
     from qwenvl.data.dataset import make_supervised_data_module
     from qwenvl.train.model import load_model, model_class_for, parameter_table, prepare_model
-    from qwenvl.train.trainer import QwenVLTrainer
+    from qwenvl.train.steps import build_trainer, train_batch_sampler
 
     model_args, data_args, training_args, explicit = parse_args(argv)
     redact_secrets_in_argv()
@@ -171,11 +131,12 @@ def _train(argv, trainer_class=None):
     path = model_args.model_name_or_path
     config = AutoConfig.from_pretrained(path, cache_dir=training_args.cache_dir)
     model_class_for(config.model_type)  # an unsupported family fails here, before any data work
+    require_transformers_internals(config.model_type, error=ConfigError)  # what we rely on is still there
     processor = AutoProcessor.from_pretrained(path, cache_dir=training_args.cache_dir)
     data_module = make_supervised_data_module(
         processor, data_args, model_config=config, model_max_length=training_args.model_max_length,
         seed=training_args.seed, output_dir=output_dir)
-    batch_sampler = _batch_sampler(data_module["train_dataset"], training_args, check_cache=lambda dataset: (
+    batch_sampler = train_batch_sampler(data_module["train_dataset"], training_args, check_cache=lambda dataset: (
         require_length_cache(dataset, explicit, path, training_args.model_max_length, training_args.world_size)))
 
     # The flags and the data passed their checks: from here on the folder is this run's.
@@ -200,10 +161,9 @@ def _train(argv, trainer_class=None):
     check_linear_attention_trainable(model, flattened)  # fla's backward on this GPU (Hopper + Triton < 3.7.1)
     if main:
         print(f"{type(model).__name__} from {path} (model_type {config.model_type}, "
-              f"attention {model.config._attn_implementation})\n{parameter_table(model)}", flush=True)
+              f"attention {attn_implementation(model.config)})\n{parameter_table(model)}", flush=True)
 
-    trainer = (trainer_class or QwenVLTrainer)(model=model, args=training_args, processing_class=processor,
-                                               train_batch_sampler=batch_sampler, **data_module)
+    trainer = build_trainer(model, training_args, processor, data_module, batch_sampler, trainer_class=trainer_class)
     if checkpoint and main:
         print(f"resuming from {checkpoint}", flush=True)
     try:

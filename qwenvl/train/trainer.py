@@ -37,6 +37,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.training_args import ParallelMode
 
+from qwenvl.hf_internals import count_loss_over_tokens
+
 from .arguments import ConfigError
 from .checkpoints import (DiskFullError, check_free_space, checkpoint_folders, disk_full_message, folder_bytes,
                           is_complete, mark_complete, remove_stale_checkpoints)
@@ -57,7 +59,7 @@ class QwenVLTrainer(Trainer):
         # the micro-batches' mean losses. Passing the step's count of trained tokens instead
         # makes every optimizer step the per-token mean over all its samples, however they are
         # grouped into micro-batches (padded, flattened, token budget) or spread over ranks.
-        self.model_accepts_loss_kwargs = True
+        count_loss_over_tokens(self)
         config = self.accelerator.unwrap_model(self.model).config
         # Visual placeholder ids by name from the model config, never literals.
         self._visual_ids = [i for i in (getattr(config, "image_token_id", None),

@@ -5,7 +5,7 @@ import pytest
 
 from benchmarks import sharded_throughput as bench
 from benchmarks.sharded_models import build_config, parameter_count
-from qwenvl.tools.make_tiny_model import _token_ids, _write_family_tokenizer, build_processor
+from qwenvl.tools.make_tiny_model import build_processor, special_token_ids, write_family_tokenizer
 from qwenvl.train.arguments import parse_args
 
 
@@ -43,6 +43,6 @@ def test_step_logs_are_parsed_and_summarised():
 ])
 def test_architectures_have_the_released_sizes(name, layers, total, active, tmp_path):
     model_type = "qwen3_vl_moe" if name == "30b_a3b" else "qwen2_5_vl"
-    _write_family_tokenizer(model_type, tmp_path)
-    config = build_config(name, _token_ids(build_processor(model_type, tmp_path).tokenizer), layers)
+    write_family_tokenizer(model_type, tmp_path)
+    config = build_config(name, special_token_ids(build_processor(model_type, tmp_path).tokenizer), layers)
     assert parameter_count(config) == (total, active)

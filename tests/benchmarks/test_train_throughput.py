@@ -50,38 +50,6 @@ def test_model_dir_without_weights(tmp_path):
     assert not list(folder.glob("*.safetensors"))
 
 
-@pytest.mark.parametrize("loss_kernel", ["auto", "model"])
-def test_random_weights_use_the_class_load_model_uses(tiny_model_dir, tmp_path, loss_kernel):
-    from transformers import AutoConfig
-
-    from qwenvl.train.arguments import parse_args
-    from qwenvl.train.model import load_model
-
-    path = str(tiny_model_dir("qwen2_5_vl"))
-    model_args, _, training_args, _ = parse_args([
-        "--model_name_or_path", path, "--tune_mm_llm", "True", "--tune_mm_mlp", "True", "--use_cpu", "True",
-        "--output_dir", str(tmp_path), "--loss_kernel", loss_kernel])
-    cls = tt.our_model_class(AutoConfig.from_pretrained(path), model_args, training_args)
-    assert cls is type(load_model(model_args, training_args))
-    assert getattr(cls, "fused_loss", False) == (loss_kernel == "auto")
-
-
-def test_moe_random_weights_use_the_class_load_model_uses(tmp_path):
-    """The router load-balancing loss makes load_model pick the training subclass; so does the benchmark."""
-    from transformers import AutoConfig
-
-    from qwenvl.train.arguments import parse_args
-    from qwenvl.train.model import load_model
-    from tests.train.tiny_qwen35 import tiny_model
-
-    tiny_model("qwen3_5_moe").save_pretrained(tmp_path / "moe")
-    model_args, _, training_args, _ = parse_args([
-        "--model_name_or_path", str(tmp_path / "moe"), "--tune_mm_llm", "True", "--use_cpu", "True",
-        "--output_dir", str(tmp_path / "out"), "--loss_kernel", "model"])
-    cls = tt.our_model_class(AutoConfig.from_pretrained(tmp_path / "moe"), model_args, training_args)
-    assert cls is type(load_model(model_args, training_args)) and cls.router_aux_loss
-
-
 def test_qwen3_5_released_configs_and_reduced_depth():
     nine = tt.released_config("qwen3_5_9b")
     text = nine.text_config
