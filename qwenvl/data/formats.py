@@ -12,7 +12,9 @@ Accepted record formats:
   are this format.
 
 Output: ``[{"role": "system"|"user"|"assistant", "content": [{"type": "text",
-"text": str} | {"type": "image", "image": ref} | {"type": "video", "video": ref}]}]``.
+"text": str} | {"type": "image", "image": ref} | {"type": "video", "video": ref}]}]``;
+an assistant turn may also carry ``"reasoning_content": str`` (its reasoning, as the
+thinking models' chat templates name it; see ``chat_pieces``).
 
 ``<image>``/``<video>`` tags become media parts where they appear; the text
 around them is kept exactly, newlines included (the official code replaced the
@@ -44,6 +46,9 @@ class Conversation:
 
     messages: list[dict]
     origin: str
+    # Assistant turns before this message index are context only, not trained (a part of a
+    # record split per reasoning turn: chat_pieces.split_for_thinking).
+    trained_from: int = 0
 
 
 class _Media:
@@ -137,6 +142,18 @@ def _turns(record: dict, key: str, origin: str) -> list:
     return turns
 
 
+def _with_reasoning(message: dict, turn: dict, j: int, origin: str) -> dict:
+    """Keep an assistant turn's ``reasoning_content`` (the thinking models' field for reasoning)."""
+    reasoning = turn.get("reasoning_content")
+    if reasoning is None:
+        return message
+    if message["role"] != "assistant" or not isinstance(reasoning, str):
+        raise DataError(f"{origin}, turn {j}: 'reasoning_content' must be a string on an assistant turn. Fix: "
+                        "move it to the assistant turn whose reasoning it is, as text.")
+    message["reasoning_content"] = reasoning
+    return message
+
+
 def _convert(record: Any, spec: DatasetSpec, origin: str) -> Conversation:
     if not isinstance(record, dict):
         raise DataError(f"{origin}: a record must be a JSON object, got {type(record).__name__}.")
@@ -152,7 +169,7 @@ def _convert(record: Any, spec: DatasetSpec, origin: str) -> Conversation:
             if not isinstance(value, str):
                 raise DataError(f"{origin}, turn {j}: 'value' must be a string, got "
                                 f"{type(value).__name__}. Fix: write the turn's text as a string.")
-            messages.append({"role": role, "content": _split_tags(value, media)})
+            messages.append(_with_reasoning({"role": role, "content": _split_tags(value, media)}, turn, j, origin))
     elif "messages" in record:
         for j, turn in enumerate(_turns(record, "messages", origin)):
             if not isinstance(turn, dict):
@@ -167,7 +184,7 @@ def _convert(record: Any, spec: DatasetSpec, origin: str) -> Conversation:
             else:
                 raise DataError(f"{origin}, turn {j}: 'content' must be a string or a list of "
                                 f"parts, got {type(content).__name__}.")
-            messages.append({"role": role, "content": parts})
+            messages.append(_with_reasoning({"role": role, "content": parts}, turn, j, origin))
     else:
         raise DataError(f"{origin}: no 'conversations' (LLaVA) or 'messages' key; found "
                         f"{sorted(record)}. Fix: use one of the two formats (see "

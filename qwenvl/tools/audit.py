@@ -254,7 +254,7 @@ def _counter(audit_args: AuditArguments, data_args: DataArguments):
 
     processor = configure_processor(AutoProcessor.from_pretrained(audit_args.model_name_or_path), data_args)
     settings = video_settings_from(data_args, processor)
-    return TokenCounter(processor, settings, None), settings
+    return TokenCounter(processor, settings, None, data_args.enable_thinking), settings
 
 
 def run_audit(data_args: DataArguments, audit_args: AuditArguments, progress: bool = True) -> tuple[dict, int]:

@@ -127,7 +127,8 @@ def plan_packs(data_args: DataArguments, args: PackArguments, progress: bool = T
     if args.model_max_length < 1:
         raise DataError(f"--model_max_length must be positive, got {args.model_max_length}.")
     processor = configure_processor(AutoProcessor.from_pretrained(args.model_name_or_path), data_args)
-    counter = TokenCounter(processor, video_settings_from(data_args, processor), args.model_max_length)
+    counter = TokenCounter(processor, video_settings_from(data_args, processor), args.model_max_length,
+                           data_args.enable_thinking)
     entries = parse_dataset_use(data_args.dataset_use, load_dictionary(data_args.dataset_dictionary))
     sources = [open_annotations(e.spec.annotation_path) for e in entries]
     for entry, source in zip(entries, sources):
