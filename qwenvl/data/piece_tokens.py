@@ -15,12 +15,17 @@ a control token:
   (``<think>``, ``<tool_call>``: not "special" in the Qwen tokenizers) stay single
   tokens, as the model writes them.
 
-A token is trained when the last character it covers is (a token that straddles a
-prompt/answer boundary belongs to the piece it ends in).
+A run also ends where training starts or stops, so no token straddles the prompt
+and the answer: the prompt's ids are always a prefix of the trained sample's ids,
+and the answer's tokens are the ones the model generates after that prompt.  Where
+the template's text would let BPE merge across that boundary (Qwen3.5 with
+``--enable_thinking true`` on an answer without reasoning: ``<think>\\n`` +
+``\\n</think>``, one ``"\\n\\n"`` token in ``apply_chat_template``'s ids; an answer that
+starts with a newline on Qwen2-VL), the ids differ from ``apply_chat_template``'s by
+that merge, and equal what generation sees.
 """
 from __future__ import annotations
 
-import bisect
 import re
 
 from .chat_pieces import IMAGE, TEMPLATE, TEXT, VIDEO, Piece
@@ -52,27 +57,27 @@ class PieceTokenizer:
         self._ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
         self._split = re.compile("(" + "|".join(re.escape(t) for t in specials) + ")")
 
-    def _items(self, pieces: list[Piece]):
-        """The sequence as items: ("id", token id, trained) or ("run", text, char ends, char flags)."""
-        items, texts, flags = [], [], []
+    def _items(self, pieces: list[Piece]) -> list[tuple]:
+        """The sequence as items: ("id", token id, trained) or ("run", text, trained)."""
+        items, texts = [], []
+        state = {"trained": None}
 
         def flush():
             if texts:
-                ends = []
-                total = 0
-                for t in texts:
-                    total += len(t)
-                    ends.append(total)
-                items.append(("run", "".join(texts), ends, list(flags)))
+                items.append(("run", "".join(texts), state["trained"]))
                 texts.clear()
-                flags.clear()
+
+        def add_text(text: str, trained: bool):
+            if trained != state["trained"]:
+                flush()  # training starts or stops here: a token boundary
+                state["trained"] = trained
+            texts.append(text)
 
         for piece in pieces:
             if not piece.text:
                 continue
             if piece.kind == TEXT:
-                texts.append(piece.text)
-                flags.append(piece.trained)
+                add_text(piece.text, piece.trained)
                 continue
             if piece.kind in (IMAGE, VIDEO):
                 raise ValueError("expand the media pieces (expand_media) before tokenizing them")
@@ -83,8 +88,7 @@ class PieceTokenizer:
                     flush()
                     items.append(("id", self._ids[chunk], piece.trained))
                 else:
-                    texts.append(chunk)
-                    flags.append(piece.trained)
+                    add_text(chunk, piece.trained)
         flush()
         return items
 
@@ -92,19 +96,15 @@ class PieceTokenizer:
         """Token ids of ``pieces`` and, per token, whether it is trained."""
         items = self._items(pieces)
         runs = [item[1] for item in items if item[0] == "run"]
-        encoded = self.tokenizer(runs, add_special_tokens=False, split_special_tokens=True,
-                                 return_offsets_mapping=True) if runs else {"input_ids": [], "offset_mapping": []}
+        encoded = (self.tokenizer(runs, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                   if runs else [])
         ids, trained, r = [], [], 0
-        for item in items:
-            if item[0] == "id":
-                ids.append(item[1])
-                trained.append(item[2])
-                continue
-            _, _, ends, flags = item
-            run_ids, offsets = encoded["input_ids"][r], encoded["offset_mapping"][r]
-            r += 1
-            ids.extend(run_ids)
-            for start, end in offsets:
-                last = max(end - 1, start)  # the last character the token covers
-                trained.append(flags[bisect.bisect_right(ends, last)])
+        for kind, value, is_trained in items:
+            if kind == "id":
+                ids.append(value)
+                trained.append(is_trained)
+            else:
+                ids.extend(encoded[r])
+                trained.extend([is_trained] * len(encoded[r]))
+                r += 1
         return ids, trained

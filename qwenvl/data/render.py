@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .chat_pieces import THINKING_MODES, ChatRules, conversation_pieces, pieces_text, split_for_thinking, template_view
+from .chat_pieces import (THINKING_MODES, ChatRules, conversation_pieces, pieces_text, reasoning_and_answer,
+                          split_for_thinking, template_view)
 from .errors import DataError
 from .formats import Conversation
 from .media import open_image
@@ -89,6 +90,18 @@ class SampleRenderer:
         self.video_settings = video_settings
         self.thinking = thinking
         self.chat = ChatRender(processor, thinking)
+
+    def reply_thinking(self, conversation: Conversation) -> str:
+        """The thinking mode the last assistant turn of ``conversation`` trains in ("true"/"false"),
+        so a generation prompt for it is the training prefix; the renderer's mode elsewhere."""
+        rules = self.chat.rules
+        if not rules.think_blocks or self.thinking != "auto":
+            return self.thinking
+        last = max((i for i, m in enumerate(conversation.messages) if m["role"] == "assistant"), default=None)
+        if last is None:
+            return self.thinking
+        reasoning, _ = reasoning_and_answer(conversation.messages[last], rules, conversation.origin)
+        return "true" if reasoning and reasoning.strip() else "false"
 
     # -- media -----------------------------------------------------------------------
     def _load_videos(self, refs: list, origin: str) -> list:
