@@ -1,10 +1,11 @@
 """The prompt of a conversation: the one place where messages become chat-template text.
 
 Training and inference must show the model the same tokens.  ``SampleRenderer``
-renders a whole conversation with ``chat_text(processor, conversation)``; the chat
-and evaluation tools render the conversation *up to* the reply they want with
-``chat_text(processor, prompt, add_generation_prompt=True)``.  Both go through
-``template_messages`` and the family's own chat template, so for every family::
+renders a whole conversation as chat pieces (``chat_pieces``, checked against the
+template's text, which ``chat_text`` gives); the chat and evaluation tools render the
+conversation *up to* the reply they want with the same pieces plus the generation
+prompt (``SampleRenderer.encode(prompt, add_generation_prompt=True)``).  Both go
+through ``template_messages`` and the family's own chat template, so for every family::
 
     chat_text(p, conv_without_last_reply, add_generation_prompt=True)
         == chat_text(p, conv)[: up to and including "<|im_start|>assistant\\n" of the last reply]
