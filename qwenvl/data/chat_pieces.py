@@ -230,11 +230,13 @@ def split_for_thinking(conversation: Conversation, rules: ChatRules, thinking: s
             if messages[i]["role"] == "assistant" and _has_reasoning(messages[i], rules, origin)]
     if not cuts:
         return [conversation]
+    # dataclasses.replace keeps every other field of the conversation (its media conventions).
     parts, start = [], conversation.trained_from
     for i in cuts:
-        parts.append(Conversation(messages=messages[:i + 1], origin=f"{origin}, turns up to {i}", trained_from=start))
+        parts.append(replace(conversation, messages=messages[:i + 1], origin=f"{origin}, turns up to {i}",
+                             trained_from=start))
         start = i + 1
-    parts.append(Conversation(messages=messages, origin=origin, trained_from=start))
+    parts.append(replace(conversation, trained_from=start))
     return parts
 
 
