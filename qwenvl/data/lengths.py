@@ -337,7 +337,7 @@ def count_tokens(conversation: Conversation | list[Conversation], processor, vid
     placeholders, ``vision_patches`` the rows of the pixel tensors.  For many samples,
     build one ``TokenCounter`` and call it.
     """
-    return TokenCounter(processor, video_settings, model_max_length, thinking)(conversation)
+    return TokenCounter(processor, video_settings, model_max_length, thinking=thinking)(conversation)
 
 
 # --------------------------------------------------------------------------- parallel map
@@ -723,7 +723,7 @@ def load_or_build_lengths(spec: DatasetSpec, source, processor, data_args, num_w
     spec = getattr(spec, "spec", spec)
     configure_processor(processor, data_args)
     counter = TokenCounter(processor, video_settings_from(data_args, processor), model_max_length,
-                           getattr(data_args, "enable_thinking", "auto"))
+                           thinking=getattr(data_args, "enable_thinking", "auto"))
     return lengths_for(spec, source, counter, num_workers, progress).rows
 
 
