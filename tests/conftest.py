@@ -12,6 +12,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 DENSE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# Qwen3.5/3.6: rendering, lengths and tools are tested on them here; training paths join
+# FAMILIES once packing of their Gated DeltaNet layers lands.
+QWEN3_5_FAMILIES = ("qwen3_5", "qwen3_5_moe")
+RENDER_FAMILIES = FAMILIES + QWEN3_5_FAMILIES
 
 
 @pytest.fixture(scope="session")
@@ -22,10 +26,12 @@ def tiny_model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_models")
     built = {}
 
-    def get(model_type: str):
-        if model_type not in built:
-            built[model_type] = make_tiny_model(model_type, root / model_type)
-        return built[model_type]
+    def get(model_type: str, template: str | None = None):
+        """``template`` picks a Qwen3.5/3.6 chat template release (make_tiny_model --template)."""
+        key = model_type if template is None else f"{model_type}-{template}"
+        if key not in built:
+            built[key] = make_tiny_model(model_type, root / key, template=template)
+        return built[key]
 
     return get
 

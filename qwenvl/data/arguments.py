@@ -40,6 +40,13 @@ class DataArguments:
     video_fps: float = field(default=2.0, metadata={"help": "Frames sampled per second of video."})
     video_backend: str = field(
         default="auto", metadata={"help": "Video decoder: auto, torchcodec, decord or pyav."})
+    enable_thinking: str = field(
+        default="auto",
+        metadata={"help": "Qwen3.5/3.6 thinking mode of the trained answers: 'auto' trains answers with "
+                          "reasoning (reasoning_content, or <think>...</think> in the answer) in thinking mode and "
+                          "the others in non-thinking mode (their empty think block is prompt); 'true' trains "
+                          "every answer in thinking mode; 'false' drops reasoning and trains non-thinking. "
+                          "Other families: 'auto' (reasoning_content is refused there)."})
     bad_sample_policy: str = field(
         default="error",
         metadata={"help": "'error' stops at the first bad sample, naming it; 'skip' drops it and counts it."})
@@ -62,6 +69,8 @@ class DataArguments:
             problems.append(f"--video_fps must be positive, got {self.video_fps}.")
         if self.video_backend not in ("auto", "torchcodec", "decord", "pyav"):
             problems.append(f"--video_backend must be auto, torchcodec, decord or pyav, not {self.video_backend!r}.")
+        if self.enable_thinking not in ("auto", "true", "false"):
+            problems.append(f"--enable_thinking must be auto, true or false, not {self.enable_thinking!r}.")
         if self.bad_sample_policy not in ("error", "skip"):
             problems.append(f"--bad_sample_policy must be 'error' or 'skip', not {self.bad_sample_policy!r}.")
         if not self.media_timeout > 0:

@@ -75,7 +75,9 @@ class SupervisedDataset(Dataset):
             for c in conversation if isinstance(conversation, list) else [conversation]:
                 log_warnings(conversation_warnings(c))
             if isinstance(conversation, list):
-                return {"pack": [self.renderer.render(c) for c in conversation]}
+                rendered = [self.renderer.render(c) for c in conversation]
+                # A Qwen3.5 sample split per reasoning turn is itself a pack: keep one flat list.
+                return {"pack": [s for r in rendered for s in (r["pack"] if "pack" in r else [r])]}
             return self.renderer.render(conversation)
         except Exception as exc:
             err = bad_sample(exc)  # the one rule of what is bad data; anything else is a bug: crash
@@ -113,7 +115,8 @@ def make_supervised_data_module(processor, data_args, model_config, model_max_le
     if not data_args.dataset_use:
         raise DataError("--dataset_use is empty: name at least one dataset of the dictionary, e.g. "
                         f"--dataset_use {next(iter(dictionary), 'my_dataset')}.")
-    renderer = SampleRenderer(processor, model_config, model_max_length, video_settings_from(data_args, processor))
+    renderer = SampleRenderer(processor, model_config, model_max_length, video_settings_from(data_args, processor),
+                              thinking=data_args.enable_thinking)
     skip_path = None
     if output_dir and data_args.bad_sample_policy == "skip":
         os.makedirs(output_dir, exist_ok=True)

@@ -24,7 +24,9 @@ Accepted record layouts (the first key found decides):
 
 Output: ``[{"role": "system"|"user"|"assistant"|"tool", "content": [{"type": "text",
 "text": str} | {"type": "image", "image": ref} | {"type": "video", "video": ref}],
-("tool_calls": [...])}]`` and the tools, if any.
+("tool_calls": [...])}]`` and the tools, if any; an assistant turn may also carry
+``"reasoning_content": str`` (its reasoning, as the thinking models' chat templates
+name it; see ``chat_pieces``).
 
 ``<image>``/``<video>`` tags become media parts where they appear; the text
 around them is kept exactly, newlines included (the official code replaced the
@@ -65,6 +67,9 @@ class Conversation:
     def uses_tools(self) -> bool:
         """True when rendering needs a template that knows tools, tool calls and tool responses."""
         return bool(self.tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in self.messages)
+    # Assistant turns before this message index are context only, not trained (a part of a
+    # record split per reasoning turn: chat_pieces.split_for_thinking).
+    trained_from: int = 0
 
 
 class _Media:
@@ -158,6 +163,18 @@ def _turns(record: dict, key: str, origin: str) -> list:
     return turns
 
 
+def _with_reasoning(message: dict, turn: dict, j: int, origin: str) -> dict:
+    """Keep an assistant turn's ``reasoning_content`` (the thinking models' field for reasoning)."""
+    reasoning = turn.get("reasoning_content")
+    if reasoning is None:
+        return message
+    if message["role"] != "assistant" or not isinstance(reasoning, str):
+        raise DataError(f"{origin}, turn {j}: 'reasoning_content' must be a string on an assistant turn. Fix: "
+                        "move it to the assistant turn whose reasoning it is, as text.")
+    message["reasoning_content"] = reasoning
+    return message
+
+
 def record_layout(record: Any) -> str | None:
     """The layout of a raw record (``"LLaVA / sharegpt"``, ``"messages"``, ``"prompt-completion"``), or None."""
     if isinstance(record, dict):
@@ -236,7 +253,7 @@ def _message_turns(turns: list, key: str, media: dict[str, _Media], origin: str,
         else:
             raise DataError(f"{origin}, turn {j}: 'content' must be a string or a list of "
                             f"parts, got {type(content).__name__}.")
-        message = {"role": role, "content": parts}
+        message = _with_reasoning({"role": role, "content": parts}, turn, j, origin)
         if calls:
             if role != "assistant":
                 raise DataError(f"{origin}, turn {j}: only an assistant turn can carry 'tool_calls' (role {role!r}).")
@@ -260,7 +277,7 @@ def _sharegpt_turns(record: dict, media: dict[str, _Media], origin: str) -> list
         if speaker == "function_call":
             messages.append({"role": "assistant", "content": [], "tool_calls": _tool_calls(value, j, origin)})
         else:
-            messages.append({"role": role, "content": _split_tags(value, media)})
+            messages.append(_with_reasoning({"role": role, "content": _split_tags(value, media)}, turn, j, origin))
     return messages
 
 

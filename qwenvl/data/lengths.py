@@ -11,12 +11,11 @@ produce (``input_ids`` length, visual tokens, vision-tower patches) from the med
   which decodes one frame; the frames sampled and their size come from
   ``qwenvl.data.video`` (the rules ``load_video`` applies); the processor does not
   resize them again, so the grid is the frame size over the patch size;
-* text: ``prompt.chat_text`` (the family's chat template, as the renderer builds it),
-  with each placeholder replaced by the processor's
-  own ``replace_image_token`` / ``replace_video_token`` (Qwen3-VL writes a
-  ``<t seconds>`` label per video frame there) and ``get_text_with_replacements``,
-  then tokenized.  Tokenizing the whole expanded text, not pieces, keeps BPE merges
-  across the boundaries (``"\\n<0.5 seconds>"``) exact.
+* text: the renderer's own ``ChatRender`` (the same chat pieces, the same piece-aware
+  tokenization), with each placeholder replaced by the processor's own
+  ``replace_image_token`` / ``replace_video_token`` (Qwen3-VL writes a
+  ``<t seconds>`` label per video frame there) fed with the counted grids; so the
+  count is the renderer's, labels and literal special-token text included.
 
 With ``model_max_length`` the renderer's shrink loop is replayed on the same
 numbers, so an over-long sample gets the length it will be rendered at, or raises
@@ -40,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import multiprocessing as mp
@@ -52,15 +50,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .conversation_checks import check_conversation
 from .errors import DataError, DataKind, bad_sample, where
 from .formats import Conversation, to_conversation, to_conversations
 from .media import DEFAULT_MEDIA_TIMEOUT_S, image_header, is_url
 from .registry import DatasetSpec
-from .prompt import chat_text, template_messages
-from .render import SampleRenderer, SampleTooLong, SpecialTokens, assistant_labels
+from .prompt import template_messages
+from .render import ChatRender, SampleRenderer, SampleTooLong, SpecialTokens
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +68,9 @@ __all__ = [
     "dataset_lengths", "parallel_chunks", "chunk_ranges", "conversation_of", "measure_record",
 ]
 
-LENGTHS_VERSION = 2  # 2: the kind of each bad record is kept; only bad data is cached, never a bug
+# 2: the kind of each bad record is kept; only bad data is cached, never a bug.
+# 3: labels built while rendering, literal special-token text tokenized as text.
+LENGTHS_VERSION = 3
 TOKENS, VISUAL, PATCHES = 0, 1, 2  # columns of a length table
 BAD = -1  # every column of a record that cannot be rendered
 
@@ -178,21 +177,25 @@ class TokenCounter:
     rendering would raise (``SampleTooLong`` included).
     """
 
-    def __init__(self, processor, video_settings=None, model_max_length: int | None = None, grounding=None):
+    def __init__(self, processor, video_settings=None, model_max_length: int | None = None, grounding=None,
+                 thinking: str = "auto"):
         self.processor = processor
         self.video_settings = video_settings
         self.model_max_length = model_max_length
+        self.thinking = thinking
         self.tokens = SpecialTokens.from_tokenizer(processor.tokenizer)
         self.grounding = grounding  # the renderer's box/point rewriting (converted numbers change the count)
+        self.chat = ChatRender(processor, thinking)
 
     @classmethod
     def for_renderer(cls, renderer: SampleRenderer, model_max_length: int | None | str = "renderer") -> "TokenCounter":
-        """A counter with the renderer's processor, video settings and (by default) max length."""
+        """A counter with the renderer's processor, video settings, thinking mode and (by default) max length."""
         max_length = renderer.model_max_length if model_max_length == "renderer" else model_max_length
-        return cls(renderer.processor, renderer.video_settings, max_length, getattr(renderer, "grounding", None))
+        return cls(renderer.processor, renderer.video_settings, max_length, getattr(renderer, "grounding", None),
+                   renderer.thinking)
 
     def with_max_length(self, model_max_length: int | None) -> "TokenCounter":
-        return TokenCounter(self.processor, self.video_settings, model_max_length, self.grounding)
+        return TokenCounter(self.processor, self.video_settings, model_max_length, self.grounding, self.thinking)
 
     # -- media -----------------------------------------------------------------------
     def _video_plan(self, probe: VideoProbe) -> tuple[int, int, int, list[int]]:
@@ -240,9 +243,9 @@ class TokenCounter:
         smaller = max(settings.min_pixels or 0, int(width * height * scale))
         return frame_size(height, width, frames, dataclasses.replace(settings, max_pixels=smaller))
 
-    def _expand(self, text: str, images: list, videos: list, scale: float, image_pixels: int) -> tuple[str, list, int]:
-        """The prompt with placeholders expanded by the processor's own code, the patches of
-        each image, and the patches of all videos."""
+    def _expand(self, images: list, videos: list, scale: float, image_pixels: int) -> tuple[list, list, list, int]:
+        """The processor's own placeholder expansions (image, video) for the counted grids, the
+        patches of each image, and the patches of all videos."""
         from transformers.video_utils import VideoMetadata
 
         processor = self.processor
@@ -266,28 +269,34 @@ class TokenCounter:
                     duration=probe.total_frames / probe.fps, frames_indices=list(indices)))
             grids = {"video_grid_thw": np.array(rows, dtype=np.int64), "video_metadata": metadata}
             video_repl = [processor.replace_video_token(grids, video_idx=i) for i in range(len(rows))]
-        expanded, _ = processor.get_text_with_replacements([text], image_repl, video_repl)
-        return expanded[0], counts, video_patches
+        return image_repl, video_repl, counts, video_patches
 
     def count(self, conversation: Conversation, media: tuple[list, list] | None = None) -> SampleLength:
         """The sample's length; ``media`` (from ``self.media``) skips re-reading the headers."""
-        text, _, _ = chat_text(self.processor, conversation)
+        parts = self.chat.split(conversation)
+        if len(parts) > 1:  # a Qwen3.5 record trained per reasoning turn: its samples side by side
+            total = SampleLength(0, 0, 0, 0)
+            for part in parts:
+                total = total + self.count(part)
+            return total
+        pieces = self.chat.pieces(conversation)
         images, videos = media if media is not None else self.media(conversation)
         scale, image_pixels, max_length = 1.0, 0, self.model_max_length
         # Replays SampleRenderer.encode's loop on the same numbers, so the result is its result.
         for _attempt in range(SampleRenderer.SHRINK_ATTEMPTS + 1):
+            scale_pieces = pieces
             if self.grounding is not None:  # boxes/points as the renderer rewrites them at this scale
                 low = self.processor.image_processor.size["shortest_edge"]
                 size = None if scale >= 1.0 else {"shortest_edge": low,
                                                   "longest_edge": max(low, int(image_pixels * scale))}
                 grounded, _ = self.grounding.for_sizes(conversation, [(w, h) for h, w in images], size)
                 if grounded is not conversation:
-                    text, _, _ = chat_text(self.processor, grounded)
-            expanded, image_patches, video_patches = self._expand(text, images, videos, scale, image_pixels)
+                    scale_pieces = self.chat.pieces(grounded)
+            image_repl, video_repl, image_patches, video_patches = self._expand(images, videos, scale, image_pixels)
             if scale == 1.0 and image_patches:
                 patch = self.processor.image_processor.patch_size
                 image_pixels = max(image_patches) * patch * patch
-            ids = self.processor.tokenizer(expanded, add_special_tokens=False)["input_ids"]
+            ids, trained = self.chat.tokens(scale_pieces, image_repl, video_repl)
             ids = np.asarray(ids, dtype=np.int64)
             length = int(ids.size)
             visual = int(np.count_nonzero((ids == self.tokens.image_pad) | (ids == self.tokens.video_pad)))
@@ -305,7 +314,7 @@ class TokenCounter:
                 f"{conversation.origin}: {length} tokens do not fit --model_max_length {max_length} even at the "
                 f"lowest resolution --min_pixels allows; the sample is dropped. Raise --model_max_length or lower "
                 f"--min_pixels.")
-        if not (assistant_labels(torch.from_numpy(ids), self.tokens) != -100).any():
+        if not any(trained):
             raise DataError(f"{conversation.origin}: no assistant reply left to train on (the conversation needs "
                             f"at least one assistant/gpt turn with text).", DataKind.NO_ASSISTANT)
         return SampleLength(length, length - visual, visual, sum(image_patches) + video_patches, scale)
@@ -320,7 +329,7 @@ class TokenCounter:
 
 
 def count_tokens(conversation: Conversation | list[Conversation], processor, video_settings=None,
-                 model_max_length: int | None = None) -> SampleLength:
+                 model_max_length: int | None = None, thinking: str = "auto") -> SampleLength:
     """Exact ``SampleLength`` of a conversation (or packed list), without decoding pixels.
 
     Equal to what ``SampleRenderer(processor, ..., model_max_length, video_settings).render``
@@ -328,7 +337,7 @@ def count_tokens(conversation: Conversation | list[Conversation], processor, vid
     placeholders, ``vision_patches`` the rows of the pixel tensors.  For many samples,
     build one ``TokenCounter`` and call it.
     """
-    return TokenCounter(processor, video_settings, model_max_length)(conversation)
+    return TokenCounter(processor, video_settings, model_max_length, thinking=thinking)(conversation)
 
 
 # --------------------------------------------------------------------------- parallel map
@@ -503,8 +512,8 @@ def _plain(value: Any) -> Any:
 _CODE_HASH: list[str] = []
 # The modules whose rules decide a sample's tokens: when any of them changes (an upgrade),
 # cached lengths may be wrong, so their source is part of the key.
-_RULE_MODULES = ("lengths.py", "render.py", "prompt.py", "formats.py", "media.py", "video.py", "grounding.py",
-                 "video_decode.py", "video_checks.py", "conversation_checks.py")
+_RULE_MODULES = ("lengths.py", "render.py", "chat_pieces.py", "piece_tokens.py", "prompt.py", "formats.py",
+                 "media.py", "video.py", "grounding.py", "video_decode.py", "video_checks.py", "conversation_checks.py")
 
 
 def _code_hash() -> str:
@@ -529,6 +538,7 @@ def counter_settings(counter: TokenCounter) -> dict:
         "processor": type(processor).__name__,
         "tokenizer": [type(processor.tokenizer).__name__, len(processor.tokenizer), _tokenizer_hash(processor.tokenizer)],
         "chat_template": hashlib.sha256(str(getattr(processor, "chat_template", "")).encode()).hexdigest()[:16],
+        "thinking": counter.thinking,  # "false" drops reasoning; Qwen3.5 splits records per reasoning turn
         "image": {k: _plain(getattr(image, k, None))
                   for k in ("size", "min_pixels", "max_pixels", "patch_size", "merge_size", "temporal_patch_size")},
     }
@@ -712,7 +722,8 @@ def load_or_build_lengths(spec: DatasetSpec, source, processor, data_args, num_w
 
     spec = getattr(spec, "spec", spec)
     configure_processor(processor, data_args)
-    counter = TokenCounter(processor, video_settings_from(data_args, processor), model_max_length)
+    counter = TokenCounter(processor, video_settings_from(data_args, processor), model_max_length,
+                           thinking=getattr(data_args, "enable_thinking", "auto"))
     return lengths_for(spec, source, counter, num_workers, progress).rows
 
 

@@ -4,7 +4,8 @@
         [--draw_dir DIR]
 
 Takes the same data flags as training (pixel bounds, video sampling,
-``--model_max_length``) and renders the sample through the same code.  The text
+``--model_max_length``, ``--enable_thinking``) and renders the sample through the same
+code; on Qwen3.5/3.6 it says whether each sample trains in thinking mode.  The text
 view marks trained tokens with ``[[ ]]`` (and colour on a terminal) and collapses
 runs of image/video placeholders; ``--json`` prints the tensors as lists.
 ``--draw_dir DIR`` also writes each image of the sample as the model sees it (resized
@@ -63,6 +64,14 @@ def render_text(sample: dict, tokenizer, colour: bool = False) -> str:
         else:
             parts.append(text)
     return "".join(parts)
+
+
+def thinking_mode(sample: dict, tokenizer) -> str:
+    """How the sample's last answer trains on Qwen3.5/3.6, read off its labels."""
+    close = tokenizer.convert_tokens_to_ids("</think>")
+    if bool((sample["labels"] == close).any()):
+        return "thinking (the think block is trained)"
+    return "non-thinking (the empty think block is prompt)"
 
 
 def sample_as_json(sample: dict) -> dict:
@@ -159,6 +168,11 @@ def preview(argv: list[str] | None = None) -> str:
     if args.json:
         return json.dumps([sample_as_json(s) for s in samples] if "pack" in item else sample_as_json(item))
     lines = [f"# {dataset.origin(args.index)}  (item {args.index} of {len(dataset)})"]
+    think_blocks = dataset.renderer.chat.rules.think_blocks
+    if think_blocks:
+        lines.append(f"--enable_thinking {data_args.enable_thinking}" + (
+            f"; the record trains as {len(samples)} samples, one per reasoning turn" if len(samples) > 1
+            and not isinstance(dataset.conversations(args.index), list) else ""))
     if args.draw_dir:
         import os
 
@@ -171,6 +185,8 @@ def preview(argv: list[str] | None = None) -> str:
                 canvas.save(path)
                 lines.append(f"drawn: {path} ({canvas.size[0]}x{canvas.size[1]}, as the model sees it)")
     for sample in samples:
+        if think_blocks:
+            lines.append(f"mode: {thinking_mode(sample, processor.tokenizer)}")
         counts = sample_token_counts(sample, dataset.renderer)
         lines.append(render_text(sample, processor.tokenizer, colour=sys.stdout.isatty()))
         lines.append(f"tokens: {counts['tokens']} (text {counts['text_tokens']}, visual {counts['visual_tokens']}), "

@@ -1,10 +1,11 @@
 """The prompt of a conversation: the one place where messages become chat-template text.
 
 Training and inference must show the model the same tokens.  ``SampleRenderer``
-renders a whole conversation with ``chat_text(processor, conversation)``; the chat
-and evaluation tools render the conversation *up to* the reply they want with
-``chat_text(processor, prompt, add_generation_prompt=True)``.  Both go through
-``template_messages`` and the family's own chat template, so for every family::
+renders a whole conversation as chat pieces (``chat_pieces``, checked against the
+template's text, which ``chat_text`` gives); the chat and evaluation tools render the
+conversation *up to* the reply they want with the same pieces plus the generation
+prompt (``SampleRenderer.encode(prompt, add_generation_prompt=True)``).  Both go
+through ``template_messages`` and the family's own chat template, so for every family::
 
     chat_text(p, conv_without_last_reply, add_generation_prompt=True)
         == chat_text(p, conv)[: up to and including "<|im_start|>assistant\\n" of the last reply]
@@ -28,7 +29,8 @@ import re
 from .errors import DataError
 from .formats import Conversation
 
-__all__ = ["template_messages", "chat_text", "renders_tools", "split_last_reply", "user_conversation", "reply_text"]
+__all__ = ["template_messages", "chat_text", "renders_tools", "refuse_tools_unless_rendered", "split_last_reply",
+           "user_conversation", "reply_text"]
 
 _TAGS = re.compile(r"(<image>|<video>)")
 
@@ -91,6 +93,17 @@ def renders_tools(processor) -> bool:
     return _TOOL_SUPPORT[key]
 
 
+def refuse_tools_unless_rendered(processor, conversation: Conversation) -> None:
+    """Raise DataError when ``conversation`` has tools, tool calls or tool results and
+    ``processor``'s chat template cannot render them (see ``renders_tools``)."""
+    if conversation.uses_tools and not renders_tools(processor):
+        raise DataError(
+            f"{conversation.origin}: the record has tools, function calls or tool results, and this model's "
+            "chat template does not render them (the Qwen2-VL / Qwen2.5-VL templates have no tool format), "
+            "so it cannot be trained the way the model is served. Fix: drop 'tools', 'function_call' and "
+            "'observation' turns from these records, or train a family whose template has tools (Qwen3-VL).")
+
+
 def chat_text(processor, conversation: Conversation, add_generation_prompt: bool = False) -> tuple[str, list, list]:
     """The chat-template text of ``conversation`` and its image and video refs, in order.
 
@@ -100,15 +113,9 @@ def chat_text(processor, conversation: Conversation, add_generation_prompt: bool
     """
     messages, images, videos = template_messages(conversation)
     kwargs = {}
-    if conversation.uses_tools:
-        if not renders_tools(processor):
-            raise DataError(
-                f"{conversation.origin}: the record has tools, function calls or tool results, and this model's "
-                "chat template does not render them (the Qwen2-VL / Qwen2.5-VL templates have no tool format), "
-                "so it cannot be trained the way the model is served. Fix: drop 'tools', 'function_call' and "
-                "'observation' turns from these records, or train a family whose template has tools (Qwen3-VL).")
-        if conversation.tools:
-            kwargs["tools"] = conversation.tools
+    refuse_tools_unless_rendered(processor, conversation)
+    if conversation.tools:
+        kwargs["tools"] = conversation.tools
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                          **kwargs)
     return text, images, videos

@@ -1,11 +1,15 @@
 """One conversation -> the tensors the model trains on, for every family and batching mode.
 
-The model's own processor and chat template do the rendering, so the ``input_ids``
-of a sample are exactly what ``processor.apply_chat_template(messages,
-tokenize=True)`` gives at inference.  Labels are then read off the rendering:
-each ``<|im_start|>assistant\\n`` header opens a trained span that closes with (and
-includes) the next ``<|im_end|>``.  Both markers are looked up by name in the
-tokenizer; no token id is written in this file.
+The conversation is written as chat pieces (``chat_pieces``), each marked trained or
+not where it is written, then tokenized piece-aware (``piece_tokens``): labels are
+built while rendering, never read off the tokens afterwards.  For every record
+whose text holds no special-token text, ``input_ids`` are exactly what
+``processor.apply_chat_template(messages, tokenize=True)`` gives at inference (the
+pieces' text is checked against the template for every sample); special-token text
+typed in a record (``<|im_end|>``, ``<|im_start|>assistant``, ``<|image_pad|>``) is
+tokenized as text, so it can neither open a trained span nor eat an image.  The
+processor does the pixels and the placeholder expansion (its own
+``replace_image_token`` / ``replace_video_token``).  No token id is written here.
 
 Example (Qwen2.5-VL, one image)::
 
@@ -13,6 +17,11 @@ Example (Qwen2.5-VL, one image)::
             <|im_start|>user\\n<|vision_start|><|image_pad|>x16<|vision_end|>What colour?<|im_end|>\\n
             <|im_start|>assistant\\nred<|im_end|>\\n
     labels: -100 everywhere except  "red" and "<|im_end|>"
+
+Qwen3.5/3.6 thinking (``thinking``, the value of ``--enable_thinking``: "auto", "true", "false"; the rule is in
+``chat_pieces``):
+an answer without reasoning trains in non-thinking mode (the empty think block is
+prompt); one with reasoning trains its think block.
 """
 from __future__ import annotations
 
@@ -20,11 +29,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .chat_pieces import (THINKING_MODES, ChatRules, conversation_pieces, pieces_text, reasoning_and_answer,
+                          split_for_thinking, template_view)
 from .errors import DataError, DataKind
 from .formats import Conversation
 from .grounding import Grounding
 from .media import DEFAULT_MEDIA_TIMEOUT_S, open_image
-from .prompt import chat_text
+from .piece_tokens import PieceTokenizer, expand_media
+from .prompt import refuse_tools_unless_rendered, template_messages
 from .rope import RopeIndex
 
 IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy skips
@@ -57,28 +69,6 @@ class SampleTooLong(DataError):
     default_kind = DataKind.TOO_LONG
 
 
-def assistant_labels(input_ids: torch.Tensor, tokens: SpecialTokens) -> torch.Tensor:
-    """Labels that train every assistant reply, closing ``<|im_end|>`` included, and nothing else."""
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    ids = input_ids.tolist()
-    header = list(tokens.assistant_header)
-    n, h = len(ids), len(header)
-    i = 0
-    while i <= n - h:
-        if ids[i] == tokens.im_start and ids[i:i + h] == header:
-            start = i + h
-            end = start
-            while end < n and ids[end] != tokens.im_end:
-                end += 1
-            stop = min(end + 1, n)  # include <|im_end|> when present
-            labels[start:stop] = input_ids[start:stop]
-            i = stop
-        else:
-            i += 1
-    return labels
-
-
-
 class SampleRenderer:
     """Render conversations into model inputs with a family's processor.
 
@@ -92,7 +82,10 @@ class SampleRenderer:
     # How often a too-long sample is retried at a lower resolution before it is dropped.
     SHRINK_ATTEMPTS = 6
 
-    def __init__(self, processor, model_config, model_max_length: int | None = None, video_settings=None):
+    def __init__(self, processor, model_config, model_max_length: int | None = None, video_settings=None,
+                 thinking: str = "auto"):
+        if thinking not in THINKING_MODES:
+            raise ValueError(f"thinking must be one of {', '.join(THINKING_MODES)}, not {thinking!r}")
         self.processor = processor
         self.tokens = SpecialTokens.from_tokenizer(processor.tokenizer)
         self.rope = RopeIndex(model_config)
@@ -100,6 +93,20 @@ class SampleRenderer:
         self.video_settings = video_settings
         # Boxes and points are rewritten into the family's coordinates for each image as resized.
         self.grounding = Grounding(getattr(model_config, "model_type", None), processor.image_processor)
+        self.thinking = thinking
+        self.chat = ChatRender(processor, thinking)
+
+    def reply_thinking(self, conversation: Conversation) -> str:
+        """The thinking mode the last assistant turn of ``conversation`` trains in ("true"/"false"),
+        so a generation prompt for it is the training prefix; the renderer's mode elsewhere."""
+        rules = self.chat.rules
+        if not rules.think_blocks or self.thinking != "auto":
+            return self.thinking
+        last = max((i for i, m in enumerate(conversation.messages) if m["role"] == "assistant"), default=None)
+        if last is None:
+            return self.thinking
+        reasoning, _ = reasoning_and_answer(conversation.messages[last], rules, conversation.origin)
+        return "true" if reasoning and reasoning.strip() else "false"
 
     # -- media -----------------------------------------------------------------------
     def _load_videos(self, refs: list, origin: str) -> list:
@@ -144,7 +151,7 @@ class SampleRenderer:
         --min_pixels."""
         from .video import processor_videos_kwargs
 
-        kwargs = {}
+        kwargs = {"return_metadata": True}  # Qwen3-VL's video replacement needs the frames' metadata
         if images:
             kwargs["images"] = images
             if scale < 1.0:
@@ -156,39 +163,55 @@ class SampleRenderer:
             frames, metadata = self._video_inputs(clips, scale)
             kwargs["videos"] = frames
             kwargs["videos_kwargs"] = processor_videos_kwargs(metadata)
-        return self.processor(text=[text], return_tensors="pt", **kwargs)
+        if not kwargs.get("images") and not kwargs.get("videos"):
+            return {}
+        return self.processor(text=None, return_tensors="pt", **kwargs)
 
     def render(self, conversation: Conversation) -> dict:
-        """Tensors for one conversation (see the class docstring); raises DataError on bad input."""
+        """Tensors for one conversation (see the class docstring); raises DataError on bad input.
+
+        A Qwen3.5 record with reasoning in turns before its last query trains as one sample
+        per reasoning turn (``chat_pieces.split_for_thinking``): then the result is
+        ``{"pack": [sample, ...]}``, which the collators take like a packed record.
+        """
+        parts = self.chat.split(conversation)
+        if len(parts) > 1:
+            return {"pack": [self._finish(self.encode(part), part) for part in parts]}
         return self._finish(self.encode(conversation), conversation)
 
-    def encode(self, conversation: Conversation, add_generation_prompt: bool = False):
-        """The processor's outputs (ids, pixels, grids) for ``conversation``, shrunk to fit if needed.
+    def encode(self, conversation: Conversation, add_generation_prompt: bool = False, thinking: str | None = None):
+        """Model inputs for ``conversation``, media shrunk to fit if needed: ``input_ids`` (1, L),
+        ``labels`` (1, L), ``mm_token_type_ids`` (1, L) and the processor's pixels and grids.
 
         ``add_generation_prompt=True`` is the prompt a generation continues from (the chat
-        and evaluation tools): the same text, media and processor call as training, plus
-        the assistant header, so its ids are a prefix of the trained sample's ids.
+        and evaluation tools): the same pieces, media and processor call as training, plus
+        the assistant header of the ``thinking`` mode (default: the renderer's), so its ids
+        are a prefix of the trained sample's ids.
         """
-        text, image_refs, video_refs = chat_text(self.processor, conversation, add_generation_prompt)
+        pieces = self.chat.pieces(conversation, add_generation_prompt, thinking)
+        _, image_refs, video_refs = template_messages(conversation)
         timeout_s = getattr(self.video_settings, "timeout_s", DEFAULT_MEDIA_TIMEOUT_S)  # --media_timeout
         images = [open_image(ref, origin=conversation.origin, timeout_s=timeout_s) for ref in image_refs]
         clips = self._load_videos(video_refs, conversation.origin) if video_refs else []
 
         scale, image_pixels = 1.0, 0
         for _attempt in range(self.SHRINK_ATTEMPTS + 1):
+            # Boxes and points follow each image as resized at this scale: the pieces are rebuilt from
+            # the grounded conversation (same turns and trained spans, rewritten coordinates).
             grounded, resized = self.grounding.for_images(conversation, images, self._image_size(scale, image_pixels))
-            if grounded is not conversation:
-                text = chat_text(self.processor, grounded, add_generation_prompt)[0]
-            out = self._process(text, images, clips, scale, image_pixels)
+            scale_pieces = pieces if grounded is conversation else self.chat.pieces(
+                grounded, add_generation_prompt, thinking)
+            out = dict(self._process("", images, clips, scale, image_pixels))
             if grounded is not conversation:
                 self.grounding.check_grid(resized, out["image_grid_thw"], conversation.origin)
             if scale == 1.0 and images:
                 patch = self.processor.image_processor.patch_size
                 image_pixels = int(out["image_grid_thw"][:, 1:].prod(-1).max()) * patch * patch
-            length = out["input_ids"].shape[1]
+            ids, trained = self.chat.tokens(scale_pieces, *self.chat.replacements(out, len(images), len(clips)))
+            length = len(ids)
             if self.model_max_length is None or length <= self.model_max_length:
                 break
-            visual = int((out["input_ids"] == self.tokens.image_pad).sum() + (out["input_ids"] == self.tokens.video_pad).sum())
+            visual = sum(1 for i in ids if i == self.tokens.image_pad or i == self.tokens.video_pad)
             text_len = length - visual
             if visual == 0 or text_len >= self.model_max_length:
                 raise SampleTooLong(
@@ -202,14 +225,20 @@ class SampleRenderer:
                 f"{conversation.origin}: {length} tokens do not fit --model_max_length {self.model_max_length} "
                 f"even at the lowest resolution --min_pixels allows; the sample is dropped. Raise "
                 f"--model_max_length or lower --min_pixels.")
+        out.pop("video_metadata", None)
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        out["input_ids"] = input_ids
+        out["attention_mask"] = torch.ones_like(input_ids)
+        out["labels"] = torch.where(torch.tensor([trained]), input_ids, IGNORE_INDEX)
+        out["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids([ids]), dtype=torch.long)
         return out
 
     def _finish(self, out, conversation: Conversation) -> dict:
         input_ids = out["input_ids"][0]
-        labels = assistant_labels(input_ids, self.tokens)
+        labels = out["labels"][0]
         if not bool((labels != IGNORE_INDEX).any()):
             raise DataError(f"{conversation.origin}: no assistant reply left to train on (the conversation needs "
-                            f"at least one assistant/gpt turn with text).")
+                            f"at least one assistant/gpt turn with text).", DataKind.NO_ASSISTANT)
         sample = {"input_ids": input_ids, "labels": labels}
         for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
             if key in out and out[key] is not None:
@@ -221,3 +250,53 @@ class SampleRenderer:
             image_grid_thw=sample.get("image_grid_thw"), video_grid_thw=sample.get("video_grid_thw"),
             second_per_grid_ts=sample.get("second_per_grid_ts"))
         return sample
+
+
+class ChatRender:
+    """A family's chat rendering for one processor: conversation -> pieces -> ids and trained flags.
+
+    Shared by ``SampleRenderer`` (pixels from the processor) and ``lengths.TokenCounter``
+    (grids counted from media sizes), so the two cannot tokenize differently.
+    """
+
+    def __init__(self, processor, thinking: str = "auto"):
+        self.processor = processor
+        self.thinking = thinking
+        self.rules = ChatRules.of(processor)
+        self.tokenizer = PieceTokenizer(processor.tokenizer)
+
+    def split(self, conversation: Conversation) -> list[Conversation]:
+        """The samples ``conversation`` trains as (one, or one per reasoning turn on Qwen3.5)."""
+        return split_for_thinking(conversation, self.rules, self.thinking)
+
+    def pieces(self, conversation: Conversation, add_generation_prompt: bool = False, thinking: str | None = None):
+        """The pieces of ``conversation``, checked to join to exactly what the chat template renders."""
+        thinking = thinking or self.thinking
+        refuse_tools_unless_rendered(self.processor, conversation)
+        pieces, kwargs = conversation_pieces(conversation, self.rules, thinking, add_generation_prompt,
+                                             render=self._render)
+        expected = self.processor.apply_chat_template(
+            template_view(conversation, self.rules, thinking), tokenize=False,
+            add_generation_prompt=add_generation_prompt, **kwargs)
+        if pieces_text(pieces) != expected:
+            raise DataError(
+                f"{conversation.origin}: the renderer's pieces differ from what the processor's chat template "
+                f"renders, so its labels cannot be trusted. Rendered by the template:\n{expected!r}\nby the "
+                f"pieces:\n{pieces_text(pieces)!r}\nFix: use the family's released chat template (a custom "
+                f"template needs a rule in qwenvl/data/chat_pieces.py).")
+        return pieces
+
+    def _render(self, messages: list[dict], **kwargs) -> str:
+        """The processor's chat template as text (probes for the template-written tool text)."""
+        return self.processor.apply_chat_template(messages, tokenize=False, **kwargs)
+
+    def replacements(self, processed: dict, images: int, videos: int) -> tuple[list[str], list[str]]:
+        """The processor's own placeholder expansions for the processed (or counted) media."""
+        return ([self.processor.replace_image_token(processed, image_idx=i) for i in range(images)],
+                [self.processor.replace_video_token(processed, video_idx=i) for i in range(videos)])
+
+    def tokens(self, pieces, image_replacements: list[str], video_replacements: list[str]):
+        """(ids, trained flags) of ``pieces`` with the media expanded."""
+        expanded = expand_media(pieces, image_replacements, video_replacements,
+                                self.processor.image_token, self.processor.video_token)
+        return self.tokenizer.encode(expanded)

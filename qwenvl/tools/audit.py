@@ -352,7 +352,7 @@ def _counter(audit_args: AuditArguments, data_args: DataArguments):
     settings = video_settings_from(data_args, processor)
     grounding = Grounding(AutoConfig.from_pretrained(audit_args.model_name_or_path).model_type,
                           processor.image_processor)
-    return TokenCounter(processor, settings, None, grounding), settings
+    return TokenCounter(processor, settings, None, grounding, data_args.enable_thinking), settings
 
 
 def _empty_entries(data_args: DataArguments, records: dict[str, int]) -> dict:

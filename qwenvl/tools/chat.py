@@ -136,11 +136,15 @@ def _to_device(inputs, device) -> dict:
 
 
 @torch.no_grad()
-def generate(model, processor, renderer, conversation, max_new_tokens: int = 128) -> Reply:
-    """Greedy reply to ``conversation`` (which ends with a user turn), rendered by ``renderer``."""
+def generate(model, processor, renderer, conversation, max_new_tokens: int = 128, thinking: str | None = None) -> Reply:
+    """Greedy reply to ``conversation`` (which ends with a user turn), rendered by ``renderer``.
+
+    ``thinking`` ("true"/"false") picks the Qwen3.5/3.6 generation prompt (opened think block,
+    or the empty one); default: the renderer's ``--enable_thinking`` ("auto": the template's default).
+    """
     from transformers import GenerationConfig
 
-    inputs = renderer.encode(conversation, add_generation_prompt=True)
+    inputs = renderer.encode(conversation, add_generation_prompt=True, thinking=thinking)
     prompt_len = inputs["input_ids"].shape[1]
     tokenizer = processor.tokenizer
     ends = end_token_ids(model, tokenizer)
@@ -238,7 +242,8 @@ def make_renderer(model, processor, data_args, model_max_length: int | None = No
     from qwenvl.data.render import SampleRenderer
 
     configure_processor(processor, data_args)
-    return SampleRenderer(processor, model.config, model_max_length, video_settings_from(data_args, processor))
+    return SampleRenderer(processor, model.config, model_max_length, video_settings_from(data_args, processor),
+                          thinking=getattr(data_args, "enable_thinking", "auto"))
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -257,6 +262,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--bbox_format", default=None, choices=("abs_original", "abs_resized", "rel_1", "rel_1000"),
                         help="your coordinates: boxes in the prompt are converted to the model's, and answers back "
                              "(default: the model's own, unchanged)")
+    parser.add_argument("--enable_thinking", choices=["auto", "true", "false"], default=None,
+                        help="Qwen3.5/3.6: open a think block (true) or answer without thinking (false); default: "
+                             "the chat template's default (Qwen3.5-4B+ and Qwen3.6 think, 0.8B/2B do not)")
     args = parser.parse_args(argv)
 
     from qwenvl.data.errors import DataError
@@ -268,7 +276,8 @@ def main(argv: list[str] | None = None) -> str:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     data_args = chat_data_args(processor, written_by_training(args.model),
-                               max_pixels=args.max_pixels, min_pixels=args.min_pixels)
+                               max_pixels=args.max_pixels, min_pixels=args.min_pixels,
+                               enable_thinking=args.enable_thinking)
     renderer = make_renderer(model, processor, data_args)
     try:
         conversation = user_conversation(args.prompt, args.image, args.video, args.system)

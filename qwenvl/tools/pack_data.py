@@ -129,7 +129,8 @@ def plan_packs(data_args: DataArguments, args: PackArguments, progress: bool = T
         raise DataError(f"--model_max_length must be positive, got {args.model_max_length}.", DataKind.CONFIG)
     processor = configure_processor(AutoProcessor.from_pretrained(args.model_name_or_path), data_args)
     grounding = Grounding(AutoConfig.from_pretrained(args.model_name_or_path).model_type, processor.image_processor)
-    counter = TokenCounter(processor, video_settings_from(data_args, processor), args.model_max_length, grounding)
+    counter = TokenCounter(processor, video_settings_from(data_args, processor), args.model_max_length, grounding,
+                           data_args.enable_thinking)
     entries = parse_dataset_use(data_args.dataset_use, load_dictionary(data_args.dataset_dictionary))
     sources = [open_annotations(e.spec.annotation_path) for e in entries]
     for entry, source in zip(entries, sources):

@@ -99,3 +99,20 @@ def test_preview_shows_trained_spans_and_json(qwen25):
     data = json.loads(preview(["--dataset_use", "demo_shapes", "--model_name_or_path", str(path), "--json"]))
     assert len(data["input_ids"]) == len(data["labels"]) == len(data["position_ids"][0])
     assert len(data["position_ids"]) == 3 and data["image_grid_thw"]
+
+
+def test_preview_shows_the_thinking_mode_of_each_qwen3_5_sample(tiny_model_dir, tmp_path):
+    record = {"messages": [{"role": "user", "content": "a?"},
+                           {"role": "assistant", "content": "A", "reasoning_content": "first"},
+                           {"role": "user", "content": "b?"}, {"role": "assistant", "content": "B"}]}
+    (tmp_path / "r.json").write_text(json.dumps([record]))
+    (tmp_path / "dict.json").write_text(json.dumps({"r": {"annotation_path": str(tmp_path / "r.json")}}))
+    args = ["--dataset_use", "r", "--dataset_dictionary", str(tmp_path / "dict.json"),
+            "--model_name_or_path", str(tiny_model_dir("qwen3_5"))]
+    text = preview(args)
+    assert "--enable_thinking auto; the record trains as 2 samples, one per reasoning turn" in text
+    assert text.index("mode: thinking (the think block is trained)") < \
+        text.index("mode: non-thinking (the empty think block is prompt)")
+    assert "[[first\n</think>\n\nA<|im_end|>]]" in text and "</think>\n\n[[B<|im_end|>]]" in text
+    off = preview(args + ["--enable_thinking", "false"])
+    assert "--enable_thinking false" in off and "mode: thinking" not in off and "first" not in off

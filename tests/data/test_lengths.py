@@ -22,12 +22,13 @@ from qwenvl.data.arguments import DataArguments
 from qwenvl.data.dataset import make_supervised_data_module, video_settings_from
 from qwenvl.data.errors import DataError
 from qwenvl.data.processor_settings import configure_processor
-from qwenvl.data.registry import load_dictionary
+from qwenvl.data.formats import to_conversation
+from qwenvl.data.registry import DatasetSpec, load_dictionary
 from qwenvl.data.render import SampleTooLong
 from qwenvl.data.sources import open_annotations
 
 REPO = Path(__file__).resolve().parents[2]
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 DEMO_PIXELS = dict(max_pixels=112 * 112, min_pixels=56 * 56, video_max_pixels=56 * 56, video_min_pixels=28 * 28,
                    video_max_frames=8, video_min_frames=4)
 # A few records of every demo dataset: PNG and JPEG, one and two images, boxes, text, video.
@@ -86,7 +87,7 @@ def big_media(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 def test_counts_follow_the_renderers_shrink_and_drop(family, tiny_model_dir, big_media):
     model = tiny_model_dir(family)
     for max_length in (None, 60):
@@ -285,3 +286,30 @@ def test_count_tokens_needs_video_settings_for_videos(tiny_model_dir):
         L.count_tokens(missing, processor, settings)
     assert err.value.kind == "missing_media"
     assert os.path.basename(video) in str(err.value)
+
+
+def test_thinking_mode_is_part_of_the_cache_key_and_counts_stay_exact(tiny_model_dir, tmp_path):
+    """Qwen3.5: --enable_thinking false drops reasoning and a record with reasoning in an earlier turn
+    trains as one sample per turn; the counts follow the renderer, and each mode has its own cache."""
+    from qwenvl.data.render import SampleRenderer
+
+    path = tiny_model_dir("qwen3_5")
+    processor, config = AutoProcessor.from_pretrained(path), AutoConfig.from_pretrained(path)
+    records = [{"messages": [{"role": "user", "content": "a?"},
+                             {"role": "assistant", "content": "A", "reasoning_content": "first think"},
+                             {"role": "user", "content": "b?"},
+                             {"role": "assistant", "content": "<think>second</think>B"}]},
+               {"messages": [{"role": "user", "content": "c?"}, {"role": "assistant", "content": "C"}]}]
+    (tmp_path / "r.json").write_text(json.dumps(records))
+    spec = DatasetSpec(name="r", annotation_path=str(tmp_path / "r.json"), data_path=str(tmp_path))
+    keys = set()
+    for mode, samples in (("auto", 2), ("true", 2), ("false", 1)):
+        renderer = SampleRenderer(processor, config, thinking=mode)
+        counter = L.TokenCounter.for_renderer(renderer)
+        conversation = to_conversation(records[0], spec, 0)
+        item = renderer.render(conversation)
+        rendered = item["pack"] if "pack" in item else [item]
+        assert len(rendered) == samples, mode
+        assert counter(conversation).tokens == sum(s["input_ids"].shape[0] for s in rendered), mode
+        keys.add(L.lengths_key(spec, counter)[0])
+    assert len(keys) == 3

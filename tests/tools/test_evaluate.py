@@ -71,11 +71,11 @@ def test_scores_table_and_json(tiny_model_dir, eval_data, tmp_path, monkeypatch,
     scripted = {"red": ["red", "The red."], "blue": ["blue", "green"], "6": ["6"], "2": ["two"]}
     asked = []
 
-    def fake_generate(model, processor, renderer, prompt, max_new_tokens=128):
+    def fake_generate(model, processor, renderer, prompt, max_new_tokens=128, thinking=None):
         asked.append(prompt)
         # The prompt never holds the reference: it ends with the user's question.
         assert prompt.messages[-1]["role"] == "user"
-        inputs = renderer.encode(prompt, add_generation_prompt=True)  # and it renders
+        inputs = renderer.encode(prompt, add_generation_prompt=True, thinking=thinking)  # and it renders
         assert inputs["input_ids"].shape[1] > 0
         reference = fake_generate.references.pop(0)
         return Reply(text=scripted[reference].pop(0), token_ids=[0], stopped_at_end=True)

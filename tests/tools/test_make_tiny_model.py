@@ -75,3 +75,93 @@ def test_qwen2_families_do_not_know_qwen3_only_tokens(tiny_model_dir):
     assert len(q25("<think>", add_special_tokens=False)["input_ids"]) > 1
     saved = json.loads((tiny_model_dir("qwen2_5_vl") / "tokenizer_config.json").read_text())
     assert "<|im_end|>" == saved["eos_token"]
+
+
+# ----------------------------------------------------------------------------- Qwen3.5 / Qwen3.6
+
+# What the released Qwen3.5 / Qwen3.6 chat templates render (rendered with the released
+# template texts, as TRL vendors them in trl/chat_templates/qwen3_5_think.jinja,
+# qwen3_5_nothink.jinja and qwen3_6.jinja): the specification the tiny models' templates meet.
+Q35_ANSWERED = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What colour?<|im_end|>\n"
+                "<|im_start|>assistant\n<think>\n\n</think>\n\nred<|im_end|>\n")
+Q35_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What colour?<|im_end|>\n<|im_start|>assistant\n"
+Q35_TWO_TURNS = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "A", "reasoning_content": "r1"},
+                 {"role": "user", "content": "b"}, {"role": "assistant", "content": "<think>r2</think>B"}]
+Q35_TWO_DROPPED = ("<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n<|im_start|>user\nb<|im_end|>\n"
+                   "<|im_start|>assistant\n<think>\nr2\n</think>\n\nB<|im_end|>\n")
+Q35_TWO_KEPT = ("<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n<think>\nr1\n</think>\n\nA<|im_end|>\n"
+                "<|im_start|>user\nb<|im_end|>\n<|im_start|>assistant\n<think>\nr2\n</think>\n\nB<|im_end|>\n")
+Q35_RELEASES = {  # template -> (default generation prompt suffix, rendering of Q35_TWO_TURNS with preserve_thinking)
+    "qwen3_5_think": ("<think>\n", Q35_TWO_DROPPED),
+    "qwen3_5_nothink": ("<think>\n\n</think>\n\n", Q35_TWO_DROPPED),
+    "qwen3_6": ("<think>\n", Q35_TWO_KEPT),
+}
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_moe"])
+def test_tiny_qwen3_5_loads_like_the_released_one(tiny_model_dir, model_type):
+    from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5Config
+
+    path = tiny_model_dir(model_type)
+    processor = AutoProcessor.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path)
+    assert config.model_type == model_type
+    assert type(AutoModelForImageTextToText.from_pretrained(path)) is model_class(model_type)
+    assert type(processor).__name__ == "Qwen3VLProcessor"
+    assert type(processor.video_processor).__name__ == "Qwen3VLVideoProcessor"
+    tokenizer = processor.tokenizer
+    released = Qwen3_5Config()  # transformers' defaults are the released ids and vocabulary
+    assert config.text_config.vocab_size == released.text_config.vocab_size == 248320
+    for name, token in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+                        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")):
+        assert getattr(config, name) == getattr(released, name) == tokenizer.convert_tokens_to_ids(token)
+    assert (config.image_token_id, config.video_token_id) == (248056, 248057)
+    # Three Gated DeltaNet layers, then one gated full-attention layer; no DeepStack.
+    assert config.text_config.layer_types == ["linear_attention"] * 3 + ["full_attention"]
+    assert not hasattr(config.vision_config, "deepstack_visual_indexes")
+    assert config.vision_config.patch_size == processor.image_processor.patch_size == 16
+    assert list(processor.image_processor.image_mean) == list(processor.image_processor.image_std) == [0.5] * 3
+    if model_type == "qwen3_5_moe":
+        assert config.text_config.num_experts > config.text_config.num_experts_per_tok > 1
+
+    assert processor.apply_chat_template(MESSAGES, tokenize=False) == Q35_ANSWERED
+    inline = [{"role": m["role"], "content": [dict(p, image=Image.new("RGB", (64, 64), (200, 0, 0)))
+                                              if p["type"] == "image" else p for p in m["content"]]}
+              for m in MESSAGES]
+    batch = processor.apply_chat_template(inline, tokenize=True, return_dict=True, return_tensors="pt")
+    batch["labels"] = batch["input_ids"].clone()
+    model = model_class(model_type).from_pretrained(path)
+    loss = model(**batch).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert any(n.startswith("model.visual") for n in grads) and any("linear_attn" in n for n in grads)
+
+
+@pytest.mark.parametrize("template", sorted(Q35_RELEASES))
+def test_qwen3_5_templates_render_what_the_releases_render(tiny_model_dir, template):
+    processor = AutoProcessor.from_pretrained(tiny_model_dir("qwen3_5", template))
+    default_prompt, preserved = Q35_RELEASES[template]
+    render = processor.apply_chat_template
+    assert render(MESSAGES, tokenize=False) == Q35_ANSWERED
+    assert render(MESSAGES[:1], tokenize=False, add_generation_prompt=True) == Q35_PROMPT + default_prompt
+    assert render(MESSAGES[:1], tokenize=False, add_generation_prompt=True, enable_thinking=True) == \
+        Q35_PROMPT + "<think>\n"
+    assert render(MESSAGES[:1], tokenize=False, add_generation_prompt=True, enable_thinking=False) == \
+        Q35_PROMPT + "<think>\n\n</think>\n\n"
+    assert render(Q35_TWO_TURNS, tokenize=False) == Q35_TWO_DROPPED
+    assert render(Q35_TWO_TURNS, tokenize=False, preserve_thinking=True) == preserved
+    # Text is trimmed; a system prompt is written as given, none by default.
+    trimmed = [{"role": "system", "content": " Be brief.\n"}, {"role": "user", "content": "\n hi \n"},
+               {"role": "assistant", "content": "\nhello "}]
+    assert render(trimmed, tokenize=False) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+                                               "<|im_start|>assistant\n<think>\n\n</think>\n\nhello<|im_end|>\n")
+
+
+def test_make_tiny_model_template_option_is_for_qwen3_5_only(tmp_path):
+    from qwenvl.tools.make_tiny_model import make_tiny_model
+
+    with pytest.raises(SystemExit, match="one template"):
+        make_tiny_model("qwen2_5_vl", tmp_path / "x", template="qwen3_6")
+    with pytest.raises(SystemExit, match="--template must be one of"):
+        make_tiny_model("qwen3_5", tmp_path / "y", template="qwen3_7")
