@@ -57,7 +57,10 @@ def set_router_aux_loss_coef(config, coef: float) -> None:
 
 def load_balancing_loss(model: torch.nn.Module, router_logits, attention_mask=None) -> torch.Tensor:
     """The family's own ``load_balancing_loss_func`` over ``router_logits`` (one tensor per MoE layer)."""
-    module = sys.modules[type(model).__module__]
+    # The first class up the MRO whose module defines it: FSDP2 wraps the model in a class of its
+    # own (defined in torch's FSDP module), and our training subclass keeps the family's module.
+    module = next(m for m in (sys.modules.get(c.__module__) for c in type(model).__mro__)
+                  if hasattr(m, "load_balancing_loss_func"))
     text = text_config_of(model.config)
     return module.load_balancing_loss_func(router_logits, text.num_experts, text.num_experts_per_tok,
                                            attention_mask)

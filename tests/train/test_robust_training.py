@@ -275,7 +275,12 @@ def test_a_hub_token_on_the_command_line_is_not_written_into_the_wandb_run(tiny_
     assert result.returncode == 0, result.stderr[-3000:]
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    recorded = next(runs[0].glob("run-*.wandb")).read_bytes()  # wandb 0.31 keeps the metadata in it
+    run_file = next(runs[0].glob("run-*.wandb"))  # wandb 0.31 keeps the metadata in it
+    # wandb's service process may still be writing the run file when the training process has exited
+    deadline = time.monotonic() + 120
+    while b"--hub_token" not in run_file.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    recorded = run_file.read_bytes()
     assert b"--hub_token" in recorded and b"<redacted>" in recorded  # the command line is recorded, not its secret
     for written in [p for p in tmp_path.rglob("*") if p.is_file()]:
         assert secret.encode() not in written.read_bytes(), written

@@ -83,26 +83,24 @@ def test_official_recipe_does_not_force_offline(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_without_credentials_logs_offline_under_the_output_dir(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    """A real wandb run: no key, no netrc, WANDB_MODE unset -> offline files in OUT/wandb, one line saying so,
-    nothing in the current directory."""
-    from qwenvl.train.train_qwen import train
-
+def test_run_without_credentials_logs_offline_under_the_output_dir(tiny_model_dir, tmp_path):
+    """A real wandb run, in its own process as a training is: no key, no netrc, WANDB_MODE unset ->
+    offline files in OUT/wandb, one line saying so, nothing in the current directory."""
     from .test_observability_and_resume import _flags
 
-    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "NETRC", "WANDB_IDENTITY_TOKEN_FILE"):
-        monkeypatch.setenv(name, "")  # records the value to restore (the run sets WANDB_MODE and WANDB_DIR)
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("HOME", _home(tmp_path)["HOME"])
-    monkeypatch.setenv("WANDB_PROJECT", "qwenvl-tests")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "NETRC", "WANDB_IDENTITY_TOKEN_FILE")}
+    env.update(_home(tmp_path), WANDB_PROJECT="qwenvl-tests", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    monkeypatch.chdir(cwd)
     out = tmp_path / "out"
-    train(_flags(tiny_model_dir("qwen2_5_vl"), out, "--max_steps", "2", "--report_to", "wandb",
-                 "--save_strategy", "no", "--disable_tqdm", "True"))
-    printed = capsys.readouterr().out
-    assert f"logs offline to {out}/wandb" in printed and "wandb sync" in printed
+    command = [sys.executable, "-m", "qwenvl.train.train_qwen", *_flags(
+        tiny_model_dir("qwen2_5_vl"), out, "--max_steps", "2", "--report_to", "wandb", "--save_strategy", "no",
+        "--disable_tqdm", "True")]
+    result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"logs offline to {out}/wandb" in result.stdout and "wandb sync" in result.stdout
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
     assert list(cwd.iterdir()) == []  # nothing of wandb's in the current directory
