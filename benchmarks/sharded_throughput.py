@@ -8,8 +8,12 @@ Questions (issue 14), each a named run (``--runs`` picks some, in this order of 
 * ``zero2``: the unsharded fast path: released Qwen2.5-VL-7B architecture (random weights),
   DeepSpeed ZeRO-2, compiled layers, activation budget 0.5, no checkpointing, 16k-token
   micro-batches, fused loss.
-* ``fsdp2_fused``: the same under FSDP2 (``scripts/fsdp2.json``) with the fused loss; the
-  process must exit promptly after saving (``exit_s``).
+* ``fsdp2_fused``: the same under FSDP2 (``scripts/fsdp2.json``: gradients reduced in bf16 as
+  ZeRO-2 does, frozen vision tower replicated) with the fused loss; the process must exit
+  promptly after saving (``exit_s``).
+* ``fsdp2_fused_prev``: the same with the previous session's FSDP2 settings
+  (``benchmarks/fsdp2_fp32_reduce.json``: float32 reduction, vision tower sharded), to
+  attribute the difference.
 * ``fsdp2_model_loss``: FSDP2 with the released forward's loss (``--loss_kernel model``): the
   peak memory to compare with ``fsdp2_fused``.
 * ``sft_7b``: ``bash scripts/sft_7b.sh`` at its defaults (only ``--max_steps``, saving and
@@ -18,6 +22,14 @@ Questions (issue 14), each a named run (``--runs`` picks some, in this order of 
   weights, no sharding) then FSDP2, same data and seed: the loss curves side by side.
 * ``32b_quarter``: Qwen2.5-VL-32B widths at 16 of 64 layers under FSDP2, compiled, 16k.
 * ``30b_a3b``: Qwen3-VL-30B-A3B widths at 12 of 48 layers under FSDP2, compiled, 16k.
+* ``nccl``: ``benchmarks/nccl_probe.py``: all-gather / reduce-scatter bandwidth at FSDP2's
+  message sizes (for the scaling arithmetic in RESULTS.md).
+
+Every run but ``sft_7b`` (which goes through its script and ``scripts/launch.sh``) starts
+``benchmarks/profiled_train.py`` under torchrun: ``train_qwen`` with the product's trainer,
+plus, for the runs named in ``--profile``, ``torch.profiler`` over one late optimizer step
+(its summary lands in the run's JSON entry under ``profile``), and without the final model
+save except for the runs named in ``--save`` (the save is what ``exit_s`` times).
 
 Data: ``benchmarks/bench_data.py`` ``reference`` (one image per sample, about 430 tokens).
 Per run: tokens/s per GPU (median of the trainer's per-step ``tokens_per_second`` after the
@@ -49,14 +61,17 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-RUNS = ("zero2", "fsdp2_fused", "fsdp2_model_loss", "sft_7b", "ddp_vs_fsdp2", "32b_quarter", "30b_a3b")
+RUNS = ("zero2", "fsdp2_fused", "fsdp2_fused_prev", "fsdp2_model_loss", "sft_7b", "ddp_vs_fsdp2", "32b_quarter",
+        "30b_a3b", "nccl")
 FSDP = ["--fsdp", "full_shard auto_wrap", "--fsdp_config", str(REPO / "scripts" / "fsdp2.json")]
+FSDP_PREV = ["--fsdp", "full_shard auto_wrap", "--fsdp_config", str(REPO / "benchmarks" / "fsdp2_fp32_reduce.json")]
+BENCH = "BENCH"  # command placeholder: torchrun -m benchmarks.profiled_train over the node's GPUs (expand_command)
 COMPILED = ["--compile_layers", "True", "--activation_memory_budget", "0.5", "--gradient_checkpointing", "False"]
 BUDGET = ["--max_tokens_per_batch", "16384"]
 # model folder name -> (architecture, decoder layers or None for all)
 MODELS = {"7b": ("7b", None), "7b_l7": ("7b", 7), "32b_l16": ("32b", 16), "30b_a3b_l12": ("30b_a3b", 12)}
-RUN_MODEL = {"zero2": "7b", "fsdp2_fused": "7b", "fsdp2_model_loss": "7b", "sft_7b": "7b",
-             "ddp_vs_fsdp2": "7b_l7", "32b_quarter": "32b_l16", "30b_a3b": "30b_a3b_l12"}
+RUN_MODEL = {"zero2": "7b", "fsdp2_fused": "7b", "fsdp2_fused_prev": "7b", "fsdp2_model_loss": "7b", "sft_7b": "7b",
+             "ddp_vs_fsdp2": "7b_l7", "32b_quarter": "32b_l16", "30b_a3b": "30b_a3b_l12", "nccl": None}
 
 
 def common_flags(steps: int) -> list[str]:
@@ -68,12 +83,17 @@ def common_flags(steps: int) -> list[str]:
 
 def run_plan(name: str, steps: int) -> list[tuple[str, list[str], dict]]:
     """[(label, command, extra environment)] of one named run."""
-    launch = ["bash", str(REPO / "scripts" / "launch.sh")]
+    launch = [BENCH]
     flags = common_flags(steps)
     if name == "zero2":
         return [(name, launch + flags + ["--deepspeed", str(REPO / "scripts" / "zero2.json")] + COMPILED + BUDGET, {})]
     if name == "fsdp2_fused":
         return [(name, launch + flags + FSDP + COMPILED + BUDGET + ["--loss_kernel", "fused"], {})]
+    if name == "fsdp2_fused_prev":
+        return [(name, launch + flags + FSDP_PREV + COMPILED + BUDGET + ["--loss_kernel", "fused"], {})]
+    if name == "nccl":
+        return [(name, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "{gpus}",
+                        "--master_port", "{port}", "-m", "benchmarks.nccl_probe", "--out", "{out}"], {})]
     if name == "fsdp2_model_loss":
         return [(name, launch + flags + FSDP + COMPILED + BUDGET + ["--loss_kernel", "model"], {})]
     if name == "sft_7b":
@@ -85,6 +105,27 @@ def run_plan(name: str, steps: int) -> list[tuple[str, list[str], dict]]:
     if name in ("32b_quarter", "30b_a3b"):
         return [(name, launch + flags + FSDP + COMPILED + BUDGET, {})]
     raise ValueError(f"unknown run {name!r}; runs: {', '.join(RUNS)}")
+
+
+def expand_command(cmd: list[str], gpus: int, model_dir: Path | None, dataset: str, output_dir: Path,
+                   label: str) -> list[str]:
+    """``cmd`` with BENCH replaced by torchrun over ``gpus`` GPUs running ``benchmarks.profiled_train``
+    with the flags ``scripts/launch.sh`` would add (model, data, output folder, run name, bf16), and
+    ``{gpus}`` / ``{port}`` / ``{out}`` filled in."""
+    port = str(_free_port())
+    if cmd and cmd[0] == BENCH:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "--master_port", port,
+               "-m", "benchmarks.profiled_train", "--model_name_or_path", str(model_dir), "--dataset_use", dataset,
+               "--output_dir", str(output_dir), "--run_name", label, "--bf16", "True", "--fp16", "False", *cmd[1:]]
+    return [c.replace("{gpus}", str(gpus)).replace("{port}", port).replace("{out}", str(output_dir)) for c in cmd]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class MemorySampler:
@@ -215,7 +256,7 @@ def ensure_model(key: str, work: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="all", help=f"comma list of: {', '.join(RUNS)} (or all)")
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per throughput run")
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per throughput run")
     parser.add_argument("--warmup", type=int, default=4, help="logged steps left out of the median (compilation)")
     parser.add_argument("--deadline", type=float, default=480, help="seconds after which no run starts")
     parser.add_argument("--run_timeout", type=float, default=300, help="seconds one training command may take")
@@ -223,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds after the start by which every command is stopped (a device call's limit)")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/sharded_throughput"))
     parser.add_argument("--work", default=None, help="where model folders go (default: /dev/shm if roomy, else /tmp)")
+    parser.add_argument("--profile", default="zero2,fsdp2_fused,fsdp2_fused_prev",
+                        help="labels whose step --steps - 1 runs under torch.profiler (summary in the JSON)")
+    parser.add_argument("--save", default="fsdp2_fused",
+                        help="labels that save the final model (the others skip it; exit_s times the exit after it)")
     parser.add_argument("--dry_run", action="store_true", help="print the commands only")
     args = parser.parse_args(argv)
     runs = list(RUNS) if args.runs == "all" else [r.strip() for r in args.runs.split(",") if r.strip()]
@@ -232,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         for r in runs:
             for label, cmd, _ in run_plan(r, args.steps):
+                cmd = expand_command(cmd, 2, Path(f"<{RUN_MODEL[r]}>"), "<data>", Path(f"<out_{label}>"), label)
                 print(f"{label}: MODEL_PATH=<{RUN_MODEL[r]}> " + " ".join(cmd))
         return 0
 
@@ -266,6 +312,15 @@ def main(argv: list[str] | None = None) -> int:
             results["skipped"].append(name)
             continue
         model_key = RUN_MODEL[name]
+        if name == "nccl":
+            label, cmd, _ = run_plan(name, args.steps)[0]
+            cmd = expand_command(cmd, gpus, None, data.name, work / "nccl", label)
+            probe = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+            print(probe.stdout[-4000:], probe.stderr[-2000:] if probe.returncode else "", flush=True)
+            if (work / "nccl" / "nccl_probe.json").is_file():
+                results["nccl_probe"] = json.loads((work / "nccl" / "nccl_probe.json").read_text())
+            (out / "sharded_throughput.json").write_text(json.dumps(results, indent=2))
+            continue
         if model_key not in written:
             written[model_key] = ensure_model(model_key, work)
         model_dir = written[model_key]
@@ -273,7 +328,14 @@ def main(argv: list[str] | None = None) -> int:
         for label, cmd, extra in run_plan(name, args.steps):
             run_out = work / f"out_{label}"
             shutil.rmtree(run_out, ignore_errors=True)
+            profile_dir = work / f"profile_{label}"
+            shutil.rmtree(profile_dir, ignore_errors=True)
             run_env = dict(env, MODEL_PATH=str(model_dir), OUTPUT_DIR=str(run_out), RUN_NAME=label, **extra)
+            if label in args.profile.split(","):
+                run_env.update(BENCH_PROFILE_STEP=str(max(1, args.steps - 1)), BENCH_PROFILE_OUT=str(profile_dir))
+            if label not in args.save.split(","):
+                run_env["BENCH_NO_FINAL_SAVE"] = "1"
+            cmd = expand_command(cmd, gpus, model_dir, data.name, run_out, label)
             print(f"[bench] {label} ...", flush=True)
             budget = min(args.run_timeout, args.hard_limit - (time.time() - t0))
             if budget < 60:
@@ -281,6 +343,13 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             result = run_one(label, cmd + dictionary, run_env, out, budget)
             result.update(summarise(result, gpus, args.warmup, matmul, peak))
+            result["saved"] = label in args.save.split(",") or cmd[0] == "bash"
+            if (profile_dir / "profile_summary.json").is_file():
+                result["profile"] = json.loads((profile_dir / "profile_summary.json").read_text())
+                trace = profile_dir / "trace.json.gz"
+                if label.startswith("fsdp2") and trace.is_file() and trace.stat().st_size < 15 * 2**20 \
+                        and not any(out.glob("trace_*.json.gz")):
+                    shutil.copy(trace, out / f"trace_{label}.json.gz")
             state = run_out / "trainer_state.json"
             if state.is_file():  # full-precision losses (the printed ones are rounded)
                 result["losses"] = [e["loss"] for e in json.loads(state.read_text())["log_history"] if "loss" in e]

@@ -10,9 +10,20 @@ parameter is sharded on its own, so frozen and trainable parameters may share a 
 What this module adds around that:
 
 - **Mixed precision** (``mixed_precision_policy``): compute in bf16 on gathered bf16 copies,
-  master weights and optimizer state in float32 and sharded, gradients reduced in float32
-  (accelerate's default reduces in bf16 and casts the model's outputs, the loss included,
-  to bf16).
+  master weights and optimizer state in float32 and sharded, the model's outputs (the loss)
+  left in float32.  Gradients are reduce-scattered in ``fsdp_config["reduce_dtype"]``:
+  float32 when the key is absent; ``scripts/fsdp2.json`` says ``bfloat16``, which is what
+  DeepSpeed's ZeRO-2 and ZeRO-3 do in a bf16 run (their ``communication_data_type``
+  defaults to the bf16 of the model): each rank's gradient is computed in bf16 either way,
+  and the bf16 reduction adds one rounding of the sum, for half the bytes on the wire.
+- **The frozen vision tower is replicated, not sharded** (``replicated_frozen_modules``,
+  ``fsdp_config["replicate_frozen_vision"]``, on unless false): frozen parameters have no
+  gradients or optimizer state to shard, so sharding them saves only their bf16 copy (at
+  most about 0.7 GB per GPU for these towers) and costs an all-gather of every vision
+  block at every step.  Left out of ``fully_shard`` (accelerate's ``ignored_modules``),
+  they stay whole on every GPU, and their block class is no longer a wrapping unit when no
+  block of it trains.  A tower that trains (``--tune_mm_vision``, or LoRA adapters in it)
+  stays sharded.
 - **The loss reads ``lm_head`` outside ``lm_head``'s forward** (``gathered_weight``): the
   fused loss multiplies the hidden states by the head's weight itself.  Inside the model's
   forward FSDP2 keeps that group gathered (plain tensor); if a version of FSDP2 left it
@@ -47,8 +58,28 @@ def fsdp_version(training_args) -> int | None:
     return int(config.get("version", config.get("fsdp_version", 2)))
 
 
+REDUCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def fsdp_options(training_args) -> dict:
+    """The run's ``fsdp_config`` (a dict once the Trainer's arguments parsed it; {} without one)."""
+    return dict(getattr(training_args, "fsdp_config", None) or {})
+
+
+def reduce_dtype(training_args) -> torch.dtype:
+    """The gradient reduce-scatter dtype: ``fsdp_config["reduce_dtype"]``, float32 when absent."""
+    from .arguments import ConfigError
+
+    name = str(fsdp_options(training_args).get("reduce_dtype", "float32"))
+    if name not in REDUCE_DTYPES:
+        raise ConfigError(f"--fsdp_config: reduce_dtype must be one of {', '.join(REDUCE_DTYPES)}, not {name!r} "
+                          "(bfloat16 is what DeepSpeed ZeRO reduces in for a bf16 run; float32 sums at full "
+                          "precision).")
+    return REDUCE_DTYPES[name]
+
+
 def mixed_precision_policy(training_args):
-    """bf16/fp16 compute, float32 gradient reduction, outputs left as computed; None in fp32 runs."""
+    """bf16/fp16 compute, gradients reduced in ``reduce_dtype``, outputs left as computed; None in fp32 runs."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     if training_args.bf16:
@@ -58,9 +89,73 @@ def mixed_precision_policy(training_args):
     else:
         return None
     # output_dtype None: the loss leaves the model in float32 (accelerate's default would cast
-    # it to the half type).  reduce_dtype float32: gradients of two ranks are summed at full
-    # precision, as DDP with float32 master weights does.
-    return MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32, output_dtype=None)
+    # it to the half type).  reduce_dtype: float32 sums the ranks' gradients at full precision,
+    # as DDP with float32 master weights does; bfloat16 as DeepSpeed ZeRO does in bf16 runs.
+    return MixedPrecisionPolicy(param_dtype=half, reduce_dtype=reduce_dtype(training_args), output_dtype=None)
+
+
+def replicated_frozen_modules(model: torch.nn.Module, training_args) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of the largest vision-tower submodules whose parameters are all frozen, to be
+    kept out of ``fully_shard`` (replicated on every GPU); [] when ``fsdp_config`` says
+    ``"replicate_frozen_vision": false`` or the tower trains.  The merger is never among them (it is
+    a component of its own, trained with ``--tune_mm_mlp``), so a trainable merger stays sharded."""
+    from .model import component_of
+
+    if not _truthy(fsdp_options(training_args).get("replicate_frozen_vision", True)):
+        return []
+    chosen: list[tuple[str, torch.nn.Module]] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix, _ in chosen):
+            continue
+        params = list(module.named_parameters(prefix=name))
+        if params and all(not p.requires_grad and _component(n, component_of) == "vision" for n, p in params):
+            chosen.append((name, module))
+    return chosen
+
+
+def _component(name: str, component_of) -> str | None:
+    try:
+        return component_of(name)
+    except ValueError:
+        return None
+
+
+def _truthy(value) -> bool:
+    return value if isinstance(value, bool) else str(value).strip().lower() not in ("false", "0", "no", "off")
+
+
+def configure_fsdp2_plugin(plugin, model: torch.nn.Module, training_args, device) -> list[str]:
+    """Set accelerate's FSDP2 plugin for ``model`` before it is sharded: our mixed precision policy,
+    and the frozen vision tower left out of ``fully_shard`` (moved to ``device`` here, since
+    ``fully_shard`` moves only what it shards).  Returns the names of the replicated modules."""
+    plugin.mixed_precision_policy = mixed_precision_policy(training_args)
+    replicated = replicated_frozen_modules(model, training_args)
+    if not replicated:
+        return []
+    modules = [module for _, module in replicated]
+    for module in modules:
+        module.to(device)
+    existing = list(plugin.ignored_modules) if isinstance(plugin.ignored_modules, (list, tuple, set)) else []
+    if isinstance(plugin.ignored_modules, str):
+        raise _config_error("--fsdp_config: ignored_modules as a pattern cannot be combined with "
+                            "replicate_frozen_vision; list the modules or set \"replicate_frozen_vision\": false.")
+    plugin.ignored_modules = existing + modules
+    # A wrapping unit whose every instance is replicated would be an FSDP group without parameters:
+    # hooks at every block for nothing.  Keep the others (the decoder layer, a training block class).
+    inside = {id(m) for module in modules for m in module.modules()}
+    names = plugin.transformer_cls_names_to_wrap or list(getattr(model, "_no_split_modules", None) or [])
+    keep = [cls for cls in names
+            if any(type(m).__name__ == cls and id(m) not in inside for m in model.modules())
+            or not any(type(m).__name__ == cls for m in model.modules())]
+    if names:
+        plugin.transformer_cls_names_to_wrap = keep
+    return [name for name, _ in replicated]
+
+
+def _config_error(message: str):
+    from .arguments import ConfigError
+
+    return ConfigError(message)
 
 
 def gathered_weight(module: torch.nn.Module) -> torch.Tensor:

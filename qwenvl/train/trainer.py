@@ -21,9 +21,10 @@ What it adds to ``transformers.Trainer``:
   and Ctrl-C / SIGTERM save and stop at the end of the step (``interrupt.StopOnSignal``);
 - resuming a full model reads the checkpoint in the training dtype, on one rank
   when DDP will copy it to the others;
-- under FSDP2 (``sharding.py``): float32 master weights with bf16 compute and float32
-  gradient reduction, and every saved model (checkpoints and the final one) gathered
-  into plain safetensors next to the sharded state used for resuming.
+- under FSDP2 (``sharding.py``): float32 master weights with bf16 compute, gradients
+  reduced in the config's ``reduce_dtype``, the frozen vision tower replicated, and every
+  saved model (checkpoints and the final one) gathered into plain safetensors next to the
+  sharded state used for resuming.
 """
 from __future__ import annotations
 
@@ -79,10 +80,14 @@ class QwenVLTrainer(Trainer):
         if self.args.fsdp and not self.is_fsdp_enabled:
             self._fsdp_unavailable()
         if self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.fsdp_version == 2:
-            from .sharding import mixed_precision_policy
+            from .sharding import configure_fsdp2_plugin
 
             # Read by accelerate when it shards the model (Trainer.train -> accelerator.prepare).
-            self.accelerator.state.fsdp_plugin.mixed_precision_policy = mixed_precision_policy(self.args)
+            replicated = configure_fsdp2_plugin(self.accelerator.state.fsdp_plugin, self.model, self.args,
+                                                self.args.device)
+            if replicated and self.args.process_index == 0:
+                print(f"FSDP2: frozen {', '.join(replicated)} replicated on every GPU, not sharded "
+                      "(fsdp_config replicate_frozen_vision)", flush=True)
 
     def _fsdp_unavailable(self):
         # accelerate enables FSDP only on accelerators (CUDA, XPU, ...); elsewhere it would

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from qwenvl.train.arguments import parse_args
+from qwenvl.train.arguments import ConfigError, parse_args
 from tests.conftest import copy_demo_annotations
 
 from .conftest import free_port
@@ -53,8 +53,8 @@ def test_fsdp2_trains_like_ddp_saves_plain_checkpoints_and_resumes(untied_model_
     """Two CPU processes: FSDP2 with the fused loss (Liger's place taken by our chunked kernel, which
     multiplies the head's weight outside lm_head's forward: a DTensor shard there until gathered),
     token-budget batches (some ranks' micro-batches without an image: the dummy vision calls
-    must keep the all-gathers paired), frozen vision tower next to a trainable merger in one
-    FSDP group.  The run is stopped after the checkpoint of step 2 and resumed from its sharded
+    must keep the all-gathers paired), frozen vision tower replicated (left out of fully_shard)
+    next to a trainable merger sharded in the root group.  The run is stopped after the checkpoint of step 2 and resumed from its sharded
     state to step 3; losses and weights equal a DDP run of 3 steps."""
     dictionary = copy_demo_annotations(tmp_path / "data")
     env = _env()
@@ -64,6 +64,7 @@ def test_fsdp2_trains_like_ddp_saves_plain_checkpoints_and_resumes(untied_model_
     harness = ["-m", "tests.train.fsdp_cpu", "--use_cpu", "True", *FSDP]
     first = _run(_torchrun(*harness, *_flags(untied_model_dir, fsdp, dictionary, "--max_steps", "2")), env)
     assert "model and processor saved" in first.stdout
+    assert "replicated on every GPU, not sharded" in first.stdout  # the frozen tower (scripts/fsdp2.json's default)
 
     # Each checkpoint: a plain model that loads with the Auto classes, and the sharded state.
     checkpoint = fsdp / "checkpoint-2"
@@ -157,7 +158,62 @@ def test_fsdp_flags_parse_and_compiled_layers_are_allowed(tiny_model_dir, tmp_pa
     assert fsdp_version(args) == 2 and mixed_precision_policy(args) is None  # fp32 run: no casts
     args.bf16 = True
     policy = mixed_precision_policy(args)
-    assert (policy.param_dtype, policy.reduce_dtype, policy.output_dtype) == (torch.bfloat16, torch.float32, None)
+    # scripts/fsdp2.json reduces in bf16, as DeepSpeed ZeRO does in bf16 runs
+    assert (policy.param_dtype, policy.reduce_dtype, policy.output_dtype) == (torch.bfloat16, torch.bfloat16, None)
+    args.fsdp_config = {k: v for k, v in args.fsdp_config.items() if k != "reduce_dtype"}
+    assert mixed_precision_policy(args).reduce_dtype == torch.float32  # a config without the key: full precision
+    args.fsdp_config["reduce_dtype"] = "fp8"
+    with pytest.raises(ConfigError, match="reduce_dtype must be one of float32, bfloat16"):
+        mixed_precision_policy(args)
+
+
+def _tiny(model_dir, tmp_path, *flags):
+    from qwenvl.train.model import load_model, prepare_model
+
+    args = parse_args(["--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path), "--use_cpu", "True",
+                       *FSDP, *flags])
+    return prepare_model(load_model(args.model, args.training), args.model, args.training), args.training
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl_moe"])
+def test_frozen_vision_tower_is_replicated_and_its_blocks_are_not_wrapping_units(tiny_model_dir, tmp_path, family):
+    """Frozen tower next to a trained merger: the largest all-frozen vision submodules (blocks, patch
+    and position embeddings) are handed to accelerate as ignored modules (moved to the device, since
+    fully_shard moves only what it shards), and the block class leaves the wrapping classes; the
+    merger and the language model stay sharded."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from qwenvl.train.sharding import configure_fsdp2_plugin
+
+    model, args = _tiny(tiny_model_dir(family), tmp_path, "--tune_mm_llm", "True", "--tune_mm_mlp", "True",
+                        "--tune_mm_vision", "False")
+    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    names = configure_fsdp2_plugin(plugin, model, args, torch.device("cpu"))
+    assert names and all(".visual." in f".{n}." and "merger" not in n for n in names), names
+    ignored = {id(p) for m in plugin.ignored_modules for p in m.parameters()}
+    for name, param in model.named_parameters():
+        is_tower = ".visual." in f".{name}" and "merger" not in name
+        assert (id(param) in ignored) == is_tower, name
+    block = next(n for n in model._no_split_modules if n.endswith("VisionBlock"))
+    assert block not in plugin.transformer_cls_names_to_wrap
+    assert any(n.endswith("DecoderLayer") for n in plugin.transformer_cls_names_to_wrap)
+
+
+def test_training_or_opted_out_vision_tower_and_lora_base_weights_stay_sharded(tiny_model_dir, tmp_path):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from qwenvl.train.sharding import configure_fsdp2_plugin, replicated_frozen_modules
+
+    model, args = _tiny(tiny_model_dir("qwen2_5_vl"), tmp_path, "--tune_mm_llm", "True", "--tune_mm_vision", "True")
+    assert replicated_frozen_modules(model, args) == []
+    model, args = _tiny(tiny_model_dir("qwen2_5_vl"), tmp_path, "--tune_mm_llm", "True", "--lora_enable", "True")
+    # LoRA: the language model's frozen base weights stay sharded (that is most of the model); the tower is replicated
+    names = [n for n, _ in replicated_frozen_modules(model, args)]
+    assert names and all(".visual." in f".{n}." for n in names), names
+    model, args = _tiny(tiny_model_dir("qwen2_5_vl"), tmp_path, "--tune_mm_llm", "True")
+    args.fsdp_config["replicate_frozen_vision"] = False
+    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    assert configure_fsdp2_plugin(plugin, model, args, torch.device("cpu")) == [] and plugin.ignored_modules is None
 
 
 def test_fsdp_without_gpus_is_refused_not_silently_ddp(tiny_model_dir, tmp_path, capsys):
