@@ -68,7 +68,7 @@ def measure(path: str, cache: bool, reads: int) -> dict:
     """Runs in a fresh process: open the file, then time random reads."""
     import numpy as np
 
-    from qwenvl.data.sources import open_annotations
+    from qwenvl.data.catalog.sources import open_annotations
 
     base = rss_bytes()
     t0 = time.perf_counter()

@@ -5,7 +5,7 @@ dictionary rates, seed 42) exactly with a tiny Qwen2.5-VL and the README's demo
 pixel settings (``--max_pixels 112*112 --min_pixels 56*56 --video_max_pixels 56*56
 --video_min_pixels 28*28``, 4-8 frames), then packs them for each token budget with:
 
-* ``bfd`` / ``ffd``: best- / first-fit decreasing (``qwenvl.data.packing``; what
+* ``bfd`` / ``ffd``: best- / first-fit decreasing (``qwenvl.data.batch.packing``; what
   ``pack_data`` and online packing use, ``bfd`` by default);
 * ``next_fit``: samples in a shuffled order, a new pack whenever the next one does
   not fit (what concatenating a stream gives; the baseline);
@@ -50,12 +50,12 @@ def demo_lengths(model: str, budgets: list[int], seed: int = 42) -> dict[int, np
     from transformers import AutoProcessor
 
     from qwenvl.data.arguments import DataArguments
-    from qwenvl.data.dataset import video_settings_from
-    from qwenvl.data.lengths import TokenCounter, build_lengths, fit_to_max_length
-    from qwenvl.data.mixture import build_mixture
-    from qwenvl.data.processor_settings import configure_processor
-    from qwenvl.data.registry import load_dictionary, parse_dataset_use
-    from qwenvl.data.sources import open_annotations
+    from qwenvl.data.batch.lengths import TokenCounter, build_lengths, fit_to_max_length
+    from qwenvl.data.catalog.mixture import build_mixture
+    from qwenvl.data.catalog.registry import load_dictionary, parse_dataset_use
+    from qwenvl.data.catalog.sources import open_annotations
+    from qwenvl.data.media.video import video_settings_from
+    from qwenvl.data.render.processor_settings import configure_processor
 
     args = DataArguments(dataset_use=DEMO, **PIXELS)
     processor = configure_processor(AutoProcessor.from_pretrained(model), args)
@@ -79,8 +79,8 @@ def synthetic(rows: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 
 
 def measure(rows: np.ndarray, budget: int, seed: int = 42) -> dict:
-    from qwenvl.data.packing import pack_items
-    from qwenvl.data.sampler import OnlinePackingBatchSampler
+    from qwenvl.data.batch.packing import pack_items
+    from qwenvl.data.batch.sampler import OnlinePackingBatchSampler
 
     tokens, patches = rows[:, 0], rows[:, 2]
     usable = np.flatnonzero(tokens > 0)

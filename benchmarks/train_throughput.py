@@ -502,7 +502,7 @@ def trl_dataset(ctx: Context, rows: int):
 
     from qwenvl.data.arguments import DataArguments
     from qwenvl.data.dataset import make_supervised_data_module
-    from qwenvl.data.prompt import template_messages
+    from qwenvl.data.render.prompt import template_messages
 
     data_args = DataArguments(dataset_use=ctx.dataset_use, dataset_dictionary=ctx.dictionary,
                               max_pixels=ctx.max_pixels, min_pixels=ctx.min_pixels)
@@ -531,7 +531,7 @@ def run_trl(cfg: RunConfig, ctx: Context, timer) -> tuple[object, Meter]:
     from trl import SFTConfig, SFTTrainer
 
     from qwenvl.data.arguments import DataArguments
-    from qwenvl.data.processor_settings import configure_processor
+    from qwenvl.data.render.processor_settings import configure_processor
 
     if isinstance(ctx.trl_rows, str):
         raise _NotAvailable(ctx.trl_rows)

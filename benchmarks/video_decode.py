@@ -37,8 +37,8 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 import numpy as np  # noqa: E402
 
-from qwenvl.data.video import VideoSettings, load_video, sample_frame_indices  # noqa: E402
-from qwenvl.data.video_decode import decode_video, installed_backends  # noqa: E402
+from qwenvl.data.media.video import VideoSettings, load_video, sample_frame_indices  # noqa: E402
+from qwenvl.data.media.video_decode import decode_video, installed_backends  # noqa: E402
 
 VIDEOS = [  # (width, height, seconds, fps)
     (640, 360, 30, 30),

@@ -18,7 +18,7 @@ Two kinds of reliance:
   an override whose base was renamed would silently never run.
 
 Uses that stay where they are, reading undocumented but public helpers of the processors
-(``qwenvl/data/lengths.py``: ``replace_image_token``, ``replace_video_token``,
+(``qwenvl/data/batch/lengths.py``: ``replace_image_token``, ``replace_video_token``,
 ``get_text_with_replacements``, ``get_number_of_image_patches``, ``tokenizer._tokenizer``), are
 listed and checked all the same.
 """
@@ -107,11 +107,11 @@ INTERNALS: tuple[Internal, ...] = (
              "count_loss_over_tokens (the Trainer passes num_items_in_batch to the model only when "
              "model_accepts_loss_kwargs is true)", mentions=("model_accepts_loss_kwargs",)),
     Internal(_TRAINER, "_run_epoch", f"{_T} trainer.py:1851-1858",
-             "qwenvl/data/sampler.py (the Trainer calls set_epoch on the batch sampler inside accelerate's "
+             "qwenvl/data/batch/sampler.py (the Trainer calls set_epoch on the batch sampler inside accelerate's "
              "BatchSamplerShard; without it every epoch repeats the first one's order)",
              mentions=("batch_sampler", "set_epoch")),
     Internal("accelerate.data_loader.BatchSamplerShard", "__init__", "accelerate data_loader.py:145-158",
-             "qwenvl/data/sampler.py (the wrapped sampler is kept as .batch_sampler)",
+             "qwenvl/data/batch/sampler.py (the wrapped sampler is kept as .batch_sampler)",
              mentions=("self.batch_sampler = batch_sampler",)),
     Internal("transformers.PreTrainedConfig", "_attn_implementation", f"{_T} configuration_utils.py:595-599",
              "attn_implementation / set_attn_implementation_field (qwenvl/train/attention.py, train_qwen.py)",
@@ -124,22 +124,22 @@ INTERNALS: tuple[Internal, ...] = (
                mentions=("is_flash_attention_requested",), families=(family,))
       for family, (path, where) in _VISION_ATTENTION.items()),
     Internal("transformers.integrations.deepspeed", "_hf_deepspeed_config_weak_ref",
-             f"{_T} integrations/deepspeed.py:267", "registered_deepspeed_config (qwenvl/data/rope.py)"),
+             f"{_T} integrations/deepspeed.py:267", "registered_deepspeed_config (qwenvl/data/render/rope.py)"),
     Internal("transformers.PreTrainedModel", "_from_config", f"{_T} modeling_utils.py:1393",
              "build_from_config (benchmarks: random weights built directly on the device)", params=("config",)),
     Internal("transformers.ProcessorMixin", "get_text_with_replacements", f"{_T} processing_utils.py:890",
-             "qwenvl/data/lengths.py (placeholder expansion when counting)",
+             "qwenvl/data/batch/lengths.py (placeholder expansion when counting)",
              params=("text", "images_replacements", "videos_replacements", "audio_replacements")),
-    *(Internal(proc, name, f"{_T} models/*/processing_*.py", "qwenvl/data/lengths.py (placeholder expansion)",
+    *(Internal(proc, name, f"{_T} models/*/processing_*.py", "qwenvl/data/batch/lengths.py (placeholder expansion)",
                params=params, not_from="transformers.ProcessorMixin", families=families)
       for proc, families in _PROCESSORS.items()
       for name, params in (("replace_image_token", ("image_inputs", "image_idx")),
                            ("replace_video_token", ("video_inputs", "video_idx")))),
     Internal("transformers.Qwen2VLImageProcessor", "get_number_of_image_patches",
-             f"{_T} models/qwen2_vl/image_processing_qwen2_vl.py:269", "qwenvl/data/lengths.py (image patches)",
+             f"{_T} models/qwen2_vl/image_processing_qwen2_vl.py:269", "qwenvl/data/batch/lengths.py (image patches)",
              params=("height", "width", "images_kwargs")),
     Internal("transformers.PreTrainedTokenizerFast", "_tokenizer", f"{_T} tokenization_utils_tokenizers.py",
-             "qwenvl/data/lengths.py (the tokenizers backend, when backend_tokenizer is absent)"),
+             "qwenvl/data/batch/lengths.py (the tokenizers backend, when backend_tokenizer is absent)"),
     *(Internal(f"transformers.models.{family}.modeling_{family}", fn, f"{_T} {where}",
                "reference_linear_attention_functions (qwenvl/train/linear_attention.py: transformers' PyTorch "
                "functions under the fla dispatch, through __wrapped__)", params=params, families=(family,), unwrap=True)

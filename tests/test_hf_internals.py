@@ -53,7 +53,7 @@ def test_a_trainer_that_stops_setting_the_samplers_epoch_is_named():
 
     problems = hf.internals_problems("qwen2_5_vl", owners={"transformers.Trainer": NoEpochs})
     assert len(problems) == 1 and "transformers.Trainer._run_epoch no longer mentions 'batch_sampler'" in problems[0]
-    assert "qwenvl/data/sampler.py" in problems[0]
+    assert "qwenvl/data/batch/sampler.py" in problems[0]
 
 
 def test_missing_module_attribute_and_lost_setter_are_named():
@@ -69,7 +69,7 @@ def test_missing_module_attribute_and_lost_setter_are_named():
     text = str(err.value)
     assert f"transformers {transformers.__version__} differs from 5.23" in text
     assert "transformers.integrations.deepspeed._hf_deepspeed_config_weak_ref is gone" in text
-    assert "integrations/deepspeed.py:267" in text and "qwenvl/data/rope.py" in text
+    assert "integrations/deepspeed.py:267" in text and "qwenvl/data/render/rope.py" in text
     assert "transformers.PreTrainedConfig._attn_implementation is no longer a property with a setter" in text
     assert text.count("\n  - ") == 2
 

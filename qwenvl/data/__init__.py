@@ -1,4 +1,15 @@
-"""Data side of qwenvl: dataset dictionary, mixing, annotation indexes, record formats, media.
+"""Data side of qwenvl: a sample's path from the dataset dictionary to a batch.
+
+- ``catalog/``: which record (dictionary, ``--dataset_use`` mixture, annotation files),
+  read and converted into a checked ``Conversation``;
+- ``render/``: a conversation -> ``input_ids``, ``labels`` (built while rendering),
+  pixels and positions;
+- ``media/``: images and videos opened, decoded, sampled and sized under a time limit;
+- ``batch/``: lengths (counted without pixels, cached per file), packing, samplers and
+  collators;
+- shared by every stage: ``errors`` (``DataError`` and its kinds), ``arguments`` (the data
+  flags), ``skips`` (``--bad_sample_policy skip``); ``dataset`` composes the stages
+  (``make_supervised_data_module``); ``preview`` is a command (``python -m qwenvl.data.preview``).
 
 The official ``qwenvl.data`` names are kept: ``data_dict`` (name -> settings,
 read lazily from the repo's ``dataset_dictionary.json`` instead of Python code)
@@ -9,13 +20,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Iterator
 
-from .errors import DataError, where
-from .formats import Conversation, to_conversation, to_conversations
-from .media import open_image, resolve_media
-from .mixture import build_mixture, mixture_counts, mixture_string
-from .registry import (DEFAULT_DICTIONARY, DatasetSpec, MixtureEntry, load_dictionary,
-                       parse_dataset_use)
-from .sources import AnnotationSource, open_annotations
+from qwenvl.data.catalog.formats import Conversation, to_conversation, to_conversations
+from qwenvl.data.catalog.mixture import build_mixture, mixture_counts, mixture_string
+from qwenvl.data.catalog.registry import (DEFAULT_DICTIONARY, DatasetSpec, MixtureEntry, load_dictionary,
+                                          parse_dataset_use)
+from qwenvl.data.catalog.sources import AnnotationSource, open_annotations
+from qwenvl.data.errors import DataError, where
+from qwenvl.data.media.read import open_image, resolve_media
 
 __all__ = [
     "DataError", "where", "DatasetSpec", "MixtureEntry", "DEFAULT_DICTIONARY", "load_dictionary",

@@ -12,18 +12,17 @@ import os
 import numpy as np
 from torch.utils.data import Dataset
 
-from .collate import make_collator
-from .conversation_checks import conversation_warnings, log_warnings
-from .errors import DataError, Origin, bad_sample, where
-from .lengths import conversation_of
-from .media import DEFAULT_MEDIA_TIMEOUT_S
-from .mixture import build_mixture, check_not_empty
-from .preflight import check_first_records
-from .processor_settings import configure_processor
-from .registry import MixtureEntry, load_dictionary, parse_dataset_use
-from .render import SampleRenderer
-from .skips import SkipLog, Skipped, skip_log_path
-from .sources import open_annotations
+from qwenvl.data.batch.collate import make_collator
+from qwenvl.data.catalog.conversation_checks import conversation_of, conversation_warnings, log_warnings
+from qwenvl.data.catalog.mixture import build_mixture, check_not_empty
+from qwenvl.data.catalog.preflight import check_first_records
+from qwenvl.data.catalog.registry import MixtureEntry, load_dictionary, parse_dataset_use
+from qwenvl.data.catalog.sources import open_annotations
+from qwenvl.data.errors import DataError, Origin, bad_sample, where
+from qwenvl.data.media.video import video_settings_from
+from qwenvl.data.render.processor_settings import configure_processor
+from qwenvl.data.render.sample import SampleRenderer
+from qwenvl.data.skips import SkipLog, Skipped, skip_log_path
 
 logger = logging.getLogger(__name__)
 
@@ -90,17 +89,6 @@ class SupervisedDataset(Dataset):
                 self.skip_log.record(i, self.origin(i), str(err), err.kind.value)
                 return Skipped(i, self)
             raise err from None
-
-
-def video_settings_from(data_args, processor):
-    """The video sampling settings of the flags, with the family's patch sizes (pixel bounds per frame)."""
-    from .video import VideoSettings
-
-    return VideoSettings.for_processor(
-        processor, fps=data_args.video_fps, min_frames=data_args.video_min_frames,
-        max_frames=data_args.video_max_frames, min_pixels=data_args.video_min_pixels,
-        max_pixels=data_args.video_max_pixels, backend=data_args.video_backend,
-        timeout_s=getattr(data_args, "media_timeout", None) or DEFAULT_MEDIA_TIMEOUT_S)
 
 
 def make_supervised_data_module(processor, data_args, model_config, model_max_length: int | None = None,

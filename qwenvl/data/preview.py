@@ -18,10 +18,15 @@ import json
 import sys
 from dataclasses import dataclass, field
 
+import numpy as np
+from PIL import Image, ImageDraw
 from transformers import AutoConfig, AutoProcessor, HfArgumentParser
 
-from .arguments import DataArguments
-from .errors import DataError
+from qwenvl.data.arguments import DataArguments
+from qwenvl.data.errors import DataError
+from qwenvl.data.media.read import open_image
+from qwenvl.data.render.grounding import convert_values, place_coordinates
+from qwenvl.data.render.prompt import template_messages
 
 
 @dataclass
@@ -93,9 +98,6 @@ def images_as_seen(sample: dict, image_processor) -> list:
     rows of merge-size blocks, each patch repeated ``temporal_patch_size`` times) and its
     normalisation, so what comes back is the resized image itself, not a re-resize.
     """
-    import numpy as np
-    from PIL import Image
-
     if "pixel_values" not in sample:
         return []
     p, m, t = image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size
@@ -120,12 +122,6 @@ def draw_trained_coordinates(conversation, sample: dict, renderer) -> list:
     the ones in the trained text, read back from the family's convention into pixels
     of that image.
     """
-    from PIL import ImageDraw
-
-    from .grounding import convert_values, place_coordinates
-    from .media import open_image
-    from .prompt import template_messages
-
     _, refs, _ = template_messages(conversation)
     if not refs:
         return []
@@ -152,7 +148,8 @@ def draw_trained_coordinates(conversation, sample: dict, renderer) -> list:
 
 def preview(argv: list[str] | None = None) -> str:
     """Render the chosen sample and return what ``main`` prints."""
-    from .dataset import make_supervised_data_module, sample_token_counts
+    # local: --help and flag errors answer without importing torch and the renderer
+    from qwenvl.data.dataset import make_supervised_data_module, sample_token_counts
 
     data_args, args = HfArgumentParser((DataArguments, PreviewArguments)).parse_args_into_dataclasses(argv)
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)

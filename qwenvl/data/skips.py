@@ -21,7 +21,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from .errors import DataError
+from qwenvl.data.errors import DataError
 
 logger = logging.getLogger(__name__)
 

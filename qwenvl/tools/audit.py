@@ -28,7 +28,7 @@ dataset, file, record index, line (JSON/JSONL) and reason, tallied by kind:
 * ``box_outside_image``: a box or point (``bbox_2d``, ``point_2d``, Qwen2-VL box
   tokens) that cannot belong to its image in the dataset's ``bbox_format`` (or, when
   undeclared, the family's own coordinates for the image as resized), which training
-  refuses (``qwenvl/data/grounding.py``);
+  refuses (``qwenvl/data/render/grounding.py``);
 * ``config``: a relative media path in a dataset without ``data_path``, a missing decoder;
 * ``internal_error``: an exception that is not bad data but a bug of ours: training stops on
   it whatever ``--bad_sample_policy`` says (please report it with the record).
@@ -41,7 +41,7 @@ The kinds are ``DataError.kind`` (``qwenvl.data.errors.DataKind``); whether an e
 bad data at all is ``errors.bad_sample``, the rule training's skip policy follows.
 
 With ``--model_name_or_path`` every good record is also counted exactly (tokens, text
-and visual tokens, vision patches; ``qwenvl.data.lengths``) and the counts are stored
+and visual tokens, vision patches; ``qwenvl.data.batch.lengths``) and the counts are stored
 in the length cache that training, ``pack_data`` and online packing read, under the
 same flags.  Without it only the structural and media checks run (said in the output).
 
@@ -77,18 +77,20 @@ import numpy as np
 from transformers import HfArgumentParser
 
 from qwenvl.data.arguments import DataArguments
-from qwenvl.data.conversation_checks import conversation_warnings
+from qwenvl.data.batch.lengths import (LengthTable, TokenCounter, chunk_ranges, image_size,
+                                       parallel_chunks, probe_video, save_lengths)
+from qwenvl.data.catalog.conversation_checks import conversation_warnings
+from qwenvl.data.catalog.conversation_checks import conversation_of
+from qwenvl.data.catalog.formats import Conversation
+from qwenvl.data.catalog.mixture import mixture_counts
+from qwenvl.data.catalog.registry import DatasetSpec, load_dictionary, parse_dataset_use
+from qwenvl.data.catalog.sources import open_annotations
 from qwenvl.data.errors import DataError, DataKind, bad_sample, where
-from qwenvl.data.formats import Conversation
-from qwenvl.data.grounding import Grounding, may_hold_coordinates
-from qwenvl.data.grounding_check import GroundingFindings, inspect_coordinates
-from qwenvl.data.lengths import (LengthTable, TokenCounter, chunk_ranges, conversation_of, image_size,
-                                 parallel_chunks, probe_video, save_lengths)
-from qwenvl.data.mixture import mixture_counts
-from qwenvl.data.prompt import template_messages
-from qwenvl.data.registry import DatasetSpec, load_dictionary, parse_dataset_use
-from qwenvl.data.sources import open_annotations
-from qwenvl.data.video_checks import few_frames_warning
+from qwenvl.data.media.video_checks import few_frames_warning
+from qwenvl.data.render.grounding import Grounding, may_hold_coordinates
+from qwenvl.data.render.grounding_check import GroundingFindings, inspect_coordinates
+from qwenvl.data.render.prompt import template_messages
+from qwenvl.user_cache import user_cache_dir
 
 INTERNAL_ERROR = "internal_error"  # not bad data: a bug that stops training whatever the policy
 KINDS = tuple(k.value for k in DataKind if k not in (DataKind.CONFIG, DataKind.BAD_SAMPLES)) + (
@@ -132,7 +134,7 @@ def _check_media(conversation: Conversation, video_settings, verify: bool) -> li
 
     Returns the videos' ``few_frames`` warnings as ``(kind, message)``.
     """
-    from qwenvl.data.video import load_video
+    from qwenvl.data.media.video import load_video
 
     _, images, videos = template_messages(conversation)
     for ref in images:
@@ -336,7 +338,7 @@ def _selected(data_args: DataArguments) -> list[tuple[str, DatasetSpec, list[str
 
 def _counter(audit_args: AuditArguments, data_args: DataArguments):
     """(counter or None, video settings) for the flags."""
-    from qwenvl.data.video import VideoSettings
+    from qwenvl.data.media.video import VideoSettings
 
     if audit_args.model_name_or_path is None:
         settings = VideoSettings(fps=data_args.video_fps, min_frames=data_args.video_min_frames,
@@ -345,8 +347,8 @@ def _counter(audit_args: AuditArguments, data_args: DataArguments):
         return None, settings
     from transformers import AutoConfig, AutoProcessor
 
-    from qwenvl.data.dataset import video_settings_from
-    from qwenvl.data.processor_settings import configure_processor
+    from qwenvl.data.media.video import video_settings_from
+    from qwenvl.data.render.processor_settings import configure_processor
 
     processor = configure_processor(AutoProcessor.from_pretrained(audit_args.model_name_or_path), data_args)
     settings = video_settings_from(data_args, processor)
@@ -518,7 +520,7 @@ def default_report_paths(selected) -> list[Path]:
     user cache (a URL, or a folder we cannot write)."""
     tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", "+".join(name for name, _, _ in selected))[:80]
     name = f"audit_{tag}.json"
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwenvl" / "audit" / name
+    cache = user_cache_dir("audit") / name
     first = selected[0][1].annotation_path if selected else ""
     if not first or "://" in first:
         return [cache]

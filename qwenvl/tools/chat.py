@@ -21,7 +21,7 @@ which coordinates the user works in.  Boxes in ``--prompt`` are then converted i
 family's coordinates exactly as training converts a dataset declared with that format,
 and boxes in the answer are converted back (``--bbox_format abs_original``: pixels of
 your image file, whatever the resize).  Without it, the text passes unchanged in both
-directions (the family's own coordinates; ``qwenvl/data/grounding.py``).
+directions (the family's own coordinates; ``qwenvl/data/render/grounding.py``).
 
 Decoding is greedy and stops at ``<|im_end|>`` (looked up by name) or the model's
 own end tokens.  On CUDA the model loads with ``dtype="auto"`` and
@@ -165,8 +165,8 @@ def generate(model, processor, renderer, conversation, max_new_tokens: int = 128
 
 def image_sizes(conversation) -> list[tuple[int, int]]:
     """(width, height) of each image of ``conversation``, in order, as loaded for rendering."""
-    from qwenvl.data.media import open_image
-    from qwenvl.data.prompt import template_messages
+    from qwenvl.data.media.read import open_image
+    from qwenvl.data.render.prompt import template_messages
 
     _, refs, _ = template_messages(conversation)
     return [open_image(ref, origin=conversation.origin).size for ref in refs]
@@ -203,7 +203,7 @@ def chat_data_args(processor, video_from_processor: bool = True, **overrides):
     training run.  ``overrides`` (flags the user gave) win.
     """
     from qwenvl.data.arguments import DataArguments
-    from qwenvl.data.processor_settings import whole_video_pixel_budget
+    from qwenvl.data.render.processor_settings import whole_video_pixel_budget
 
     values = {}
     image_size = getattr(processor.image_processor, "size", None) or {}
@@ -237,9 +237,9 @@ def chat_data_args(processor, video_from_processor: bool = True, **overrides):
 
 def make_renderer(model, processor, data_args, model_max_length: int | None = None):
     """The training renderer for ``model``'s family, with the processor set to ``data_args``."""
-    from qwenvl.data.dataset import video_settings_from
-    from qwenvl.data.processor_settings import configure_processor
-    from qwenvl.data.render import SampleRenderer
+    from qwenvl.data.media.video import video_settings_from
+    from qwenvl.data.render.processor_settings import configure_processor
+    from qwenvl.data.render.sample import SampleRenderer
 
     configure_processor(processor, data_args)
     return SampleRenderer(processor, model.config, model_max_length, video_settings_from(data_args, processor),
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
 
     from qwenvl.data.errors import DataError
-    from qwenvl.data.prompt import user_conversation
+    from qwenvl.data.render.prompt import user_conversation
 
     try:
         model, processor = load_checkpoint(args.model, args.base, args.device)

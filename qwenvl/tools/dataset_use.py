@@ -19,9 +19,9 @@ import argparse
 import re
 import sys
 
+from qwenvl.data.catalog.mixture import mixture_string
+from qwenvl.data.catalog.registry import DEFAULT_DICTIONARY, load_dictionary
 from qwenvl.data.errors import DataError
-from qwenvl.data.mixture import mixture_string
-from qwenvl.data.registry import DEFAULT_DICTIONARY, load_dictionary
 
 EVAL_SPLIT_NAME = re.compile(r"[_-](eval|val|valid|validation|test)$", re.IGNORECASE)
 

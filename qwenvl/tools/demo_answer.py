@@ -36,10 +36,10 @@ class DemoAnswer:
 
 
 def _held_out(dictionary_path: str, dataset: str, index: int):
-    from qwenvl.data.formats import to_conversation
-    from qwenvl.data.prompt import reply_text, split_last_reply
-    from qwenvl.data.registry import load_dictionary
-    from qwenvl.data.sources import open_annotations
+    from qwenvl.data.catalog.formats import to_conversation
+    from qwenvl.data.catalog.registry import load_dictionary
+    from qwenvl.data.catalog.sources import open_annotations
+    from qwenvl.data.render.prompt import reply_text, split_last_reply
 
     dictionary = load_dictionary(dictionary_path)
     if dataset not in dictionary:

@@ -14,7 +14,7 @@ an answer counts as
   articles a/an/the and extra whitespace (the SQuAD rule, for short answers:
   "The red." == "red").
 
-Grounding answers (``bbox_2d``, Qwen2-VL box tokens; ``qwenvl/data/grounding.py``): the
+Grounding answers (``bbox_2d``, Qwen2-VL box tokens; ``qwenvl/data/render/grounding.py``): the
 model answers in its family's coordinates for the image as it saw it; ``exact`` and
 ``normalised`` compare that answer with the reference as training wrote it (converted
 from the dataset's ``bbox_format``).  The answer is also converted back into the
@@ -136,7 +136,7 @@ def _conversations(dataset, i: int) -> list:
 
 def trained_reference(renderer, conversation, resized: list) -> str:
     """The last reply of ``conversation`` as training writes it: boxes in the family's coordinates."""
-    from qwenvl.data.prompt import split_last_reply
+    from qwenvl.data.render.prompt import split_last_reply
     from qwenvl.tools.chat import image_sizes
 
     if not resized:
@@ -153,8 +153,8 @@ def evaluate_dataset(model, processor, renderer, collator, dataset, name: str, m
     from tqdm.auto import tqdm
 
     from qwenvl.data.errors import DataError
-    from qwenvl.data.grounding import boxes_in, matched_iou
-    from qwenvl.data.prompt import split_last_reply
+    from qwenvl.data.render.grounding import boxes_in, matched_iou
+    from qwenvl.data.render.prompt import split_last_reply
     from qwenvl.tools.chat import generate, in_user_coordinates
 
     score, predictions = DatasetScore(name), []
@@ -227,9 +227,9 @@ def _explicit(values, cls) -> dict:
 def evaluate(eval_args: EvalArguments, data_args) -> dict:
     """Run the evaluation; returns the JSON written (``datasets`` rows and ``predictions``)."""
     from qwenvl.data.arguments import DataArguments
-    from qwenvl.data.collate import PaddedCollator
+    from qwenvl.data.batch.collate import PaddedCollator
+    from qwenvl.data.catalog.registry import load_dictionary, parse_dataset_use
     from qwenvl.data.dataset import SupervisedDataset
-    from qwenvl.data.registry import load_dictionary, parse_dataset_use
     from qwenvl.tools.chat import chat_data_args, load_checkpoint, make_renderer, written_by_training
 
     dictionary = load_dictionary(data_args.dataset_dictionary)

@@ -22,7 +22,7 @@ Grounding images have sides that are not multiples of 28 or 32, so every family'
 processor resizes them (and the demo's ``--max_pixels 12544`` shrinks most of them):
 the boxes in the answers are pixels of the image files, declared with
 ``"bbox_format": "abs_original"`` in the dictionary, and training rewrites them into
-each family's coordinates for the image as resized (``qwenvl/data/grounding.py``).
+each family's coordinates for the image as resized (``qwenvl/data/render/grounding.py``).
 
 Same seed, same bytes: each dataset draws from its own ``random.Random`` seeded by
 "<seed>:<dataset>", annotation files and PNGs are byte-identical across runs, and

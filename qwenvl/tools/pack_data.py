@@ -6,8 +6,8 @@
         [the data flags of training: --max_pixels ... --video_fps ... --bad_sample_policy ...]
 
 The samples of one epoch of the ``--dataset_use`` mixture (the same seeded mixture
-training builds with ``--seed``) are counted exactly (``qwenvl.data.lengths``, through
-the length cache) and bin-packed (``qwenvl.data.packing``, best-fit decreasing by
+training builds with ``--seed``) are counted exactly (``qwenvl.data.batch.lengths``, through
+the length cache) and bin-packed (``qwenvl.data.batch.packing``, best-fit decreasing by
 default) so that each pack's tokens fit ``--model_max_length`` and, with
 ``--max_patches_per_pack``, its vision patches fit that (the vision tower's memory
 follows patches).  The packs are shuffled with the seed and written as a JSON array,
@@ -46,13 +46,13 @@ import numpy as np
 from transformers import HfArgumentParser
 
 from qwenvl.data.arguments import DataArguments
+from qwenvl.data.batch.lengths import PATCHES, TOKENS, TokenCounter, lengths_for
+from qwenvl.data.batch.packing import ALGORITHMS, pack_items, shuffle_packs
+from qwenvl.data.catalog.mixture import build_mixture
+from qwenvl.data.catalog.registry import DEFAULT_DICTIONARY, load_dictionary, parse_dataset_use
+from qwenvl.data.catalog.sources import open_annotations
 from qwenvl.data.errors import DataError, DataKind
-from qwenvl.data.lengths import PATCHES, TOKENS, TokenCounter, lengths_for
-from qwenvl.data.media import is_url, resolve_media
-from qwenvl.data.mixture import build_mixture
-from qwenvl.data.packing import ALGORITHMS, pack_items, shuffle_packs
-from qwenvl.data.registry import DEFAULT_DICTIONARY, load_dictionary, parse_dataset_use
-from qwenvl.data.sources import open_annotations
+from qwenvl.data.media.read import is_url, resolve_media
 
 
 @dataclass
@@ -121,9 +121,9 @@ def plan_packs(data_args: DataArguments, args: PackArguments, progress: bool = T
     """Count, pack and describe; returns a dict with the packs (as (dataset, record) pairs) and the summary."""
     from transformers import AutoConfig, AutoProcessor
 
-    from qwenvl.data.dataset import video_settings_from
-    from qwenvl.data.grounding import Grounding
-    from qwenvl.data.processor_settings import configure_processor
+    from qwenvl.data.media.video import video_settings_from
+    from qwenvl.data.render.grounding import Grounding
+    from qwenvl.data.render.processor_settings import configure_processor
 
     if args.model_max_length < 1:
         raise DataError(f"--model_max_length must be positive, got {args.model_max_length}.", DataKind.CONFIG)

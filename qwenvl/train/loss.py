@@ -17,7 +17,7 @@ import importlib.util
 
 import torch
 
-IGNORE_INDEX = -100
+from qwenvl.data.render import IGNORE_INDEX
 
 # Rows per chunk by default: about 2**27 fp32 logits (512 MiB) per chunk; for Qwen's
 # vocabulary that is ~880 rows.

@@ -54,12 +54,12 @@ def train_batch_sampler(dataset, training_args, check_cache=None):
 
     The token budget per micro-batch is ``--max_tokens_per_batch`` (else ``--model_max_length``),
     or, with ``--token_budget_samples``, the one that holds about that many samples per
-    optimizer step on average (``qwenvl.data.budget``).
+    optimizer step on average (``qwenvl.data.batch.budget``).
 
     ``check_cache(dataset)`` runs first when the cache is needed (it stops a
     multi-process run whose cache is missing: ``qwenvl.train.length_cache``)."""
-    from qwenvl.data.lengths import dataset_lengths
-    from qwenvl.data.sampler import make_train_sampler
+    from qwenvl.data.batch.lengths import dataset_lengths
+    from qwenvl.data.batch.sampler import make_train_sampler
 
     samples = getattr(training_args, "token_budget_samples", None)
     packing = training_args.online_packing or training_args.max_tokens_per_batch is not None or samples is not None
@@ -75,7 +75,7 @@ def train_batch_sampler(dataset, training_args, check_cache=None):
                                   progress=training_args.process_index == 0)
     budget = training_args.max_tokens_per_batch or training_args.model_max_length
     if samples is not None:
-        from qwenvl.data.budget import budget_for_samples
+        from qwenvl.data.batch.budget import budget_for_samples
 
         budget, mean = budget_for_samples(rows, samples, training_args.gradient_accumulation_steps)
         if training_args.process_index == 0:

@@ -47,13 +47,11 @@ from .interrupt import StopOnSignal
 from .model import set_use_cache
 from .optim import build_param_groups, describe_groups
 
-IGNORE_INDEX = -100
-
 
 class QwenVLTrainer(Trainer):
     def __init__(self, *args, train_batch_sampler=None, **kwargs):
         super().__init__(*args, **kwargs)
-        # From qwenvl.data.sampler (online packing, token budgets, length grouping): it yields
+        # From qwenvl.data.batch.sampler (online packing, token budgets, length grouping): it yields
         # the global list of batches, and accelerate shards it across processes.
         self.train_batch_sampler = train_batch_sampler
         # The released models declare accepts_loss_kwargs=False, so the Trainer would average

@@ -14,8 +14,8 @@ def _records(data):
 
 
 def test_mix_has_every_kind_and_follows_the_format(tmp_path):
-    from qwenvl.data.formats import to_conversation
-    from qwenvl.data.registry import load_dictionary
+    from qwenvl.data.catalog.formats import to_conversation
+    from qwenvl.data.catalog.registry import load_dictionary
 
     data = bench_data.generate(tmp_path / "mix", samples=60, mode="mix", seed=3, video=True)
     records = _records(data)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from qwenvl.data.catalog.sources import open_annotations
 from qwenvl.data.errors import DataError, DataKind
-from qwenvl.data.sources import open_annotations
 
 
 @pytest.mark.parametrize("text, line", [

@@ -13,13 +13,13 @@ import pytest
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 
-from qwenvl.data import lengths as L
 from qwenvl.data.arguments import DataArguments
+from qwenvl.data.batch import lengths as L
+from qwenvl.data.catalog.registry import load_dictionary
+from qwenvl.data.catalog.sources import open_annotations
 from qwenvl.data.dataset import make_supervised_data_module
 from qwenvl.data.errors import DataError, DataKind, Origin, bad_sample
-from qwenvl.data.registry import load_dictionary
 from qwenvl.data.skips import Skipped
-from qwenvl.data.sources import open_annotations
 from qwenvl.tools import audit
 
 

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from qwenvl.data.budget import budget_for_samples
-from qwenvl.data.packing import pack_items
+from qwenvl.data.batch.budget import budget_for_samples
+from qwenvl.data.batch.packing import pack_items
 
 
 def test_budget_is_samples_times_mean_over_accumulation_and_skips_unusable_rows():

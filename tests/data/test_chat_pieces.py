@@ -5,11 +5,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoProcessor
 
+from qwenvl.data.batch.lengths import TokenCounter
+from qwenvl.data.catalog.formats import Conversation
 from qwenvl.data.errors import DataError
-from qwenvl.data.formats import Conversation
-from qwenvl.data.lengths import TokenCounter
-from qwenvl.data.prompt import split_last_reply
-from qwenvl.data.render import IGNORE_INDEX, SampleRenderer
+from qwenvl.data.render.prompt import split_last_reply
+from qwenvl.data.render.sample import IGNORE_INDEX, SampleRenderer
 from tests.conftest import RENDER_FAMILIES
 
 

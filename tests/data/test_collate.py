@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from qwenvl.data.collate import FlattenedCollator, PaddedCollator
-from qwenvl.data.formats import Conversation
-from qwenvl.data.render import SampleRenderer
+from qwenvl.data.batch.collate import FlattenedCollator, PaddedCollator
+from qwenvl.data.catalog.formats import Conversation
+from qwenvl.data.render.sample import SampleRenderer
 from tests.conftest import DENSE_FAMILIES
 
 

@@ -16,13 +16,13 @@ from PIL import Image, ImageDraw
 from transformers import AutoConfig, AutoProcessor
 
 from qwenvl.data.arguments import DataArguments
+from qwenvl.data.catalog.formats import Conversation
 from qwenvl.data.errors import DataError
-from qwenvl.data.formats import Conversation
-from qwenvl.data.grounding import (FAMILY_CONVENTION, Grounding, box_iou, boxes_in, convert_values,
-                                   find_coordinates, matched_iou)
 from qwenvl.data.preview import images_as_seen
-from qwenvl.data.processor_settings import configure_processor
-from qwenvl.data.render import SampleRenderer
+from qwenvl.data.render.grounding import (FAMILY_CONVENTION, Grounding, box_iou, boxes_in, convert_values,
+                                          find_coordinates, matched_iou)
+from qwenvl.data.render.processor_settings import configure_processor
+from qwenvl.data.render.sample import SampleRenderer
 from tests.conftest import FAMILIES
 
 # The measurement: a 1400x700 image, the object at [700, 350, 840, 490], --max_pixels 200704.
@@ -227,8 +227,8 @@ def test_unknown_family_with_declared_boxes_is_an_error(tiny_model_dir):
 
 
 def test_a_record_may_carry_its_own_bbox_format():
-    from qwenvl.data.formats import to_conversation
-    from qwenvl.data.registry import DatasetSpec
+    from qwenvl.data.catalog.formats import to_conversation
+    from qwenvl.data.catalog.registry import DatasetSpec
 
     spec = DatasetSpec("boxes", "/data/boxes.jsonl", bbox_format="rel_1000")
     turns = [{"from": "human", "value": "Where?"}, {"from": "gpt", "value": '{"bbox_2d": [1, 2, 3, 4]}'}]

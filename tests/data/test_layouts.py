@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 
+from qwenvl.data.catalog.formats import to_conversation
+from qwenvl.data.catalog.registry import DatasetSpec
+from qwenvl.data.catalog.sources import open_annotations
 from qwenvl.data.errors import DataError
-from qwenvl.data.formats import to_conversation
-from qwenvl.data.registry import DatasetSpec
-from qwenvl.data.render import IGNORE_INDEX, SampleRenderer
-from qwenvl.data.sources import open_annotations
+from qwenvl.data.render.sample import IGNORE_INDEX, SampleRenderer
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,16 @@ import pytest
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 
-from qwenvl.data import lengths as L
 from qwenvl.data.arguments import DataArguments
-from qwenvl.data.dataset import make_supervised_data_module, video_settings_from
+from qwenvl.data.batch import lengths as L
+from qwenvl.data.catalog.formats import to_conversation
+from qwenvl.data.catalog.registry import DatasetSpec, load_dictionary
+from qwenvl.data.catalog.sources import open_annotations
+from qwenvl.data.dataset import make_supervised_data_module
 from qwenvl.data.errors import DataError
-from qwenvl.data.processor_settings import configure_processor
-from qwenvl.data.formats import to_conversation
-from qwenvl.data.registry import DatasetSpec, load_dictionary
-from qwenvl.data.render import SampleTooLong
-from qwenvl.data.sources import open_annotations
+from qwenvl.data.media.video import video_settings_from
+from qwenvl.data.render.processor_settings import configure_processor
+from qwenvl.data.render.sample import SampleTooLong
 
 REPO = Path(__file__).resolve().parents[2]
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
@@ -271,7 +272,7 @@ def test_parallel_build_equals_serial(tiny_model_dir, demo_copy):
 
 
 def test_count_tokens_needs_video_settings_for_videos(tiny_model_dir):
-    from qwenvl.data.formats import Conversation
+    from qwenvl.data.catalog.formats import Conversation
 
     processor = AutoProcessor.from_pretrained(tiny_model_dir("qwen2_5_vl"))
     video = str(REPO / "demo_data" / "videos" / "0000.mp4")
@@ -291,7 +292,7 @@ def test_count_tokens_needs_video_settings_for_videos(tiny_model_dir):
 def test_thinking_mode_is_part_of_the_cache_key_and_counts_stay_exact(tiny_model_dir, tmp_path):
     """Qwen3.5: --enable_thinking false drops reasoning and a record with reasoning in an earlier turn
     trains as one sample per turn; the counts follow the renderer, and each mode has its own cache."""
-    from qwenvl.data.render import SampleRenderer
+    from qwenvl.data.render.sample import SampleRenderer
 
     path = tiny_model_dir("qwen3_5")
     processor, config = AutoProcessor.from_pretrained(path), AutoConfig.from_pretrained(path)

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from qwenvl.data.batch.lengths import image_size
 from qwenvl.data.errors import DataError, DataKind
-from qwenvl.data.lengths import image_size
-from qwenvl.data.media import open_image, resolve_media
+from qwenvl.data.media.read import open_image, resolve_media
 
 
 # ----------------------------------------------------------------------------- pixels as displayed

@@ -11,13 +11,13 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoProcessor
 
 from qwenvl.data.arguments import DataArguments
-from qwenvl.data.collate import FlattenedCollator
+from qwenvl.data.batch.collate import FlattenedCollator
+from qwenvl.data.batch.lengths import PATCHES, TOKENS, VISUAL, dataset_lengths
+from qwenvl.data.batch.packing import ALGORITHMS, _MaxTree, pack_items, shuffle_packs
+from qwenvl.data.batch.sampler import (LengthGroupedBatchSampler, OnlinePackingBatchSampler, balance_for_ranks,
+                                       make_train_sampler)
 from qwenvl.data.dataset import make_supervised_data_module
 from qwenvl.data.errors import DataError
-from qwenvl.data.lengths import PATCHES, TOKENS, VISUAL, dataset_lengths
-from qwenvl.data.packing import ALGORITHMS, _MaxTree, pack_items, shuffle_packs
-from qwenvl.data.sampler import (LengthGroupedBatchSampler, OnlinePackingBatchSampler, balance_for_ranks,
-                                 make_train_sampler)
 from tests.conftest import copy_demo_annotations
 
 REPO = Path(__file__).resolve().parents[2]
@@ -296,7 +296,7 @@ def test_online_packing_through_a_dataloader(demo_dataset, monkeypatch, tmp_path
 def test_length_grouped_batches_through_a_dataloader(demo_dataset):
     dataset = demo_dataset["train_dataset"]
     rows, _ = dataset_lengths(dataset, progress=False)
-    from qwenvl.data.collate import PaddedCollator
+    from qwenvl.data.batch.collate import PaddedCollator
     collator = PaddedCollator(dataset.renderer.processor.tokenizer.pad_token_id)
     sampler = make_train_sampler(dataset, rows, SimpleNamespace(group_by_modality_length=True,
                                                                 per_device_train_batch_size=4), seed=5)

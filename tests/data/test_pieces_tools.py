@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoProcessor
 
-from qwenvl.data.formats import Conversation
-from qwenvl.data.lengths import TokenCounter
-from qwenvl.data.render import IGNORE_INDEX, SampleRenderer
+from qwenvl.data.batch.lengths import TokenCounter
+from qwenvl.data.catalog.formats import Conversation
+from qwenvl.data.render.sample import IGNORE_INDEX, SampleRenderer
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather of a city",

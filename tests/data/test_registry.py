@@ -10,7 +10,7 @@ import pytest
 import qwenvl
 import qwenvl.data as data
 from qwenvl.data import DataError, DatasetSpec, load_dictionary, parse_dataset_use
-from qwenvl.data import registry
+from qwenvl.data.catalog import registry
 from qwenvl.tools import dataset_use as dataset_use_tool
 
 REPO = Path(qwenvl.__file__).parents[1]

@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from qwenvl.data.formats import Conversation
-from qwenvl.data.render import IGNORE_INDEX, SampleRenderer, SampleTooLong
+from qwenvl.data.catalog.formats import Conversation
+from qwenvl.data.render.sample import IGNORE_INDEX, SampleRenderer, SampleTooLong
 from tests.conftest import FAMILIES, RENDER_FAMILIES
 
 
@@ -121,7 +121,7 @@ REPO_VIDEO = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "de
 def test_video_and_image_sample_matches_processor_and_rope(family):
     """An image+video sample keeps both; ids equal the processor's on the same frames and
     positions equal the full model's get_rope_index (with Qwen2.5-VL's second_per_grid_ts)."""
-    from qwenvl.data.video import VideoSettings, load_video, processor_video_inputs, processor_videos_kwargs
+    from qwenvl.data.media.video import VideoSettings, load_video, processor_video_inputs, processor_videos_kwargs
 
     processor, config, model = family
     settings = VideoSettings.for_processor(processor, fps=4.0, min_frames=4, max_frames=8,

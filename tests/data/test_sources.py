@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from qwenvl.data import DataError, open_annotations
-from qwenvl.data import sources
-from qwenvl.data.sources import scan_json_array, scan_jsonl
+from qwenvl.data.catalog import sources
+from qwenvl.data.catalog.sources import scan_json_array, scan_jsonl
 
 TRICKY = [
     {"id": 0, "text": "brackets ] } [ { inside, a string", "nested": [[1, [2, {"a": [3]}]], {}]},

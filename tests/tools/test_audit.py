@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 
-from qwenvl.data import lengths as L
 from qwenvl.data.arguments import DataArguments
+from qwenvl.data.batch import lengths as L
 from qwenvl.data.dataset import make_supervised_data_module
 from qwenvl.data.skips import Skipped
 from qwenvl.tools import audit

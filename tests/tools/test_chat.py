@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 
-from qwenvl.data.formats import Conversation, to_conversation
-from qwenvl.data.prompt import split_last_reply, user_conversation
-from qwenvl.data.registry import DatasetSpec
-from qwenvl.data.render import IGNORE_INDEX, SampleRenderer, SpecialTokens
-from qwenvl.data.video import VideoSettings
+from qwenvl.data.catalog.formats import Conversation, to_conversation
+from qwenvl.data.catalog.registry import DatasetSpec
+from qwenvl.data.media.video import VideoSettings
+from qwenvl.data.render.prompt import split_last_reply, user_conversation
+from qwenvl.data.render.sample import IGNORE_INDEX, SampleRenderer, SpecialTokens
 from qwenvl.tools import chat
 from tests.conftest import FAMILIES
 
@@ -220,7 +220,7 @@ def test_data_settings_come_from_the_saved_processor_and_flags_override(taught_m
 @pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])  # per-frame / whole-video size
 def test_video_settings_are_read_back_from_a_training_output(tiny_model_dir, tmp_path, model_type):
     from qwenvl.data.arguments import DataArguments
-    from qwenvl.data.processor_settings import configure_processor
+    from qwenvl.data.render.processor_settings import configure_processor
 
     trained = DataArguments(video_fps=3.0, video_min_frames=2, video_max_frames=6, video_min_pixels=28 * 28,
                             video_max_pixels=56 * 56)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from qwenvl.data.catalog.formats import Conversation
 from qwenvl.data.errors import DataError
-from qwenvl.data.formats import Conversation
-from qwenvl.data.prompt import split_last_reply
+from qwenvl.data.render.prompt import split_last_reply
 from qwenvl.tools import chat, evaluate
 from qwenvl.tools.chat import Reply
 
@@ -107,9 +107,9 @@ def test_scores_table_and_json(tiny_model_dir, eval_data, tmp_path, monkeypatch,
 
 def test_loss_is_the_models_own_cross_entropy(tiny_model_dir, eval_data):
     """sample_loss (sum, count) agrees with the model's mean loss on the collated sample."""
-    from qwenvl.data.collate import PaddedCollator
+    from qwenvl.data.batch.collate import PaddedCollator
+    from qwenvl.data.catalog.registry import load_dictionary, parse_dataset_use
     from qwenvl.data.dataset import SupervisedDataset
-    from qwenvl.data.registry import load_dictionary, parse_dataset_use
 
     model, processor = chat.load_checkpoint(tiny_model_dir("qwen2_5_vl"), device="cpu")
     renderer = chat.make_renderer(model, processor, chat.chat_data_args(processor, max_pixels=56 * 56,

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from qwenvl.data.arguments import DataArguments
+from qwenvl.data.catalog.registry import load_dictionary
 from qwenvl.data.errors import DataError
-from qwenvl.data.registry import load_dictionary
 from qwenvl.tools import audit
 
 RED = (220, 30, 30)
@@ -128,7 +128,7 @@ def test_preview_draws_the_trained_box_on_the_image_the_model_sees(family, tmp_p
 
 def test_chat_answer_in_user_coordinates(tiny_model_dir, tmp_path):
     """The reply's boxes go back to the user's format; the prompt's box is converted like training's."""
-    from qwenvl.data.prompt import user_conversation
+    from qwenvl.data.render.prompt import user_conversation
     from qwenvl.tools.chat import Reply, chat_data_args, in_user_coordinates, load_checkpoint, make_renderer
 
     model, processor = load_checkpoint(tiny_model_dir("qwen2_5_vl"), device="cpu")
@@ -152,9 +152,9 @@ def test_chat_answer_in_user_coordinates(tiny_model_dir, tmp_path):
 
 def test_evaluate_scores_grounding_by_iou(tiny_model_dir, tmp_path):
     """A real (random) tiny model answers; IoU is scored in the dataset's coordinates against the reference."""
-    from qwenvl.data.collate import PaddedCollator
+    from qwenvl.data.batch.collate import PaddedCollator
+    from qwenvl.data.catalog.registry import parse_dataset_use
     from qwenvl.data.dataset import SupervisedDataset
-    from qwenvl.data.registry import parse_dataset_use
     from qwenvl.tools.chat import chat_data_args, load_checkpoint, make_renderer
     from qwenvl.tools.evaluate import evaluate_dataset, format_table
 

@@ -10,10 +10,10 @@ from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 
 from qwenvl.data.arguments import DataArguments
+from qwenvl.data.catalog.mixture import build_mixture
+from qwenvl.data.catalog.registry import load_dictionary, parse_dataset_use
+from qwenvl.data.catalog.sources import open_annotations
 from qwenvl.data.dataset import make_supervised_data_module
-from qwenvl.data.mixture import build_mixture
-from qwenvl.data.registry import load_dictionary, parse_dataset_use
-from qwenvl.data.sources import open_annotations
 from qwenvl.tools import pack_data
 from tests.conftest import copy_demo_annotations
 

@@ -14,15 +14,15 @@ from PIL import Image
 
 from qwenvl.train import attention as attn
 from qwenvl.train.attention import (
-    VARLEN_ATTENTION,
-    VarlenKernel,
-    apply_attn_implementation,
-    choose_attn_implementation,
-    layout_from_position_ids,
-    loadable_attn_implementation,
-    make_attention_forward,
-    register_attention,
-)
+                                    VARLEN_ATTENTION,
+                                    VarlenKernel,
+                                    apply_attn_implementation,
+                                    choose_attn_implementation,
+                                    layout_from_position_ids,
+                                    loadable_attn_implementation,
+                                    make_attention_forward,
+                                    register_attention,
+                                    )
 
 REFERENCE = "flash_varlen_reference"  # "flash" in the name: the vision towers pass cu_seqlens
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -264,9 +264,9 @@ def _flattened_batch(path, big_images: bool, count: int = 3):
     """A flattened batch of the first ``count`` of three chats (image, text only, two images)."""
     from transformers import AutoConfig, AutoProcessor
 
-    from qwenvl.data.collate import FlattenedCollator
-    from qwenvl.data.formats import Conversation
-    from qwenvl.data.render import SampleRenderer
+    from qwenvl.data.batch.collate import FlattenedCollator
+    from qwenvl.data.catalog.formats import Conversation
+    from qwenvl.data.render.sample import SampleRenderer
 
     processor = AutoProcessor.from_pretrained(path)
     renderer = SampleRenderer(processor, AutoConfig.from_pretrained(path))

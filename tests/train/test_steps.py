@@ -6,9 +6,9 @@ import transformers
 from transformers import AutoConfig, AutoProcessor, TrainerCallback
 
 from qwenvl.data.arguments import DataArguments
+from qwenvl.data.batch.lengths import TOKENS, dataset_lengths
+from qwenvl.data.batch.sampler import OnlinePackingBatchSampler
 from qwenvl.data.dataset import make_supervised_data_module
-from qwenvl.data.lengths import TOKENS, dataset_lengths
-from qwenvl.data.sampler import OnlinePackingBatchSampler
 from qwenvl.train.arguments import parse_args
 from qwenvl.train.model import load_model
 from qwenvl.train.steps import build_trainer, model_class_for_run, train_batch_sampler, uses_zero3

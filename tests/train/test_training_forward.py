@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
-from qwenvl.data.collate import FlattenedCollator, PaddedCollator
-from qwenvl.data.formats import Conversation
-from qwenvl.data.render import SampleRenderer
+from qwenvl.data.batch.collate import FlattenedCollator, PaddedCollator
+from qwenvl.data.catalog.formats import Conversation
+from qwenvl.data.render.sample import SampleRenderer
 from qwenvl.tools.make_tiny_model import model_class
 from qwenvl.train.fused_loss import with_training_forward
 from tests.conftest import copy_demo_annotations

@@ -15,9 +15,9 @@ import re
 import pytest
 import torch
 
-from qwenvl.data.formats import Conversation
-from qwenvl.data.render import SampleRenderer
-from qwenvl.data.video import VideoSettings, load_video
+from qwenvl.data.catalog.formats import Conversation
+from qwenvl.data.media.video import VideoSettings, load_video
+from qwenvl.data.render.sample import SampleRenderer
 
 vision_process = pytest.importorskip("qwen_vl_utils.vision_process")
 

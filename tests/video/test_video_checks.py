@@ -9,9 +9,9 @@ import logging
 import pytest
 from PIL import Image
 
+from qwenvl.data.batch.lengths import probe_video
 from qwenvl.data.errors import DataError, DataKind
-from qwenvl.data.lengths import probe_video
-from qwenvl.data.video import VideoSettings, load_video
+from qwenvl.data.media.video import VideoSettings, load_video
 from qwenvl.tools import audit
 from tests.video.conftest import make_video
 

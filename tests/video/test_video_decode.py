@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qwenvl.data.errors import DataError
-from qwenvl.data.video import VideoSettings, load_video, sample_frame_indices
+from qwenvl.data.media.video import VideoSettings, load_video, sample_frame_indices
 
 # Small frames keep the tests fast: 64x48 sources resized to 2x2 merged patches.
 SMALL = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 4)
@@ -46,7 +46,7 @@ def test_short_video_rate_is_the_serving_rate(video_dir, backend, name, indices,
 
 
 def test_all_installed_backends_agree(video_dir):
-    from qwenvl.data.video_decode import installed_backends
+    from qwenvl.data.media.video_decode import installed_backends
 
     names = installed_backends()
     if len(names) < 2:
@@ -63,7 +63,7 @@ def test_all_installed_backends_agree(video_dir):
 
 
 def test_auto_uses_the_first_installed_backend(video_dir):
-    from qwenvl.data.video_decode import installed_backends
+    from qwenvl.data.media.video_decode import installed_backends
 
     clip = load_video(video_dir / "3s_60fps.mp4", VideoSettings(**SMALL))
     assert clip.backend == installed_backends()[0]
@@ -173,7 +173,7 @@ def test_origin_prefixes_the_message(video_dir):
 def test_resize_clip_shrinks_frames_and_keeps_timing(video_dir):
     from dataclasses import replace
 
-    from qwenvl.data.video import resize_clip
+    from qwenvl.data.media.video import resize_clip
 
     settings = VideoSettings()
     clip = load_video(video_dir / "3s_60fps.mp4", settings)

@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 
-from qwenvl.data import video_decode
 from qwenvl.data.errors import DataError
-from qwenvl.data.video import VideoSettings, load_video
-from qwenvl.data.video_decode import DecodedVideo, register_backend, unregister_backend
+from qwenvl.data.media import video_decode
+from qwenvl.data.media.video import VideoSettings, load_video
+from qwenvl.data.media.video_decode import DecodedVideo, register_backend, unregister_backend
 
 BROKEN = ["corrupt.mp4", "truncated.mp4", "truncated_faststart.mp4", "empty.mp4", "zero_frames.mp4",
           "audio_only.m4a", "missing.mp4"]
@@ -90,7 +90,7 @@ def test_auto_falls_back_and_warns_once_per_backend(video_dir, fake_backends, mo
     monkeypatch.setattr(video_decode, "_warned", set())
     if video_decode.import_problem("pyav"):
         pytest.skip("PyAV is not installed")
-    with caplog.at_level(logging.DEBUG, logger="qwenvl.data.video_decode"):
+    with caplog.at_level(logging.DEBUG, logger="qwenvl.data.media.video_decode"):
         for _ in range(3):
             clip = load_video(video_dir / "1s_24fps.mp4", VideoSettings(min_pixels=56 * 56, max_pixels=56 * 56))
             assert clip.backend == "pyav"

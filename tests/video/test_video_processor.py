@@ -6,9 +6,9 @@ import re
 import pytest
 import torch
 
-from qwenvl.data.video import (
-    VideoSettings, load_video, processor_video_inputs, processor_videos_kwargs,
-)
+from qwenvl.data.media.video import (
+                                     VideoSettings, load_video, processor_video_inputs, processor_videos_kwargs,
+                                     )
 
 VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"

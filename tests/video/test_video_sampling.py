@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from qwenvl.data.video import (
-    VideoSettings, frame_count, frame_size, sample_frame_indices, serving_fps,
-)
+from qwenvl.data.media.video import (
+                                     VideoSettings, frame_count, frame_size, sample_frame_indices, serving_fps,
+                                     )
 
 
 def test_counts_follow_duration_times_fps():

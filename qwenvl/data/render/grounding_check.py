@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .grounding import Grounding, inside, looks_like, may_hold_coordinates, place_coordinates, to_unit
+from qwenvl.data.render.grounding import Grounding, inside, looks_like, may_hold_coordinates, place_coordinates, to_unit
 
 __all__ = ["GroundingFindings", "inspect_coordinates"]
 

@@ -22,8 +22,8 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import DataError, DataKind, Origin
-from .time_limit import DEFAULT_MEDIA_TIMEOUT_S, run_with_timeout
+from qwenvl.data.errors import DataError, DataKind, Origin
+from qwenvl.data.media.time_limit import DEFAULT_MEDIA_TIMEOUT_S, run_with_timeout
 
 __all__ = ["is_url", "resolve_media", "open_image", "image_header", "as_displayed", "read_url_bytes",
            "media_failure", "check_aspect_ratio", "MAX_ASPECT_RATIO", "DEFAULT_MEDIA_TIMEOUT_S"]

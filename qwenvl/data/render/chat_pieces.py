@@ -53,8 +53,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .errors import DataError, DataKind
-from .formats import Conversation
+from qwenvl.data.catalog.formats import Conversation
+from qwenvl.data.errors import DataError, DataKind
 
 __all__ = ["Piece", "TEMPLATE", "TEXT", "IMAGE", "VIDEO", "ChatRules", "THINKING_MODES", "conversation_pieces",
            "split_for_thinking", "pieces_text", "reasoning_and_answer", "template_view", "needs_preserve"]

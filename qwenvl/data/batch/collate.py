@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from .render import IGNORE_INDEX
-from .skips import Skipped
+from qwenvl.data.render import IGNORE_INDEX
+from qwenvl.data.skips import Skipped
 
 VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 

@@ -44,7 +44,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
-from .errors import DataError, DataKind
+from qwenvl.data.errors import DataError, DataKind
 
 __all__ = ["FORMATS", "FAMILY_CONVENTION", "Coordinates", "find_coordinates", "rewrite_coordinates",
            "convert_values", "family_convention", "Grounding", "box_iou", "boxes_in", "looks_like"]

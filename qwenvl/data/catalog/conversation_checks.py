@@ -1,5 +1,8 @@
 """Checks of a converted conversation for what trains silently wrong, shared by training and the audit.
 
+``conversation_of`` reads, converts and checks one record: the one path from an annotation record
+to a checked ``Conversation`` for training, the length cache and the audit.
+
 Errors (``DataError``, handled by ``--bad_sample_policy``):
 
 * ``media_in_answer``: an image or video inside an assistant turn; its placeholder
@@ -20,12 +23,13 @@ from __future__ import annotations
 
 import logging
 
-from .errors import DataError, DataKind, DataWarning
-from .formats import Conversation
+from qwenvl.data.catalog.formats import Conversation, to_conversation, to_conversations
+from qwenvl.data.catalog.registry import DatasetSpec
+from qwenvl.data.errors import DataError, DataKind, DataWarning
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_conversation", "conversation_warnings", "log_warnings", "PLACEHOLDER_TEXTS"]
+__all__ = ["conversation_of", "check_conversation", "conversation_warnings", "log_warnings", "PLACEHOLDER_TEXTS"]
 
 # The placeholder token names the Qwen-VL processors expand in the text they are given.
 PLACEHOLDER_TEXTS = ("<|image_pad|>", "<|video_pad|>")
@@ -85,3 +89,20 @@ def log_warnings(warnings: list[DataWarning]) -> None:
             tail = "" if count + 1 < _LOGGED_PER_KIND else (
                 f" (further '{warning.kind}' warnings are not logged; python -m qwenvl.tools.audit lists them all)")
             logger.warning("%s%s", warning.message, tail)
+
+
+def conversation_of(source, spec: DatasetSpec, index: int):
+    """The checked Conversation (or list, for a packed record) of record ``index``; raises DataError.
+
+    The checks are training's (``check_conversation`` above), so a record
+    training refuses is bad here too.
+    """
+    record = source[index]
+    if getattr(source, "is_packed", False) or isinstance(record, list):
+        conversations = to_conversations(record, spec, index)
+        for c in conversations:
+            check_conversation(c)
+        return conversations
+    conversation = to_conversation(record, spec, index)
+    check_conversation(conversation)
+    return conversation

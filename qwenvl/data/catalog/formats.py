@@ -41,13 +41,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import DataError, DataKind, where
-from .media import resolve_media
-from .registry import BBOX_FORMATS, DatasetSpec
+from qwenvl.data.catalog.registry import BBOX_FORMATS, DatasetSpec
+from qwenvl.data.errors import DataError, DataKind, where
+from qwenvl.data.media.read import resolve_media
 
 __all__ = ["Conversation", "record_layout", "to_conversation", "to_conversations"]
 
-_TAGS = re.compile(r"(<image>|<video>)")
+# The media tags of annotation text (LLaVA style): where each image / video of the record goes.
+MEDIA_TAGS = re.compile(r"(<image>|<video>)")
 _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                 "system": "system", "function_call": "assistant", "observation": "tool"}
 _ROLES = ("system", "user", "assistant", "tool")
@@ -60,7 +61,7 @@ class Conversation:
 
     messages: list[dict]
     origin: str
-    bbox_format: str | None = None  # the dataset's declared box/point coordinates (qwenvl/data/grounding.py)
+    bbox_format: str | None = None  # the dataset's declared box/point coordinates (qwenvl/data/render/grounding.py)
     tools: list[dict] | None = None  # function descriptions the chat template renders (``tools=``)
 
     @property
@@ -111,7 +112,7 @@ def _media_list(record: dict, singular: str, origin: str) -> list:
 
 def _split_tags(text: str, media: dict[str, _Media]) -> list[dict]:
     parts = []
-    for piece in _TAGS.split(text):
+    for piece in MEDIA_TAGS.split(text):
         if piece in ("<image>", "<video>"):
             kind = piece[1:-1]
             parts.append({"type": kind, kind: media[kind].take()})

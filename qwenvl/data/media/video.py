@@ -56,14 +56,14 @@ from typing import Sequence
 import torch
 from transformers.video_utils import VideoMetadata
 
-from .errors import DataError, DataKind, Origin, where
-from .media import MAX_ASPECT_RATIO, is_url
-from .time_limit import DEFAULT_MEDIA_TIMEOUT_S
-from .video_checks import warn_few_frames
-from .video_decode import (
-    DecodedVideo, backend_names, decode_video, fetched, list_frame_folder, local_path, read_image_frames,
-    run_with_timeout,
-)
+from qwenvl.data.errors import DataError, DataKind, Origin, where
+from qwenvl.data.media.read import MAX_ASPECT_RATIO, is_url
+from qwenvl.data.media.time_limit import DEFAULT_MEDIA_TIMEOUT_S
+from qwenvl.data.media.video_checks import warn_few_frames
+from qwenvl.data.media.video_decode import (
+                                            DecodedVideo, backend_names, decode_video, fetched, list_frame_folder, local_path, read_image_frames,
+                                            run_with_timeout,
+                                            )
 
 VIDEO_MIN_TOKENS_PER_FRAME = 128  # qwen-vl-utils' VIDEO_MIN_TOKEN_NUM
 VIDEO_MAX_TOKENS_PER_FRAME = 768  # qwen-vl-utils' VIDEO_MAX_TOKEN_NUM
@@ -163,6 +163,19 @@ class VideoSettings:
         video = getattr(processor, "video_processor", processor)
         sizes = {name: int(getattr(video, name)) for name in ("patch_size", "merge_size", "temporal_patch_size")}
         return cls(**{**sizes, **settings})
+
+
+def video_settings_from(data_args, processor) -> VideoSettings:
+    """The video settings of the flags (``DataArguments``), with ``processor``'s patch sizes.
+
+    The one place flags become ``VideoSettings``: training, the length cache, the audit,
+    ``pack_data``, ``chat`` and the benchmarks all call it, so they sample frames alike.
+    """
+    return VideoSettings.for_processor(
+        processor, fps=data_args.video_fps, min_frames=data_args.video_min_frames,
+        max_frames=data_args.video_max_frames, min_pixels=data_args.video_min_pixels,
+        max_pixels=data_args.video_max_pixels, backend=data_args.video_backend,
+        timeout_s=getattr(data_args, "media_timeout", None) or DEFAULT_MEDIA_TIMEOUT_S)
 
 
 def _round_down(value: float, multiple: int) -> int:

@@ -13,8 +13,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .errors import DataError
-from .registry import DatasetSpec, MixtureEntry
+from qwenvl.data.catalog.registry import DatasetSpec, MixtureEntry
+from qwenvl.data.errors import DataError
 
 __all__ = ["MixtureEntry", "mixture_counts", "build_mixture", "mixture_string", "why_empty",
            "check_not_empty"]

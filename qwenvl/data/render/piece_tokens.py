@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 
-from .chat_pieces import IMAGE, TEMPLATE, TEXT, VIDEO, Piece
+from qwenvl.data.render.chat_pieces import IMAGE, TEMPLATE, TEXT, VIDEO, Piece
 
 __all__ = ["PieceTokenizer", "expand_media"]
 

@@ -9,7 +9,7 @@ produce (``input_ids`` length, visual tokens, vision-tower patches) from the med
   ``get_number_of_image_patches`` (its resize rule and pixel bounds);
 * videos: frame count, frame rate and frame size from the decoder used for training,
   which decodes one frame; the frames sampled and their size come from
-  ``qwenvl.data.video`` (the rules ``load_video`` applies); the processor does not
+  ``qwenvl.data.media.video`` (the rules ``load_video`` applies); the processor does not
   resize them again, so the grid is the frame size over the patch size;
 * text: the renderer's own ``ChatRender`` (the same chat pieces, the same piece-aware
   tokenization), with each placeholder replaced by the processor's own
@@ -50,14 +50,19 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+from transformers.video_utils import VideoMetadata
 
-from .conversation_checks import check_conversation
-from .errors import DataError, DataKind, bad_sample, where
-from .formats import Conversation, to_conversation, to_conversations
-from .media import DEFAULT_MEDIA_TIMEOUT_S, image_header, is_url
-from .registry import DatasetSpec
-from .prompt import template_messages
-from .render import ChatRender, SampleRenderer, SampleTooLong, SpecialTokens
+from qwenvl.data.catalog.conversation_checks import conversation_of
+from qwenvl.data.catalog.formats import Conversation
+from qwenvl.data.catalog.registry import DatasetSpec
+from qwenvl.data.errors import DataError, DataKind, bad_sample, where
+from qwenvl.data.media.read import DEFAULT_MEDIA_TIMEOUT_S, image_header, is_url
+from qwenvl.data.media.video import frame_size, sample_frame_indices, video_settings_from
+from qwenvl.data.media.video_decode import decode_video, fetched, list_frame_folder, local_path
+from qwenvl.data.render.processor_settings import configure_processor
+from qwenvl.data.render.prompt import template_messages
+from qwenvl.data.render.sample import ChatRender, SampleRenderer, SampleTooLong, SpecialTokens
+from qwenvl.user_cache import user_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +70,7 @@ __all__ = [
     "SampleLength", "MediaError", "TokenCounter", "count_tokens", "image_size", "VideoProbe", "probe_video",
     "TOKENS", "VISUAL", "PATCHES", "BAD", "LengthTable", "lengths_key", "counter_settings", "load_lengths",
     "save_lengths", "build_lengths", "fit_to_max_length", "lengths_for", "load_or_build_lengths",
-    "dataset_lengths", "parallel_chunks", "chunk_ranges", "conversation_of", "measure_record",
+    "dataset_lengths", "parallel_chunks", "chunk_ranges", "measure_record",
 ]
 
 # 2: the kind of each bad record is kept; only bad data is cached, never a bug.
@@ -131,8 +136,6 @@ def probe_video(ref: Any, settings, origin: str | None = None) -> VideoProbe:
     fallbacks), so the frame count is the one ``load_video`` will sample from.
     Frame-image videos (a folder or a list of images) read one image header.
     """
-    from .video_decode import decode_video, fetched, list_frame_folder, local_path
-
     def first_frame(total: int, fps: float) -> list[int]:
         return [0]
 
@@ -200,8 +203,6 @@ class TokenCounter:
     # -- media -----------------------------------------------------------------------
     def _video_plan(self, probe: VideoProbe) -> tuple[int, int, int, list[int]]:
         """(frames, height, width, frame indices) of a video as ``load_video`` delivers it."""
-        from .video import frame_size, sample_frame_indices
-
         indices = sample_frame_indices(probe.total_frames, probe.fps, self.video_settings)
         try:
             height, width = frame_size(probe.height, probe.width, len(indices), self.video_settings)
@@ -237,8 +238,6 @@ class TokenCounter:
     def _video_size(self, frames: int, height: int, width: int, scale: float) -> tuple[int, int]:
         if scale >= 1.0:
             return height, width
-        from .video import frame_size
-
         settings = self.video_settings
         smaller = max(settings.min_pixels or 0, int(width * height * scale))
         return frame_size(height, width, frames, dataclasses.replace(settings, max_pixels=smaller))
@@ -246,8 +245,6 @@ class TokenCounter:
     def _expand(self, images: list, videos: list, scale: float, image_pixels: int) -> tuple[list, list, list, int]:
         """The processor's own placeholder expansions (image, video) for the counted grids, the
         patches of each image, and the patches of all videos."""
-        from transformers.video_utils import VideoMetadata
-
         processor = self.processor
         image_repl, video_repl, video_patches = [], [], 0
         counts = [self._image_patches(h, w, scale, image_pixels) for h, w in images]
@@ -391,23 +388,6 @@ def chunk_ranges(n: int, chunk: int) -> list[tuple[int, int]]:
 
 # --------------------------------------------------------------------------- one record
 
-def conversation_of(source, spec: DatasetSpec, index: int):
-    """The checked Conversation (or list, for a packed record) of record ``index``; raises DataError.
-
-    The checks are training's (``conversation_checks.check_conversation``), so a record
-    training refuses is bad here too.
-    """
-    record = source[index]
-    if getattr(source, "is_packed", False) or isinstance(record, list):
-        conversations = to_conversations(record, spec, index)
-        for c in conversations:
-            check_conversation(c)
-        return conversations
-    conversation = to_conversation(record, spec, index)
-    check_conversation(conversation)
-    return conversation
-
-
 def measure_record(source, spec: DatasetSpec, index: int, counter: TokenCounter) -> tuple:
     """``((tokens, visual, patches), None, None)`` for a good record, ``(None, reason, kind)`` for a bad one.
 
@@ -462,8 +442,7 @@ class LengthTable:
 
 
 def _cache_root() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "qwenvl" / "lengths"
+    return user_cache_dir("lengths")
 
 
 def _file_stamp(path: str) -> dict:
@@ -512,8 +491,10 @@ def _plain(value: Any) -> Any:
 _CODE_HASH: list[str] = []
 # The modules whose rules decide a sample's tokens: when any of them changes (an upgrade),
 # cached lengths may be wrong, so their source is part of the key.
-_RULE_MODULES = ("lengths.py", "render.py", "chat_pieces.py", "piece_tokens.py", "prompt.py", "formats.py",
-                 "media.py", "video.py", "grounding.py", "video_decode.py", "video_checks.py", "conversation_checks.py")
+_RULE_MODULES = ("batch/lengths.py", "render/sample.py", "render/chat_pieces.py", "render/piece_tokens.py",
+                 "render/prompt.py", "catalog/formats.py", "media/read.py", "media/video.py", "render/grounding.py",
+                 "media/video_decode.py", "media/video_checks.py", "catalog/conversation_checks.py")
+_DATA_ROOT = Path(__file__).resolve().parents[1]  # qwenvl/data
 
 
 def _code_hash() -> str:
@@ -521,10 +502,8 @@ def _code_hash() -> str:
         import transformers
         digest = hashlib.sha256(transformers.__version__.encode())
         for name in _RULE_MODULES:
-            try:
-                digest.update((Path(__file__).parent / name).read_bytes())
-            except OSError:
-                digest.update(name.encode())
+            # A missing file is our bug (a module moved without this list following), not a user's problem.
+            digest.update((_DATA_ROOT / name).read_bytes())
         _CODE_HASH.append(digest.hexdigest()[:16])
     return _CODE_HASH[0]
 
@@ -717,9 +696,6 @@ def load_or_build_lengths(spec: DatasetSpec, source, processor, data_args, num_w
     ``AnnotationSource``; ``processor`` is configured from ``data_args`` first (as
     training does).  Rows of records that cannot be rendered are ``BAD`` (-1).
     """
-    from .dataset import video_settings_from
-    from .processor_settings import configure_processor
-
     spec = getattr(spec, "spec", spec)
     configure_processor(processor, data_args)
     counter = TokenCounter(processor, video_settings_from(data_args, processor), model_max_length,

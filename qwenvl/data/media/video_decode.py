@@ -26,10 +26,10 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .errors import DataError, DataKind, Origin, where
-from .media import as_displayed, is_url, read_url_bytes
-from .time_limit import run_with_timeout  # noqa: F401  (re-exported: video.py and tests import it here)
-from .video_checks import still_image_format
+from qwenvl.data.errors import DataError, DataKind, Origin, where
+from qwenvl.data.media.read import as_displayed, is_url, read_url_bytes
+from qwenvl.data.media.time_limit import run_with_timeout  # noqa: F401  (re-exported: video.py and tests import it here)
+from qwenvl.data.media.video_checks import still_image_format
 
 logger = logging.getLogger(__name__)
 

@@ -25,21 +25,23 @@ prompt); one with reasoning trains its think block.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from .chat_pieces import (THINKING_MODES, ChatRules, conversation_pieces, pieces_text, reasoning_and_answer,
-                          split_for_thinking, template_view)
-from .errors import DataError, DataKind
-from .formats import Conversation
-from .grounding import Grounding
-from .media import DEFAULT_MEDIA_TIMEOUT_S, open_image
-from .piece_tokens import PieceTokenizer, expand_media
-from .prompt import refuse_tools_unless_rendered, template_messages
-from .rope import RopeIndex
+from qwenvl.data.catalog.formats import Conversation
+from qwenvl.data.errors import DataError, DataKind
+from qwenvl.data.media.read import DEFAULT_MEDIA_TIMEOUT_S, open_image
+from qwenvl.data.media.video import load_video, processor_video_inputs, processor_videos_kwargs, resize_clip
+from qwenvl.data.render import IGNORE_INDEX
+from qwenvl.data.render.chat_pieces import (THINKING_MODES, ChatRules, conversation_pieces, pieces_text, reasoning_and_answer,
+                                            split_for_thinking, template_view)
+from qwenvl.data.render.grounding import Grounding
+from qwenvl.data.render.piece_tokens import PieceTokenizer, expand_media
+from qwenvl.data.render.prompt import refuse_tools_unless_rendered, template_messages
+from qwenvl.data.render.rope import RopeIndex
 
-IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy skips
 
 
 @dataclass(frozen=True)
@@ -110,8 +112,6 @@ class SampleRenderer:
 
     # -- media -----------------------------------------------------------------------
     def _load_videos(self, refs: list, origin: str) -> list:
-        from .video import load_video
-
         return [load_video(ref, self.video_settings, origin=origin) for ref in refs]
 
     def _video_inputs(self, clips: list, scale: float):
@@ -121,10 +121,6 @@ class SampleRenderer:
         again: Qwen3-VL's video processor reads its pixel bounds as a budget for the
         whole video, so resizing there would change the meaning of --video_max_pixels.
         """
-        import dataclasses
-
-        from .video import processor_video_inputs, resize_clip
-
         frames, metadata = [], []
         for clip in clips:
             if scale < 1.0:
@@ -149,8 +145,6 @@ class SampleRenderer:
         """Run the processor; with ``scale`` < 1 every image is bounded by ``scale`` times
         ``image_pixels`` (the largest image's pixels at full resolution), never below
         --min_pixels."""
-        from .video import processor_videos_kwargs
-
         kwargs = {"return_metadata": True}  # Qwen3-VL's video replacement needs the frames' metadata
         if images:
             kwargs["images"] = images
@@ -283,7 +277,7 @@ class ChatRender:
                 f"{conversation.origin}: the renderer's pieces differ from what the processor's chat template "
                 f"renders, so its labels cannot be trusted. Rendered by the template:\n{expected!r}\nby the "
                 f"pieces:\n{pieces_text(pieces)!r}\nFix: use the family's released chat template (a custom "
-                f"template needs a rule in qwenvl/data/chat_pieces.py).")
+                f"template needs a rule in qwenvl/data/render/chat_pieces.py).")
         return pieces
 
     def _render(self, messages: list[dict], **kwargs) -> str:

@@ -13,7 +13,7 @@ Relative paths resolve against the dictionary file's folder. ``sampling_rate``
 and ``repeat_time`` are two spellings of one number, the fraction of the dataset
 used per epoch (give at most one); ``length`` is an optional record count that
 is checked against the file; ``bbox_format`` says which coordinates the records'
-boxes and points are in (see ``qwenvl/data/grounding.py``). Every problem in a dictionary is collected and
+boxes and points are in (see ``qwenvl/data/render/grounding.py``). Every problem in a dictionary is collected and
 raised together in one ``DataError``, each with its fix.
 """
 from __future__ import annotations
@@ -27,15 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import DataError, DataKind, where
-from .media import is_url
+from qwenvl.data.errors import DataError, DataKind, where
+from qwenvl.data.media.read import is_url
 
 __all__ = ["DatasetSpec", "MixtureEntry", "DEFAULT_DICTIONARY", "load_dictionary",
            "parse_dataset_use"]
 
-DEFAULT_DICTIONARY = Path(__file__).parents[2] / "dataset_dictionary.json"
+DEFAULT_DICTIONARY = Path(__file__).parents[3] / "dataset_dictionary.json"
 KEYS = ("annotation_path", "data_path", "sampling_rate", "repeat_time", "length", "bbox_format")
-# The coordinate conventions a dataset's boxes/points may be declared in (qwenvl/data/grounding.py).
+# The coordinate conventions a dataset's boxes/points may be declared in (qwenvl/data/render/grounding.py).
 BBOX_FORMATS = ("abs_original", "abs_resized", "rel_1", "rel_1000")
 _NAME_FORBIDDEN = "%,"
 
@@ -194,7 +194,7 @@ def _check_paths(name: str, ann: str, data: str, length: int | None, raw: dict,
         problems.append(f"{at}: media folder {what}: {data} (from {raw.get('data_path')!r}). "
                         "Fix: correct 'data_path', or set it to \"\" for text-only data.")
     if ann_ok and length is not None and not is_url(ann):
-        from .sources import open_annotations  # local import: registry stays cheap to import
+        from qwenvl.data.catalog.sources import open_annotations  # local import: registry stays cheap to import
         try:
             actual = len(open_annotations(ann))
         except DataError as e:
@@ -218,7 +218,7 @@ def load_dictionary(path: str | os.PathLike | None = None, *,
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
-        raise DataError(f"{header} not found. Fix: create it (see qwenvl/data/registry.py for "
+        raise DataError(f"{header} not found. Fix: create it (see qwenvl/data/catalog/registry.py for "
                         "the format) or pass --dataset_dictionary PATH.", DataKind.CONFIG) from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{header} cannot be read: {e}.", DataKind.CONFIG) from None

@@ -25,8 +25,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import DataError, DataKind, Origin, where
-from .media import is_url
+from qwenvl.data.errors import DataError, DataKind, Origin, where
+from qwenvl.data.media.read import is_url
+from qwenvl.user_cache import user_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -278,8 +279,7 @@ class _Reader:
 # --------------------------------------------------------------------------- index cache
 
 def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "qwenvl" / "index"
+    return user_cache_dir("index")
 
 
 def _index_paths(path: str) -> list[Path]:

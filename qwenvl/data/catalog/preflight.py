@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import logging
 
-from .errors import DataError
-from .formats import to_conversation, to_conversations
-from .prompt import chat_text
+from qwenvl.data.catalog.formats import to_conversation, to_conversations
+from qwenvl.data.errors import DataError
+from qwenvl.data.render.prompt import chat_text
 
 logger = logging.getLogger(__name__)
 

@@ -24,16 +24,12 @@ Helpers for the tools:
 """
 from __future__ import annotations
 
-import re
 
-from .errors import DataError
-from .formats import Conversation
+from qwenvl.data.catalog.formats import MEDIA_TAGS, Conversation
+from qwenvl.data.errors import DataError
 
 __all__ = ["template_messages", "chat_text", "renders_tools", "refuse_tools_unless_rendered", "split_last_reply",
            "user_conversation", "reply_text"]
-
-_TAGS = re.compile(r"(<image>|<video>)")
-
 
 def template_messages(conversation: Conversation) -> tuple[list[dict], list, list]:
     """Messages in the processor's chat-template form, plus image and video refs in tag order.
@@ -153,7 +149,7 @@ def user_conversation(text: str, images: list | None = None, videos: list | None
     model fine-tuned on such records is asked in the form it learnt.
     """
     images, videos = list(images or []), list(videos or [])
-    tags = _TAGS.findall(text)
+    tags = MEDIA_TAGS.findall(text)
     if not tags:
         text = "<image>\n" * len(images) + "<video>\n" * len(videos) + text
     elif tags.count("<image>") != len(images) or tags.count("<video>") != len(videos):
@@ -162,7 +158,7 @@ def user_conversation(text: str, images: list | None = None, videos: list | None
                         "one tag per medium, or no tags at all (media then go before the text).")
     queues = {"<image>": iter(images), "<video>": iter(videos)}
     parts = []
-    for piece in _TAGS.split(text):
+    for piece in MEDIA_TAGS.split(text):
         if piece in queues:
             kind = piece[1:-1]
             parts.append({"type": kind, kind: next(queues[piece])})

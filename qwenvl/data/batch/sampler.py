@@ -32,9 +32,9 @@ from typing import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
-from .errors import DataError, DataKind
-from .lengths import PATCHES, TOKENS, VISUAL
-from .packing import pack_items
+from qwenvl.data.batch.lengths import PATCHES, TOKENS, VISUAL
+from qwenvl.data.batch.packing import pack_items
+from qwenvl.data.errors import DataError, DataKind
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ class LengthGroupedBatchSampler(_RankShardedBatchSampler):
 def make_train_sampler(dataset, lengths, args, world_size: int = 1, rank: int | None = 0, seed: int = 42):
     """The batch sampler the training arguments ask for, or None for the Trainer's default.
 
-    ``lengths``: the (len(dataset), 3) table of ``qwenvl.data.lengths.dataset_lengths``
+    ``lengths``: the (len(dataset), 3) table of ``qwenvl.data.batch.lengths.dataset_lengths``
     (or its ``(rows, bad)`` result).  ``args`` is read with these attribute names
     (missing ones take the default):
 

@@ -35,7 +35,7 @@ def few_frames_warning(total_frames: int, fps: float, settings) -> str | None:
     """A sentence when a video has fewer frames than ``settings.min_frames`` asks for, else None."""
     if total_frames >= settings.min_frames:
         return None
-    from .video import frame_count
+    from qwenvl.data.media.video import frame_count  # local: video imports this module (a cycle)
 
     seconds = total_frames / fps if fps and fps > 0 else float("nan")
     return (f"the video has {total_frames} frame(s) ({seconds:.2f} s), fewer than --video_min_frames "

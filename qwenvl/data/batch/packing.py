@@ -1,7 +1,7 @@
 """Bin packing of samples into packs under a token budget and an optional vision-patch budget.
 
 Shared by the offline tool (``qwenvl.tools.pack_data``) and online packing
-(``qwenvl.data.sampler.OnlinePackingBatchSampler``).  A pack is a list of item
+(``qwenvl.data.batch.sampler.OnlinePackingBatchSampler``).  A pack is a list of item
 indices whose token sum is at most ``max_tokens`` and, when ``max_patches`` is given,
 whose vision-patch sum is at most ``max_patches`` (the vision tower's activation
 memory follows the patches of a micro-batch, not its tokens).  Items over either
