@@ -13,6 +13,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from qwenvl.data.batch.collate import make_collator
+from qwenvl.data.batch.length_cache import PATCHES, TOKENS, VISUAL
 from qwenvl.data.batch.length_check import LengthCheck, rendered_row
 from qwenvl.data.catalog.conversation_checks import conversation_of, conversation_warnings, log_warnings
 from qwenvl.data.catalog.mixture import build_mixture, check_not_empty
@@ -54,10 +55,10 @@ class SupervisedDataset(Dataset):
         self.skip_log = skip_log or SkipLog()
         self.length_check: LengthCheck | None = None  # set by expect_lengths when a sampler plans by length
 
-    def expect_lengths(self, rows, refuse_longer: bool) -> None:
-        """Check every rendered item against ``rows`` (the length table its batch sampler planned with);
-        ``refuse_longer`` under a token budget (``qwenvl.data.batch.length_check``)."""
-        self.length_check = LengthCheck(rows, refuse_longer, REBUILD_LENGTHS)
+    def expect_lengths(self, rows, refuse_longer: bool, columns: tuple[int, ...] = (TOKENS, VISUAL, PATCHES)) -> None:
+        """Check every rendered item against ``rows`` (the length table its batch sampler planned with,
+        in ``columns``); ``refuse_longer`` under a token budget (``qwenvl.data.batch.length_check``)."""
+        self.length_check = LengthCheck(rows, refuse_longer, REBUILD_LENGTHS, columns)
 
     def __len__(self) -> int:
         return len(self.mixture)

@@ -52,29 +52,30 @@ class LengthCheck:
 
     ``rows``: the (len(dataset), 3) table the sampler was built from; ``refuse_longer``:
     whether a budget is in force (online packing), so that a sample longer than its row
-    must not be taken; ``fix``: the sentence that says how to rebuild the cache.
+    must not be taken; ``fix``: the sentence that says how to rebuild the cache;
+    ``columns``: the columns the sampler was given (token counts alone leave the others 0).
     """
 
-    def __init__(self, rows, refuse_longer: bool, fix: str):
+    def __init__(self, rows, refuse_longer: bool, fix: str, columns: tuple[int, ...] = (TOKENS, VISUAL, PATCHES)):
         self.rows = np.asarray(rows, dtype=np.int64).reshape(-1, 3)
         self.refuse_longer = refuse_longer
         self.fix = fix
+        self.columns = tuple(columns)
         self.mismatches: dict[str, int] = {}  # dataset name -> mismatched samples seen by this process
 
     def check(self, index: int, row: tuple[int, int, int], dataset: str, origin: str) -> None:
         """Count and report a mismatch of item ``index``; raise ``DataError`` (``STALE_LENGTH``)
         when it is longer than its row under a budget."""
         cached = tuple(int(x) for x in self.rows[index])
-        if cached == tuple(row):
+        if all(row[c] == cached[c] for c in self.columns):
             return
         count = self.mismatches[dataset] = self.mismatches.get(dataset, 0) + 1
-        diff = ", ".join(f"{_COLUMNS[c]} {row[c]} (cached {cached[c]})" for c in (TOKENS, VISUAL, PATCHES)
-                         if row[c] != cached[c])
+        diff = ", ".join(f"{_COLUMNS[c]} {row[c]} (cached {cached[c]})" for c in self.columns if row[c] != cached[c])
         if count == 1 or _power_of_ten(count):
             logger.warning("dataset %r: %d sample(s) so far render to other lengths than the length cache says "
                            "(the latest: %s: %s). Packing and grouping planned with the cached lengths. %s",
                            dataset, count, origin, diff, self.fix)
-        longer = any(row[c] > cached[c] for c in (TOKENS, VISUAL, PATCHES))
+        longer = any(row[c] > cached[c] for c in self.columns)
         if self.refuse_longer and longer:
             raise DataError(f"{origin}: renders to {diff}: longer than the length cache says, so the micro-batch "
                             f"it was packed into would exceed its token budget. {self.fix}", DataKind.STALE_LENGTH)

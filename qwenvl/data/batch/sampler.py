@@ -272,7 +272,9 @@ def make_train_sampler(dataset, lengths, args, world_size: int = 1, rank: int | 
                        bad.size)
     if hasattr(dataset, "expect_lengths"):
         # Rendering is checked against the rows planned with; under a budget a longer sample is refused.
-        dataset.expect_lengths(table, refuse_longer=online)
+        # Token counts alone (a 1-D ``lengths``) leave the visual and patch columns unknown.
+        columns = (TOKENS,) if np.ndim(lengths) == 1 else (TOKENS, VISUAL, PATCHES)
+        dataset.expect_lengths(table, refuse_longer=online, columns=columns)
     if online:
         max_tokens = getattr(args, "pack_max_tokens", None) or getattr(args, "model_max_length", None)
         if not max_tokens:
