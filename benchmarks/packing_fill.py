@@ -50,7 +50,8 @@ def demo_lengths(model: str, budgets: list[int], seed: int = 42) -> dict[int, np
     from transformers import AutoProcessor
 
     from qwenvl.data.arguments import DataArguments
-    from qwenvl.data.batch.lengths import TokenCounter, build_lengths, fit_to_max_length
+    from qwenvl.data.batch.count import TokenCounter
+    from qwenvl.data.batch.length_cache import build_lengths, fit_to_max_length
     from qwenvl.data.catalog.mixture import build_mixture
     from qwenvl.data.catalog.registry import load_dictionary, parse_dataset_use
     from qwenvl.data.catalog.sources import open_annotations

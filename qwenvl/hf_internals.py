@@ -18,7 +18,7 @@ Two kinds of reliance:
   an override whose base was renamed would silently never run.
 
 Uses that stay where they are, reading undocumented but public helpers of the processors
-(``qwenvl/data/batch/lengths.py``: ``replace_image_token``, ``replace_video_token``,
+(``qwenvl/data/batch/count.py``: ``replace_image_token``, ``replace_video_token``,
 ``get_text_with_replacements``, ``get_number_of_image_patches``, ``tokenizer._tokenizer``), are
 listed and checked all the same.
 """
@@ -128,18 +128,18 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("transformers.PreTrainedModel", "_from_config", f"{_T} modeling_utils.py:1393",
              "build_from_config (benchmarks: random weights built directly on the device)", params=("config",)),
     Internal("transformers.ProcessorMixin", "get_text_with_replacements", f"{_T} processing_utils.py:890",
-             "qwenvl/data/batch/lengths.py (placeholder expansion when counting)",
+             "qwenvl/data/batch/count.py (placeholder expansion when counting)",
              params=("text", "images_replacements", "videos_replacements", "audio_replacements")),
-    *(Internal(proc, name, f"{_T} models/*/processing_*.py", "qwenvl/data/batch/lengths.py (placeholder expansion)",
+    *(Internal(proc, name, f"{_T} models/*/processing_*.py", "qwenvl/data/batch/count.py (placeholder expansion)",
                params=params, not_from="transformers.ProcessorMixin", families=families)
       for proc, families in _PROCESSORS.items()
       for name, params in (("replace_image_token", ("image_inputs", "image_idx")),
                            ("replace_video_token", ("video_inputs", "video_idx")))),
     Internal("transformers.Qwen2VLImageProcessor", "get_number_of_image_patches",
-             f"{_T} models/qwen2_vl/image_processing_qwen2_vl.py:269", "qwenvl/data/batch/lengths.py (image patches)",
+             f"{_T} models/qwen2_vl/image_processing_qwen2_vl.py:269", "qwenvl/data/batch/count.py (image patches)",
              params=("height", "width", "images_kwargs")),
     Internal("transformers.PreTrainedTokenizerFast", "_tokenizer", f"{_T} tokenization_utils_tokenizers.py",
-             "qwenvl/data/batch/lengths.py (the tokenizers backend, when backend_tokenizer is absent)"),
+             "qwenvl/data/batch/length_key.py (the tokenizers backend, when backend_tokenizer is absent)"),
     *(Internal(f"transformers.models.{family}.modeling_{family}", fn, f"{_T} {where}",
                "reference_linear_attention_functions (qwenvl/train/linear_attention.py: transformers' PyTorch "
                "functions under the fla dispatch, through __wrapped__)", params=params, families=(family,), unwrap=True)

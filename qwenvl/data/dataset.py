@@ -13,6 +13,8 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from qwenvl.data.batch.collate import make_collator
+from qwenvl.data.batch.length_cache import PATCHES, TOKENS, VISUAL
+from qwenvl.data.batch.length_check import LengthCheck, rendered_row
 from qwenvl.data.catalog.conversation_checks import conversation_of, conversation_warnings, log_warnings
 from qwenvl.data.catalog.mixture import build_mixture, check_not_empty
 from qwenvl.data.catalog.preflight import check_first_records
@@ -25,6 +27,11 @@ from qwenvl.data.render.sample import SampleRenderer
 from qwenvl.data.skips import SkipLog, Skipped, skip_log_path
 
 logger = logging.getLogger(__name__)
+
+REBUILD_LENGTHS = ("Fix: rebuild the length cache: run python -m qwenvl.tools.audit with this run's data flags and "
+                   "--model_name_or_path (it recounts every record and rewrites the cache), or delete the "
+                   "<annotation file>.lengths.* files of that dataset (also under ~/.cache/qwenvl/lengths) and start "
+                   "again.")
 
 
 class SupervisedDataset(Dataset):
@@ -46,6 +53,12 @@ class SupervisedDataset(Dataset):
         self.mixture = build_mixture(entries, [len(s) for s in self.sources], seed)
         self.bad_sample_policy = bad_sample_policy
         self.skip_log = skip_log or SkipLog()
+        self.length_check: LengthCheck | None = None  # set by expect_lengths when a sampler plans by length
+
+    def expect_lengths(self, rows, refuse_longer: bool, columns: tuple[int, ...] = (TOKENS, VISUAL, PATCHES)) -> None:
+        """Check every rendered item against ``rows`` (the length table its batch sampler planned with,
+        in ``columns``); ``refuse_longer`` under a token budget (``qwenvl.data.batch.length_check``)."""
+        self.length_check = LengthCheck(rows, refuse_longer, REBUILD_LENGTHS, columns)
 
     def __len__(self) -> int:
         return len(self.mixture)
@@ -76,8 +89,14 @@ class SupervisedDataset(Dataset):
             if isinstance(conversation, list):
                 rendered = [self.renderer.render(c) for c in conversation]
                 # A Qwen3.5 sample split per reasoning turn is itself a pack: keep one flat list.
-                return {"pack": [s for r in rendered for s in (r["pack"] if "pack" in r else [r])]}
-            return self.renderer.render(conversation)
+                item = {"pack": [s for r in rendered for s in (r["pack"] if "pack" in r else [r])]}
+            else:
+                item = self.renderer.render(conversation)
+            if self.length_check is not None:
+                tokens = self.renderer.tokens
+                self.length_check.check(i, rendered_row(item, tokens.image_pad, tokens.video_pad),
+                                        self.entries[int(self.mixture[i][0])].spec.name, self.origin(i))
+            return item
         except Exception as exc:
             err = bad_sample(exc)  # the one rule of what is bad data; anything else is a bug: crash
             if err is None:

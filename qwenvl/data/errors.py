@@ -34,6 +34,7 @@ class DataKind(str, enum.Enum):
     BAD_VIDEO = "bad_video"  # does not decode as a video (a still image named .mp4 included)
     TOO_LONG = "too_long"  # does not fit --model_max_length even shrunk
     BOX_OUTSIDE_IMAGE = "box_outside_image"  # a box or point that cannot belong to its image (grounding)
+    STALE_LENGTH = "stale_length"  # renders longer than its length-cache row: refused under a token budget
     CONFIG = "config"  # the dictionary, --dataset_use or a data flag (not one record)
     BAD_SAMPLES = "bad_samples"  # several records cannot be rendered (the message lists them)
 

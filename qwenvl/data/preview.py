@@ -15,6 +15,7 @@ red, points as red dots), so a person can check a grounding dataset by looking.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -171,8 +172,6 @@ def preview(argv: list[str] | None = None) -> str:
             f"; the record trains as {len(samples)} samples, one per reasoning turn" if len(samples) > 1
             and not isinstance(dataset.conversations(args.index), list) else ""))
     if args.draw_dir:
-        import os
-
         os.makedirs(args.draw_dir, exist_ok=True)
         conversations = dataset.conversations(args.index)
         conversations = conversations if isinstance(conversations, list) else [conversations]

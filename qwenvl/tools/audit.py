@@ -41,7 +41,7 @@ The kinds are ``DataError.kind`` (``qwenvl.data.errors.DataKind``); whether an e
 bad data at all is ``errors.bad_sample``, the rule training's skip policy follows.
 
 With ``--model_name_or_path`` every good record is also counted exactly (tokens, text
-and visual tokens, vision patches; ``qwenvl.data.batch.lengths``) and the counts are stored
+and visual tokens, vision patches; ``qwenvl.data.batch.count``) and the counts are stored
 in the length cache that training, ``pack_data`` and online packing read, under the
 same flags.  Without it only the structural and media checks run (said in the output).
 
@@ -77,8 +77,9 @@ import numpy as np
 from transformers import HfArgumentParser
 
 from qwenvl.data.arguments import DataArguments
-from qwenvl.data.batch.lengths import (LengthTable, TokenCounter, chunk_ranges, image_size,
-                                       parallel_chunks, probe_video, save_lengths)
+from qwenvl.data.batch.count import TokenCounter, image_size, probe_video
+from qwenvl.data.batch.length_cache import LengthTable, save_lengths
+from qwenvl.data.batch.parallel_map import chunk_ranges, parallel_chunks
 from qwenvl.data.catalog.conversation_checks import conversation_warnings
 from qwenvl.data.catalog.conversation_checks import conversation_of
 from qwenvl.data.catalog.formats import Conversation
@@ -93,7 +94,8 @@ from qwenvl.data.render.prompt import template_messages
 from qwenvl.user_cache import user_cache_dir
 
 INTERNAL_ERROR = "internal_error"  # not bad data: a bug that stops training whatever the policy
-KINDS = tuple(k.value for k in DataKind if k not in (DataKind.CONFIG, DataKind.BAD_SAMPLES)) + (
+# STALE_LENGTH is training's (a rendered sample against its cached row); the audit rebuilds rows instead.
+KINDS = tuple(k.value for k in DataKind if k not in (DataKind.CONFIG, DataKind.BAD_SAMPLES, DataKind.STALE_LENGTH)) + (
     DataKind.CONFIG.value, INTERNAL_ERROR)
 WARNING_KINDS = ("starts_with_assistant", "ends_with_user", "few_frames")
 

@@ -6,7 +6,7 @@
         [the data flags of training: --max_pixels ... --video_fps ... --bad_sample_policy ...]
 
 The samples of one epoch of the ``--dataset_use`` mixture (the same seeded mixture
-training builds with ``--seed``) are counted exactly (``qwenvl.data.batch.lengths``, through
+training builds with ``--seed``) are counted exactly (``qwenvl.data.batch.count``, through
 the length cache) and bin-packed (``qwenvl.data.batch.packing``, best-fit decreasing by
 default) so that each pack's tokens fit ``--model_max_length`` and, with
 ``--max_patches_per_pack``, its vision patches fit that (the vision tower's memory
@@ -46,7 +46,8 @@ import numpy as np
 from transformers import HfArgumentParser
 
 from qwenvl.data.arguments import DataArguments
-from qwenvl.data.batch.lengths import PATCHES, TOKENS, TokenCounter, lengths_for
+from qwenvl.data.batch.count import TokenCounter
+from qwenvl.data.batch.length_cache import PATCHES, TOKENS, lengths_for
 from qwenvl.data.batch.packing import ALGORITHMS, pack_items, shuffle_packs
 from qwenvl.data.catalog.mixture import build_mixture
 from qwenvl.data.catalog.registry import DEFAULT_DICTIONARY, load_dictionary, parse_dataset_use

@@ -1,7 +1,7 @@
 """Multi-process runs need the length cache built beforehand.
 
 Packing and length grouping read every sample's length from the cache
-(``qwenvl.data.batch.lengths``).  When it is missing, rank 0 counts every record while the
+(``qwenvl.data.batch.length_cache``).  When it is missing, rank 0 counts every record while the
 other ranks wait in a barrier; on a large dataset that outlasts the distributed
 timeout (``--ddp_timeout``, 30 minutes) and every other rank fails with a timeout
 that says nothing about lengths.  So a run of several processes whose missing cache
@@ -19,6 +19,8 @@ import os
 import shlex
 
 from qwenvl.data.arguments import DataArguments
+from qwenvl.data.batch.count import TokenCounter
+from qwenvl.data.batch.length_cache import load_lengths
 from qwenvl.data.errors import DataError
 
 
@@ -34,8 +36,6 @@ def inline_count_limit(environ=os.environ) -> int:
 
 def datasets_without_length_cache(dataset) -> list[tuple[str, int]]:
     """(name, records) of the mixture's datasets whose length cache for this renderer is absent or stale."""
-    from qwenvl.data.batch.lengths import TokenCounter, load_lengths
-
     counter = TokenCounter.for_renderer(dataset.renderer)
     missing, seen = [], set()
     for entry, source in zip(dataset.entries, dataset.sources):

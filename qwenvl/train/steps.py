@@ -58,7 +58,7 @@ def train_batch_sampler(dataset, training_args, check_cache=None):
 
     ``check_cache(dataset)`` runs first when the cache is needed (it stops a
     multi-process run whose cache is missing: ``qwenvl.train.length_cache``)."""
-    from qwenvl.data.batch.lengths import dataset_lengths
+    from qwenvl.data.batch.length_cache import dataset_lengths
     from qwenvl.data.batch.sampler import make_train_sampler
 
     samples = getattr(training_args, "token_budget_samples", None)

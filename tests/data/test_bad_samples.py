@@ -14,7 +14,8 @@ from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 
 from qwenvl.data.arguments import DataArguments
-from qwenvl.data.batch import lengths as L
+from qwenvl.data.batch.count import TokenCounter, measure_record
+from qwenvl.data.batch.length_cache import build_lengths
 from qwenvl.data.catalog.registry import load_dictionary
 from qwenvl.data.catalog.sources import open_annotations
 from qwenvl.data.dataset import make_supervised_data_module
@@ -142,11 +143,11 @@ def test_a_bug_is_not_bad_data_it_is_never_cached_and_the_audit_says_training_cr
     (silent_wrong / "v.json").write_text(json.dumps({"v": {"annotation_path": "v.jsonl", "data_path": "media"}}))
     spec = load_dictionary(silent_wrong / "v.json")["v"]
     source = open_annotations(spec.annotation_path)
-    counter = L.TokenCounter(AutoProcessor.from_pretrained(tiny_model_dir("qwen2_5_vl")), video_settings=None)
+    counter = TokenCounter(AutoProcessor.from_pretrained(tiny_model_dir("qwen2_5_vl")), video_settings=None)
     with pytest.raises(ValueError, match="video settings"):  # was: returned as a "bad record" and cached
-        L.measure_record(source, spec, 0, counter)
+        measure_record(source, spec, 0, counter)
     with pytest.raises(ValueError, match="video settings"):
-        L.build_lengths(spec, source, counter, num_workers=0, progress=False)
+        build_lengths(spec, source, counter, num_workers=0, progress=False)
     row, kind, reason, _, _, _ = audit.audit_record(source, spec, 0, counter, None, None, False)
     assert row is None and kind == audit.INTERNAL_ERROR and "whatever --bad_sample_policy" in reason
     report = {"datasets": {}, "problems": [{"dataset": "v", "record": 0, "kind": kind, "reason": reason}],

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoProcessor
 
-from qwenvl.data.batch.lengths import TokenCounter
+from qwenvl.data.batch.count import TokenCounter
 from qwenvl.data.catalog.formats import Conversation
 from qwenvl.data.errors import DataError
 from qwenvl.data.render.prompt import split_last_reply

@@ -18,15 +18,19 @@ from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 
 from qwenvl.data.arguments import DataArguments
-from qwenvl.data.batch import lengths as L
+from qwenvl.data.batch.count import TokenCounter, count_tokens, image_size
+from qwenvl.data.batch import length_cache
+from qwenvl.data.batch.length_cache import (BAD, TOKENS, VISUAL, _cache_candidates, build_lengths, dataset_lengths,
+                                             lengths_for, load_or_build_lengths)
+from qwenvl.data.batch.length_key import lengths_key
 from qwenvl.data.catalog.formats import to_conversation
 from qwenvl.data.catalog.registry import DatasetSpec, load_dictionary
 from qwenvl.data.catalog.sources import open_annotations
 from qwenvl.data.dataset import make_supervised_data_module
 from qwenvl.data.errors import DataError
 from qwenvl.data.media.video import video_settings_from
+from qwenvl.data.render.fit import SampleTooLong
 from qwenvl.data.render.processor_settings import configure_processor
-from qwenvl.data.render.sample import SampleTooLong
 
 REPO = Path(__file__).resolve().parents[2]
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
@@ -53,7 +57,7 @@ def _module(model_dir, max_length=None, **kw):
 def test_counts_equal_rendering_on_the_demo_data(family, tiny_model_dir):
     module, _ = _module(tiny_model_dir(family))
     dataset = module["train_dataset"]
-    counter = L.TokenCounter.for_renderer(dataset.renderer)
+    counter = TokenCounter.for_renderer(dataset.renderer)
     kinds = set()
     for i in range(len(dataset)):
         counted = counter(dataset.conversations(i))
@@ -96,7 +100,7 @@ def test_counts_follow_the_renderers_shrink_and_drop(family, tiny_model_dir, big
                             max_pixels=28 * 28 * 300, min_pixels=28 * 28 * 4, video_max_pixels=28 * 28 * 64,
                             video_min_pixels=28 * 28 * 2)
         dataset = module["train_dataset"]
-        counter = L.TokenCounter.for_renderer(dataset.renderer)
+        counter = TokenCounter.for_renderer(dataset.renderer)
         scaled, dropped = set(), 0
         for i in range(len(dataset)):
             conversation = dataset.conversations(i)
@@ -121,16 +125,16 @@ def test_image_size_reads_headers_only(tmp_path, monkeypatch):
     path = tmp_path / "a.png"
     Image.new("RGB", (33, 17)).save(path)
     monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("pixels were decoded"))
-    assert L.image_size(str(path)) == (17, 33)
-    assert L.image_size(Image.new("RGB", (5, 7))) == (7, 5)
+    assert image_size(str(path)) == (17, 33)
+    assert image_size(Image.new("RGB", (5, 7))) == (7, 5)
     monkeypatch.undo()
-    assert L.image_size(str(path), verify=True) == (17, 33)
-    with pytest.raises(L.DataError) as err:
-        L.image_size(str(tmp_path / "missing.png"), origin="dataset 'x', record 3")
+    assert image_size(str(path), verify=True) == (17, 33)
+    with pytest.raises(DataError) as err:
+        image_size(str(tmp_path / "missing.png"), origin="dataset 'x', record 3")
     assert err.value.kind == "missing_media" and "record 3" in str(err.value)
     (tmp_path / "bad.png").write_bytes(b"not an image at all")
-    with pytest.raises(L.DataError) as err:
-        L.image_size(str(tmp_path / "bad.png"))
+    with pytest.raises(DataError) as err:
+        image_size(str(tmp_path / "bad.png"))
     assert err.value.kind == "bad_image"
 
 
@@ -143,7 +147,7 @@ def test_hf_dataset_with_pil_images_counts_like_rendering(tmp_path, tiny_model_d
     (tmp_path / "d.json").write_text(json.dumps({"hf": {"annotation_path": "hf"}}))
     module, _ = _module(tiny_model_dir("qwen2_5_vl"), dataset_use="hf", dataset_dictionary=str(tmp_path / "d.json"))
     dataset = module["train_dataset"]
-    counter = L.TokenCounter.for_renderer(dataset.renderer)
+    counter = TokenCounter.for_renderer(dataset.renderer)
     assert [counter(dataset.conversations(i)).row() for i in range(2)] == \
         [rendered_row(dataset[i], counter.tokens) for i in range(2)]
 
@@ -170,30 +174,30 @@ def _setup(model_dir, folder, name="demo_grounding", **kw):
     return processor, args, spec, open_annotations(spec.annotation_path)
 
 
-def _counter(processor, args, max_length=None) -> L.TokenCounter:
+def _counter(processor, args, max_length=None) -> TokenCounter:
     configure_processor(processor, args)
-    return L.TokenCounter(processor, video_settings_from(args, processor), max_length)
+    return TokenCounter(processor, video_settings_from(args, processor), max_length)
 
 
 def test_cache_is_written_next_to_the_file_reused_and_rebuilt_when_stale(tiny_model_dir, demo_copy, monkeypatch):
     processor, args, spec, source = _setup(tiny_model_dir("qwen2_5_vl"), demo_copy)
-    rows = L.load_or_build_lengths(spec, source, processor, args, progress=False)
-    assert rows.shape == (len(source), 3) and (rows[:, L.TOKENS] > 0).all()
+    rows = load_or_build_lengths(spec, source, processor, args, progress=False)
+    assert rows.shape == (len(source), 3) and (rows[:, TOKENS] > 0).all()
     caches = sorted(demo_copy.glob("grounding.jsonl.lengths.*"))
     assert [p.suffix for p in caches] == [".json", ".npy"]
     meta = json.loads(caches[0].read_text())
     assert meta["records"] == len(source) and meta["errors"] == {}
 
     counted = []
-    real_build = L.build_lengths
-    monkeypatch.setattr(L, "build_lengths", lambda *a, **k: counted.append(1) or real_build(*a, **k))
-    assert (L.load_or_build_lengths(spec, source, processor, args, progress=False) == rows).all()
+    real_build = build_lengths
+    monkeypatch.setattr(length_cache, "build_lengths", lambda *a, **k: counted.append(1) or real_build(*a, **k))
+    assert (load_or_build_lengths(spec, source, processor, args, progress=False) == rows).all()
     assert counted == []  # served from the cache
 
     # Other pixel bounds: another key, built once, next to the first.
     args_small = DataArguments(**{**DEMO_PIXELS, "max_pixels": 56 * 56, "dataset_use": "demo_grounding"})
-    small = L.load_or_build_lengths(spec, source, processor, args_small, progress=False)
-    assert counted == [1] and (small[:, L.VISUAL] < rows[:, L.VISUAL]).all()
+    small = load_or_build_lengths(spec, source, processor, args_small, progress=False)
+    assert counted == [1] and (small[:, VISUAL] < rows[:, VISUAL]).all()
     assert len(list(demo_copy.glob("grounding.jsonl.lengths.*.npy"))) == 2
 
     # The annotation file changes: the old caches are stale, rebuilt, and removed.
@@ -201,27 +205,27 @@ def test_cache_is_written_next_to_the_file_reused_and_rebuilt_when_stale(tiny_mo
     lines = ann.read_text().splitlines()
     ann.write_text("\n".join(lines[:10]) + "\n")
     source = open_annotations(spec.annotation_path)
-    fresh = L.load_or_build_lengths(spec, source, processor, args, progress=False)
+    fresh = load_or_build_lengths(spec, source, processor, args, progress=False)
     assert counted == [1, 1] and (fresh == rows[:10]).all()
     assert len(list(demo_copy.glob("grounding.jsonl.lengths.*.npy"))) == 1
 
     # A damaged cache is ignored and rebuilt.
     npy = next(demo_copy.glob("grounding.jsonl.lengths.*.npy"))
     npy.write_bytes(b"garbage")
-    assert (L.load_or_build_lengths(spec, source, processor, args, progress=False) == fresh).all()
+    assert (load_or_build_lengths(spec, source, processor, args, progress=False) == fresh).all()
     assert counted == [1, 1, 1]
 
 
 def test_cache_falls_back_to_the_user_cache_when_the_folder_is_not_writable(tiny_model_dir, demo_copy, monkeypatch,
                                                                               tmp_path):
     processor, args, spec, source = _setup(tiny_model_dir("qwen2_5_vl"), demo_copy, "demo_video")
-    real = L._cache_candidates
+    real = _cache_candidates
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("")
     # The first candidate sits "inside" a regular file: writing there fails as in a read-only folder.
-    monkeypatch.setattr(L, "_cache_candidates", lambda ann, key: [blocker / Path(real(ann, key)[0]).name,
+    monkeypatch.setattr(length_cache, "_cache_candidates", lambda ann, key: [blocker / Path(real(ann, key)[0]).name,
                                                                   real(ann, key)[1]])
-    rows = L.load_or_build_lengths(spec, source, processor, args, progress=False)
+    rows = load_or_build_lengths(spec, source, processor, args, progress=False)
     saved = list((tmp_path / "xdg_cache" / "qwenvl" / "lengths").glob("*.npy"))
     assert len(saved) == 1 and (np.load(saved[0]) == rows).all()
     assert not list(demo_copy.glob("video.json.lengths.*"))
@@ -238,12 +242,12 @@ def test_bad_records_are_marked_with_their_reason(tiny_model_dir, tmp_path):
     (tmp_path / "dict.json").write_text(json.dumps({"a": {"annotation_path": "a.jsonl", "data_path": "."}}))
     processor, args, spec, source = _setup(tiny_model_dir("qwen2_5_vl"), tmp_path, "a")
     counter = _counter(processor, args)
-    full = L.lengths_for(spec, source, counter, progress=False)
-    assert full.rows[0, 0] > 0 and (full.rows[1] == L.BAD).all() and full.rows[2, 0] > 200
+    full = lengths_for(spec, source, counter, progress=False)
+    assert full.rows[0, 0] > 0 and (full.rows[1] == BAD).all() and full.rows[2, 0] > 200
     assert "gone.png" in full.errors[1] and "record 1" in full.errors[1]
     # Under a max length only the over-long record is recounted: it is dropped, with the reason.
-    capped = L.lengths_for(spec, source, counter.with_max_length(100), progress=False)
-    assert (capped.rows[2] == L.BAD).all() and "--model_max_length 100" in capped.errors[2]
+    capped = lengths_for(spec, source, counter.with_max_length(100), progress=False)
+    assert (capped.rows[2] == BAD).all() and "--model_max_length 100" in capped.errors[2]
     assert (capped.rows[0] == full.rows[0]).all()
 
 
@@ -253,21 +257,21 @@ def test_dataset_lengths_follow_the_mixture(tiny_model_dir, demo_copy):
     args = DataArguments(**{**DEMO_PIXELS, "dataset_use": "demo_text%20,demo_video%150,demo_shapes%2",
                             "dataset_dictionary": str(demo_copy / "dict.json")})
     dataset = make_supervised_data_module(processor, args, config, model_max_length=512, seed=1)["train_dataset"]
-    rows, bad = L.dataset_lengths(dataset, num_workers=2, progress=False)
+    rows, bad = dataset_lengths(dataset, num_workers=2, progress=False)
     assert rows.shape == (len(dataset), 3) and bad == {}
-    tokens = L.TokenCounter.for_renderer(dataset.renderer).tokens
+    tokens = TokenCounter.for_renderer(dataset.renderer).tokens
     for i in range(0, len(dataset), 3):
         assert tuple(rows[i]) == rendered_row(dataset[i], tokens)
     # Text-only items have no visual tokens; the repeated video items share their record's row.
     text = [i for i in range(len(dataset)) if dataset.entries[int(dataset.mixture[i][0])].spec.name == "demo_text"]
-    assert (rows[text, L.VISUAL] == 0).all()
+    assert (rows[text, VISUAL] == 0).all()
 
 
 def test_parallel_build_equals_serial(tiny_model_dir, demo_copy):
     processor, args, spec, source = _setup(tiny_model_dir("qwen2_vl"), demo_copy, "demo_multi_image")
     counter = _counter(processor, args)
-    serial = L.build_lengths(spec, source, counter, num_workers=0, progress=False)
-    parallel = L.build_lengths(spec, source, counter, num_workers=2, chunk=7, progress=False)
+    serial = build_lengths(spec, source, counter, num_workers=0, progress=False)
+    parallel = build_lengths(spec, source, counter, num_workers=2, chunk=7, progress=False)
     assert (serial.rows == parallel.rows).all() and serial.errors == parallel.errors == {}
 
 
@@ -279,12 +283,12 @@ def test_count_tokens_needs_video_settings_for_videos(tiny_model_dir):
     conversation = Conversation([{"role": "user", "content": [{"type": "video", "video": video}]},
                                  {"role": "assistant", "content": [{"type": "text", "text": "left"}]}], "test")
     with pytest.raises(ValueError, match="video settings"):
-        L.count_tokens(conversation, processor)
+        count_tokens(conversation, processor)
     missing = Conversation([{"role": "user", "content": [{"type": "video", "video": video + ".nope"}]},
                             {"role": "assistant", "content": [{"type": "text", "text": "left"}]}], "test")
     settings = video_settings_from(DataArguments(), processor)
     with pytest.raises(DataError) as err:
-        L.count_tokens(missing, processor, settings)
+        count_tokens(missing, processor, settings)
     assert err.value.kind == "missing_media"
     assert os.path.basename(video) in str(err.value)
 
@@ -306,11 +310,11 @@ def test_thinking_mode_is_part_of_the_cache_key_and_counts_stay_exact(tiny_model
     keys = set()
     for mode, samples in (("auto", 2), ("true", 2), ("false", 1)):
         renderer = SampleRenderer(processor, config, thinking=mode)
-        counter = L.TokenCounter.for_renderer(renderer)
+        counter = TokenCounter.for_renderer(renderer)
         conversation = to_conversation(records[0], spec, 0)
         item = renderer.render(conversation)
         rendered = item["pack"] if "pack" in item else [item]
         assert len(rendered) == samples, mode
         assert counter(conversation).tokens == sum(s["input_ids"].shape[0] for s in rendered), mode
-        keys.add(L.lengths_key(spec, counter)[0])
+        keys.add(lengths_key(spec, counter)[0])
     assert len(keys) == 3

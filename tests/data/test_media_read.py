@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwenvl.data.batch.lengths import image_size
+from qwenvl.data.batch.count import image_size
 from qwenvl.data.errors import DataError, DataKind
 from qwenvl.data.media.read import open_image, resolve_media
 

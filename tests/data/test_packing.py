@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoProcessor
 
 from qwenvl.data.arguments import DataArguments
 from qwenvl.data.batch.collate import FlattenedCollator
-from qwenvl.data.batch.lengths import PATCHES, TOKENS, VISUAL, dataset_lengths
+from qwenvl.data.batch.length_cache import PATCHES, TOKENS, VISUAL, dataset_lengths
 from qwenvl.data.batch.packing import ALGORITHMS, _MaxTree, pack_items, shuffle_packs
 from qwenvl.data.batch.sampler import (LengthGroupedBatchSampler, OnlinePackingBatchSampler, balance_for_ranks,
                                        make_train_sampler)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoProcessor
 
-from qwenvl.data.batch.lengths import TokenCounter
+from qwenvl.data.batch.count import TokenCounter
 from qwenvl.data.catalog.formats import Conversation
 from qwenvl.data.render.sample import IGNORE_INDEX, SampleRenderer
 

@@ -7,7 +7,8 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from qwenvl.data.catalog.formats import Conversation
-from qwenvl.data.render.sample import IGNORE_INDEX, SampleRenderer, SampleTooLong
+from qwenvl.data.render.fit import SampleTooLong
+from qwenvl.data.render.sample import IGNORE_INDEX, SampleRenderer
 from tests.conftest import FAMILIES, RENDER_FAMILIES
 
 

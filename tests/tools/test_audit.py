@@ -12,7 +12,8 @@ from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 
 from qwenvl.data.arguments import DataArguments
-from qwenvl.data.batch import lengths as L
+from qwenvl.data.batch import length_cache
+from qwenvl.data.batch.length_cache import BAD, dataset_lengths
 from qwenvl.data.dataset import make_supervised_data_module
 from qwenvl.data.skips import Skipped
 from qwenvl.tools import audit
@@ -102,7 +103,7 @@ def test_every_kind_of_problem_is_found_and_named(bad_dataset, tiny_model_dir, t
     cache = Path(entry["length_cache"])
     rows = np.load(cache)
     meta = json.loads(cache.with_suffix(".json").read_text())
-    bad_rows = {i for i in range(11) if rows[i, 0] == L.BAD}
+    bad_rows = {i for i in range(11) if rows[i, 0] == BAD}
     assert bad_rows == {i for i, k in EXPECTED.items() if k and k != "too_long"}
     assert set(map(int, meta["errors"])) == bad_rows and rows[7, 0] > 100
 
@@ -170,12 +171,12 @@ def test_demo_data_audit_counts_tokens_and_fills_the_cache_training_reads(tiny_m
         assert line.split()[4:8] == [f"{stats['mean']:.1f}", str(stats["p50"]), str(stats["p95"]), str(stats["max"])]
 
     # Training with the same flags reads every length from the cache the audit wrote.
-    monkeypatch.setattr(L, "build_lengths", lambda *a, **k: pytest.fail("lengths were recounted"))
+    monkeypatch.setattr(length_cache, "build_lengths", lambda *a, **k: pytest.fail("lengths were recounted"))
     args = DataArguments(dataset_use=use, dataset_dictionary=str(folder / "dict.json"), max_pixels=112 * 112,
                          min_pixels=56 * 56, video_max_pixels=56 * 56, video_min_pixels=28 * 28)
     dataset = make_supervised_data_module(AutoProcessor.from_pretrained(model), args, AutoConfig.from_pretrained(model),
                                           model_max_length=1024, seed=0)["train_dataset"]
-    rows, bad = L.dataset_lengths(dataset, progress=False)
+    rows, bad = dataset_lengths(dataset, progress=False)
     assert bad == {} and (rows[:, 0] > 0).all()
     sample = dataset[len(dataset) - 1]
     assert rows[-1, 0] == sample["input_ids"].shape[0]

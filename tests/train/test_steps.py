@@ -6,7 +6,7 @@ import transformers
 from transformers import AutoConfig, AutoProcessor, TrainerCallback
 
 from qwenvl.data.arguments import DataArguments
-from qwenvl.data.batch.lengths import TOKENS, dataset_lengths
+from qwenvl.data.batch.length_cache import TOKENS, dataset_lengths
 from qwenvl.data.batch.sampler import OnlinePackingBatchSampler
 from qwenvl.data.dataset import make_supervised_data_module
 from qwenvl.train.arguments import parse_args

@@ -9,7 +9,7 @@ import logging
 import pytest
 from PIL import Image
 
-from qwenvl.data.batch.lengths import probe_video
+from qwenvl.data.batch.count import probe_video
 from qwenvl.data.errors import DataError, DataKind
 from qwenvl.data.media.video import VideoSettings, load_video
 from qwenvl.tools import audit

@@ -15,14 +15,14 @@ import math
 
 import numpy as np
 
-from qwenvl.data.batch.lengths import TOKENS
+from qwenvl.data.batch.length_cache import TOKENS
 
 
 def budget_for_samples(lengths, samples_per_step: int, accumulation_steps: int = 1) -> tuple[int, float]:
     """``(tokens per micro-batch, mean tokens per sample)`` for ``samples_per_step`` samples per
     optimizer step on average, over ``accumulation_steps`` micro-batches.
 
-    ``lengths``: the (n, 3) length table (``qwenvl.data.batch.lengths``) or 1-D token counts;
+    ``lengths``: the (n, 3) length table (``qwenvl.data.batch.length_cache``) or 1-D token counts;
     rows <= 0 (samples that cannot be rendered) are left out.  The budget is at least the
     longest sample, so every sample fits a micro-batch.
     """

@@ -32,7 +32,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
-from qwenvl.data.batch.lengths import PATCHES, TOKENS, VISUAL
+from qwenvl.data.batch.length_cache import PATCHES, TOKENS, VISUAL
 from qwenvl.data.batch.packing import pack_items
 from qwenvl.data.errors import DataError, DataKind
 
@@ -233,7 +233,7 @@ class LengthGroupedBatchSampler(_RankShardedBatchSampler):
 def make_train_sampler(dataset, lengths, args, world_size: int = 1, rank: int | None = 0, seed: int = 42):
     """The batch sampler the training arguments ask for, or None for the Trainer's default.
 
-    ``lengths``: the (len(dataset), 3) table of ``qwenvl.data.batch.lengths.dataset_lengths``
+    ``lengths``: the (len(dataset), 3) table of ``qwenvl.data.batch.length_cache.dataset_lengths``
     (or its ``(rows, bad)`` result).  ``args`` is read with these attribute names
     (missing ones take the default):
 
@@ -270,6 +270,11 @@ def make_train_sampler(dataset, lengths, args, world_size: int = 1, rank: int | 
     if bad.size:
         logger.warning("%d samples that cannot be rendered are left out of training (--bad_sample_policy skip)",
                        bad.size)
+    if hasattr(dataset, "expect_lengths"):
+        # Rendering is checked against the rows planned with; under a budget a longer sample is refused.
+        # Token counts alone (a 1-D ``lengths``) leave the visual and patch columns unknown.
+        columns = (TOKENS,) if np.ndim(lengths) == 1 else (TOKENS, VISUAL, PATCHES)
+        dataset.expect_lengths(table, refuse_longer=online, columns=columns)
     if online:
         max_tokens = getattr(args, "pack_max_tokens", None) or getattr(args, "model_max_length", None)
         if not max_tokens:

@@ -210,7 +210,7 @@ class _Reader:
         # A handle inherited through fork shares its file position with the parent: reopen.
         if self._handle is None or self._pid != os.getpid():
             if self.remote:
-                import fsspec
+                import fsspec  # local: only remote annotation files need it
                 self._handle = fsspec.open(self.path, "rb").open()
             else:
                 self._handle = os.open(self.path, os.O_RDONLY)
@@ -245,7 +245,7 @@ class _Reader:
     def chunks(self, size: int | None = None) -> Iterator[bytes]:
         size = size or CHUNK_BYTES  # read at call time so tests can shrink it
         if self.remote:
-            import fsspec
+            import fsspec  # local: only remote annotation files need it
             with fsspec.open(self.path, "rb") as f:
                 while chunk := f.read(size):
                     yield chunk
@@ -257,7 +257,7 @@ class _Reader:
     def stat(self) -> tuple[int, int]:
         """(size, mtime in ns) — the key that tells a cached index is stale."""
         if self.remote:
-            import fsspec
+            import fsspec  # local: only remote annotation files need it
             fs, p = fsspec.core.url_to_fs(self.path)
             info = fs.info(p)
             return int(info.get("size") or 0), 0
@@ -396,7 +396,7 @@ class HFSource(AnnotationSource):
     is_packed = False
 
     def __init__(self, path: str):
-        import datasets
+        import datasets  # local: a heavy import (pyarrow), needed only for saved HF datasets
         self.path = path
         self.dataset = datasets.load_from_disk(path)
 

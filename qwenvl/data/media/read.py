@@ -155,7 +155,7 @@ def _check_local(path: str, what: str, at: str) -> None:
 def read_url_bytes(url: str, what: str = "file", at: str = "") -> bytes:
     """The bytes at an fsspec URL (``s3://``, ``gs://``, ``https://`` ...); problems as ``DataError``."""
     try:
-        import fsspec
+        import fsspec  # local: only URLs need it
 
         with fsspec.open(url, "rb") as f:
             return f.read()

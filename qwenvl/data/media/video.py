@@ -60,10 +60,8 @@ from qwenvl.data.errors import DataError, DataKind, Origin, where
 from qwenvl.data.media.read import MAX_ASPECT_RATIO, is_url
 from qwenvl.data.media.time_limit import DEFAULT_MEDIA_TIMEOUT_S
 from qwenvl.data.media.video_checks import warn_few_frames
-from qwenvl.data.media.video_decode import (
-                                            DecodedVideo, backend_names, decode_video, fetched, list_frame_folder, local_path, read_image_frames,
-                                            run_with_timeout,
-                                            )
+from qwenvl.data.media.video_decode import (DecodedVideo, backend_names, decode_video, fetched, list_frame_folder,
+                                            local_path, read_image_frames, run_with_timeout)
 
 VIDEO_MIN_TOKENS_PER_FRAME = 128  # qwen-vl-utils' VIDEO_MIN_TOKEN_NUM
 VIDEO_MAX_TOKENS_PER_FRAME = 768  # qwen-vl-utils' VIDEO_MAX_TOKEN_NUM
@@ -329,7 +327,7 @@ def _fit(frames: torch.Tensor, settings: VideoSettings, name: str) -> torch.Tens
         raise DataError(f"{where(file=name)}: {exc}", DataKind.BAD_VIDEO, Origin(media=name)) from None
     if (h, w) == (height, width):
         return frames
-    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import InterpolationMode  # local: torchvision loads its ops; only resizing needs it
     from torchvision.transforms.v2 import functional as tvF
 
     return tvF.resize(frames, [h, w], interpolation=InterpolationMode.BICUBIC, antialias=True)

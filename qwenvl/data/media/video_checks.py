@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 
+from PIL import Image, UnidentifiedImageError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["still_image_format", "few_frames_warning", "warn_few_frames"]
@@ -21,8 +23,6 @@ _warned: set[str] = set()
 
 def still_image_format(path: str) -> str | None:
     """The image format (``"PNG"``, ``"JPEG"`` ...) when ``path`` holds a single still image, else None."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as image:
             frames = getattr(image, "n_frames", 1)

@@ -5,7 +5,9 @@
 - ``piece_tokens``: pieces -> token ids and trained flags; ``prompt``: messages in the
   processor's chat-template form (tags, tools, the one place text becomes a prompt);
 - ``sample``: ``SampleRenderer``, one conversation -> ``input_ids``, ``labels``, pixels,
-  grid sizes and positions; the fit-to-context rule lives here;
+  grid sizes and positions;
+- ``fit``: the fit-to-context rule (shrink media to ``model_max_length`` or drop), shared
+  with the counter of ``qwenvl.data.batch.count``;
 - ``rope``: mRoPE positions by the model's own ``get_rope_index``;
   ``processor_settings``: the pixel and frame flags applied to the processor;
 - ``grounding`` / ``grounding_check``: boxes and points rewritten into the family's

@@ -225,7 +225,7 @@ def resized_image_size(image_processor, width: int, height: int, size: dict | No
     and pixel bounds (``size`` overrides ``image_processor.size``, as the renderer does
     when it shrinks a sample to fit ``--model_max_length``).
     """
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize  # local: loads torchvision
 
     size = size or image_processor.size
     factor = image_processor.patch_size * image_processor.merge_size

@@ -35,8 +35,9 @@ from qwenvl.data.errors import DataError, DataKind
 from qwenvl.data.media.read import DEFAULT_MEDIA_TIMEOUT_S, open_image
 from qwenvl.data.media.video import load_video, processor_video_inputs, processor_videos_kwargs, resize_clip
 from qwenvl.data.render import IGNORE_INDEX
-from qwenvl.data.render.chat_pieces import (THINKING_MODES, ChatRules, conversation_pieces, pieces_text, reasoning_and_answer,
-                                            split_for_thinking, template_view)
+from qwenvl.data.render.chat_pieces import (THINKING_MODES, ChatRules, conversation_pieces, pieces_text,
+                                            reasoning_and_answer, split_for_thinking, template_view)
+from qwenvl.data.render.fit import Measured, fit_to_context
 from qwenvl.data.render.grounding import Grounding
 from qwenvl.data.render.piece_tokens import PieceTokenizer, expand_media
 from qwenvl.data.render.prompt import refuse_tools_unless_rendered, template_messages
@@ -65,12 +66,6 @@ class SpecialTokens:
         return cls(ids["<|im_start|>"], ids["<|im_end|>"], header, ids["<|image_pad|>"], ids["<|video_pad|>"])
 
 
-class SampleTooLong(DataError):
-    """A sample that does not fit ``model_max_length`` even at the lowest allowed resolution."""
-
-    default_kind = DataKind.TOO_LONG
-
-
 class SampleRenderer:
     """Render conversations into model inputs with a family's processor.
 
@@ -80,9 +75,6 @@ class SampleRenderer:
     ``pixel_values_videos`` + ``video_grid_thw`` (+ ``second_per_grid_ts`` on
     Qwen2.5-VL).  The collators only stack or concatenate these.
     """
-
-    # How often a too-long sample is retried at a lower resolution before it is dropped.
-    SHRINK_ATTEMPTS = 6
 
     def __init__(self, processor, model_config, model_max_length: int | None = None, video_settings=None,
                  thinking: str = "auto"):
@@ -188,8 +180,10 @@ class SampleRenderer:
         images = [open_image(ref, origin=conversation.origin, timeout_s=timeout_s) for ref in image_refs]
         clips = self._load_videos(video_refs, conversation.origin) if video_refs else []
 
-        scale, image_pixels = 1.0, 0
-        for _attempt in range(self.SHRINK_ATTEMPTS + 1):
+        image_pixels = 0  # the largest image's pixels at full resolution (the first measurement)
+
+        def measure(scale: float) -> Measured:
+            nonlocal image_pixels
             # Boxes and points follow each image as resized at this scale: the pieces are rebuilt from
             # the grounded conversation (same turns and trained spans, rewritten coordinates).
             grounded, resized = self.grounding.for_images(conversation, images, self._image_size(scale, image_pixels))
@@ -202,23 +196,10 @@ class SampleRenderer:
                 patch = self.processor.image_processor.patch_size
                 image_pixels = int(out["image_grid_thw"][:, 1:].prod(-1).max()) * patch * patch
             ids, trained = self.chat.tokens(scale_pieces, *self.chat.replacements(out, len(images), len(clips)))
-            length = len(ids)
-            if self.model_max_length is None or length <= self.model_max_length:
-                break
             visual = sum(1 for i in ids if i == self.tokens.image_pad or i == self.tokens.video_pad)
-            text_len = length - visual
-            if visual == 0 or text_len >= self.model_max_length:
-                raise SampleTooLong(
-                    f"{conversation.origin}: {length} tokens ({text_len} of text) do not fit --model_max_length "
-                    f"{self.model_max_length}; the text alone is too long, so the sample is dropped. Raise "
-                    f"--model_max_length or shorten the sample.")
-            # Visual tokens scale with pixels; aim for the room left by the text, with a margin.
-            scale *= max(0.05, 0.9 * (self.model_max_length - text_len) / visual)
-        else:
-            raise SampleTooLong(
-                f"{conversation.origin}: {length} tokens do not fit --model_max_length {self.model_max_length} "
-                f"even at the lowest resolution --min_pixels allows; the sample is dropped. Raise "
-                f"--model_max_length or lower --min_pixels.")
+            return Measured(len(ids), visual, (out, ids, trained))
+
+        (out, ids, trained), _scale = fit_to_context(measure, self.model_max_length, conversation.origin)
         out.pop("video_metadata", None)
         input_ids = torch.tensor([ids], dtype=torch.long)
         out["input_ids"] = input_ids
