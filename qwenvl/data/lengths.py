@@ -124,6 +124,11 @@ class VideoProbe:
     width: int
 
 
+def first_frame(total: int, fps: float) -> list[int]:
+    """The frame plan of ``probe_video``: the first frame only (a module-level function: it runs in the reader)."""
+    return [0]
+
+
 def probe_video(ref: Any, settings, origin: str | None = None) -> VideoProbe:
     """Frame count, rate and native frame size of a video, decoding one frame.
 
@@ -132,9 +137,6 @@ def probe_video(ref: Any, settings, origin: str | None = None) -> VideoProbe:
     Frame-image videos (a folder or a list of images) read one image header.
     """
     from .video_decode import decode_video, fetched, list_frame_folder, local_path
-
-    def first_frame(total: int, fps: float) -> list[int]:
-        return [0]
 
     try:
         if isinstance(ref, (list, tuple)) or (isinstance(ref, (str, os.PathLike))

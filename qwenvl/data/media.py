@@ -13,6 +13,7 @@ orientation applied, 16-bit grayscale scaled to 8 bits (not clipped to white).
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
@@ -23,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import DataError, DataKind, Origin
-from .time_limit import DEFAULT_MEDIA_TIMEOUT_S, run_with_timeout
+from .time_limit import DEFAULT_MEDIA_TIMEOUT_S, ReaderDied, run_with_timeout
 
 __all__ = ["is_url", "resolve_media", "open_image", "image_header", "as_displayed", "read_url_bytes",
            "media_failure", "check_aspect_ratio", "MAX_ASPECT_RATIO", "DEFAULT_MEDIA_TIMEOUT_S"]
@@ -166,6 +167,9 @@ def read_url_bytes(url: str, what: str = "file", at: str = "") -> bytes:
 def _timed(fn: Callable[[], Any], ref: str, what: str, at: str, timeout_s: float | None):
     try:
         return run_with_timeout(fn, timeout_s, f"reading {ref}")
+    except ReaderDied as exc:  # the image crashed its decoder
+        raise DataError(f"{at}reading the {what} {ref} crashed its reader ({exc}). Fix: the file may be corrupt; "
+                        "re-encode it or drop the record.", DataKind.BAD_IMAGE, Origin(media=ref)) from None
     except TimeoutError:
         raise DataError(f"{at}reading the {what} {ref} took longer than the {timeout_s:g} s limit (a stalled "
                         "server or storage). Fix: check the storage, or raise --media_timeout.",
@@ -243,15 +247,16 @@ def open_image(ref: Any, origin: str | None = None, timeout_s: float | None = DE
         raise DataError(f"{at}cannot open {ref!r} as an image: expected a path, a URL or a PIL image.",
                         DataKind.BAD_IMAGE)
 
-    def read() -> Image.Image:
-        image = _open_pil(ref, "image", at)
-        try:
-            image.load()
-        except Exception as exc:  # noqa: BLE001  truncated or corrupt pixel data
-            raise _bad_image(exc, ref, at) from None
-        return image
+    return _timed(functools.partial(_load_image, ref, at), ref, "image", at, timeout_s)
 
-    image = _timed(read, ref, "image", at, timeout_s)
+
+def _load_image(ref: str, at: str) -> Image.Image:
+    """``open_image``'s read, in the reader process: open, decode, check the shape, turn it as displayed."""
+    image = _open_pil(ref, "image", at)
+    try:
+        image.load()
+    except Exception as exc:  # noqa: BLE001  truncated or corrupt pixel data
+        raise _bad_image(exc, ref, at) from None
     check_aspect_ratio(*_displayed_size(image), ref, at)
     try:
         return as_displayed(image)
@@ -277,15 +282,17 @@ def image_header(ref: Any, origin: str | None = None, verify: bool = False,
         raise DataError(f"{at}cannot open {ref!r} as an image: expected a path, a URL or a PIL image.",
                         DataKind.BAD_IMAGE)
 
-    def read() -> tuple[int, int]:
-        with _open_pil(ref, "image", at) as image:
-            try:
-                if verify:
-                    image.load()  # what training does; Image.verify() misses truncated data
-                return _displayed_size(image)
-            except Exception as exc:  # noqa: BLE001
-                raise _bad_image(exc, ref, at) from None
-
-    width, height = _timed(read, ref, "image", at, timeout_s)
+    width, height = _timed(functools.partial(_read_size, ref, at, verify), ref, "image", at, timeout_s)
     check_aspect_ratio(width, height, ref, at)
     return height, width
+
+
+def _read_size(ref: str, at: str, verify: bool) -> tuple[int, int]:
+    """``image_header``'s read, in the reader process: (width, height) as displayed."""
+    with _open_pil(ref, "image", at) as image:
+        try:
+            if verify:
+                image.load()  # what training does; Image.verify() misses truncated data
+            return _displayed_size(image)
+        except Exception as exc:  # noqa: BLE001
+            raise _bad_image(exc, ref, at) from None
