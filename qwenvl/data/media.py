@@ -166,7 +166,7 @@ def read_url_bytes(url: str, what: str = "file", at: str = "") -> bytes:
 
 def _timed(fn: Callable[[], Any], ref: str, what: str, at: str, timeout_s: float | None):
     try:
-        return run_with_timeout(fn, timeout_s, f"reading {ref}")
+        return run_with_timeout(fn, timeout_s, f"reading {ref}", preload=["fsspec"] if is_url(ref) else [])
     except ReaderDied as exc:  # the image crashed its decoder
         raise DataError(f"{at}reading the {what} {ref} crashed its reader ({exc}). Fix: the file may be corrupt; "
                         "re-encode it or drop the record.", DataKind.BAD_IMAGE, Origin(media=ref)) from None

@@ -31,6 +31,8 @@ counted against the limit of the read (they are bounded by ``STARTUP_LIMIT_S``).
 from __future__ import annotations
 
 import atexit
+import functools
+import importlib
 import io
 import os
 import pickle
@@ -42,7 +44,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Callable
+from typing import Callable, Sequence
 
 DEFAULT_MEDIA_TIMEOUT_S = 120.0  # seconds; what --media_timeout defaults to (videos always stopped at 120 s)
 STARTUP_LIMIT_S = 300.0  # starting a reader and importing torch and a decoder in it, on a loaded machine
@@ -54,7 +56,7 @@ class ReaderDied(RuntimeError):
     """The reader process ended without answering: the read crashed it (a signal such as SIGSEGV)."""
 
 
-def run_with_timeout(fn: Callable[[], object], timeout_s: float | None, what: str):
+def run_with_timeout(fn: Callable[[], object], timeout_s: float | None, what: str, preload: Sequence[str] = ()):
     """Run ``fn()`` in this process's reader process and wait at most ``timeout_s`` seconds for it.
 
     On time-out the reader is killed and reaped (nothing of the read keeps running) and
@@ -62,11 +64,16 @@ def run_with_timeout(fn: Callable[[], object], timeout_s: float | None, what: st
     by ``fn`` is re-raised here (its type, message and cause chain kept).  ``fn`` must
     pickle: a module-level function or a ``functools.partial`` of one with picklable
     arguments.  ``timeout_s=None`` runs ``fn`` inline, in this process.
+
+    ``preload`` names modules ``fn`` imports when it runs (a decoder's): the reader imports
+    them, and the modules ``fn`` is defined in, before the clock starts; a reader started
+    after a time-out imports every module named so far while this process goes on.
     """
     if timeout_s is None:
         return fn()
+    modules = sorted(set(preload) | _modules_of(fn))
     try:
-        request = pickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
+        request = pickle.dumps((modules, fn), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
         raise TypeError(f"{what}: a read with a time limit runs in a reader process, so it must pickle "
                         f"(a module-level function or a functools.partial of one): {exc}") from None
@@ -81,6 +88,21 @@ def run_with_timeout(fn: Callable[[], object], timeout_s: float | None, what: st
             _give_back(reader)
         else:  # a time-out, a crash, or an interruption here (Ctrl-C) leaves the reader mid-read
             reader.kill()
+            _start_spare()
+
+
+def _modules_of(fn) -> set[str]:
+    """The modules a callable (a partial's function and its callable arguments) is defined in."""
+    modules: set[str] = set()
+    todo = [fn]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, functools.partial):
+            todo += [item.func, *item.args, *item.keywords.values()]
+        elif callable(item) and isinstance(getattr(item, "__module__", None), str):
+            modules.add(item.__module__)
+    modules.discard("builtins")
+    return modules
 
 
 def reader_pids() -> list[int]:
@@ -98,6 +120,7 @@ _lock = threading.Lock()
 _idle: list["_Reader"] = []  # started readers waiting for a call
 _all: list["_Reader"] = []  # every reader of this process (idle or in a call)
 _unreaped: list[subprocess.Popen] = []  # killed readers that had not exited yet (a read stuck in the kernel)
+_warm: set[str] = set()  # modules the reads so far needed: a new reader imports them as it starts
 
 
 class _Reader:
@@ -122,14 +145,17 @@ class _Reader:
             os.close(from_child_w)
         self.owner = os.getpid()
         self.closed = False
+        self.ready = False  # the reader answers the first message once it has imported the warm modules
         try:
-            self._send(pickle.dumps(list(sys.path)))
-            self._wait_started(STARTUP_LIMIT_S, "starting the reader process")
+            self._send(pickle.dumps((list(sys.path), sorted(_warm))))
         except BaseException:
             self.kill()
             raise
 
     def call(self, request: bytes, timeout_s: float, what: str):
+        if not self.ready:
+            self._wait_started(STARTUP_LIMIT_S, "starting the reader process")
+            self.ready = True
         self._send(request)
         self._wait_started(STARTUP_LIMIT_S, f"preparing {what}")  # the imports the call needs
         kind, payload = self._receive(time.monotonic() + timeout_s, what, timeout_s)
@@ -227,6 +253,18 @@ def _take_reader() -> _Reader:
     return reader
 
 
+def _start_spare() -> None:
+    """Start the reader that replaces a killed one now: it imports torch and the decoders while
+    this process goes on with other samples, instead of when the next read comes."""
+    try:
+        reader = _Reader()
+    except Exception:  # noqa: BLE001  the next read starts one, and says why if it cannot
+        return
+    with _lock:
+        _all.append(reader)
+        _idle.append(reader)
+
+
 def _give_back(reader: _Reader) -> None:
     with _lock:
         if reader.owner == os.getpid() and reader in _all:
@@ -271,7 +309,7 @@ def _serve(parent: int, requests: int, replies: int, deathsig: bool) -> None:
     threading.Thread(target=_watch_parent, args=(parent,), name="qwenvl-reader-watch", daemon=True).start()
     pipe_in = io.FileIO(requests, "rb", closefd=False)
     pipe_out = io.FileIO(replies, "wb", closefd=False)
-    first = True
+    first = True  # the first message: the parent's sys.path and the modules to import at once
     while True:
         head = _read_all(pipe_in, _LENGTH.size)
         if head is None:
@@ -279,16 +317,19 @@ def _serve(parent: int, requests: int, replies: int, deathsig: bool) -> None:
         body = _read_all(pipe_in, _LENGTH.unpack(head)[0])
         if body is None:
             os._exit(0)
+        if first:  # the parent's sys.path, so callables pickled by reference import as they do there
+            path, modules = pickle.loads(body)
+            sys.path[:] = path
+            _import_all(modules)
+            first = False
+            _reply(pipe_out, b"S", b"", [])
+            continue
         try:
-            task = pickle.loads(body)  # imports what the call needs; not counted against its limit
+            modules, task = pickle.loads(body)  # imports what the call needs; not counted against its limit
+            _import_all(modules)
         except BaseException as exc:  # noqa: BLE001
             _reply(pipe_out, b"S", b"", [])
             _send_error(pipe_out, exc)
-            continue
-        if first:  # the parent's sys.path, so callables pickled by reference import as they do there
-            sys.path[:] = task
-            first = False
-            _reply(pipe_out, b"S", b"", [])
             continue
         _reply(pipe_out, b"S", b"", [])
         try:
@@ -303,6 +344,14 @@ def _serve(parent: int, requests: int, replies: int, deathsig: bool) -> None:
             _send_error(pipe_out, TypeError(f"the read's result does not pickle: {exc}"))
             continue
         _reply(pipe_out, b"R", data, buffers)
+
+
+def _import_all(modules: list[str]) -> None:
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001  a decoder that does not import fails, and says so, when it runs
+            pass
 
 
 def _read_all(f: io.FileIO, n: int) -> bytearray | None:

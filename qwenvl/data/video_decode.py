@@ -246,7 +246,7 @@ def decode_video(path: str, plan: FramePlan, backend: str = "auto", timeout_s: f
         left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         try:
             decoded = run_with_timeout(functools.partial(_BACKENDS[name], path, plan, num_threads), left,
-                                       f"{name} on {shown}")
+                                       f"{name} on {shown}", preload=[_BUILTIN_MODULES.get(name, "torch")])
         except TimeoutError:
             raise DataError(
                 f"{where(file=shown)}: decoding with {name} did not finish within the {timeout_s:g} s limit; "
@@ -302,7 +302,8 @@ def fetched(url: str, timeout_s: float | None) -> Iterator[str]:
     handle.close()
     try:
         try:  # the reader process writes the file: the bytes do not pass through a pipe
-            run_with_timeout(functools.partial(_download, url, handle.name), timeout_s, f"download of {url}")
+            run_with_timeout(functools.partial(_download, url, handle.name), timeout_s, f"download of {url}",
+                             preload=["fsspec"])
         except TimeoutError:
             raise DataError(f"{where(file=url)}: downloading the video took longer than {timeout_s:g} s; check the "
                             "storage or raise --media_timeout", DataKind.MEDIA_TIMEOUT, Origin(media=url)) from None
