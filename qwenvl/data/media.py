@@ -247,20 +247,31 @@ def open_image(ref: Any, origin: str | None = None, timeout_s: float | None = DE
         raise DataError(f"{at}cannot open {ref!r} as an image: expected a path, a URL or a PIL image.",
                         DataKind.BAD_IMAGE)
 
-    return _timed(functools.partial(_load_image, ref, at), ref, "image", at, timeout_s)
-
-
-def _load_image(ref: str, at: str) -> Image.Image:
-    """``open_image``'s read, in the reader process: open, decode, check the shape, turn it as displayed."""
-    image = _open_pil(ref, "image", at)
+    # Only the bytes are read in the reader process (the read is what stalls, on a stalled mount or
+    # server); they are decoded here: sending compressed bytes costs a fraction of sending pixels.
+    data = _timed(functools.partial(_image_bytes, ref, at), ref, "image", at, timeout_s)
     try:
+        image = Image.open(io.BytesIO(data))
         image.load()
-    except Exception as exc:  # noqa: BLE001  truncated or corrupt pixel data
+    except Exception as exc:  # noqa: BLE001  whatever PIL raises on these bytes (truncated, corrupt) is the file's
         raise _bad_image(exc, ref, at) from None
     check_aspect_ratio(*_displayed_size(image), ref, at)
     try:
         return as_displayed(image)
     except Exception as exc:  # noqa: BLE001  a mode PIL cannot convert
+        raise _bad_image(exc, ref, at) from None
+
+
+def _image_bytes(ref: str, at: str) -> bytes:
+    """The bytes of an image file or URL (``open_image``'s read, done in the reader process)."""
+    if is_url(ref) and not ref.startswith("file://"):
+        return read_url_bytes(ref, "image", at)
+    path = ref[len("file://"):] if ref.startswith("file://") else ref
+    _check_local(path, "image", at)
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
         raise _bad_image(exc, ref, at) from None
 
 
