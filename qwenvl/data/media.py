@@ -233,7 +233,8 @@ def as_displayed(image: Image.Image) -> Image.Image:
 def open_image(ref: Any, origin: str | None = None, timeout_s: float | None = DEFAULT_MEDIA_TIMEOUT_S) -> Image.Image:
     """Open an image as RGB, as displayed, from a local path, an fsspec URL or a PIL image.
 
-    The read (open and decode) stops after ``timeout_s`` seconds.  A missing, unreachable
+    Reading the bytes stops after ``timeout_s`` seconds (in the reader process, see
+    ``time_limit``); they are decoded here.  A missing, unreachable
     or unreadable file raises DataError naming the file (and ``origin``, e.g. the
     dataset and record, when given) with the likely fix, its kind saying which.
     """

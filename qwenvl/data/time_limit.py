@@ -79,17 +79,19 @@ def run_with_timeout(fn: Callable[[], object], timeout_s: float | None, what: st
         raise TypeError(f"{what}: a read with a time limit runs in a reader process, so it must pickle "
                         f"(a module-level function or a functools.partial of one): {exc}") from None
     reader = _take_reader()
-    done = False
     try:
-        result = reader.call(request, timeout_s, what)
-        done = True
-        return result
-    finally:
-        if done:
-            _give_back(reader)
-        else:  # a time-out, a crash, or an interruption here (Ctrl-C) leaves the reader mid-read
-            reader.kill()
-            _start_spare()
+        failed, result = reader.call(request, timeout_s, what)
+    except (TimeoutError, ReaderDied):
+        reader.kill()
+        _start_spare()  # more reads will come
+        raise
+    except BaseException:  # an interruption (Ctrl-C) leaves the reader mid-read
+        reader.kill()
+        raise
+    _give_back(reader)  # also after an exception of fn: the reader is fine, the read failed
+    if failed:
+        raise _rebuild_error(result)
+    return result
 
 
 _storage_cache: tuple = ((), {})
@@ -178,17 +180,15 @@ class _Reader:
             self.kill()
             raise
 
-    def call(self, request: bytes, timeout_s: float, what: str):
+    def call(self, request: bytes, timeout_s: float, what: str) -> tuple[bool, object]:
+        """``(False, result)`` or ``(True, the pickled error)`` of the request."""
         if not self.ready:
             self._wait_started(STARTUP_LIMIT_S, "starting the reader process")
             self.ready = True
         self._send(request)
         self._wait_started(STARTUP_LIMIT_S, f"preparing {what}")  # the imports the call needs
         kind, payload = self._receive(time.monotonic() + timeout_s, what, timeout_s)
-        value = pickle.loads(payload[0], buffers=payload[1:])
-        if kind == b"E":
-            raise _rebuild_error(value)
-        return value
+        return kind == b"E", pickle.loads(payload[0], buffers=payload[1:])
 
     def _send(self, data: bytes) -> None:
         view = memoryview(_LENGTH.pack(len(data)) + data)

@@ -143,16 +143,16 @@ def register_backend(name: str, backend: Backend, *, replace: bool = False) -> N
     ``backend`` must be a module-level function (or a ``functools.partial`` of one): it is
     sent by reference to the reader process that runs decodes under the time limit.
     """
+    if name == "auto":
+        raise ValueError("'auto' is reserved: it means 'try the built-in backends in order'")
+    if name in _BACKENDS and not replace:
+        raise ValueError(f"video backend {name!r} is already registered; pass replace=True to override it")
     try:
         pickle.loads(pickle.dumps(backend))
     except Exception as exc:
         raise ValueError(f"video backend {name!r} must be a module-level function (or a functools.partial of "
                          f"one) so the reader process can import it; a lambda or a nested function is not "
                          f"({type(exc).__name__}: {exc})") from None
-    if name == "auto":
-        raise ValueError("'auto' is reserved: it means 'try the built-in backends in order'")
-    if name in _BACKENDS and not replace:
-        raise ValueError(f"video backend {name!r} is already registered; pass replace=True to override it")
     _BACKENDS[name] = backend
 
 

@@ -233,3 +233,22 @@ def test_dataloader_workers_each_use_their_own_reader(video_dir):
     del loader
     assert all(wait_dead(pid) for pid in readers)  # gone with their workers
     assert set(reader_pids()) == mine and all(alive(pid) for pid in mine)
+
+
+def test_the_reader_sees_no_gpu():
+    """CUDA is never initialised in the reader: it is started with no visible device."""
+    import functools
+
+    from qwenvl.data.time_limit import run_with_timeout
+
+    assert run_with_timeout(functools.partial(os.getenv, "CUDA_VISIBLE_DEVICES"), 60, "env") == ""
+
+
+def test_a_failed_read_keeps_its_reader(video_dir):
+    """Bad data is an answer, not a reason to restart the reader (that costs seconds of imports)."""
+    load_video(video_dir / "1s_24fps.mp4", VideoSettings(backend="pyav", timeout_s=60))
+    readers = reader_pids()
+    for name in ("corrupt.mp4", "truncated.mp4"):
+        with pytest.raises(DataError):
+            load_video(video_dir / name, VideoSettings(timeout_s=60))
+    assert reader_pids() == readers
