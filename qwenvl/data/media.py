@@ -26,7 +26,7 @@ from PIL import Image, ImageOps
 from .errors import DataError, DataKind, Origin
 from .time_limit import DEFAULT_MEDIA_TIMEOUT_S, ReaderDied, run_with_timeout
 
-__all__ = ["is_url", "resolve_media", "open_image", "image_header", "as_displayed", "read_url_bytes",
+__all__ = ["is_url", "lives_here", "resolve_media", "open_image", "image_header", "as_displayed", "read_url_bytes",
            "media_failure", "check_aspect_ratio", "MAX_ASPECT_RATIO", "DEFAULT_MEDIA_TIMEOUT_S"]
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
@@ -164,7 +164,15 @@ def read_url_bytes(url: str, what: str = "file", at: str = "") -> bytes:
         raise media_failure(exc, url, what, at) from None
 
 
+def lives_here(ref: Any) -> bool:
+    """True for fsspec ``memory://`` URLs: their files exist only in this process's memory, so they are
+    read here, with no time limit (RAM does not stall), not in the reader process."""
+    return isinstance(ref, str) and ref.startswith("memory://")
+
+
 def _timed(fn: Callable[[], Any], ref: str, what: str, at: str, timeout_s: float | None):
+    if lives_here(ref):
+        timeout_s = None
     try:
         return run_with_timeout(fn, timeout_s, f"reading {ref}", preload=["fsspec"] if is_url(ref) else [])
     except ReaderDied as exc:  # the image crashed its decoder

@@ -22,7 +22,9 @@ The reader:
 * runs a picklable callable (a module-level function or a ``functools.partial`` of
   one), sent by reference; its result comes back pickled, tensors and arrays as raw
   buffers (no extra copy), its exception re-raised here with its type and chain.
-  fsspec storages registered in this process at run time are registered there too.
+  fsspec storages registered in this process at run time are registered there too;
+  state that lives only in this process is not seen there (the media readers read fsspec's
+  ``memory://`` files here, with no time limit).
 * a crash of the read (a decoder's segfault) raises ``ReaderDied`` instead of killing
   the caller; the next read starts a new reader.
 

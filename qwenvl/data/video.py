@@ -58,7 +58,7 @@ import torch
 from transformers.video_utils import VideoMetadata
 
 from .errors import DataError, DataKind, Origin, where
-from .media import MAX_ASPECT_RATIO, is_url
+from .media import MAX_ASPECT_RATIO, is_url, lives_here
 from .time_limit import DEFAULT_MEDIA_TIMEOUT_S, ReaderDied
 from .video_checks import warn_few_frames
 from .video_decode import (
@@ -300,8 +300,9 @@ def _load(source, settings: VideoSettings) -> VideoClip:
                             DataKind.BAD_VIDEO)
         name = f"{paths[0]} (+{len(paths) - 1} frames)"
     try:
+        here = any(lives_here(p) for p in paths)  # memory:// frames exist only in this process
         decoded = run_with_timeout(functools.partial(read_image_frames, paths, settings.frame_list_fps, plan, name),
-                                   settings.timeout_s, f"frames of {name}")
+                                   None if here else settings.timeout_s, f"frames of {name}")
     except ReaderDied as exc:  # a frame image crashed its decoder
         raise DataError(f"{where(file=name)}: reading the frame images crashed the reader ({exc}); a frame may be "
                         "corrupt: re-encode or remove it", DataKind.BAD_VIDEO, Origin(media=name)) from None

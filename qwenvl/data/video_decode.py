@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .errors import DataError, DataKind, Origin, where
-from .media import as_displayed, is_url, read_url_bytes
+from .media import as_displayed, is_url, lives_here, read_url_bytes
 from .time_limit import ReaderDied, run_with_timeout  # noqa: F401  (run_with_timeout: video.py imports it here)
 from .video_checks import still_image_format
 
@@ -302,8 +302,8 @@ def fetched(url: str, timeout_s: float | None) -> Iterator[str]:
     handle.close()
     try:
         try:  # the reader process writes the file: the bytes do not pass through a pipe
-            run_with_timeout(functools.partial(_download, url, handle.name), timeout_s, f"download of {url}",
-                             preload=["fsspec"])
+            run_with_timeout(functools.partial(_download, url, handle.name),
+                             None if lives_here(url) else timeout_s, f"download of {url}", preload=["fsspec"])
         except TimeoutError:
             raise DataError(f"{where(file=url)}: downloading the video took longer than {timeout_s:g} s; check the "
                             "storage or raise --media_timeout", DataKind.MEDIA_TIMEOUT, Origin(media=url)) from None
