@@ -96,6 +96,11 @@ class VideoProbe:
     width: int
 
 
+def first_frame(total: int, fps: float) -> list[int]:
+    """The frame plan of ``probe_video``: the first frame only (a module-level function: it runs in the reader)."""
+    return [0]
+
+
 def probe_video(ref: Any, settings, origin: str | None = None) -> VideoProbe:
     """Frame count, rate and native frame size of a video, decoding one frame.
 
@@ -103,9 +108,6 @@ def probe_video(ref: Any, settings, origin: str | None = None) -> VideoProbe:
     fallbacks), so the frame count is the one ``load_video`` will sample from.
     Frame-image videos (a folder or a list of images) read one image header.
     """
-    def first_frame(total: int, fps: float) -> list[int]:
-        return [0]
-
     try:
         if isinstance(ref, (list, tuple)) or (isinstance(ref, (str, os.PathLike))
                                               and os.path.isdir(local_path(os.fspath(ref)))):

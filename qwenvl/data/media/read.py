@@ -13,6 +13,7 @@ orientation applied, 16-bit grayscale scaled to 8 bits (not clipped to white).
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
@@ -23,9 +24,9 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from qwenvl.data.errors import DataError, DataKind, Origin
-from qwenvl.data.media.time_limit import DEFAULT_MEDIA_TIMEOUT_S, run_with_timeout
+from qwenvl.data.media.time_limit import DEFAULT_MEDIA_TIMEOUT_S, ReaderDied, run_with_timeout
 
-__all__ = ["is_url", "resolve_media", "open_image", "image_header", "as_displayed", "read_url_bytes",
+__all__ = ["is_url", "lives_here", "resolve_media", "open_image", "image_header", "as_displayed", "read_url_bytes",
            "media_failure", "check_aspect_ratio", "MAX_ASPECT_RATIO", "DEFAULT_MEDIA_TIMEOUT_S"]
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
@@ -163,9 +164,20 @@ def read_url_bytes(url: str, what: str = "file", at: str = "") -> bytes:
         raise media_failure(exc, url, what, at) from None
 
 
+def lives_here(ref: Any) -> bool:
+    """True for fsspec ``memory://`` URLs: their files exist only in this process's memory, so they are
+    read here, with no time limit (RAM does not stall), not in the reader process."""
+    return isinstance(ref, str) and ref.startswith("memory://")
+
+
 def _timed(fn: Callable[[], Any], ref: str, what: str, at: str, timeout_s: float | None):
+    if lives_here(ref):
+        timeout_s = None
     try:
-        return run_with_timeout(fn, timeout_s, f"reading {ref}")
+        return run_with_timeout(fn, timeout_s, f"reading {ref}", preload=["fsspec"] if is_url(ref) else [])
+    except ReaderDied as exc:  # the image crashed its decoder
+        raise DataError(f"{at}reading the {what} {ref} crashed its reader ({exc}). Fix: the file may be corrupt; "
+                        "re-encode it or drop the record.", DataKind.BAD_IMAGE, Origin(media=ref)) from None
     except TimeoutError:
         raise DataError(f"{at}reading the {what} {ref} took longer than the {timeout_s:g} s limit (a stalled "
                         "server or storage). Fix: check the storage, or raise --media_timeout.",
@@ -229,7 +241,8 @@ def as_displayed(image: Image.Image) -> Image.Image:
 def open_image(ref: Any, origin: str | None = None, timeout_s: float | None = DEFAULT_MEDIA_TIMEOUT_S) -> Image.Image:
     """Open an image as RGB, as displayed, from a local path, an fsspec URL or a PIL image.
 
-    The read (open and decode) stops after ``timeout_s`` seconds.  A missing, unreachable
+    Reading the bytes stops after ``timeout_s`` seconds (in the reader process, see
+    ``time_limit``); they are decoded here.  A missing, unreachable
     or unreadable file raises DataError naming the file (and ``origin``, e.g. the
     dataset and record, when given) with the likely fix, its kind saying which.
     """
@@ -243,19 +256,31 @@ def open_image(ref: Any, origin: str | None = None, timeout_s: float | None = DE
         raise DataError(f"{at}cannot open {ref!r} as an image: expected a path, a URL or a PIL image.",
                         DataKind.BAD_IMAGE)
 
-    def read() -> Image.Image:
-        image = _open_pil(ref, "image", at)
-        try:
-            image.load()
-        except Exception as exc:  # noqa: BLE001  truncated or corrupt pixel data
-            raise _bad_image(exc, ref, at) from None
-        return image
-
-    image = _timed(read, ref, "image", at, timeout_s)
+    # Only the bytes are read in the reader process (the read is what stalls, on a stalled mount or
+    # server); they are decoded here: sending compressed bytes costs a fraction of sending pixels.
+    data = _timed(functools.partial(_image_bytes, ref, at), ref, "image", at, timeout_s)
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as exc:  # noqa: BLE001  whatever PIL raises on these bytes (truncated, corrupt) is the file's
+        raise _bad_image(exc, ref, at) from None
     check_aspect_ratio(*_displayed_size(image), ref, at)
     try:
         return as_displayed(image)
     except Exception as exc:  # noqa: BLE001  a mode PIL cannot convert
+        raise _bad_image(exc, ref, at) from None
+
+
+def _image_bytes(ref: str, at: str) -> bytes:
+    """The bytes of an image file or URL (``open_image``'s read, done in the reader process)."""
+    if is_url(ref) and not ref.startswith("file://"):
+        return read_url_bytes(ref, "image", at)
+    path = ref[len("file://"):] if ref.startswith("file://") else ref
+    _check_local(path, "image", at)
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
         raise _bad_image(exc, ref, at) from None
 
 
@@ -277,15 +302,17 @@ def image_header(ref: Any, origin: str | None = None, verify: bool = False,
         raise DataError(f"{at}cannot open {ref!r} as an image: expected a path, a URL or a PIL image.",
                         DataKind.BAD_IMAGE)
 
-    def read() -> tuple[int, int]:
-        with _open_pil(ref, "image", at) as image:
-            try:
-                if verify:
-                    image.load()  # what training does; Image.verify() misses truncated data
-                return _displayed_size(image)
-            except Exception as exc:  # noqa: BLE001
-                raise _bad_image(exc, ref, at) from None
-
-    width, height = _timed(read, ref, "image", at, timeout_s)
+    width, height = _timed(functools.partial(_read_size, ref, at, verify), ref, "image", at, timeout_s)
     check_aspect_ratio(width, height, ref, at)
     return height, width
+
+
+def _read_size(ref: str, at: str, verify: bool) -> tuple[int, int]:
+    """``image_header``'s read, in the reader process: (width, height) as displayed."""
+    with _open_pil(ref, "image", at) as image:
+        try:
+            if verify:
+                image.load()  # what training does; Image.verify() misses truncated data
+            return _displayed_size(image)
+        except Exception as exc:  # noqa: BLE001
+            raise _bad_image(exc, ref, at) from None

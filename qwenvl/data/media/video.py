@@ -47,6 +47,7 @@ Qwen processor, ``processor_videos_kwargs(metadata)`` the ``videos_kwargs`` of t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -57,8 +58,8 @@ import torch
 from transformers.video_utils import VideoMetadata
 
 from qwenvl.data.errors import DataError, DataKind, Origin, where
-from qwenvl.data.media.read import MAX_ASPECT_RATIO, is_url
-from qwenvl.data.media.time_limit import DEFAULT_MEDIA_TIMEOUT_S
+from qwenvl.data.media.read import MAX_ASPECT_RATIO, is_url, lives_here
+from qwenvl.data.media.time_limit import DEFAULT_MEDIA_TIMEOUT_S, ReaderDied
 from qwenvl.data.media.video_checks import warn_few_frames
 from qwenvl.data.media.video_decode import (DecodedVideo, backend_names, decode_video, fetched, list_frame_folder,
                                             local_path, read_image_frames, run_with_timeout)
@@ -289,8 +290,8 @@ def load_video(source: str | os.PathLike | Sequence[str | os.PathLike],
 
 
 def _load(source, settings: VideoSettings) -> VideoClip:
-    def plan(total: int, fps: float) -> list[int]:
-        return sample_frame_indices(total, fps, settings)
+    # A partial, not a closure: under a time limit the decode (and so the plan) runs in the reader process.
+    plan = functools.partial(sample_frame_indices, settings=settings)
 
     if isinstance(source, (str, os.PathLike)):
         name = local_path(os.fspath(source))
@@ -310,8 +311,12 @@ def _load(source, settings: VideoSettings) -> VideoClip:
                             DataKind.BAD_VIDEO)
         name = f"{paths[0]} (+{len(paths) - 1} frames)"
     try:
-        decoded = run_with_timeout(lambda: read_image_frames(paths, settings.frame_list_fps, plan, name),
-                                   settings.timeout_s, f"frames of {name}")
+        here = any(lives_here(p) for p in paths)  # memory:// frames exist only in this process
+        decoded = run_with_timeout(functools.partial(read_image_frames, paths, settings.frame_list_fps, plan, name),
+                                   None if here else settings.timeout_s, f"frames of {name}")
+    except ReaderDied as exc:  # a frame image crashed its decoder
+        raise DataError(f"{where(file=name)}: reading the frame images crashed the reader ({exc}); a frame may be "
+                        "corrupt: re-encode or remove it", DataKind.BAD_VIDEO, Origin(media=name)) from None
     except TimeoutError:
         raise DataError(f"{where(file=name)}: reading the frame images took longer than the "
                         f"{settings.timeout_s:g} s limit; check the storage or raise --media_timeout",

@@ -3,7 +3,9 @@
 A backend is a callable ``(path, plan, num_threads) -> DecodedVideo``.  It opens the
 file, reads how many frames it has and its average frame rate, asks ``plan`` which
 frame indices to return, and decodes only those.  Asking the plan from inside the
-backend lets each backend open the file once.
+backend lets each backend open the file once.  Under a time limit the backend runs in
+the reader process (``time_limit``): the backend and the plan must pickle (module-level
+functions, or ``functools.partial`` of them), and the process is killed when the limit passes.
 
 Built-in backends: ``torchcodec``, ``decord``, ``pyav``; ``auto`` tries them in that
 order and falls back to the next when one fails on a file.  More can be added with
@@ -12,10 +14,12 @@ order and falls back to the next when one fails on a file.  More can be added wi
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import io
 import logging
 import os
+import pickle
 import re
 import stat
 import tempfile
@@ -27,8 +31,8 @@ import numpy as np
 import torch
 
 from qwenvl.data.errors import DataError, DataKind, Origin, where
-from qwenvl.data.media.read import as_displayed, is_url, read_url_bytes
-from qwenvl.data.media.time_limit import run_with_timeout  # noqa: F401  (re-exported: video.py and tests import it here)
+from qwenvl.data.media.read import as_displayed, is_url, lives_here, read_url_bytes
+from qwenvl.data.media.time_limit import ReaderDied, run_with_timeout  # noqa: F401  (run_with_timeout: video.py and tests import it here)
 from qwenvl.data.media.video_checks import still_image_format
 
 logger = logging.getLogger(__name__)
@@ -134,11 +138,21 @@ _BACKENDS: dict[str, Backend] = {
 
 
 def register_backend(name: str, backend: Backend, *, replace: bool = False) -> None:
-    """Add a decoder under ``name`` so ``VideoSettings(backend=name)`` uses it."""
+    """Add a decoder under ``name`` so ``VideoSettings(backend=name)`` uses it.
+
+    ``backend`` must be a module-level function (or a ``functools.partial`` of one): it is
+    sent by reference to the reader process that runs decodes under the time limit.
+    """
     if name == "auto":
         raise ValueError("'auto' is reserved: it means 'try the built-in backends in order'")
     if name in _BACKENDS and not replace:
         raise ValueError(f"video backend {name!r} is already registered; pass replace=True to override it")
+    try:
+        pickle.loads(pickle.dumps(backend))
+    except Exception as exc:
+        raise ValueError(f"video backend {name!r} must be a module-level function (or a functools.partial of "
+                         f"one) so the reader process can import it; a lambda or a nested function is not "
+                         f"({type(exc).__name__}: {exc})") from None
     _BACKENDS[name] = backend
 
 
@@ -231,8 +245,8 @@ def decode_video(path: str, plan: FramePlan, backend: str = "auto", timeout_s: f
     for name in names:
         left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         try:
-            decoded = run_with_timeout(lambda fn=_BACKENDS[name]: fn(path, plan, num_threads), left,
-                                       f"{name} on {shown}")
+            decoded = run_with_timeout(functools.partial(_BACKENDS[name], path, plan, num_threads), left,
+                                       f"{name} on {shown}", preload=[_BUILTIN_MODULES.get(name, "torch")])
         except TimeoutError:
             raise DataError(
                 f"{where(file=shown)}: decoding with {name} did not finish within the {timeout_s:g} s limit; "
@@ -283,19 +297,28 @@ def fetched(url: str, timeout_s: float | None) -> Iterator[str]:
     Every backend can decode a local file, not every one a stream; a training
     sample's video is small next to the decode work, so one copy is cheap.
     """
-    try:
-        data = run_with_timeout(lambda: read_url(url), timeout_s, f"download of {url}")
-    except TimeoutError:
-        raise DataError(f"{where(file=url)}: downloading the video took longer than {timeout_s:g} s; "
-                        "check the storage or raise --media_timeout", DataKind.MEDIA_TIMEOUT, Origin(media=url)) from None
     suffix = os.path.splitext(url.split("?")[0])[1][:8]
     handle = tempfile.NamedTemporaryFile(prefix="qwenvl-video-", suffix=suffix, delete=False)
+    handle.close()
     try:
-        with handle:
-            handle.write(data)
+        try:  # the reader process writes the file: the bytes do not pass through a pipe
+            run_with_timeout(functools.partial(_download, url, handle.name),
+                             None if lives_here(url) else timeout_s, f"download of {url}", preload=["fsspec"])
+        except TimeoutError:
+            raise DataError(f"{where(file=url)}: downloading the video took longer than {timeout_s:g} s; check the "
+                            "storage or raise --media_timeout", DataKind.MEDIA_TIMEOUT, Origin(media=url)) from None
+        except ReaderDied as exc:
+            raise DataError(f"{where(file=url)}: downloading the video crashed the reader ({exc}); check the URL "
+                            "and its storage", DataKind.MEDIA_UNREACHABLE, Origin(media=url)) from None
         yield handle.name
     finally:
         os.unlink(handle.name)
+
+
+def _download(url: str, path: str) -> None:
+    data = read_url(url)
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
