@@ -1,7 +1,7 @@
 """What does running media reads in the reader process cost, next to reading in this process?
 
 Reads under ``--media_timeout`` run in a reader process that is killed on time-out
-(``qwenvl/data/time_limit.py``).  For each read this times, side by side (round robin,
+(``qwenvl/data/media/time_limit.py``).  For each read this times, side by side (round robin,
 median of ``--repeats``, after a warm-up that starts the reader):
 
 * ``inline``: the read in this process, no time limit (``timeout_s=None``),
@@ -37,10 +37,10 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from qwenvl.data import time_limit  # noqa: E402
-from qwenvl.data.media import image_header, open_image  # noqa: E402
-from qwenvl.data.video import VideoSettings, load_video  # noqa: E402
-from qwenvl.data.video_decode import installed_backends  # noqa: E402
+from qwenvl.data.media import time_limit  # noqa: E402
+from qwenvl.data.media.read import image_header, open_image  # noqa: E402
+from qwenvl.data.media.video import VideoSettings, load_video  # noqa: E402
+from qwenvl.data.media.video_decode import installed_backends  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from video_decode import make_video  # noqa: E402

@@ -1,6 +1,6 @@
 """A read that passes ``--media_timeout`` is stopped, not abandoned.
 
-Reads under a time limit run in a reader process (``qwenvl.data.time_limit``); on
+Reads under a time limit run in a reader process (``qwenvl.data.media.time_limit``); on
 time-out it is killed and reaped.  These tests count the threads and child processes
 of the test process before and after: a timed-out decode leaves nothing running, and
 repeated time-outs do not pile up (each used to leave a thread decoding forever).
@@ -23,10 +23,10 @@ import torch
 from PIL import Image
 
 from qwenvl.data.errors import DataError, DataKind
-from qwenvl.data.media import image_header, open_image
-from qwenvl.data.time_limit import reader_pids
-from qwenvl.data.video import VideoSettings, load_video
-from qwenvl.data.video_decode import register_backend, unregister_backend
+from qwenvl.data.media.read import image_header, open_image
+from qwenvl.data.media.time_limit import reader_pids
+from qwenvl.data.media.video import VideoSettings, load_video
+from qwenvl.data.media.video_decode import register_backend, unregister_backend
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -182,7 +182,7 @@ def test_the_reader_dies_with_its_parent(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import functools, sys, time
         sys.path.insert(0, {REPO!r})
-        from qwenvl.data.time_limit import reader_pids, run_with_timeout
+        from qwenvl.data.media.time_limit import reader_pids, run_with_timeout
         run_with_timeout(functools.partial(sum, [1, 2]), 60, "warm-up")
         print(reader_pids()[0], flush=True)
         run_with_timeout(functools.partial(time.sleep, 600), 600, "a read that hangs")
@@ -239,7 +239,7 @@ def test_the_reader_sees_no_gpu():
     """CUDA is never initialised in the reader: it is started with no visible device."""
     import functools
 
-    from qwenvl.data.time_limit import run_with_timeout
+    from qwenvl.data.media.time_limit import run_with_timeout
 
     assert run_with_timeout(functools.partial(os.getenv, "CUDA_VISIBLE_DEVICES"), 60, "env") == ""
 
