@@ -139,11 +139,13 @@ def pick_shown(answers: list[DemoAnswer], prior_of) -> int:
 
 
 def ask_all(before: str, after: str, dataset: str = "demo_colour_eval", index: int | None = None,
-            dataset_dictionary: str = "dataset_dictionary.json", max_new_tokens: int = 32) -> HeldOut:
+            dataset_dictionary: str = "dataset_dictionary.json", max_new_tokens: int = 8) -> HeldOut:
     """Every record of ``dataset`` asked to the ``before`` and ``after`` checkpoints.
 
     The shown record is ``index``, or else the first whose reference differs from the
     training prior of its question (the first record when there is no prior to avoid).
+    ``max_new_tokens`` is small because the demo's answers are one word: the untrained
+    model's reply is cut there rather than costing 24 x 32 greedy steps on a CPU.
     """
     from qwenvl.tools.chat import chat_data_args, generate, load_checkpoint, make_renderer, written_by_training
 
@@ -174,7 +176,7 @@ def ask_all(before: str, after: str, dataset: str = "demo_colour_eval", index: i
 
 
 def ask(before: str, after: str, dataset: str = "demo_colour_eval", index: int = 0,
-        dataset_dictionary: str = "dataset_dictionary.json", max_new_tokens: int = 32) -> DemoAnswer:
+        dataset_dictionary: str = "dataset_dictionary.json", max_new_tokens: int = 8) -> DemoAnswer:
     """One held-out record's question asked to the ``before`` and ``after`` checkpoints."""
     return ask_all(before, after, dataset, index, dataset_dictionary, max_new_tokens).answers[index]
 

@@ -21,6 +21,7 @@ def demo_run(tmp_path_factory):
     run = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=1800)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    print(run.stdout[run.stdout.find("loss: first"):])  # what the user sees at the end (pytest -s)
     return run, out
 
 
