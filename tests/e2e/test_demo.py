@@ -67,7 +67,7 @@ def _training_answers(question: str) -> Counter:
 def test_demo_ends_with_a_held_out_question_before_and_after(demo_run):
     run, _ = demo_run
     shown = _shown(run.stdout)
-    dataset, index = re.match(r"\((\w+), record (\d+)\)", shown["held-out question"]).groups()
+    dataset, index = re.search(r"^held-out question \((\w+), record (\d+)\):", run.stdout, flags=re.M).groups()
     assert dataset == "demo_colour_eval"
     record = json.loads((REPO / "demo_data" / "colour_eval.json").read_text())[int(index)]
     question = record["conversations"][0]["value"].replace("<image>", "").strip()
