@@ -11,15 +11,19 @@ default the first whose reference is NOT the answer the run saw most often in tr
 for that question, so a right answer there cannot be the answer prior.  Then the score
 over all records, per reference answer, so a constant answer shows as such::
 
-    held-out question (demo_colour_eval, record 1): What colour is the shape?
-    image: demo_data/images/colour_eval/0001.png
-    reference answer:         green
-    most common training answer to this question: 'red' (81 of 224 training records)
-    before fine-tuning:       '...'
-    after fine-tuning:        'green'  (right)
+    held-out question (demo_colour_eval, record 0): What colour is the shape?
+    image: demo_data/images/colour_eval/0000.jpg
+    reference answer:         red
+    most common training answer to this question: 'green' (80 of 259 training records)
+    before fine-tuning:       '\\n\\n\\n\\n\\n\\n\\n\\n'
+    after fine-tuning:        'red'  (right)
     all 12 held-out records of demo_colour_eval: 0/12 right before fine-tuning, 12/12 after
       reference 'blue': 4/4 right after   (answers: 'blue' x4)
-      ...
+      reference 'green': 4/4 right after   (answers: 'green' x4)
+      reference 'red': 4/4 right after   (answers: 'red' x4)
+
+(the output of ``bash scripts/demo.sh``, measured).  The prior counts each training record
+once, whatever its rate in the mixture.
 """
 from __future__ import annotations
 
