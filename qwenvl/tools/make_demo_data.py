@@ -13,6 +13,8 @@ tiny Qwen2.5-VL fine-tunes on them in minutes on a CPU.
 Datasets (name: annotation file, records):
   demo_shapes       shapes.json (JSON array)   single image; colour, shape or count
   demo_shapes_eval  shapes_eval.json           held-out split of the same task (own seed)
+  demo_colour       colour.json                one big red, green or blue shape; its colour
+  demo_colour_eval  colour_eval.json           held-out split of it: the demo's closing question
   demo_multi_image  multi_image.jsonl          two images; "more shapes?" / "same colour?"
   demo_grounding    grounding.jsonl            bbox_2d in pixels of the image file (bbox_format abs_original)
   demo_text         text.jsonl                 no media; arithmetic, multi-turn, system turns
@@ -195,6 +197,33 @@ def build_shapes(rng: random.Random, root: Path, n: int, prefix: str) -> list[di
     return records
 
 
+COLOUR_SIZE = 112  # 16 visual tokens after the 2x2 merge: enough for a tiny model to see the colour
+COLOUR_NAMES = ("red", "green", "blue")  # three colours far apart; the answer prior is 1/3 each
+COLOUR_SIDE = (0.70, 0.95)  # a big shape: most patches carry its colour
+
+
+def build_colour(rng: random.Random, root: Path, n: int, prefix: str) -> list[dict]:
+    """One big red, green or blue shape on a 112x112 image; the question is always its colour.
+
+    The task the demo's closing held-out question comes from: a tiny, randomly initialised
+    model learns it from the pixels within the demo's steps, which the harder ``demo_shapes``
+    questions (five colours, shapes down to 16 px, images down to 4 visual tokens) need far
+    longer for (measured: the answer prior only).  Same task, settings and reasoning as
+    ``tests/e2e/test_learns_from_pixels.py``; balanced, so no colour is the answer prior.
+    """
+    (root / "images" / prefix).mkdir(parents=True)
+    size = (COLOUR_SIZE, COLOUR_SIZE)
+    records = []
+    for i, colour in enumerate(balanced(rng, list(COLOUR_NAMES), n)):
+        side = rng.randint(int(COLOUR_SIZE * COLOUR_SIDE[0]), int(COLOUR_SIZE * COLOUR_SIDE[1]))
+        x, y = rng.randint(0, COLOUR_SIZE - side), rng.randint(0, COLOUR_SIZE - side)
+        shape = Shape(rng.choice(SHAPES), colour, (x, y, x + side, y + side))
+        rel = save_image(rng, render(size, [shape]), root, f"images/{prefix}/{i:04d}")
+        records.append({"id": f"{prefix}-{i:04d}", "image": rel,
+                        "conversations": conv(f"<image>\n{Q_COLOUR}", colour)})
+    return records
+
+
 def build_multi_image(rng: random.Random, root: Path, n: int, prefix: str) -> list[dict]:
     """Two images per record: which shows more shapes, or are the two lone shapes the same colour."""
     (root / "images" / prefix).mkdir(parents=True)
@@ -354,6 +383,11 @@ class DemoDataset:
 DATASETS = [
     DemoDataset("demo_shapes", "shapes.json", build_shapes, 200, "shapes", {"repeat_time": 1.0}),
     DemoDataset("demo_shapes_eval", "shapes_eval.json", build_shapes, 40, "shapes_eval", {"repeat_time": 1.0}),
+    # repeat_time 3: the colour questions are most of the demo's steps, so the tiny model
+    # learns them from the pixels within the demo's time (scripts/demo.sh); 12 held-out
+    # records: 4 of each colour, all asked at the end of the demo (qwenvl.tools.demo_answer).
+    DemoDataset("demo_colour", "colour.json", build_colour, 192, "colour", {"repeat_time": 3.0}),
+    DemoDataset("demo_colour_eval", "colour_eval.json", build_colour, 12, "colour_eval", {"repeat_time": 1.0}),
     DemoDataset("demo_multi_image", "multi_image.jsonl", build_multi_image, 40, "multi", {"repeat_time": 1.0}),
     DemoDataset("demo_grounding", "grounding.jsonl", build_grounding, 40, "grounding", {"repeat_time": 1.0},
                 {"bbox_format": "abs_original"}),

@@ -288,6 +288,22 @@ def test_shapes_answers_match_pixels(datasets):
         assert min(kinds.values()) >= len(records) // 3 - 1, kinds
 
 
+def test_colour_answers_match_pixels_and_are_balanced(datasets):
+    """The demo's closing question: one big shape whose colour only the pixels give."""
+    for name in ("demo_colour", "demo_colour_eval"):
+        root, records = datasets[name]
+        for r in records:
+            assert r["conversations"][0]["value"] == "<image>\n" + demo.Q_COLOUR, r["id"]
+            (shape,) = image_shapes(root, r["image"])
+            x1, y1, x2, y2 = shape["bbox"]
+            assert min(x2 - x1, y2 - y1) >= 0.7 * demo.COLOUR_SIZE - 2, (r["id"], shape)  # big: most patches see it
+            assert answer(r) == shape["colour"], r["id"]
+        counts = [sum(answer(r) == c for r in records) for c in demo.COLOUR_NAMES]
+        assert max(counts) - min(counts) <= 1, (name, counts)  # no colour is the answer prior
+    train = {r["image"] for r in datasets["demo_colour"][1]}
+    assert not train & {r["image"] for r in datasets["demo_colour_eval"][1]}
+
+
 def test_multi_image_answers_match_pixels(datasets):
     root, records = datasets["demo_multi_image"]
     seen = set()
