@@ -101,3 +101,30 @@ def test_preview_and_audit_show_the_dataset_mode(tiny_model_dir, tmp_path):
     assert report["datasets"]["nothink"]["tokens"]["max"] < report["datasets"]["follow"]["tokens"]["max"]
     assert ("thinking mode (Qwen3.5/3.6): nothink: false (dataset_dictionary); follow: auto (--enable_thinking)"
             in format_report(report))
+
+
+def test_a_record_keeps_its_dataset_mode_through_pack_data(tmp_path):
+    """pack_data writes the dataset's enable_thinking into each packed record (a packed file mixes datasets);
+    a record's own key wins over its dataset's, as bbox_format does."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from qwenvl.data.formats import to_conversation, to_conversations
+    from qwenvl.data.registry import parse_dataset_use
+    from qwenvl.data.sources import open_annotations
+    from qwenvl.tools.pack_data import write_packs
+
+    dictionary = load_dictionary(_dictionary(tmp_path, nothink=False, follow=None))
+    entries = parse_dataset_use("nothink,follow", dictionary)
+    sources = [open_annotations(e.spec.annotation_path) for e in entries]
+    plan = {"entries": entries, "sources": sources, "mixture": np.array([[0, 0], [1, 1]]),
+            "result": SimpleNamespace(packs=[[0, 1]])}
+    write_packs(plan, str(tmp_path / "packed.json"))
+    pack = json.loads((tmp_path / "packed.json").read_text())[0]
+    assert pack[0]["enable_thinking"] == "false" and "enable_thinking" not in pack[1]
+    conversations = to_conversations(pack, dictionary["follow"], 0)
+    assert [c.thinking for c in conversations] == ["false", None]
+    assert to_conversation({**PLAIN, "enable_thinking": True}, dictionary["nothink"], 0).thinking == "true"
+    with pytest.raises(DataError, match="'enable_thinking' must be true, false or \"auto\", got 'on'"):
+        to_conversation({**PLAIN, "enable_thinking": "on"}, dictionary["follow"], 3)
