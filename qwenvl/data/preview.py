@@ -168,9 +168,15 @@ def preview(argv: list[str] | None = None) -> str:
     lines = [f"# {dataset.origin(args.index)}  (item {args.index} of {len(dataset)})"]
     think_blocks = dataset.renderer.chat.rules.think_blocks
     if think_blocks:
-        lines.append(f"--enable_thinking {data_args.enable_thinking}" + (
+        conversations = dataset.conversations(args.index)
+        first = conversations[0] if isinstance(conversations, list) else conversations
+        # A dataset's own enable_thinking (dictionary) wins over the flag for its records.
+        mode = (f"enable_thinking {first.thinking} (dataset '{dataset.entries[dataset.mixture[args.index][0]].spec.name}'"
+                f" in the dictionary; --enable_thinking {data_args.enable_thinking} for the others)"
+                if first.thinking else f"--enable_thinking {data_args.enable_thinking}")
+        lines.append(mode + (
             f"; the record trains as {len(samples)} samples, one per reasoning turn" if len(samples) > 1
-            and not isinstance(dataset.conversations(args.index), list) else ""))
+            and not isinstance(conversations, list) else ""))
     if args.draw_dir:
         os.makedirs(args.draw_dir, exist_ok=True)
         conversations = dataset.conversations(args.index)

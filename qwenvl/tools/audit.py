@@ -329,7 +329,8 @@ def _selected(data_args: DataArguments) -> list[tuple[str, DatasetSpec, list[str
     seen: dict[tuple[str, str], int] = {}
     out: list[tuple[str, DatasetSpec, list[str]]] = []
     for entry in entries:
-        key = (entry.spec.annotation_path, entry.spec.data_path)
+        # One file read in two thinking modes counts differently: audited once per mode.
+        key = (entry.spec.annotation_path, entry.spec.data_path, entry.spec.enable_thinking)
         if key in seen:
             out[seen[key]][2].append(entry.spec.name)
             continue
@@ -397,7 +398,9 @@ def run_audit(data_args: DataArguments, audit_args: AuditArguments, progress: bo
     report = {"datasets": {}, "problems": [], "warnings": [], "token_counts": counter is not None,
               "model_name_or_path": audit_args.model_name_or_path, "model_max_length": audit_args.model_max_length,
               "verify_media": audit_args.verify_media, "bad_sample_policy": data_args.bad_sample_policy,
-              "grounding_warnings": []}
+              "grounding_warnings": [],
+              # whether the model's template has think blocks (None without a model)
+              "thinking_models": counter.chat.rules.think_blocks if counter is not None else None}
     for (name, spec, aliases), (_, source), records in zip(selected, datasets, per_dataset):
         bad = [i for i, r in enumerate(records) if r[1] is not None]
         warned = [i for i, r in enumerate(records) if r[5]]
@@ -429,6 +432,9 @@ def run_audit(data_args: DataArguments, audit_args: AuditArguments, progress: bo
             path = save_lengths(spec, counter, table, None)
             entry["length_cache"] = str(path) if path else None
         entry["grounding"] = _grounding_entry(name, spec, records, report["grounding_warnings"])
+        # The Qwen3.5/3.6 thinking mode its records render in, and where it was set.
+        entry["enable_thinking"] = {"mode": spec.enable_thinking or data_args.enable_thinking,
+                                    "from": "dataset_dictionary" if spec.enable_thinking else "--enable_thinking"}
         report["datasets"][name] = entry
     total = sum(d["records"] for d in report["datasets"].values())
     bad_total = sum(d["bad"] for d in report["datasets"].values())
@@ -452,6 +458,10 @@ def format_report(report: dict, show: int = 20) -> str:
         lines.append("No --model_name_or_path: structural and media checks only (no token counts, no length "
                      "check, length cache not written).")
     lines.append(summary_table(report))
+    modes = {n: d["enable_thinking"] for n, d in report["datasets"].items() if d.get("enable_thinking")}
+    if report.get("thinking_models") or any(m["from"] == "dataset_dictionary" for m in modes.values()):
+        lines.append("thinking mode (Qwen3.5/3.6): " + "; ".join(
+            f"{n}: {m['mode']} ({m['from']})" for n, m in modes.items()))
     grounded = {n: d["grounding"] for n, d in report["datasets"].items() if d["grounding"]["records_with_coordinates"]}
     if grounded:
         lines.append("")

@@ -80,10 +80,10 @@ class HeldOut:
 
 def _conversations(dictionary_path: str, dataset: str):
     """(conversation without its last reply, that reply) for every record of ``dataset``."""
-    from qwenvl.data.formats import to_conversation
-    from qwenvl.data.prompt import split_last_reply
-    from qwenvl.data.registry import load_dictionary
-    from qwenvl.data.sources import open_annotations
+    from qwenvl.data.catalog.formats import to_conversation
+    from qwenvl.data.render.prompt import split_last_reply
+    from qwenvl.data.catalog.registry import load_dictionary
+    from qwenvl.data.catalog.sources import open_annotations
 
     dictionary = load_dictionary(dictionary_path)
     if dataset not in dictionary:
@@ -94,7 +94,7 @@ def _conversations(dictionary_path: str, dataset: str):
 
 
 def _question(prompt) -> str:
-    from qwenvl.data.prompt import reply_text
+    from qwenvl.data.render.prompt import reply_text
 
     return reply_text(prompt.messages[-1]).strip()
 
@@ -111,7 +111,7 @@ def training_prior(run_dir: str | Path, question: str) -> tuple[str, int, int] |
     counts once, whatever its rate in the mixture.  None when the run saved no arguments or
     no training record asks ``question`` as its last question.
     """
-    from qwenvl.data.registry import load_dictionary, parse_dataset_use
+    from qwenvl.data.catalog.registry import load_dictionary, parse_dataset_use
 
     args_file = Path(run_dir) / "run_args.json"
     if not args_file.is_file():

@@ -185,6 +185,9 @@ def write_packs(plan: dict, output: str) -> None:
                 if entries[d].spec.bbox_format and isinstance(record, dict) and "bbox_format" not in record:
                     # The packed file mixes datasets: each record keeps its own box coordinates.
                     record = {**record, "bbox_format": entries[d].spec.bbox_format}
+                if entries[d].spec.enable_thinking and isinstance(record, dict) and "enable_thinking" not in record:
+                    # ... and its dataset's thinking mode.
+                    record = {**record, "enable_thinking": entries[d].spec.enable_thinking}
                 records.append(record)
             f.write(json.dumps(records, ensure_ascii=False))
             f.write(",\n" if k + 1 < len(plan["result"].packs) else "\n")

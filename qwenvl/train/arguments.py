@@ -228,7 +228,7 @@ def _deepspeed_problem(value) -> str | None:
         return None
     if not os.path.isfile(value):
         return (f"--deepspeed {value}: no such file. Use one of scripts/zero2.json, scripts/zero3.json, "
-                "scripts/zero3_offload.json, or leave --deepspeed out.")
+                "scripts/zero3_offload.json, scripts/zero3_offload_optimizer.json, or leave --deepspeed out.")
     try:
         json.loads(Path(value).read_text())
     except ValueError as err:

@@ -135,7 +135,7 @@ def test_sft_scripts_refuse_unknown_settings(env, tmp_path):
     assert result.returncode == 2 and list(env)[0] in result.stderr
 
 
-@pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_offload.json"])
+@pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_offload.json", "zero3_offload_optimizer.json"])
 def test_deepspeed_configs(name):
     config = json.loads((REPO / "scripts" / name).read_text())
     stage = config["zero_optimization"]["stage"]

@@ -167,6 +167,8 @@ def lengths_key(spec: DatasetSpec, counter: TokenCounter) -> tuple[str, dict]:
         "stamp": _file_stamp(spec.annotation_path),
         # Converted box numbers change token counts: the family's convention and the declared format.
         "grounding": [getattr(counter.grounding, "convention", None), getattr(spec, "bbox_format", None)],
+        # The dataset's thinking mode overrides the counter's (dropped reasoning, per-turn splits).
+        "enable_thinking": getattr(spec, "enable_thinking", None),
         "settings": counter_settings(counter),
     }
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode("utf-8")).hexdigest()[:16]

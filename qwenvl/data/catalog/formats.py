@@ -41,7 +41,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from qwenvl.data.catalog.registry import BBOX_FORMATS, DatasetSpec
+from qwenvl.data.catalog.registry import BBOX_FORMATS, DatasetSpec, thinking_value
 from qwenvl.data.errors import DataError, DataKind, where
 from qwenvl.data.media.read import resolve_media
 
@@ -63,6 +63,9 @@ class Conversation:
     origin: str
     bbox_format: str | None = None  # the dataset's declared box/point coordinates (qwenvl/data/render/grounding.py)
     tools: list[dict] | None = None  # function descriptions the chat template renders (``tools=``)
+    # The dataset's Qwen3.5/3.6 thinking mode ("auto", "true", "false": its "enable_thinking" in the
+    # dictionary); None follows the renderer's --enable_thinking.
+    thinking: str | None = None
 
     @property
     def uses_tools(self) -> bool:
@@ -337,8 +340,12 @@ def _convert(record: Any, spec: DatasetSpec, origin: str) -> Conversation:
     bbox_format = record.get("bbox_format", getattr(spec, "bbox_format", None))
     if bbox_format is not None and bbox_format not in BBOX_FORMATS:
         raise DataError(f"{origin}: 'bbox_format' must be one of {', '.join(BBOX_FORMATS)}, got {bbox_format!r}.")
+    # Likewise its own "enable_thinking" (pack_data writes the dataset's into each record of a packed file).
+    thinking = record.get("enable_thinking", getattr(spec, "enable_thinking", None))
+    if thinking is not None and thinking_value(thinking) is None:
+        raise DataError(f"{origin}: 'enable_thinking' must be true, false or \"auto\", got {thinking!r}.")
     return Conversation(messages=messages, origin=origin, tools=_tools(record.get("tools"), origin),
-                        bbox_format=bbox_format)
+                        bbox_format=bbox_format, thinking=thinking_value(thinking) if thinking is not None else None)
 
 
 def to_conversation(record: dict, spec: DatasetSpec, index: int) -> Conversation:

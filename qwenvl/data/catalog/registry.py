@@ -13,7 +13,9 @@ Relative paths resolve against the dictionary file's folder. ``sampling_rate``
 and ``repeat_time`` are two spellings of one number, the fraction of the dataset
 used per epoch (give at most one); ``length`` is an optional record count that
 is checked against the file; ``bbox_format`` says which coordinates the records'
-boxes and points are in (see ``qwenvl/data/render/grounding.py``). Every problem in a dictionary is collected and
+boxes and points are in (see ``qwenvl/data/render/grounding.py``); ``enable_thinking`` (``true``,
+``false`` or ``"auto"``) sets the Qwen3.5/3.6 thinking mode of that dataset's records, over
+``--enable_thinking`` (see ``qwenvl/data/render/chat_pieces.py``). Every problem in a dictionary is collected and
 raised together in one ``DataError``, each with its fix.
 """
 from __future__ import annotations
@@ -34,10 +36,20 @@ __all__ = ["DatasetSpec", "MixtureEntry", "DEFAULT_DICTIONARY", "load_dictionary
            "parse_dataset_use"]
 
 DEFAULT_DICTIONARY = Path(__file__).parents[3] / "dataset_dictionary.json"
-KEYS = ("annotation_path", "data_path", "sampling_rate", "repeat_time", "length", "bbox_format")
+KEYS = ("annotation_path", "data_path", "sampling_rate", "repeat_time", "length", "bbox_format", "enable_thinking")
 # The coordinate conventions a dataset's boxes/points may be declared in (qwenvl/data/render/grounding.py).
 BBOX_FORMATS = ("abs_original", "abs_resized", "rel_1", "rel_1000")
 _NAME_FORBIDDEN = "%,"
+# A dataset's "enable_thinking": JSON true/false or "auto" (the strings "true"/"false" of the flag too),
+# stored as --enable_thinking's value ("auto", "true", "false").
+THINKING_VALUES = {True: "true", False: "false", "auto": "auto", "true": "true", "false": "false"}
+
+
+def thinking_value(value: Any) -> str | None:
+    """A dictionary's (or record's) ``enable_thinking`` as a mode ("auto", "true", "false"), None if invalid."""
+    if isinstance(value, bool) or isinstance(value, str):
+        return THINKING_VALUES.get(value)
+    return None
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,8 @@ class DatasetSpec:
     repeat_time: float | None = None
     length: int | None = None
     bbox_format: str | None = None  # coordinates of the records' boxes/points; None: the family's own
+    # Qwen3.5/3.6 thinking mode of this dataset's records ("auto", "true", "false"); None: --enable_thinking's.
+    enable_thinking: str | None = None
 
     @property
     def rate(self) -> float:
@@ -168,6 +182,14 @@ def _parse_entry(name: str, value: Any, folder: Path, problems: list[str],
                         f"{_did_you_mean(str(bbox_format), BBOX_FORMATS)} Fix: abs_original for pixels of the "
                         "image files, abs_resized for pixels after the processor's resize, rel_1 for 0-1 "
                         "fractions, rel_1000 for the 0-1000 scale.")
+    thinking = value.get("enable_thinking")
+    if thinking is not None:
+        thinking = thinking_value(thinking)
+        if thinking is None:
+            problems.append(f"{at}: 'enable_thinking' must be true, false or \"auto\", got "
+                            f"{value['enable_thinking']!r}. Fix: true trains every answer of the dataset in "
+                            "thinking mode, false in non-thinking mode (reasoning dropped), \"auto\" each answer "
+                            "in the mode its reasoning implies; remove the key to follow --enable_thinking.")
     ann = _resolve(ann, folder) if ann else None
     data = _resolve(data, folder) if data else ""
     if check_files and ann:
@@ -176,7 +198,8 @@ def _parse_entry(name: str, value: Any, folder: Path, problems: list[str],
         return None
     return DatasetSpec(name=name, annotation_path=ann, data_path=data,
                        sampling_rate=rates.get("sampling_rate"),
-                       repeat_time=rates.get("repeat_time"), length=length, bbox_format=bbox_format)
+                       repeat_time=rates.get("repeat_time"), length=length, bbox_format=bbox_format,
+                       enable_thinking=thinking)
 
 
 def _check_paths(name: str, ann: str, data: str, length: int | None, raw: dict,

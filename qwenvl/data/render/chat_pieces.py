@@ -48,9 +48,17 @@ the template itself (``tool_pieces``): the tools block of the system turn, the t
 an assistant turn's calls and the wrapping of tool responses are read off the template
 by rendering small probes, so the pieces still join to ``apply_chat_template(...,
 tools=)``.  The calls are trained with their assistant turn; tool responses are prompt.
+The record's own text inside them (every string of a tool definition and of a call:
+names, descriptions, argument values; the responses) is TEXT, as user and assistant text
+is, so special-token text typed there (``<|im_end|>``) stays plain text: the template is
+rendered once more with each such string replaced by a mark, and the rendered text is
+split where the marks were (``record_text_pieces``).  Dictionary keys (parameter and
+property names) stay template text; a key holding special-token text is refused.
 """
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, replace
 
 from qwenvl.data.catalog.formats import Conversation
@@ -248,7 +256,7 @@ def split_for_thinking(conversation: Conversation, rules: ChatRules, thinking: s
 
 
 def _assistant_pieces(message: dict, rules: ChatRules, shown: bool, trained: bool, thinking: str,
-                      origin: str, calls: str = "") -> list[Piece]:
+                      origin: str, calls: list[Piece] | None = None) -> list[Piece]:
     reasoning, answer = reasoning_and_answer(message, rules, origin)
     if thinking == "false" and reasoning is not None:
         # Non-thinking mode throughout: the reasoning is dropped and the answer rendered as a
@@ -266,8 +274,8 @@ def _assistant_pieces(message: dict, rules: ChatRules, shown: bool, trained: boo
     else:
         pieces.append(Piece("<|im_start|>assistant\n"))
     # Tool calls (the template's text for them) are the assistant's output: trained with the answer.
-    pieces += [Piece(answer, TEXT, trained), Piece(calls, TEMPLATE, trained), Piece("<|im_end|>", TEMPLATE, trained),
-               Piece("\n")]
+    pieces += [Piece(answer, TEXT, trained), *(replace(p, trained=trained) for p in calls or ()),
+               Piece("<|im_end|>", TEMPLATE, trained), Piece("\n")]
     return [p for p in pieces if p.text]
 
 
@@ -291,7 +299,7 @@ def conversation_pieces(conversation: Conversation, rules: ChatRules, thinking: 
     pieces: list[Piece] = []
     has_system = bool(messages) and messages[0]["role"] == "system"
     if conversation.tools:
-        pieces += tool_system_pieces(messages[0] if has_system else None, conversation.tools, rules, render)
+        pieces += tool_system_pieces(messages[0] if has_system else None, conversation.tools, rules, render, origin)
     elif not has_system and rules.default_system:
         pieces.append(Piece(rules.default_system))
     i = 0
@@ -308,7 +316,7 @@ def conversation_pieces(conversation: Conversation, rules: ChatRules, thinking: 
             pieces += [Piece("<|im_start|>user\n"), *_content_pieces(message["content"], False, rules.trims),
                        Piece("<|im_end|>\n")]
         elif role == "assistant":
-            calls = tool_call_text(message, render, origin) if message.get("tool_calls") else ""
+            calls = tool_call_pieces(message, render, origin) if message.get("tool_calls") else []
             pieces += _assistant_pieces(message, rules, shown=preserve or i > q,
                                         trained=i >= conversation.trained_from, thinking=thinking, origin=origin,
                                         calls=calls)
@@ -348,31 +356,123 @@ def _split_marked(text: str, marks: list[str], contents: list[list[Piece]], orig
     return [p for p in pieces if p.text]
 
 
-def tool_system_pieces(system: dict | None, tools: list, rules: ChatRules, render) -> list[Piece]:
-    """The system turn as the template writes it with ``tools`` (its tools block), the record's
-    system text (if any) kept as TEXT."""
+# Every Qwen special token is written <|name|>; such text in a dictionary key cannot be kept as text
+# (keys stay template text: the templates look some of them up), so it is refused.
+_SPECIAL_LIKE = re.compile(r"<\|[^|<>\s]+\|>")
+_STRING_MARK = "QWENVL_PIECE_MARK_S{}_"
+_STRING_MARK_RE = re.compile(r"QWENVL_PIECE_MARK_S(\d+)_")
+
+
+def _mark_strings(value, strings: list[str], origin: str, path: str = ""):
+    """A copy of ``value`` with every string replaced by a mark (``strings[k]`` is mark k's original);
+    dictionary keys are kept, and refused if they hold special-token text."""
+    if isinstance(value, str):
+        strings.append(value)
+        return _STRING_MARK.format(len(strings) - 1)
+    if isinstance(value, dict):
+        for key in value:
+            if _SPECIAL_LIKE.search(str(key)):
+                raise DataError(f"{origin}: the key {key!r} of {path or 'a tool'} holds special-token text, which "
+                                "the chat template would write as a control token. Fix: rename the key "
+                                "(special-token text is kept as plain text in values only).",
+                                DataKind.SPECIAL_TOKEN_TEXT)
+        return {k: _mark_strings(v, strings, origin, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_mark_strings(v, strings, origin, path) for v in value]
+    return value
+
+
+def _rendered_forms(text: str) -> list[str]:
+    """How a template may write a string: as it is, or inside JSON (``tojson``, with or without ASCII escapes)."""
+    forms = [text, json.dumps(text, ensure_ascii=False)[1:-1], json.dumps(text)[1:-1]]
+    return list(dict.fromkeys(forms))
+
+
+def record_text_pieces(marked: str, real: str, strings: list[str], origin: str) -> list[Piece]:
+    """``real`` (the template's text with the record's strings) as TEMPLATE pieces and TEXT pieces,
+    the TEXT ones where ``marked`` (the same render with the strings marked) has a mark.
+
+    Each mark's text in ``real`` is the original string in one of its rendered forms (raw or
+    JSON-escaped): the one after which the template's next stretch follows.  The pieces are
+    checked to join to ``real``; a template that writes the strings another way is refused.
+    """
+    pieces, pos, last = [], 0, 0
+    matches = list(_STRING_MARK_RE.finditer(marked))
+    for k, match in enumerate(matches):
+        before = marked[last:match.start()]
+        nxt_end = matches[k + 1].start() if k + 1 < len(matches) else len(marked)
+        after = marked[match.end():nxt_end]
+        if not real.startswith(before, pos):
+            break
+        pos += len(before)
+        pieces.append(Piece(before))
+        for form in _rendered_forms(strings[int(match.group(1))]):
+            if real.startswith(form + after, pos) and (k + 1 < len(matches) or pos + len(form + after) == len(real)):
+                pieces.append(Piece(form, TEXT))
+                pos += len(form)
+                break
+        else:
+            break
+        last = match.end()
+    else:
+        pieces.append(Piece(marked[last:]))
+        if pieces_text(pieces) == real:
+            return [p for p in pieces if p.text]
+    raise DataError(f"{origin}: the chat template writes the record's tool text in a form the renderer cannot "
+                    "follow (neither as it is nor JSON-escaped). Fix: use the family's released chat template.")
+
+
+def _replace_mark(pieces: list[Piece], mark: str, content: list[Piece], origin: str) -> list[Piece]:
+    """``pieces`` with ``mark`` (once, in a TEMPLATE piece) replaced by ``content``."""
+    out, found = [], 0
+    for piece in pieces:
+        if piece.kind == TEMPLATE and mark in piece.text:
+            found += piece.text.count(mark)
+            before, after = piece.text.split(mark, 1)
+            out += [Piece(before, TEMPLATE, piece.trained), *content, Piece(after, TEMPLATE, piece.trained)]
+        else:
+            out.append(piece)
+    if found != 1:
+        raise DataError(f"{origin}: the chat template does not write tool text in a form the renderer "
+                        "can follow (a probe's content was not copied once).")
+    return [p for p in out if p.text]
+
+
+def tool_system_pieces(system: dict | None, tools: list, rules: ChatRules, render, origin: str = "") -> list[Piece]:
+    """The system turn as the template writes it with ``tools`` (its tools block): the record's
+    system text (if any) and the strings of its tool definitions as TEXT."""
     probe = [_PROBE_USER] if system is None else [
         {"role": "system", "content": [{"type": "text", "text": _MARK.format(0)}]}, _PROBE_USER]
-    text = render(probe, tools=tools)
-    head = text[:text.rfind("<|im_start|>user\n")]
+    strings: list[str] = []
+    marked_tools = _mark_strings(tools, strings, origin, "tools")
+
+    def head(text: str) -> str:
+        return text[:text.rfind("<|im_start|>user\n")]
+
+    pieces = record_text_pieces(head(render(probe, tools=marked_tools)), head(render(probe, tools=tools)), strings,
+                                origin)
     if system is None:
-        return [Piece(head)]
-    return _split_marked(head, [_MARK.format(0)], [_content_pieces(system["content"], False, rules.trims)],
-                         "the system turn")
+        return pieces
+    return _replace_mark(pieces, _MARK.format(0), _content_pieces(system["content"], False, rules.trims),
+                         origin or "the system turn")
 
 
-def tool_call_text(message: dict, render, origin: str) -> str:
-    """The text the template writes for an assistant turn's ``tool_calls`` (between its answer
-    and ``<|im_end|>``), read off the template: the turn rendered with and without its calls."""
+def tool_call_pieces(message: dict, render, origin: str) -> list[Piece]:
+    """The pieces the template writes for an assistant turn's ``tool_calls`` (between its answer
+    and ``<|im_end|>``), read off the template: the turn rendered with and without its calls; the
+    calls' names and argument values are TEXT (the flags that they are trained are set by the caller)."""
     view = {"role": "assistant", "content": [p for p in message["content"] if p["type"] == "text"]}
     end = "<|im_end|>\n"
+    strings: list[str] = []
+    marked_calls = _mark_strings(message["tool_calls"], strings, origin, "tool_calls")
     without = render([_PROBE_USER, view])
     with_calls = render([_PROBE_USER, {**view, "tool_calls": message["tool_calls"]}])
+    with_marks = render([_PROBE_USER, {**view, "tool_calls": marked_calls}])
     stem = without[:-len(end)]
-    if not (without.endswith(end) and with_calls.endswith(end) and with_calls.startswith(stem)):
+    if not (without.endswith(end) and all(t.endswith(end) and t.startswith(stem) for t in (with_calls, with_marks))):
         raise DataError(f"{origin}: the chat template does not write tool calls after the answer text, so the "
                         "renderer cannot mark them trained. Fix: use the family's released chat template.")
-    return with_calls[len(stem):-len(end)]
+    return record_text_pieces(with_marks[len(stem):-len(end)], with_calls[len(stem):-len(end)], strings, origin)
 
 
 def tool_response_pieces(run: list[dict], rules: ChatRules, render) -> list[Piece]:

@@ -18,8 +18,8 @@ Example (Qwen2.5-VL, one image)::
             <|im_start|>assistant\\nred<|im_end|>\\n
     labels: -100 everywhere except  "red" and "<|im_end|>"
 
-Qwen3.5/3.6 thinking (``thinking``, the value of ``--enable_thinking``: "auto", "true", "false"; the rule is in
-``chat_pieces``):
+Qwen3.5/3.6 thinking (``thinking``, the value of ``--enable_thinking``: "auto", "true", "false", which a
+dataset's ``enable_thinking`` in the dictionary overrides for its records; the rule is in ``chat_pieces``):
 an answer without reasoning trains in non-thinking mode (the empty think block is
 prompt); one with reasoning trains its think block.
 """
@@ -34,10 +34,10 @@ from qwenvl.data.catalog.formats import Conversation
 from qwenvl.data.errors import DataError, DataKind
 from qwenvl.data.media.read import DEFAULT_MEDIA_TIMEOUT_S, open_image
 from qwenvl.data.media.video import load_video, processor_video_inputs, processor_videos_kwargs, resize_clip
-from qwenvl.data.render import IGNORE_INDEX
+from qwenvl.data.render.sample import IGNORE_INDEX
 from qwenvl.data.render.chat_pieces import (THINKING_MODES, ChatRules, conversation_pieces, pieces_text,
                                             reasoning_and_answer, split_for_thinking, template_view)
-from qwenvl.data.render.fit import Measured, fit_to_context
+from qwenvl.data.render.sample.fit import Measured, fit_to_context
 from qwenvl.data.render.grounding import Grounding
 from qwenvl.data.render.piece_tokens import PieceTokenizer, expand_media
 from qwenvl.data.render.prompt import refuse_tools_unless_rendered, template_messages
@@ -94,11 +94,12 @@ class SampleRenderer:
         """The thinking mode the last assistant turn of ``conversation`` trains in ("true"/"false"),
         so a generation prompt for it is the training prefix; the renderer's mode elsewhere."""
         rules = self.chat.rules
-        if not rules.think_blocks or self.thinking != "auto":
-            return self.thinking
+        mode = self.chat.mode(conversation)
+        if not rules.think_blocks or mode != "auto":
+            return mode
         last = max((i for i, m in enumerate(conversation.messages) if m["role"] == "assistant"), default=None)
         if last is None:
-            return self.thinking
+            return mode
         reasoning, _ = reasoning_and_answer(conversation.messages[last], rules, conversation.origin)
         return "true" if reasoning and reasoning.strip() else "false"
 
@@ -240,13 +241,18 @@ class ChatRender:
         self.rules = ChatRules.of(processor)
         self.tokenizer = PieceTokenizer(processor.tokenizer)
 
+    def mode(self, conversation: Conversation, thinking: str | None = None) -> str:
+        """The thinking mode ``conversation`` renders in: ``thinking`` when given (a generation prompt's),
+        else its dataset's ``enable_thinking`` (``conversation.thinking``), else ``--enable_thinking``."""
+        return thinking or conversation.thinking or self.thinking
+
     def split(self, conversation: Conversation) -> list[Conversation]:
         """The samples ``conversation`` trains as (one, or one per reasoning turn on Qwen3.5)."""
-        return split_for_thinking(conversation, self.rules, self.thinking)
+        return split_for_thinking(conversation, self.rules, self.mode(conversation))
 
     def pieces(self, conversation: Conversation, add_generation_prompt: bool = False, thinking: str | None = None):
         """The pieces of ``conversation``, checked to join to exactly what the chat template renders."""
-        thinking = thinking or self.thinking
+        thinking = self.mode(conversation, thinking)
         refuse_tools_unless_rendered(self.processor, conversation)
         pieces, kwargs = conversation_pieces(conversation, self.rules, thinking, add_generation_prompt,
                                              render=self._render)
