@@ -313,14 +313,15 @@ def test_load_checkpoint_says_what_is_wrong(tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_output_of_a_training_run_loads_and_answers(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_5"])
+def test_lora_output_of_a_training_run_loads_and_answers(tiny_model_dir, tmp_path, model_type):
     """train(--lora_enable True) -> chat loads the adapter folder with its base, as merge_lora would."""
     from transformers import AutoModelForImageTextToText
 
     from qwenvl.tools.merge_lora import merge_lora
     from qwenvl.train.train_qwen import train
 
-    base = tiny_model_dir("qwen2_5_vl")
+    base = tiny_model_dir(model_type)
     _image(56, 56, (220, 30, 30)).save(tmp_path / "red.png")
     records = [{"image": "red.png", "conversations": [{"from": "human", "value": f"<image>\n{QUESTION}"},
                                                       {"from": "gpt", "value": "red"}]}] * 4
