@@ -95,6 +95,7 @@ def test_each_mode_asks_the_training_prefix(tiny_model_dir, tmp_path):
         assert tokenizer.decode(sample["input_ids"][n:][sample["labels"][n:] != IGNORE_INDEX]) == trained
 
 
+@pytest.mark.slow  # teaches the tiny model first (60 steps)
 def test_generation_honours_the_thinking_mode(taught):
     path, image = taught
     model, processor = chat.load_checkpoint(path, device="cpu")
@@ -112,6 +113,7 @@ def test_generation_honours_the_thinking_mode(taught):
     assert chat.main(common) == thought.text
 
 
+@pytest.mark.slow  # teaches the tiny model first (60 steps)
 def test_evaluate_scores_the_answer_without_its_reasoning(taught, tmp_path):
     path, image = taught
     records = [{"image": str(image), "conversations": [{"from": "human", "value": f"<image>\n{QUESTION}"},
