@@ -10,12 +10,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
-DENSE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-# Qwen3.5/3.6: rendering, lengths and tools are tested on them here; training paths join
-# FAMILIES once packing of their Gated DeltaNet layers lands.
+# Qwen2-VL, Qwen2.5-VL, Qwen3-VL: the 151,936-token Qwen tokenizer and its released ids.
+QWEN_VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+# Qwen3.5/3.6: their own tokenizer (248,320 rows), Gated DeltaNet layers, thinking templates.
 QWEN3_5_FAMILIES = ("qwen3_5", "qwen3_5_moe")
-RENDER_FAMILIES = FAMILIES + QWEN3_5_FAMILIES
+FAMILIES = QWEN_VL_FAMILIES + QWEN3_5_FAMILIES
+# Padded == flattened through AutoModelForImageTextToText (test_collate): the plain transformers
+# model, so not Qwen3.5, whose Gated DeltaNet layers need the training model class's boundary-aware
+# layers (tests/train/test_linear_attention.py covers those).
+DENSE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,12 @@ an answer counts as
   articles a/an/the and extra whitespace (the SQuAD rule, for short answers:
   "The red." == "red").
 
+Qwen3.5/3.6 (think blocks): each sample is asked in the mode its reply trains in (thinking
+when it has reasoning, or as ``--enable_thinking`` says), and the reasoning is taken off
+before scoring: ``exact``, ``normalised`` and IoU compare the answer after ``</think>``
+with the reference's answer (``reasoning`` in the JSON keeps what the model thought).  A
+thinking-mode reply that never closes its think block has no answer and scores wrong.
+
 Grounding answers (``bbox_2d``, Qwen2-VL box tokens; ``qwenvl/data/render/grounding.py``): the
 model answers in its family's coordinates for the image as it saw it; ``exact`` and
 ``normalised`` compare that answer with the reference as training wrote it (converted
@@ -86,6 +92,7 @@ class Prediction:
     stopped_at_end: bool
     prediction_user: str | None = None  # the answer with its boxes in the dataset's coordinates
     iou: float | None = None  # mean IoU of the reference's boxes (None: the reference holds none)
+    reasoning: str | None = None  # Qwen3.5/3.6: the think block's text, taken off before scoring
 
 
 @dataclass
@@ -134,6 +141,23 @@ def _conversations(dataset, i: int) -> list:
     return conversation if isinstance(conversation, list) else [conversation]
 
 
+def split_reasoning(text: str, rules, opened: bool) -> tuple[str | None, str]:
+    """(reasoning or None, answer) of a reply or reference, for scoring the answer alone.
+
+    Only on think-block families (``rules.think_blocks``, Qwen3.5/3.6); elsewhere the text is the
+    answer.  ``opened``: the generation prompt opened a think block, so the reply starts inside it
+    (a reply that never wrote ``</think>`` is all reasoning, no answer).
+    """
+    if not rules.think_blocks:
+        return None, text
+    if "</think>" in text:
+        head, answer = text.rsplit("</think>", 1)
+        return head.split("<think>")[-1].strip("\n"), answer.lstrip("\n")
+    if opened:
+        return text, ""
+    return None, text
+
+
 def trained_reference(renderer, conversation, resized: list) -> str:
     """The last reply of ``conversation`` as training writes it: boxes in the family's coordinates."""
     from qwenvl.data.render.prompt import split_last_reply
@@ -164,11 +188,15 @@ def evaluate_dataset(model, processor, renderer, collator, dataset, name: str, m
             try:
                 prompt, reference = split_last_reply(conversation)
                 # The prompt of the mode the reply trains in (Qwen3.5: thinking when it has reasoning).
-                reply = generate(model, processor, renderer, prompt, max_new_tokens,
-                                 thinking=renderer.reply_thinking(conversation))
-                trained = trained_reference(renderer, conversation, reply.resized)
+                mode = renderer.reply_thinking(conversation)
+                reply = generate(model, processor, renderer, prompt, max_new_tokens, thinking=mode)
+                rules = renderer.chat.rules
+                reasoning, text = split_reasoning(reply.text, rules,
+                                                  rules.generation_prompt(mode).endswith("<think>\n"))
+                trained = split_reasoning(trained_reference(renderer, conversation, reply.resized), rules, False)[1]
+                reference = split_reasoning(reference, rules, False)[1]
                 user_format = conversation.bbox_format or renderer.grounding.convention
-                answer = in_user_coordinates(reply.text, renderer, prompt, reply, user_format)
+                answer = in_user_coordinates(text, renderer, prompt, reply, user_format)
                 loss, tokens = sample_loss(model, renderer.render(conversation), collator)
             except DataError as err:
                 if not skip_bad:
@@ -176,8 +204,8 @@ def evaluate_dataset(model, processor, renderer, collator, dataset, name: str, m
                 print(f"skipping bad sample: {err}", file=sys.stderr)
                 score.skipped += 1
                 continue
-            exact = reply.text.strip() == trained.strip()
-            loose = normalise(reply.text) == normalise(trained)
+            exact = text.strip() == trained.strip()
+            loose = normalise(text) == normalise(trained)
             iou = matched_iou(boxes_in(answer), boxes_in(reference))
             if iou is not None:
                 score.grounding += 1
@@ -188,8 +216,8 @@ def evaluate_dataset(model, processor, renderer, collator, dataset, name: str, m
             score.normalised += loose
             score.loss_sum += loss
             score.loss_tokens += tokens
-            predictions.append(Prediction(name, conversation.origin, reference, reply.text, exact, loose,
-                                          reply.stopped_at_end, answer, iou))
+            predictions.append(Prediction(name, conversation.origin, reference, text, exact, loose,
+                                          reply.stopped_at_end, answer, iou, reasoning))
     return score, predictions
 
 

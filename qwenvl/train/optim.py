@@ -10,8 +10,11 @@ wins.  Each group is then split by weight decay:
 
 No weight decay on biases and on the weights of normalisation layers (LayerNorm,
 RMSNorm of any family, found by module type, so the Qwen2.5-VL merger's ``ln_q``
-is included).  Embeddings (and a tied lm_head) do get weight decay, as in the
-official code and the Trainer's default.  Group names stay in the optimizer's
+is included), nor on the decay parameters of Qwen3.5's Gated DeltaNet layers (``A_log``,
+``dt_bias``: decay would pull every head's forgetting rate towards one value; Mamba and
+flash-linear-attention mark them ``_no_weight_decay``, which is also honoured).
+Embeddings (and a tied lm_head) do get weight decay, as in the official code and the
+Trainer's default.  Group names stay in the optimizer's
 ``param_groups`` so the trainer can log ``lr/<group>``.
 """
 from __future__ import annotations
@@ -39,13 +42,19 @@ RULES = (
 )
 
 
+# Linear-attention (state-space style) parameters that set how fast the state decays.
+STATE_DECAY_PARAMETERS = ("A_log", "dt_bias")
+
+
 def no_decay_parameter_names(model: torch.nn.Module) -> set[str]:
-    """Names of biases and of normalisation-layer weights (module class name contains 'Norm')."""
+    """Names of biases, of normalisation-layer weights (module class name contains 'Norm'), of the
+    Gated DeltaNet decay parameters and of parameters marked ``_no_weight_decay``."""
     names = set()
     for module_name, module in model.named_modules():
         is_norm = "norm" in type(module).__name__.lower()
-        for param_name, _ in module.named_parameters(recurse=False):
-            if is_norm or param_name == "bias":
+        for param_name, param in module.named_parameters(recurse=False):
+            if (is_norm or param_name == "bias" or param_name in STATE_DECAY_PARAMETERS
+                    or getattr(param, "_no_weight_decay", False)):
                 names.add(f"{module_name}.{param_name}" if module_name else param_name)
     return names
 

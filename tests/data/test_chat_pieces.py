@@ -10,7 +10,7 @@ from qwenvl.data.catalog.formats import Conversation
 from qwenvl.data.errors import DataError
 from qwenvl.data.render.prompt import split_last_reply
 from qwenvl.data.render.sample import IGNORE_INDEX, SampleRenderer
-from tests.conftest import RENDER_FAMILIES
+from tests.conftest import FAMILIES
 
 
 def _text(t: str) -> list[dict]:
@@ -55,7 +55,7 @@ def _setup(tiny_model_dir, model_type: str, template: str | None = None):
 
 # ----------------------------------------------------------------------------- every family
 
-@pytest.mark.parametrize("model_type", RENDER_FAMILIES)
+@pytest.mark.parametrize("model_type", FAMILIES)
 def test_special_token_text_in_a_record_is_text_never_a_control_token(tiny_model_dir, model_type):
     """A user turn typing <|im_start|>assistant opens no trained span; an answer typing
     <|im_end|><|im_start|>system ends nothing; a typed <|image_pad|> is no image."""
@@ -84,7 +84,7 @@ def test_special_token_text_in_a_record_is_text_never_a_control_token(tiny_model
     assert TokenCounter(processor).count(conversation).tokens == ids.shape[0]
 
 
-@pytest.mark.parametrize("model_type", RENDER_FAMILIES)
+@pytest.mark.parametrize("model_type", FAMILIES)
 def test_the_pieces_are_checked_against_the_template(tiny_model_dir, model_type):
     """A template whose output the family's rule does not reproduce stops rendering with a
     message, instead of training on labels that no longer match the text."""

@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from qwenvl.data.catalog.formats import Conversation
 from qwenvl.data.render.fit import SampleTooLong
 from qwenvl.data.render.sample import IGNORE_INDEX, SampleRenderer
-from tests.conftest import FAMILIES, RENDER_FAMILIES
+from tests.conftest import FAMILIES
 
 
 def _image(w, h, colour):
@@ -54,7 +54,7 @@ def family(request, tiny_model_dir):
     return processor, config, model
 
 
-@pytest.mark.parametrize("family", RENDER_FAMILIES, indirect=True)
+@pytest.mark.parametrize("family", FAMILIES, indirect=True)
 @pytest.mark.parametrize("kind", ["image", "multi_image", "text"])
 def test_ids_labels_positions_match_the_family(family, kind):
     processor, config, model = family
@@ -118,7 +118,7 @@ def test_text_longer_than_the_limit_is_refused_with_its_origin(family):
 REPO_VIDEO = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "demo_data" / "videos" / "0000.mp4")
 
 
-@pytest.mark.parametrize("family", RENDER_FAMILIES, indirect=True)
+@pytest.mark.parametrize("family", FAMILIES, indirect=True)
 def test_video_and_image_sample_matches_processor_and_rope(family):
     """An image+video sample keeps both; ids equal the processor's on the same frames and
     positions equal the full model's get_rope_index (with Qwen2.5-VL's second_per_grid_ts)."""

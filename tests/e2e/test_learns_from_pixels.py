@@ -56,10 +56,16 @@ TRAIN_FLAGS = [
     "--tune_mm_llm", "True", "--tune_mm_mlp", "True", "--tune_mm_vision", "True",
     "--max_steps", "60", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
     "--learning_rate", "1e-2", "--lr_scheduler_type", "cosine", "--warmup_steps", "5", "--weight_decay", "0",
-    "--max_pixels", str(SIZE * SIZE), "--min_pixels", str(SIZE * SIZE), "--model_max_length", "256",
+    "--model_max_length", "256",
     "--logging_steps", "5", "--save_strategy", "no", "--report_to", "none", "--dataloader_num_workers", "0",
     "--seed", "0", "--data_seed", "0", "--use_cpu", "True", "--disable_tqdm", "True",
 ]
+
+
+# Pixels per image as the model sees it: 16 visual tokens after the 2x2 merge in both families
+# (Qwen2.5-VL: 112x112 in 14-px patches; Qwen3.5: 16-px patches, so 128x128, the 112x112 images
+# resized up by the processor).
+PIXELS = {"qwen2_5_vl": SIZE * SIZE, "qwen3_5": 128 * 128}
 
 
 def binomial_tail(n: int, p: float, k: int) -> float:
@@ -110,13 +116,14 @@ def task(tmp_path_factory):
     return path
 
 
-def train_and_evaluate(model_dir: Path, dictionary: Path, variant: str, out: Path) -> dict:
+def train_and_evaluate(model_dir: Path, dictionary: Path, variant: str, out: Path, pixels: int) -> dict:
     from qwenvl.tools.evaluate import main as evaluate
     from qwenvl.train.train_qwen import train
 
     start = time.perf_counter()
     output = train(["--model_name_or_path", str(model_dir), "--dataset_use", f"colour_{variant}_train",
-                    "--dataset_dictionary", str(dictionary), "--output_dir", str(out / variant), *TRAIN_FLAGS])
+                    "--dataset_dictionary", str(dictionary), "--output_dir", str(out / variant), *TRAIN_FLAGS,
+                    "--max_pixels", str(pixels), "--min_pixels", str(pixels)])
     trained = time.perf_counter()
     results = {}
     eval_sets = [variant] if variant == "pixels" else ["blank", "pixels"]
@@ -130,16 +137,25 @@ def train_and_evaluate(model_dir: Path, dictionary: Path, variant: str, out: Pat
             "first_loss": losses[0], "last_loss": losses[-1]}
 
 
-def test_fine_tuning_learns_colour_from_pixels_and_not_from_blank_images(tiny_model_dir, task, tmp_path):
-    model_dir = tiny_model_dir("qwen2_5_vl")
+# Qwen3.5 not yet seen passing: on a shared, overloaded 2-core machine a step took ~20 s (the first
+# 10 steps took the loss from 11.6 to 7.7), too slow to finish both runs; run it alone to confirm,
+# then drop the mark.
+NOT_YET_SEEN_PASSING = pytest.mark.skip(reason="Qwen3.5 learns-from-pixels not yet run to completion")
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", pytest.param("qwen3_5", marks=NOT_YET_SEEN_PASSING)])
+def test_fine_tuning_learns_colour_from_pixels_and_not_from_blank_images(tiny_model_dir, task, tmp_path, model_type):
+    """Qwen3.5 (non-thinking: the answers carry no reasoning, so the empty think block is prompt
+    and the trained tokens are the colour and <|im_end|>, as on Qwen2.5-VL)."""
+    model_dir = tiny_model_dir(model_type)
     chance = 1 / len(COLOURS)
     need = math.ceil(0.75 * N_EVAL)  # pixel run: at least this many right
     allow = 30  # blank model on real images: at most this many (one-sided 0.5% bound, module docstring)
     assert binomial_tail(N_EVAL, chance, need) < 1e-9
     assert binomial_tail(N_EVAL, chance, allow + 1) < 0.005
 
-    pixels = train_and_evaluate(model_dir, task, "pixels", tmp_path)
-    blank = train_and_evaluate(model_dir, task, "blank", tmp_path)
+    pixels = train_and_evaluate(model_dir, task, "pixels", tmp_path, PIXELS[model_type])
+    blank = train_and_evaluate(model_dir, task, "blank", tmp_path, PIXELS[model_type])
 
     def row(run, on):
         return run["results"][on]["datasets"][0]

@@ -64,14 +64,20 @@ def test_prompt_is_the_training_sample_up_to_the_assistant_header(tiny_model_dir
     conversation = _conversation(kind)
     sample = renderer.render(conversation)  # what training sees
     prompt, reference = split_last_reply(conversation)
-    inputs = renderer.encode(prompt, add_generation_prompt=True)  # what chat and evaluate feed generate()
+    # What evaluate feeds generate(): the prompt of the mode the reply trains in (Qwen3.5: an answer
+    # without reasoning trains in non-thinking mode, whose prompt holds the empty think block).
+    mode = renderer.reply_thinking(conversation)
+    inputs = renderer.encode(prompt, add_generation_prompt=True, thinking=mode)
 
     ids = inputs["input_ids"][0]
     n = ids.shape[0]
     assert torch.equal(ids, sample["input_ids"][:n])
     tokens = SpecialTokens.from_tokenizer(renderer.processor.tokenizer)
-    header = list(tokens.assistant_header)
-    assert ids[-len(header):].tolist() == header  # ends with "<|im_start|>assistant\n"
+    header = renderer.processor.tokenizer(renderer.chat.rules.generation_prompt(mode),
+                                          add_special_tokens=False)["input_ids"]
+    # Ends with "<|im_start|>assistant\n" (Qwen3.5: then "<think>\n\n</think>\n\n").
+    assert ids[-len(header):].tolist() == header
+    assert header[:len(tokens.assistant_header)] == list(tokens.assistant_header)
     # What follows in the training sample is exactly the trained reply and its <|im_end|>.
     rest = sample["input_ids"][n:]
     trained = sample["labels"][n:] != IGNORE_INDEX
@@ -307,14 +313,15 @@ def test_load_checkpoint_says_what_is_wrong(tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_output_of_a_training_run_loads_and_answers(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_5"])
+def test_lora_output_of_a_training_run_loads_and_answers(tiny_model_dir, tmp_path, model_type):
     """train(--lora_enable True) -> chat loads the adapter folder with its base, as merge_lora would."""
     from transformers import AutoModelForImageTextToText
 
     from qwenvl.tools.merge_lora import merge_lora
     from qwenvl.train.train_qwen import train
 
-    base = tiny_model_dir("qwen2_5_vl")
+    base = tiny_model_dir(model_type)
     _image(56, 56, (220, 30, 30)).save(tmp_path / "red.png")
     records = [{"image": "red.png", "conversations": [{"from": "human", "value": f"<image>\n{QUESTION}"},
                                                       {"from": "gpt", "value": "red"}]}] * 4

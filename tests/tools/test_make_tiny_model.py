@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from qwenvl.tools.make_tiny_model import model_class
-from tests.conftest import FAMILIES
+from tests.conftest import QWEN_VL_FAMILIES
 
 # The released Qwen2-VL / Qwen2.5-VL / Qwen3-VL tokenizers' ids (their tokenizer_config.json):
 # the specification these checkpoints must match, so written out here on purpose.
@@ -28,7 +28,7 @@ MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "te
             {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("model_type", QWEN_VL_FAMILIES)  # Qwen3.5: test_tiny_qwen3_5_loads_like_the_released_one
 def test_tiny_checkpoint_loads_like_the_released_one(tiny_model_dir, model_type):
     path = tiny_model_dir(model_type)
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",

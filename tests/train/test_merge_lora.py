@@ -7,20 +7,27 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from qwenvl.tools.merge_lora import main as merge_main
 from qwenvl.tools.merge_lora import merge_lora
-from qwenvl.train.arguments import ModelArguments
+from qwenvl.train.arguments import DEFAULT_LORA_TARGETS, ModelArguments
 from qwenvl.train.model import load_model, prepare_model
 from qwenvl.train.trainer import QwenVLTrainer
 
 from .conftest import IMAGE_SIZE, ChatCollator, conversations, load_processor, snapshot
 
 
+# Qwen3.5: adapters on the Gated DeltaNet projections too (in_proj_qkv, in_proj_z, out_proj), named
+# with --lora_target_modules; Qwen3.5-MoE with the default targets (attention and the shared expert).
+LINEAR_ATTENTION_TARGETS = list(DEFAULT_LORA_TARGETS) + ["in_proj_qkv", "in_proj_z", "out_proj"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
-def test_lora_train_merge_and_reload(tiny_model_dir, make_training_args, tmp_path, model_type):
+@pytest.mark.parametrize("model_type,targets", [("qwen2_5_vl", None), ("qwen3_vl", None),
+                                                ("qwen3_5", LINEAR_ATTENTION_TARGETS), ("qwen3_5_moe", None)])
+def test_lora_train_merge_and_reload(tiny_model_dir, make_training_args, tmp_path, model_type, targets):
     path = tiny_model_dir(model_type)
     model_args = ModelArguments(model_name_or_path=str(path), tune_mm_llm=True, tune_mm_mlp=True)
     training_args = make_training_args(lora_enable=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, max_steps=2,
-                                       save_strategy="steps", save_steps=2, learning_rate=5e-3)
+                                       save_strategy="steps", save_steps=2, learning_rate=5e-3,
+                                       lora_target_modules=targets or list(DEFAULT_LORA_TARGETS))
     processor = load_processor(path)
     model = prepare_model(load_model(model_args, training_args), model_args, training_args)
     before = snapshot(model)
@@ -28,6 +35,8 @@ def test_lora_train_merge_and_reload(tiny_model_dir, make_training_args, tmp_pat
     QwenVLTrainer(model=model, args=training_args, processing_class=processor, train_dataset=conversations(4),
                   data_collator=collator).train()
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    for target in targets or []:  # every named projection got an adapter
+        assert any(f".{target}.lora_A" in n for n in trained), target
     assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in trained)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if n not in trained)
 

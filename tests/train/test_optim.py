@@ -13,7 +13,7 @@ def models(tiny_model_dir, untied_model_dir):
     from transformers import AutoModelForImageTextToText
 
     found = {t: AutoModelForImageTextToText.from_pretrained(tiny_model_dir(t))
-             for t in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")}
+             for t in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")}
     found["untied"] = AutoModelForImageTextToText.from_pretrained(untied_model_dir)
     return found
 
@@ -28,7 +28,8 @@ def _check_partition(model, groups):
     assert len(seen) == len(set(seen)) and set(seen) == trainable
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "untied"])
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe",
+                                        "untied"])
 @pytest.mark.parametrize("vision_lr,merger_lr", [(None, None), (2e-6, None), (None, 3e-4), (2e-6, 3e-4)])
 def test_group_learning_rates(models, tmp_path, model_type, vision_lr, merger_lr):
     model = models[model_type]
@@ -51,7 +52,7 @@ def test_group_learning_rates(models, tmp_path, model_type, vision_lr, merger_lr
     assert "llm_no_decay" in describe_groups(groups)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 def test_no_decay_on_biases_and_norms(models, tmp_path, model_type):
     model = models[model_type]
     apply_tuning(model, ModelArguments(tune_mm_llm=True, tune_mm_mlp=True, tune_mm_vision=True))
@@ -70,6 +71,11 @@ def test_no_decay_on_biases_and_norms(models, tmp_path, model_type):
         assert "model.visual.merger.ln_q.weight" in undecayed  # an RMSNorm not named *norm*: found by type
     if model_type == "qwen2_vl":
         assert "model.visual.merger.ln_q.bias" in undecayed
+    if model_type == "qwen3_5":
+        # Gated DeltaNet: its gated RMSNorm, and the decay parameters A_log and dt_bias.
+        linear = "model.language_model.layers.0.linear_attn."
+        assert {linear + "norm.weight", linear + "A_log", linear + "dt_bias"} <= undecayed
+        assert linear + "in_proj_qkv.weight" in decayed
     assert undecayed == no_decay_parameter_names(model) & (decayed | undecayed)
 
 

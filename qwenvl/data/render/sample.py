@@ -37,7 +37,7 @@ from qwenvl.data.media.video import load_video, processor_video_inputs, processo
 from qwenvl.data.render.sample import IGNORE_INDEX
 from qwenvl.data.render.chat_pieces import (THINKING_MODES, ChatRules, conversation_pieces, pieces_text,
                                             reasoning_and_answer, split_for_thinking, template_view)
-from qwenvl.data.render.sample.fit import Measured, fit_to_context
+from qwenvl.data.render.fit import Measured, fit_to_context
 from qwenvl.data.render.grounding import Grounding
 from qwenvl.data.render.piece_tokens import PieceTokenizer, expand_media
 from qwenvl.data.render.prompt import refuse_tools_unless_rendered, template_messages
