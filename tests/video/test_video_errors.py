@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qwenvl.data.errors import DataError
-from qwenvl.data.media.read import video_decode
+from qwenvl.data.media import video_decode
 from qwenvl.data.media.video import VideoSettings, load_video
 from qwenvl.data.media.video_decode import DecodedVideo, register_backend, unregister_backend
 

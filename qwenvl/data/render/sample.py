@@ -34,7 +34,7 @@ from qwenvl.data.catalog.formats import Conversation
 from qwenvl.data.errors import DataError, DataKind
 from qwenvl.data.media.read import DEFAULT_MEDIA_TIMEOUT_S, open_image
 from qwenvl.data.media.video import load_video, processor_video_inputs, processor_videos_kwargs, resize_clip
-from qwenvl.data.render.sample import IGNORE_INDEX
+from qwenvl.data.render import IGNORE_INDEX
 from qwenvl.data.render.chat_pieces import (THINKING_MODES, ChatRules, conversation_pieces, pieces_text,
                                             reasoning_and_answer, split_for_thinking, template_view)
 from qwenvl.data.render.fit import Measured, fit_to_context
