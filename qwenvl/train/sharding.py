@@ -4,8 +4,9 @@ A run turns it on with ``--fsdp "full_shard auto_wrap" --fsdp_config scripts/fsd
 accelerate then shards, bottom up: every decoder layer and every vision block (the model's
 ``_no_split_modules``, so one config serves every family), the input embeddings, a tail
 group of the final norm and ``lm_head`` (kept gathered from the norm's forward to the end of
-the model's forward), and the root (everything else: patch embedding, merger, ...).  Each
-parameter is sharded on its own, so frozen and trainable parameters may share a group.
+the model's forward), and the root (everything else: patch embedding, merger, ...), except
+what ``replicated_frozen_modules`` leaves out (below).  Each parameter is sharded on its own,
+so frozen and trainable parameters may share a group.
 
 What this module adds around that:
 
