@@ -104,9 +104,17 @@ def replicated_frozen_modules(model: torch.nn.Module, training_args) -> list[tup
 
     if not _truthy(fsdp_options(training_args).get("replicate_frozen_vision", True)):
         return []
+    # peft's modules_to_save wrapper (LoRA with --tune_mm_vision) keeps a frozen original copy that
+    # the forward never calls: sharded, it is never gathered, so replicating it would only cost memory.
+    unused = {id(m.original_module) for m in model.modules()
+              if hasattr(m, "original_module") and hasattr(m, "modules_to_save")}
     chosen: list[tuple[str, torch.nn.Module]] = []
+    skipped: list[str] = []
     for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix, _ in chosen):
+        if any(name.startswith(prefix + ".") for prefix in [n for n, _ in chosen] + skipped):
+            continue
+        if id(module) in unused:
+            skipped.append(name)
             continue
         params = list(module.named_parameters(prefix=name))
         if params and all(not p.requires_grad and _component(n, component_of) == "vision" for n, p in params):
