@@ -67,7 +67,11 @@ def build_config(name: str, token_ids: dict, layers: int | None = None):
         raise ValueError(f"name must be one of {', '.join(NAMES)}, not {name!r}")
     if layers is not None:
         config = copy.deepcopy(config)
-        config.text_config.num_hidden_layers = int(layers)
+        text = config.text_config
+        # layer_types lists every layer (transformers validates its length on load): keep the first N
+        if getattr(text, "layer_types", None) is not None:
+            text.__dict__["layer_types"] = list(text.layer_types)[:int(layers)]
+        text.__dict__["num_hidden_layers"] = int(layers)
         for key in ("max_window_layers",):
             if hasattr(config.text_config, key):
                 setattr(config.text_config, key, int(layers))

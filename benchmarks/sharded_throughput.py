@@ -17,7 +17,7 @@ Questions (issue 14), each a named run (``--runs`` picks some, in this order of 
 * ``fsdp2_model_loss``: FSDP2 with the released forward's loss (``--loss_kernel model``): the
   peak memory to compare with ``fsdp2_fused``.
 * ``sft_7b``: ``bash scripts/sft_7b.sh`` at its defaults (only ``--max_steps``, saving and
-  reporting overridden).
+  reporting overridden); ``sft_7b_fsdp2``: the same with ``SHARDING=fsdp2``.
 * ``ddp_vs_fsdp2``: the 7B architecture at 7 of 28 layers, 20 steps, DDP (float32 master
   weights, no sharding) then FSDP2, same data and seed: the loss curves side by side.
 * ``32b_quarter``: Qwen2.5-VL-32B widths at 16 of 64 layers under FSDP2, compiled, 16k.
@@ -61,8 +61,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-RUNS = ("zero2", "fsdp2_fused", "fsdp2_fused_prev", "fsdp2_model_loss", "sft_7b", "ddp_vs_fsdp2", "32b_quarter",
-        "30b_a3b", "nccl")
+RUNS = ("zero2", "fsdp2_fused", "fsdp2_fused_prev", "fsdp2_model_loss", "sft_7b", "sft_7b_fsdp2", "ddp_vs_fsdp2",
+        "32b_quarter", "30b_a3b", "nccl")
 FSDP = ["--fsdp", "full_shard auto_wrap", "--fsdp_config", str(REPO / "scripts" / "fsdp2.json")]
 FSDP_PREV = ["--fsdp", "full_shard auto_wrap", "--fsdp_config", str(REPO / "benchmarks" / "fsdp2_fp32_reduce.json")]
 BENCH = "BENCH"  # command placeholder: torchrun -m benchmarks.profiled_train over the node's GPUs (expand_command)
@@ -70,7 +70,7 @@ COMPILED = ["--compile_layers", "True", "--activation_memory_budget", "0.5", "--
 BUDGET = ["--max_tokens_per_batch", "16384"]
 # model folder name -> (architecture, decoder layers or None for all)
 MODELS = {"7b": ("7b", None), "7b_l7": ("7b", 7), "32b_l16": ("32b", 16), "30b_a3b_l12": ("30b_a3b", 12)}
-RUN_MODEL = {"zero2": "7b", "fsdp2_fused": "7b", "fsdp2_fused_prev": "7b", "fsdp2_model_loss": "7b", "sft_7b": "7b",
+RUN_MODEL = {"zero2": "7b", "fsdp2_fused": "7b", "fsdp2_fused_prev": "7b", "fsdp2_model_loss": "7b", "sft_7b": "7b", "sft_7b_fsdp2": "7b",
              "ddp_vs_fsdp2": "7b_l7", "32b_quarter": "32b_l16", "30b_a3b": "30b_a3b_l12", "nccl": None}
 
 
@@ -96,9 +96,10 @@ def run_plan(name: str, steps: int) -> list[tuple[str, list[str], dict]]:
                         "--master_port", "{port}", "-m", "benchmarks.nccl_probe", "--out", "{out}"], {})]
     if name == "fsdp2_model_loss":
         return [(name, launch + flags + FSDP + COMPILED + BUDGET + ["--loss_kernel", "model"], {})]
-    if name == "sft_7b":
+    if name in ("sft_7b", "sft_7b_fsdp2"):
         return [(name, ["bash", str(REPO / "scripts" / "sft_7b.sh"), "--max_steps", str(steps), "--save_strategy", "no",
-                        "--report_to", "none", "--logging_steps", "1", "--disable_tqdm", "True"], {})]
+                        "--report_to", "none", "--logging_steps", "1", "--disable_tqdm", "True"],
+                 {"SHARDING": "fsdp2"} if name == "sft_7b_fsdp2" else {})]
     if name == "ddp_vs_fsdp2":
         twenty = common_flags(20) + COMPILED + BUDGET
         return [("ddp_l7", launch + twenty, {}), ("fsdp2_l7", launch + twenty + FSDP, {})]

@@ -4,8 +4,9 @@ A run turns it on with ``--fsdp "full_shard auto_wrap" --fsdp_config scripts/fsd
 accelerate then shards, bottom up: every decoder layer and every vision block (the model's
 ``_no_split_modules``, so one config serves every family), the input embeddings, a tail
 group of the final norm and ``lm_head`` (kept gathered from the norm's forward to the end of
-the model's forward), and the root (everything else: patch embedding, merger, ...).  Each
-parameter is sharded on its own, so frozen and trainable parameters may share a group.
+the model's forward), and the root (everything else: patch embedding, merger, ...), except
+what ``replicated_frozen_modules`` leaves out (below).  Each parameter is sharded on its own,
+so frozen and trainable parameters may share a group.
 
 What this module adds around that:
 
@@ -103,9 +104,17 @@ def replicated_frozen_modules(model: torch.nn.Module, training_args) -> list[tup
 
     if not _truthy(fsdp_options(training_args).get("replicate_frozen_vision", True)):
         return []
+    # peft's modules_to_save wrapper (LoRA with --tune_mm_vision) keeps a frozen original copy that
+    # the forward never calls: sharded, it is never gathered, so replicating it would only cost memory.
+    unused = {id(m.original_module) for m in model.modules()
+              if hasattr(m, "original_module") and hasattr(m, "modules_to_save")}
     chosen: list[tuple[str, torch.nn.Module]] = []
+    skipped: list[str] = []
     for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix, _ in chosen):
+        if any(name.startswith(prefix + ".") for prefix in [n for n, _ in chosen] + skipped):
+            continue
+        if id(module) in unused:
+            skipped.append(name)
             continue
         params = list(module.named_parameters(prefix=name))
         if params and all(not p.requires_grad and _component(n, component_of) == "vision" for n, p in params):

@@ -206,6 +206,10 @@ def test_training_or_opted_out_vision_tower_and_lora_base_weights_stay_sharded(t
 
     model, args = _tiny(tiny_model_dir("qwen2_5_vl"), tmp_path, "--tune_mm_llm", "True", "--tune_mm_vision", "True")
     assert replicated_frozen_modules(model, args) == []
+    model, args = _tiny(tiny_model_dir("qwen2_5_vl"), tmp_path, "--tune_mm_llm", "True", "--lora_enable", "True",
+                        "--tune_mm_vision", "True")
+    # LoRA with a trained tower: peft's frozen original copy of it is never called, so it stays sharded (free)
+    assert replicated_frozen_modules(model, args) == []
     model, args = _tiny(tiny_model_dir("qwen2_5_vl"), tmp_path, "--tune_mm_llm", "True", "--lora_enable", "True")
     # LoRA: the language model's frozen base weights stay sharded (that is most of the model); the tower is replicated
     names = [n for n, _ in replicated_frozen_modules(model, args)]
