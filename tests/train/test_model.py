@@ -22,7 +22,7 @@ def models(tiny_model_dir):
     from transformers import AutoModelForImageTextToText
 
     return {t: AutoModelForImageTextToText.from_pretrained(tiny_model_dir(t))
-            for t in ("qwen2_5_vl", "qwen3_vl")}
+            for t in ("qwen2_5_vl", "qwen3_vl", "qwen3_5")}
 
 
 def _args(path, tmp_path, *flags):
@@ -53,7 +53,7 @@ def test_class_comes_from_the_config_not_the_directory_name(tiny_model_dir, tmp_
     assert model.config._attn_implementation == resolve_attn_implementation(None) == "sdpa"  # CPU, no flash_attn
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen3_vl_moe"])
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen3_vl_moe", "qwen3_5_moe"])
 def test_other_families_load(tiny_model_dir, tmp_path, model_type):
     args = _args(tiny_model_dir(model_type), tmp_path, "--tune_mm_llm", "True", "--attn_implementation", "eager")
     model = load_model(args.model, args.training)
@@ -72,7 +72,7 @@ def test_unsupported_model_type(tmp_path):
         model_class_for("qwen2")
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 @pytest.mark.parametrize("llm,mlp,vision", COMBOS)
 def test_freezing_every_combination(models, model_type, llm, mlp, vision):
     model = models[model_type]
@@ -85,6 +85,7 @@ def test_freezing_every_combination(models, model_type, llm, mlp, vision):
     assert all(p.requires_grad == mlp for p in visual.merger.parameters())
     if model_type == "qwen3_vl":
         assert all(p.requires_grad == mlp for p in visual.deepstack_merger_list.parameters())
+    if model_type.startswith("qwen3"):  # Qwen3-VL and Qwen3.5 (no DeepStack there): learnt positions
         assert visual.pos_embed.weight.requires_grad == vision
     assert all(p.requires_grad == vision for p in visual.blocks.parameters())
     assert all(p.requires_grad == vision for p in visual.patch_embed.parameters())

@@ -58,6 +58,8 @@ def _assert_only_trainable_changed(model, before):
     ("qwen2_5_vl", False, True, True),
     ("qwen3_vl", False, True, True),
     ("qwen3_vl", True, False, False),
+    ("qwen3_5", False, True, True),
+    ("qwen3_5_moe", True, False, False),
 ])
 def test_frozen_stay_identical_and_trainable_all_change(tiny_model_dir, make_training_args,
                                                         model_type, llm, mlp, vision):
