@@ -29,7 +29,11 @@ from qwenvl.train.official_flags import (drop_frozen_learning_rates, expand_file
 # The language model's attention and MLP projections (every dense family), matched by the
 # last component of a module's name inside the language model only: the Qwen2.5-VL vision
 # blocks also have gate/up/down_proj, and those must not get adapters by accident.
-DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Every Linear layer of the language model: attention, MLP, and on Qwen3.5/3.6 the Gated DeltaNet
+# projections (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, out_proj), which are 3 of every 4 layers
+# there: leaving them out would adapt a quarter of the decoder. Names a family lacks match nothing.
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                        "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"]
 
 RUN_FILE_SUFFIXES = (".json", ".yaml", ".yml")
 
@@ -92,8 +96,10 @@ class TrainingArguments(transformers.TrainingArguments):
     lora_target_modules: list[str] = field(
         default_factory=lambda: list(DEFAULT_LORA_TARGETS),
         metadata={"help": "Module names (last name component) inside the language model that get adapters. "
-                          "Default: q,k,v,o,gate,up,down_proj (the official code used q,k,v,o only). On "
-                          "Qwen3-VL-MoE the experts are not Linear layers, so only attention gets adapters."})
+                          "Default: every Linear layer of the language model: q,k,v,o,gate,up,down_proj and, on "
+                          "Qwen3.5/3.6, the linear-attention in_proj_qkv,in_proj_z,in_proj_b,in_proj_a,out_proj "
+                          "(the official code used q,k,v,o only). MoE experts are not Linear layers, so they "
+                          "get no adapters (the shared expert does)."})
     online_packing: bool = field(
         default=False,
         metadata={"help": "Pack micro-batches on the fly up to --max_tokens_per_batch tokens (default: "

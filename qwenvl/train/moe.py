@@ -18,7 +18,7 @@ inference pays nothing.  The trainer logs the unscaled value as ``router_aux_los
 LoRA on experts: the experts of both families are fused 3-D parameters
 (``mlp.experts.gate_up_proj`` and ``mlp.experts.down_proj``, no ``nn.Linear`` per expert), so
 ``--lora_target_modules`` reaches only the attention projections, the linear-attention
-projections (``in_proj_qkv in_proj_z out_proj``, Qwen3.5), the shared expert
+projections (``in_proj_qkv in_proj_z in_proj_b in_proj_a out_proj``, Qwen3.5; all in the default targets), the shared expert
 (``shared_expert.gate_proj/up_proj/down_proj``, Qwen3.5) and the router (``gate``, not advised).
 """
 from __future__ import annotations

@@ -14,9 +14,10 @@ from qwenvl.train.trainer import QwenVLTrainer
 from .conftest import IMAGE_SIZE, ChatCollator, conversations, load_processor, snapshot
 
 
-# Qwen3.5: adapters on the Gated DeltaNet projections too (in_proj_qkv, in_proj_z, out_proj), named
-# with --lora_target_modules; Qwen3.5-MoE with the default targets (attention and the shared expert).
-LINEAR_ATTENTION_TARGETS = list(DEFAULT_LORA_TARGETS) + ["in_proj_qkv", "in_proj_z", "out_proj"]
+# Qwen3.5: the default targets put adapters on the Gated DeltaNet projections too; Qwen3.5 here
+# with some of them named explicitly, Qwen3.5-MoE with the defaults (attention, linear attention,
+# the shared expert).
+LINEAR_ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj"]
 
 
 @pytest.mark.slow

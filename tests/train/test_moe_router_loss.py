@@ -120,9 +120,9 @@ def _lora_targets(model) -> set[str]:
 
 
 def test_lora_targets_on_qwen3_5_moe(moe_dirs, tmp_path):
-    """What the README says: the default targets reach the full-attention projections and the
-    shared expert; the routed experts (fused 3-D weights) are never LoRA targets; the
-    linear-attention projections are reached by naming them."""
+    """What the README says: the default targets reach the full-attention projections, the
+    Gated DeltaNet projections and the shared expert; the routed experts (fused 3-D weights) are
+    never LoRA targets; naming targets narrows them."""
     from tests.train.tiny_qwen35 import flattened_batch, loss_and_grads
 
     path = moe_dirs["qwen3_5_moe"]
@@ -131,7 +131,11 @@ def test_lora_targets_on_qwen3_5_moe(moe_dirs, tmp_path):
                        "--tune_mm_llm", "True", *lora])
     default = prepare_model(load_model(args.model, args.training), args.model, args.training)
     assert _lora_targets(default) == {f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")} | {
-        f"mlp.shared_expert.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+        f"mlp.shared_expert.{p}" for p in ("gate_proj", "up_proj", "down_proj")} | {
+        f"linear_attn.{p}" for p in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")}
+    # every decoder layer has adapters (3 of 4 are linear-attention layers)
+    layers = {n.split(".layers.")[1].split(".")[0] for n, _ in default.named_parameters() if ".lora_A." in n}
+    assert len(layers) == default.config.text_config.num_hidden_layers
     args = parse_args(["--model_name_or_path", str(path), "--output_dir", str(tmp_path / "out"),
                        "--tune_mm_llm", "True", *lora, "--lora_target_modules", "q_proj", "in_proj_qkv",
                        "in_proj_z", "out_proj"])
