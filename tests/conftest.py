@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
 
 import pytest
 
@@ -58,3 +60,29 @@ def copy_demo_annotations(folder):
     path = folder / "dict.json"
     path.write_text(json.dumps(dictionary, indent=2))
     return path
+
+
+@pytest.fixture
+def silent_server():
+    """A local HTTP port that accepts connections and never answers; yields its URL base."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)  # several readers connect at once (tests/video/test_decode_timeout.py)
+    accepted, stop = [], threading.Event()
+
+    def accept():
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in accepted:
+        conn.close()
+    server.close()

@@ -178,3 +178,13 @@ def test_bad_function_calls_name_the_turn(value, expected):
     with pytest.raises(DataError) as info:
         to_conversation(record, _spec("/d/f.json"), 2)
     assert "record 2, turn 1" in str(info.value) and expected in str(info.value)
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("not json", "'tools' is not valid JSON"), (json.dumps([{"description": "no name"}]), "each with a 'name'")])
+def test_bad_tools_name_the_record_and_the_fix(value, expected):
+    record = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "tools": value}
+    with pytest.raises(DataError) as info:
+        to_conversation(record, _spec("/d/t.json"), 3)
+    assert "file /d/t.json, record 3" in str(info.value) and expected in str(info.value)
+    assert "Fix" in str(info.value) or "must be" in str(info.value)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
 
 import fsspec
@@ -59,32 +58,6 @@ def test_a_fifo_is_refused_at_once_instead_of_blocking(tmp_path):
         with pytest.raises(DataError, match="not a regular file") as err:
             read()
         assert err.value.kind is DataKind.MEDIA_UNREACHABLE and err.value.origin.media == str(fifo)
-
-
-@pytest.fixture
-def silent_server():
-    """A local HTTP port that accepts connections and never answers; yields its URL base."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    accepted, stop = [], threading.Event()
-
-    def accept():
-        server.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                accepted.append(server.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    stop.set()
-    thread.join()
-    for conn in accepted:
-        conn.close()
-    server.close()
 
 
 def test_an_image_url_that_never_answers_stops_at_the_time_limit(silent_server):

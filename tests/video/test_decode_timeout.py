@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -103,32 +102,6 @@ def test_a_decoder_crash_is_a_bad_video_not_a_dead_worker(video_dir):
         load_video(video_dir / "1s_24fps.mp4", VideoSettings(backend="crash", timeout_s=60))
     assert err.value.kind is DataKind.BAD_VIDEO
     assert load_video(video_dir / "1s_24fps.mp4", VideoSettings(backend="pyav", timeout_s=60)).frames.shape[0] > 0
-
-
-@pytest.fixture
-def silent_server():
-    """A local HTTP port that accepts connections and never answers; yields its URL base."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    accepted, stop = [], threading.Event()
-
-    def accept():
-        server.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                accepted.append(server.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    stop.set()
-    thread.join()
-    for conn in accepted:
-        conn.close()
-    server.close()
 
 
 def test_stalled_downloads_stop_at_the_limit_and_leave_nothing(silent_server, tmp_path):

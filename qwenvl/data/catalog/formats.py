@@ -188,6 +188,20 @@ def record_layout(record: Any) -> str | None:
     return None
 
 
+def _json_list(value: Any, what: str, fix: str) -> Any:
+    """``value`` (JSON text or already data) as data, one object wrapped in a list.
+
+    LLaMA-Factory's sharegpt stores ``tools`` and ``function_call`` values as JSON strings;
+    other layouts store the objects themselves. Invalid JSON is refused naming ``what`` and the fix.
+    """
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{what} is not valid JSON ({exc}). Fix: write {fix}.") from None
+    return [value] if isinstance(value, dict) else value
+
+
 def _tools(value: Any, origin: str) -> list[dict] | None:
     """A record's ``tools`` as the chat templates take them: ``{"type": "function", "function": {...}}``.
 
@@ -196,14 +210,8 @@ def _tools(value: Any, origin: str) -> list[dict] | None:
     """
     if value is None or value == "" or value == []:
         return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{origin}: 'tools' is not valid JSON ({exc}). Fix: write a JSON list of "
-                            "function descriptions ({\"name\", \"description\", \"parameters\"}).") from None
-    if isinstance(value, dict):
-        value = [value]
+    value = _json_list(value, f"{origin}: 'tools'", "a JSON list of function descriptions "
+                       "({\"name\", \"description\", \"parameters\"})")
     if not isinstance(value, list) or not all(isinstance(t, dict) and (t.get("name") or t.get("function"))
                                               for t in value):
         raise DataError(f"{origin}: 'tools' must be a list of function descriptions, each with a 'name' "
@@ -213,15 +221,8 @@ def _tools(value: Any, origin: str) -> list[dict] | None:
 
 def _tool_calls(value: Any, turn: int, origin: str) -> list[dict]:
     """A ``function_call`` turn's value (JSON ``{"name", "arguments"}`` or a list) -> ``tool_calls``."""
-    calls = value
-    if isinstance(calls, str):
-        try:
-            calls = json.loads(calls)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{origin}, turn {turn}: the function_call value is not valid JSON ({exc}). Fix: "
-                            "write {\"name\": ..., \"arguments\": {...}} (or a list of them).") from None
-    if isinstance(calls, dict):
-        calls = [calls]
+    calls = _json_list(value, f"{origin}, turn {turn}: the function_call value",
+                       "{\"name\": ..., \"arguments\": {...}} (or a list of them)")
     out = []
     for call in calls if isinstance(calls, list) else [None]:
         function = call.get("function", call) if isinstance(call, dict) else None
