@@ -8,9 +8,13 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
 export WANDB_MODE=offline
+started=$(date +%s)
+echo "[test] $(date -u '+%F %T') UTC: pytest starts"
 set +e
-python -m pytest -m "" "$@"
+# --durations: the slowest tests, so a slow machine or a slow test shows in the log.
+python -m pytest -m "" --durations=30 "$@"
 rc=$?
+echo "[test] $(date -u '+%F %T') UTC: pytest ended ($rc) after $(( $(date +%s) - started )) s"
 set -e
 if [ "$rc" = "5" ]; then
   echo "[test] no tests were collected: that is a failure" >&2

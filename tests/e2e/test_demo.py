@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from tests.commands import run_command
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -18,8 +19,7 @@ def demo_run(tmp_path_factory):
     """``bash scripts/demo.sh`` exactly as the README runs it (one run for the module)."""
     out = tmp_path_factory.mktemp("demo") / "demo"
     env = dict(os.environ, DEMO_OUTPUT_DIR=str(out), WANDB_MODE="offline")
-    run = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=1800)
+    run = run_command(["bash", str(REPO / "scripts" / "demo.sh")], env=env, timeout=1800)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     print(run.stdout[run.stdout.find("loss: first"):])  # what the user sees at the end (pytest -s)
     return run, out

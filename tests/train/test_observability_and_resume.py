@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from tests.commands import run_command
+
 
 def _flags(path, out, *extra):
     return ["--model_name_or_path", str(path), "--dataset_use", "demo_shapes%10,demo_text%20",
@@ -64,7 +66,7 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tiny_model_dir, tmp
     env = dict(os.environ, OMP_NUM_THREADS="1")
 
     straight = tmp_path / "straight"
-    subprocess.run(command + _flags(path, straight, *common), check=True, env=env, capture_output=True, timeout=600)
+    run_command(command + _flags(path, straight, *common), check=True, env=env, timeout=600)
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(command + _flags(path, killed, *common), env=env, stdout=subprocess.DEVNULL,
@@ -79,8 +81,7 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tiny_model_dir, tmp
     assert not (killed / "trainer_state.json").exists()  # it really died mid-run
 
     # The same command again resumes from the newest checkpoint and finishes the run.
-    rerun = subprocess.run(command + _flags(path, killed, *common), env=env, capture_output=True, text=True,
-                           timeout=600)
+    rerun = run_command(command + _flags(path, killed, *common), env=env, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming from" in rerun.stdout
 

@@ -16,6 +16,7 @@ import torch
 from qwenvl.train.checkpoints import (COMPLETE_MARKER, DiskFullError, check_free_space, mark_complete,
                                       newest_complete_checkpoint, remove_stale_checkpoints, resume_point)
 from qwenvl.train.train_qwen import train
+from tests.commands import run_command
 
 from .conftest import free_port
 
@@ -114,15 +115,14 @@ def test_killed_mid_save_resumes_from_the_previous_complete_checkpoint(tiny_mode
     common = ["--max_steps", "5", "--save_strategy", "steps", "--save_steps", "2", "--lr_scheduler_type",
               "constant"]
     out = tmp_path / "out"
-    killed = subprocess.run(_train_command() + _flags(path, out, *common), env=_env(QWENVL_TEST_KILL_DURING_SAVE="4"),
-                            capture_output=True, text=True, timeout=900)
+    killed = run_command(_train_command() + _flags(path, out, *common), env=_env(QWENVL_TEST_KILL_DURING_SAVE="4"),
+                         timeout=900)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert (out / "checkpoint-4" / "model.safetensors").is_file()  # half-written: weights only
     assert not (out / "checkpoint-4" / "trainer_state.json").exists()
     assert (out / "checkpoint-2" / COMPLETE_MARKER).is_file()
 
-    rerun = subprocess.run(_train_command() + _flags(path, out, *common), env=_env(), capture_output=True,
-                           text=True, timeout=900)
+    rerun = run_command(_train_command() + _flags(path, out, *common), env=_env(), timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resuming from {out / 'checkpoint-2'}" in rerun.stdout
     assert f"ignoring {out / 'checkpoint-4'}" in rerun.stderr
@@ -132,8 +132,8 @@ def test_killed_mid_save_resumes_from_the_previous_complete_checkpoint(tiny_mode
     assert (out / "checkpoint-4" / COMPLETE_MARKER).is_file()  # written again, whole this time
 
     straight = tmp_path / "straight"
-    subprocess.run(_train_command() + _flags(path, straight, *common, "--save_strategy", "no"), env=_env(),
-                   check=True, capture_output=True, timeout=900)
+    run_command(_train_command() + _flags(path, straight, *common, "--save_strategy", "no"), env=_env(),
+                check=True, timeout=900)
     expected = {e["step"]: e["loss"] for e in _state(straight)["log_history"] if "loss" in e}
     resumed = {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
     for step in (3, 4, 5):
@@ -251,7 +251,7 @@ def test_skip_at_batch_size_one_never_ends_a_two_process_run(tiny_model_dir, tmp
                    "--save_strategy", "no", data="mixed")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), "-m", "qwenvl.train.train_qwen", *flags]
-    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=900)
+    result = run_command(command, env=_env(), timeout=900)
     assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-5000:]}"
     state = _state(out)
     assert state["global_step"] == 3  # 6 items, 2 ranks, one each per step: the bad one was stood in for
@@ -270,8 +270,7 @@ def test_a_hub_token_on_the_command_line_is_not_written_into_the_wandb_run(tiny_
     out = tmp_path / "out"
     command = _train_command() + _flags(tiny_model_dir("qwen2_5_vl"), out, "--max_steps", "1", "--report_to",
                                         "wandb", "--hub_token", secret, "--save_strategy", "no")
-    result = subprocess.run(command, env=_env(WANDB_DIR=str(tmp_path), WANDB_PROJECT="qwenvl-tests"),
-                            capture_output=True, text=True, timeout=900)
+    result = run_command(command, env=_env(WANDB_DIR=str(tmp_path), WANDB_PROJECT="qwenvl-tests"), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
@@ -314,8 +313,7 @@ def test_two_processes_without_a_length_cache_stop_with_the_audit_command_that_b
                str(free_port()), "-m", "qwenvl.train.train_qwen", *flags]
     env = _env(XDG_CACHE_HOME=str(tmp_path / "cache"))  # nor in the user cache folder
     # 180 records: above a limit of 100, so the run stops; the default limit counts them inline
-    stopped = subprocess.run(command, env={**env, "QWENVL_INLINE_LENGTH_COUNT": "100"}, capture_output=True,
-                             text=True, timeout=900)
+    stopped = run_command(command, env={**env, "QWENVL_INLINE_LENGTH_COUNT": "100"}, timeout=900)
     assert stopped.returncode != 0
     assert "no length cache for demo_shapes, demo_text (" in stopped.stderr
     audit = [line.strip() for line in stopped.stderr.splitlines() if "qwenvl.tools.audit" in line][0]
@@ -324,18 +322,16 @@ def test_two_processes_without_a_length_cache_stop_with_the_audit_command_that_b
 
     argv = shlex.split(audit)
     small = [f if f != str(out) else str(tmp_path / "inline") for f in command]
-    inline = subprocess.run(small[:6] + [str(free_port())] + small[7:], env=env, capture_output=True, text=True,
-                            timeout=900)
+    inline = run_command(small[:6] + [str(free_port())] + small[7:], env=env, timeout=900)
     assert inline.returncode == 0, inline.stderr[-3000:]  # under the default limit: counted on rank 0
     assert _state(tmp_path / "inline")["global_step"] == 1
     for cache in (tmp_path / "data").rglob("*.lengths.*"):
         cache.unlink()  # the audit builds them again below
 
-    built = subprocess.run([sys.executable, *argv[1:], "--num_workers", "1", "--report", str(tmp_path / "r.json")],
-                           env=env, capture_output=True, text=True, timeout=900)
+    built = run_command([sys.executable, *argv[1:], "--num_workers", "1", "--report", str(tmp_path / "r.json")],
+                        env=env, timeout=900)
     assert built.returncode == 0, built.stderr[-3000:]
-    again = subprocess.run(command[:6] + [str(free_port())] + command[7:], env=env, capture_output=True, text=True,
-                           timeout=900)
+    again = run_command(command[:6] + [str(free_port())] + command[7:], env=env, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert _state(out)["global_step"] == 1
 
@@ -370,7 +366,7 @@ def test_two_process_resume_restores_the_weights_on_every_rank(tiny_model_dir, t
                        "--lr_scheduler_type", "constant", "--ddp_backend", "gloo")
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                    str(free_port()), "-m", "qwenvl.train.train_qwen", *flags]
-        result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=900)
+        result = run_command(command, env=_env(), timeout=900)
         assert result.returncode == 0, result.stderr[-4000:]
         return result
 

@@ -3,13 +3,14 @@ recipe's settings and the sharding that fits each size, and start training on ti
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from qwenvl.train.arguments import parse_args
+
+from tests.commands import run_command
 
 from .test_scripts import REPO, _train_args, _value, dry_run
 
@@ -86,11 +87,11 @@ def test_qwen3_5_recipes_start_training_on_a_tiny_model(script, tiny_model_dir, 
     out = tmp_path / "out"
     env = _env(MODEL=str(tiny_model_dir(model_type)), DATASETS="demo_shapes%2,demo_text%4", OUTPUT_DIR=str(out),
                NPROC_PER_NODE="1", SHARDING="zero3", ZERO_CONFIG="zero3.json")
-    result = subprocess.run(["bash", f"scripts/{script}", "--dataset_dictionary", str(dictionary), "--max_steps", "2",
+    result = run_command(["bash", f"scripts/{script}", "--dataset_dictionary", str(dictionary), "--max_steps", "2",
                              "--report_to", "none", "--dataloader_num_workers", "0", "--save_strategy", "no",
                              "--max_pixels", str(112 * 112), "--min_pixels", str(56 * 56),
                              "--model_max_length", "2048"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+                         env=env, timeout=1100)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     assert "loss: first" in result.stdout
     assert ("router_aux_loss" in result.stdout + result.stderr) == RECIPES[script][3]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from qwenvl.train.model import component_of
 from qwenvl.train.train_qwen import _clean_message, train
+from tests.commands import run_command
 
 from .conftest import free_port
 
@@ -117,9 +117,7 @@ def _env(**extra):
 
 
 def _run(cmd, env, timeout=900):
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    return result
+    return run_command(cmd, env=env, timeout=timeout, check=True)
 
 
 @pytest.mark.slow

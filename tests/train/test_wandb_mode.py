@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from qwenvl.train.wandb_mode import configure_wandb, wandb_credentials_found
+from tests.commands import run_command
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 characters, the shape of a wandb API key
@@ -76,8 +76,7 @@ def test_official_recipe_does_not_force_offline(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "NPROC_PER_NODE", "MASTER_PORT")}
     env.update(PATH=f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                DATASETS="demo_shapes", OUTPUT_DIR=str(tmp_path / "out"))
-    result = subprocess.run(["bash", "scripts/sft_7b.sh"], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=60)
+    result = run_command(["bash", "scripts/sft_7b.sh"], env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "WANDB_MODE=unset" in result.stdout
 
@@ -98,7 +97,7 @@ def test_run_without_credentials_logs_offline_under_the_output_dir(tiny_model_di
     command = [sys.executable, "-m", "qwenvl.train.train_qwen", *_flags(
         tiny_model_dir("qwen2_5_vl"), out, "--max_steps", "2", "--report_to", "wandb", "--save_strategy", "no",
         "--disable_tqdm", "True")]
-    result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
+    result = run_command(command, env=env, cwd=cwd, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"logs offline to {out}/wandb" in result.stdout and "wandb sync" in result.stdout
     runs = list((out / "wandb").glob("offline-run-*"))
