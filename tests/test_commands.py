@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.commands import run_command, session_processes
+from tests.commands import LeftoverProcessWarning, run_command, session_processes
 
 
 def _alive(pid: int) -> bool:
@@ -26,12 +26,13 @@ def test_output_comes_back_even_when_a_leftover_holds_the_pipes(tmp_path):
     script = f"sleep 600 & echo $! > {pid_file}; echo done; echo warn >&2"
     started = time.monotonic()
     with pytest.raises(pytest.fail.Exception) as failure:
-        run_command(["bash", "-c", script], leftover_grace_s=1)
+        run_command(["bash", "-c", script], leftover_grace_s=1, leftovers="fail")
     assert time.monotonic() - started < 60
     message = str(failure.value)
     assert "left running" in message and "sleep 600" in message and "done" in message
     assert not _alive(int(pid_file.read_text()))
-    result = run_command(["bash", "-c", script], leftover_grace_s=1, allow_leftovers=True)
+    with pytest.warns(LeftoverProcessWarning, match="sleep 600"):
+        result = run_command(["bash", "-c", script], leftover_grace_s=1)
     assert (result.returncode, result.stdout, result.stderr) == (0, "done\n", "warn\n")
     assert not _alive(int(pid_file.read_text()))
 
