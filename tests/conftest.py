@@ -86,3 +86,33 @@ def silent_server():
     for conn in accepted:
         conn.close()
     server.close()
+
+
+_processors: dict = {}
+
+
+def load_processor(path):
+    """``AutoProcessor.from_pretrained(path)`` for tests, without paying for the tokenizer again.
+
+    Loading the real Qwen tokenizer (151k or 248k tokens, parsed from JSON in Python) takes 2-5 s;
+    it was most of the data tests' time.  The first load of a folder is kept; later calls get a
+    shallow copy of the processor with its own image and video processors (which tests and
+    ``configure_processor`` change) and the shared tokenizer (which nothing changes).  The cache
+    is keyed by the folder's files (names, sizes, modification times), so a processor saved again
+    into the same folder is loaded again.
+    """
+    import copy
+    from pathlib import Path
+
+    from transformers import AutoProcessor
+
+    folder = Path(path).resolve()
+    key = (folder, tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                                for p in folder.iterdir() if p.is_file())))
+    if key not in _processors:
+        _processors[key] = AutoProcessor.from_pretrained(folder)
+    fresh = copy.copy(_processors[key])
+    for name in ("image_processor", "video_processor"):
+        if getattr(fresh, name, None) is not None:
+            setattr(fresh, name, copy.deepcopy(getattr(fresh, name)))
+    return fresh

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from benchmarks import bench_data
+from tests.conftest import load_processor
 
 
 def _records(data):
@@ -64,7 +65,7 @@ def test_reference_mode_is_single_image_and_seeded(tmp_path):
 @pytest.mark.slow
 def test_reference_samples_render_to_about_430_tokens(tmp_path, tiny_model_dir):
     """Through our data pipeline at --max_pixels 200704: <= 256 visual tokens, ~430 tokens a sample."""
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     from qwenvl.data.arguments import DataArguments
     from qwenvl.data.dataset import make_supervised_data_module, sample_token_counts
@@ -72,7 +73,7 @@ def test_reference_samples_render_to_about_430_tokens(tmp_path, tiny_model_dir):
     model_dir = tiny_model_dir("qwen2_5_vl")
     data = bench_data.generate(tmp_path / "ref", samples=32, mode="reference", seed=0)
     args = DataArguments(dataset_use=data.name, dataset_dictionary=str(data.dictionary), max_pixels=200704)
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = load_processor(model_dir)
     dataset = make_supervised_data_module(processor, args, AutoConfig.from_pretrained(model_dir))["train_dataset"]
     counts = [sample_token_counts(dataset[i], dataset.renderer) for i in range(len(dataset))]
     assert max(c["visual_tokens"] for c in counts) <= 256

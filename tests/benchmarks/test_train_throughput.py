@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from benchmarks import train_throughput as tt
+from tests.conftest import load_processor
 
 
 @pytest.mark.parametrize("name,total,llm,vision", [
@@ -38,11 +39,11 @@ def test_wrong_architecture_is_caught():
 
 
 def test_model_dir_without_weights(tmp_path):
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     folder = tt.write_model_dir("3b", tmp_path / "m")
     config = AutoConfig.from_pretrained(folder)
-    processor = AutoProcessor.from_pretrained(folder)
+    processor = load_processor(folder)
     tok = processor.tokenizer
     assert config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
     assert config.video_token_id == tok.convert_tokens_to_ids("<|video_pad|>")

@@ -11,7 +11,7 @@ from pathlib import Path
 import fsspec
 import pytest
 from PIL import Image
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig
 
 from qwenvl.data.arguments import DataArguments
 from qwenvl.data.batch.count import TokenCounter, measure_record
@@ -22,6 +22,7 @@ from qwenvl.data.dataset import make_supervised_data_module
 from qwenvl.data.errors import DataError, DataKind, Origin, bad_sample
 from qwenvl.data.skips import Skipped
 from qwenvl.tools import audit
+from tests.conftest import load_processor
 
 
 @pytest.fixture(autouse=True)
@@ -86,7 +87,7 @@ def test_data_error_carries_kind_and_origin_across_processes():
 
 def test_training_skips_or_stops_on_each_silent_wrong_record(silent_wrong, tiny_model_dir, caplog):
     model = tiny_model_dir("qwen2_5_vl")
-    processor, config = AutoProcessor.from_pretrained(model), AutoConfig.from_pretrained(model)
+    processor, config = load_processor(model), AutoConfig.from_pretrained(model)
 
     def dataset(policy: str):
         args = DataArguments(dataset_use="sw", dataset_dictionary=str(silent_wrong / "dict.json"),
@@ -143,7 +144,7 @@ def test_a_bug_is_not_bad_data_it_is_never_cached_and_the_audit_says_training_cr
     (silent_wrong / "v.json").write_text(json.dumps({"v": {"annotation_path": "v.jsonl", "data_path": "media"}}))
     spec = load_dictionary(silent_wrong / "v.json")["v"]
     source = open_annotations(spec.annotation_path)
-    counter = TokenCounter(AutoProcessor.from_pretrained(tiny_model_dir("qwen2_5_vl")), video_settings=None)
+    counter = TokenCounter(load_processor(tiny_model_dir("qwen2_5_vl")), video_settings=None)
     with pytest.raises(ValueError, match="video settings"):  # was: returned as a "bad record" and cached
         measure_record(source, spec, 0, counter)
     with pytest.raises(ValueError, match="video settings"):

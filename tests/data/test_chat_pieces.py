@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig
 
 from qwenvl.data.batch.count import TokenCounter
 from qwenvl.data.catalog.formats import Conversation
 from qwenvl.data.errors import DataError
 from qwenvl.data.render.prompt import split_last_reply
 from qwenvl.data.render.sample import IGNORE_INDEX, SampleRenderer
-from tests.conftest import FAMILIES
+from tests.conftest import FAMILIES, load_processor
 
 
 def _text(t: str) -> list[dict]:
@@ -49,7 +49,7 @@ def _setup(tiny_model_dir, model_type: str, template: str | None = None):
     key = (model_type, template)
     if key not in _CACHE:
         path = tiny_model_dir(model_type, template)
-        _CACHE[key] = (AutoProcessor.from_pretrained(path), AutoConfig.from_pretrained(path))
+        _CACHE[key] = (load_processor(path), AutoConfig.from_pretrained(path))
     return _CACHE[key]
 
 
@@ -89,7 +89,7 @@ def test_the_pieces_are_checked_against_the_template(tiny_model_dir, model_type)
     """A template whose output the family's rule does not reproduce stops rendering with a
     message, instead of training on labels that no longer match the text."""
     processor, config = _setup(tiny_model_dir, model_type)
-    odd = AutoProcessor.from_pretrained(tiny_model_dir(model_type))
+    odd = load_processor(tiny_model_dir(model_type))
     odd.chat_template = processor.chat_template.replace("<|im_end|>", "<|im_end|>.")
     renderer = SampleRenderer(odd, config)
     with pytest.raises(DataError, match="differ from what the processor's chat template renders"):

@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText
 
 from qwenvl.data.batch.collate import FlattenedCollator, PaddedCollator
 from qwenvl.data.catalog.formats import Conversation
 from qwenvl.data.render.sample import SampleRenderer
-from tests.conftest import DENSE_FAMILIES
+from tests.conftest import DENSE_FAMILIES, load_processor
 
 
 def _samples(processor, config):
@@ -41,7 +41,7 @@ def _loss_and_grads(model, batch):
 @pytest.mark.parametrize("model_type", DENSE_FAMILIES)
 def test_flattened_batch_equals_padded_batch(tiny_model_dir, model_type):
     path = tiny_model_dir(model_type)
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_processor(path)
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
     model.config.use_cache = False
@@ -72,7 +72,7 @@ def test_flattened_batch_equals_padded_batch(tiny_model_dir, model_type):
 
 def test_flattened_positions_restart_per_sample(tiny_model_dir):
     path = tiny_model_dir("qwen2_5_vl")
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_processor(path)
     samples = _samples(processor, AutoConfig.from_pretrained(path))
     flat = FlattenedCollator()([samples[0], None, {"pack": samples[1:]}])  # None = a skipped sample
     text_row = flat["position_ids"][0, 0]

@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText
 
 from qwenvl.data.arguments import DataArguments
 from qwenvl.data.dataset import make_supervised_data_module
 from qwenvl.data.errors import DataError
 from qwenvl.data.preview import preview
 from qwenvl.data.skips import Skipped
+from tests.conftest import load_processor
 
 REPO = Path(__file__).resolve().parents[2]
 MIX = {"demo_shapes": 10, "demo_text": 20, "demo_multi_image": 10, "demo_grounding": 5}
@@ -22,7 +23,7 @@ MIX = {"demo_shapes": 10, "demo_text": 20, "demo_multi_image": 10, "demo_groundi
 @pytest.fixture(scope="module")
 def qwen25(tiny_model_dir):
     path = tiny_model_dir("qwen2_5_vl")
-    return path, AutoProcessor.from_pretrained(path), AutoConfig.from_pretrained(path)
+    return path, load_processor(path), AutoConfig.from_pretrained(path)
 
 
 def _args(**kw):

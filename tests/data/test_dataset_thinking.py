@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig
 
 from qwenvl.data.arguments import DataArguments
 from qwenvl.data.dataset import make_supervised_data_module
@@ -13,6 +13,7 @@ from qwenvl.data.errors import DataError
 from qwenvl.data.batch.length_cache import TokenCounter
 from qwenvl.data.preview import preview
 from qwenvl.data.catalog.registry import load_dictionary
+from tests.conftest import load_processor
 
 # The same two records in every dataset: an answer without reasoning, and one with.
 PLAIN = {"messages": [{"role": "user", "content": "a?"}, {"role": "assistant", "content": "plain answer"}]}
@@ -56,7 +57,7 @@ def test_two_datasets_of_one_mixture_train_in_their_own_modes(tiny_model_dir, tm
     """thinking=true trains even the plain answer's (empty) think block; thinking=false drops the reasoning and
     trains no think block; a dataset without the key follows --enable_thinking."""
     path = tiny_model_dir("qwen3_5")
-    processor, config = AutoProcessor.from_pretrained(path), AutoConfig.from_pretrained(path)
+    processor, config = load_processor(path), AutoConfig.from_pretrained(path)
     args = DataArguments(dataset_use="think,nothink,follow", enable_thinking=flag,
                          dataset_dictionary=_dictionary(tmp_path, think=True, nothink=False, follow=None))
     dataset = make_supervised_data_module(processor, args, config)["train_dataset"]

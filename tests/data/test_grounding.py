@@ -13,7 +13,7 @@ import random
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig
 
 from qwenvl.data.arguments import DataArguments
 from qwenvl.data.catalog.formats import Conversation
@@ -23,7 +23,7 @@ from qwenvl.data.render.grounding import (FAMILY_CONVENTION, Grounding, box_iou,
                                           find_coordinates, matched_iou)
 from qwenvl.data.render.processor_settings import configure_processor
 from qwenvl.data.render.sample import SampleRenderer
-from tests.conftest import FAMILIES
+from tests.conftest import FAMILIES, load_processor
 
 # The measurement: a 1400x700 image, the object at [700, 350, 840, 490], --max_pixels 200704.
 SIZE = (1400, 700)
@@ -42,7 +42,7 @@ def object_image(tmp_path_factory):
 
 
 def renderer_for(model_dir, **pixels) -> SampleRenderer:
-    processor, config = AutoProcessor.from_pretrained(model_dir), AutoConfig.from_pretrained(model_dir)
+    processor, config = load_processor(model_dir), AutoConfig.from_pretrained(model_dir)
     configure_processor(processor, DataArguments(**{**PIXELS, **pixels}))
     return SampleRenderer(processor, config)
 
@@ -219,7 +219,7 @@ def test_qwen3_5_uses_the_relative_1000_convention():
 
 
 def test_unknown_family_with_declared_boxes_is_an_error(tiny_model_dir):
-    processor = AutoProcessor.from_pretrained(tiny_model_dir("qwen2_5_vl"))
+    processor = load_processor(tiny_model_dir("qwen2_5_vl"))
     grounding = Grounding("llava", processor.image_processor)
     c = conversation("x", '{"bbox_2d": [0, 0, 5, 5]}', "abs_original")
     with pytest.raises(DataError, match="no grounding convention is known for model_type 'llava'"):

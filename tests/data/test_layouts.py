@@ -17,20 +17,21 @@ import json
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig
 
 from qwenvl.data.catalog.formats import to_conversation
 from qwenvl.data.catalog.registry import DatasetSpec
 from qwenvl.data.catalog.sources import open_annotations
 from qwenvl.data.errors import DataError
 from qwenvl.data.render.sample import IGNORE_INDEX, SampleRenderer
+from tests.conftest import load_processor
 
 
 @pytest.fixture(scope="module")
 def renderers(tiny_model_dir):
     def make(family):
         path = tiny_model_dir(family)
-        processor = AutoProcessor.from_pretrained(path)
+        processor = load_processor(path)
         processor.image_processor.size = {"shortest_edge": 28 * 28, "longest_edge": 56 * 56}
         return processor, SampleRenderer(processor, AutoConfig.from_pretrained(path))
     return make

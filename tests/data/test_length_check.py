@@ -10,7 +10,7 @@ import pytest
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, AutoProcessor, PreTrainedTokenizerFast
+from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from qwenvl.data.arguments import DataArguments
 from qwenvl.data.batch.count import TokenCounter
@@ -22,7 +22,7 @@ from qwenvl.data.dataset import make_supervised_data_module
 from qwenvl.data.errors import DataError, DataKind
 from qwenvl.data.media.video import video_settings_from
 from qwenvl.data.render.processor_settings import configure_processor
-from tests.conftest import copy_demo_annotations
+from tests.conftest import copy_demo_annotations, load_processor
 
 BUDGET = 512
 
@@ -32,7 +32,7 @@ def _module(tiny_model_dir, folder, policy: str):
     args = DataArguments(dataset_use="demo_shapes%10,demo_text%20,demo_multi_image%20",
                          dataset_dictionary=str(folder / "dict.json"), max_pixels=112 * 112, min_pixels=56 * 56,
                          data_flatten=True, bad_sample_policy=policy)
-    return make_supervised_data_module(AutoProcessor.from_pretrained(model), args, AutoConfig.from_pretrained(model),
+    return make_supervised_data_module(load_processor(model), args, AutoConfig.from_pretrained(model),
                                        model_max_length=BUDGET, seed=0)
 
 
@@ -98,7 +98,7 @@ def test_without_a_budget_a_mismatch_is_counted_and_warned_not_refused(tiny_mode
 
 def test_the_cache_key_changes_when_a_video_decoder_version_changes(tiny_model_dir, demo_folder, tmp_path,
                                                                      monkeypatch):
-    processor = AutoProcessor.from_pretrained(tiny_model_dir("qwen2_5_vl"))
+    processor = load_processor(tiny_model_dir("qwen2_5_vl"))
     args = DataArguments(dataset_use="demo_video", dataset_dictionary=str(demo_folder / "dict.json"))
     configure_processor(processor, args)
     counter = TokenCounter(processor, video_settings_from(args, processor))

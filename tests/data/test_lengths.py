@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig
 
 from qwenvl.data.arguments import DataArguments
 from qwenvl.data.batch.count import TokenCounter, count_tokens, image_size
@@ -31,6 +31,7 @@ from qwenvl.data.errors import DataError
 from qwenvl.data.media.video import video_settings_from
 from qwenvl.data.render.fit import SampleTooLong
 from qwenvl.data.render.processor_settings import configure_processor
+from tests.conftest import load_processor
 
 REPO = Path(__file__).resolve().parents[2]
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
@@ -48,7 +49,7 @@ def rendered_row(sample: dict, tokens) -> tuple[int, int, int]:
 
 
 def _module(model_dir, max_length=None, **kw):
-    processor, config = AutoProcessor.from_pretrained(model_dir), AutoConfig.from_pretrained(model_dir)
+    processor, config = load_processor(model_dir), AutoConfig.from_pretrained(model_dir)
     args = DataArguments(**{**DEMO_PIXELS, "dataset_use": DEMO_MIX, **kw})
     return make_supervised_data_module(processor, args, config, model_max_length=max_length, seed=3), args
 
@@ -168,7 +169,7 @@ def demo_copy(tmp_path):
 
 
 def _setup(model_dir, folder, name="demo_grounding", **kw):
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = load_processor(model_dir)
     args = DataArguments(**{**DEMO_PIXELS, "dataset_use": name, "dataset_dictionary": str(folder / "dict.json"), **kw})
     spec = load_dictionary(args.dataset_dictionary)[name]
     return processor, args, spec, open_annotations(spec.annotation_path)
@@ -253,7 +254,7 @@ def test_bad_records_are_marked_with_their_reason(tiny_model_dir, tmp_path):
 
 def test_dataset_lengths_follow_the_mixture(tiny_model_dir, demo_copy):
     model = tiny_model_dir("qwen3_vl")
-    processor, config = AutoProcessor.from_pretrained(model), AutoConfig.from_pretrained(model)
+    processor, config = load_processor(model), AutoConfig.from_pretrained(model)
     args = DataArguments(**{**DEMO_PIXELS, "dataset_use": "demo_text%20,demo_video%150,demo_shapes%2",
                             "dataset_dictionary": str(demo_copy / "dict.json")})
     dataset = make_supervised_data_module(processor, args, config, model_max_length=512, seed=1)["train_dataset"]
@@ -278,7 +279,7 @@ def test_parallel_build_equals_serial(tiny_model_dir, demo_copy):
 def test_count_tokens_needs_video_settings_for_videos(tiny_model_dir):
     from qwenvl.data.catalog.formats import Conversation
 
-    processor = AutoProcessor.from_pretrained(tiny_model_dir("qwen2_5_vl"))
+    processor = load_processor(tiny_model_dir("qwen2_5_vl"))
     video = str(REPO / "demo_data" / "videos" / "0000.mp4")
     conversation = Conversation([{"role": "user", "content": [{"type": "video", "video": video}]},
                                  {"role": "assistant", "content": [{"type": "text", "text": "left"}]}], "test")
@@ -299,7 +300,7 @@ def test_thinking_mode_is_part_of_the_cache_key_and_counts_stay_exact(tiny_model
     from qwenvl.data.render.sample import SampleRenderer
 
     path = tiny_model_dir("qwen3_5")
-    processor, config = AutoProcessor.from_pretrained(path), AutoConfig.from_pretrained(path)
+    processor, config = load_processor(path), AutoConfig.from_pretrained(path)
     records = [{"messages": [{"role": "user", "content": "a?"},
                              {"role": "assistant", "content": "A", "reasoning_content": "first think"},
                              {"role": "user", "content": "b?"},

@@ -16,6 +16,7 @@ from PIL import Image
 from qwenvl.data.batch.count import image_size
 from qwenvl.data.errors import DataError, DataKind
 from qwenvl.data.media.read import open_image, resolve_media
+from tests.conftest import load_processor
 
 
 # ----------------------------------------------------------------------------- pixels as displayed
@@ -106,11 +107,10 @@ def test_a_storage_error_of_any_type_is_bad_data_naming_the_credentials():
 # ----------------------------------------------------------------------------- what the processor refuses
 
 def test_an_extreme_aspect_ratio_is_bad_data_not_a_processor_value_error(tmp_path, tiny_model_dir):
-    from transformers import AutoProcessor
 
     path = tmp_path / "strip.png"
     Image.new("RGB", (250, 1), (9, 9, 9)).save(path)
-    processor = AutoProcessor.from_pretrained(tiny_model_dir("qwen2_5_vl"))
+    processor = load_processor(tiny_model_dir("qwen2_5_vl"))
     with pytest.raises(ValueError) as raw:  # what training met before: not a DataError, so never skipped
         processor.image_processor(images=[Image.open(path).convert("RGB")])
     assert not isinstance(raw.value, DataError)

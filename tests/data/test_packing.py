@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig
 
 from qwenvl.data.arguments import DataArguments
 from qwenvl.data.batch.collate import FlattenedCollator
@@ -18,7 +18,7 @@ from qwenvl.data.batch.sampler import (LengthGroupedBatchSampler, OnlinePackingB
                                        make_train_sampler)
 from qwenvl.data.dataset import make_supervised_data_module
 from qwenvl.data.errors import DataError
-from tests.conftest import copy_demo_annotations
+from tests.conftest import copy_demo_annotations, load_processor
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -265,7 +265,7 @@ def demo_dataset(tiny_model_dir, tmp_path_factory):
     args = DataArguments(dataset_use="demo_shapes%10,demo_text%20,demo_multi_image%20,demo_video%50",
                          dataset_dictionary=str(folder / "dict.json"), max_pixels=112 * 112, min_pixels=56 * 56,
                          video_max_pixels=56 * 56, video_min_pixels=28 * 28, data_flatten=True)
-    module = make_supervised_data_module(AutoProcessor.from_pretrained(model), args, AutoConfig.from_pretrained(model),
+    module = make_supervised_data_module(load_processor(model), args, AutoConfig.from_pretrained(model),
                                          model_max_length=512, seed=0)
     return module
 

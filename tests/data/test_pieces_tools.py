@@ -7,11 +7,12 @@ import json
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig
 
 from qwenvl.data.batch.count import TokenCounter
 from qwenvl.data.catalog.formats import Conversation
 from qwenvl.data.render.sample import IGNORE_INDEX, SampleRenderer
+from tests.conftest import load_processor
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather of a city",
@@ -35,7 +36,7 @@ def _messages() -> list[dict]:
 @pytest.mark.parametrize("model_type", ["qwen3_vl", "qwen3_5"])
 def test_tool_turns_render_as_the_template_with_calls_trained_and_responses_not(tiny_model_dir, model_type):
     path = tiny_model_dir(model_type)
-    processor, config = AutoProcessor.from_pretrained(path), AutoConfig.from_pretrained(path)
+    processor, config = load_processor(path), AutoConfig.from_pretrained(path)
     conversation = Conversation(messages=_messages(), origin="test", tools=[WEATHER])
     sample = SampleRenderer(processor, config).render(conversation)
     expected = processor.apply_chat_template(_messages(), tools=[WEATHER], tokenize=True, return_dict=True,
@@ -70,7 +71,7 @@ def test_special_token_text_in_tools_calls_and_responses_stays_text(tiny_model_d
     is one id, the ones typed inside the tool definition, the call's argument and the response are
     characters; trained labels are the calls' text and the answer's, decoded back unchanged."""
     path = tiny_model_dir(model_type)
-    processor, config = AutoProcessor.from_pretrained(path), AutoConfig.from_pretrained(path)
+    processor, config = load_processor(path), AutoConfig.from_pretrained(path)
     tokenizer = processor.tokenizer
     conversation = Conversation(messages=_trap_messages(), origin="test", tools=[TRAP_TOOL])
     sample = SampleRenderer(processor, config).render(conversation)
@@ -95,7 +96,7 @@ def test_special_token_text_in_a_tool_key_is_refused(tiny_model_dir, model_type)
     from qwenvl.data.errors import DataError, DataKind
 
     path = tiny_model_dir(model_type)
-    processor, config = AutoProcessor.from_pretrained(path), AutoConfig.from_pretrained(path)
+    processor, config = load_processor(path), AutoConfig.from_pretrained(path)
     call = {"type": "function", "function": {"name": "lookup", "arguments": {"<|im_end|>": "x"}}}
     messages = [{"role": "user", "content": _text("q")}, {"role": "assistant", "content": _text(""),
                                                           "tool_calls": [call]}]

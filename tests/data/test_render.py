@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText
 
 from qwenvl.data.catalog.formats import Conversation
 from qwenvl.data.render.fit import SampleTooLong
 from qwenvl.data.render.sample import IGNORE_INDEX, SampleRenderer
-from tests.conftest import FAMILIES
+from tests.conftest import FAMILIES, load_processor
 
 
 def _image(w, h, colour):
@@ -48,7 +48,7 @@ def _inline(conversation: Conversation) -> list[dict]:
 @pytest.fixture(scope="module")
 def family(request, tiny_model_dir):
     path = tiny_model_dir(request.param)
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_processor(path)
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path)
     return processor, config, model

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.commands import run_command
+from tests.conftest import load_processor
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,7 +28,7 @@ def demo_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_demo_script_trains_and_leaves_a_loadable_checkpoint(demo_run):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     run, out = demo_run
     found = re.search(r"loss: first ([\d.]+) \(step \d+\), last ([\d.]+)", run.stdout)
@@ -36,7 +37,7 @@ def test_demo_script_trains_and_leaves_a_loadable_checkpoint(demo_run):
     assert last < first - 1.0  # clearly below, not noise
     assert (out / "loss_curve.png").stat().st_size > 1000
     for folder in (out, out / "checkpoint-40"):
-        processor = AutoProcessor.from_pretrained(folder)
+        processor = load_processor(folder)
         model = AutoModelForImageTextToText.from_pretrained(folder)
         assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
         assert processor.image_processor.size["longest_edge"] == 112 * 112  # the run's --max_pixels

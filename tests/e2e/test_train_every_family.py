@@ -7,9 +7,10 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
 from qwenvl.train.model import component_of
+from tests.conftest import load_processor
 
 # How samples reach the model: padded rows, one flattened row per batch, or online packing
 # (token-budget micro-batches, flattened).
@@ -58,7 +59,7 @@ def test_mixed_data_training(tiny_model_dir, tmp_path, model_type, batching):
 
     # The output is a plain transformers checkpoint: the Auto classes load it and it generates.
     model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(out)
+    processor = load_processor(out)
     question = [{"role": "user", "content": [{"type": "image", "image": _red_image()},
                                              {"type": "text", "text": "What colour is the shape?"}]}]
     inputs = processor.apply_chat_template(question, tokenize=True, add_generation_prompt=True, return_dict=True,

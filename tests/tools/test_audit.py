@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig
 
 from qwenvl.data.arguments import DataArguments
 from qwenvl.data.batch import length_cache
@@ -17,7 +17,7 @@ from qwenvl.data.batch.length_cache import BAD, dataset_lengths
 from qwenvl.data.dataset import make_supervised_data_module
 from qwenvl.data.skips import Skipped
 from qwenvl.tools import audit
-from tests.conftest import copy_demo_annotations
+from tests.conftest import copy_demo_annotations, load_processor
 
 REPO = Path(__file__).resolve().parents[2]
 PIXELS = ["--max_pixels", str(112 * 112), "--min_pixels", str(56 * 56), "--video_max_pixels", str(56 * 56),
@@ -130,7 +130,7 @@ def test_audit_and_training_agree_on_which_samples_are_bad(bad_dataset, tiny_mod
     args = DataArguments(dataset_use="bad", dataset_dictionary=str(bad_dataset / "dict.json"),
                          bad_sample_policy="skip", max_pixels=112 * 112, min_pixels=56 * 56,
                          video_max_pixels=56 * 56, video_min_pixels=28 * 28)
-    dataset = make_supervised_data_module(AutoProcessor.from_pretrained(model), args, AutoConfig.from_pretrained(model),
+    dataset = make_supervised_data_module(load_processor(model), args, AutoConfig.from_pretrained(model),
                                           model_max_length=100, seed=0)["train_dataset"]
     skipped = {int(dataset.mixture[i][1]) for i in range(len(dataset)) if isinstance(dataset[i], Skipped)}
     assert skipped == {p["record"] for p in report["problems"]}
@@ -174,7 +174,7 @@ def test_demo_data_audit_counts_tokens_and_fills_the_cache_training_reads(tiny_m
     monkeypatch.setattr(length_cache, "build_lengths", lambda *a, **k: pytest.fail("lengths were recounted"))
     args = DataArguments(dataset_use=use, dataset_dictionary=str(folder / "dict.json"), max_pixels=112 * 112,
                          min_pixels=56 * 56, video_max_pixels=56 * 56, video_min_pixels=28 * 28)
-    dataset = make_supervised_data_module(AutoProcessor.from_pretrained(model), args, AutoConfig.from_pretrained(model),
+    dataset = make_supervised_data_module(load_processor(model), args, AutoConfig.from_pretrained(model),
                                           model_max_length=1024, seed=0)["train_dataset"]
     rows, bad = dataset_lengths(dataset, progress=False)
     assert bad == {} and (rows[:, 0] > 0).all()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig
 
 from qwenvl.data.catalog.formats import Conversation, to_conversation
 from qwenvl.data.catalog.registry import DatasetSpec
@@ -16,7 +16,7 @@ from qwenvl.data.media.video import VideoSettings
 from qwenvl.data.render.prompt import split_last_reply, user_conversation
 from qwenvl.data.render.sample import IGNORE_INDEX, SampleRenderer, SpecialTokens
 from qwenvl.tools import chat
-from tests.conftest import FAMILIES
+from tests.conftest import FAMILIES, load_processor
 
 DEMO_VIDEO = Path(__file__).parents[2] / "demo_data" / "videos" / "0000.mp4"
 
@@ -51,7 +51,7 @@ def _conversation(kind: str) -> Conversation:
 @functools.lru_cache(maxsize=None)
 def _renderer(path) -> SampleRenderer:
     """The training renderer of a tiny checkpoint (cached: tests only read it)."""
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_processor(path)
     # Small frames and few of them: the test is about token layout, not resolution.
     video = VideoSettings.for_processor(processor, min_pixels=28 * 28, max_pixels=56 * 56, max_frames=4)
     return SampleRenderer(processor, AutoConfig.from_pretrained(path), video_settings=video)
@@ -158,7 +158,7 @@ def taught_model(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("taught")
     image = root / "red.png"
     _image(56, 56, (220, 30, 30)).save(image)
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_processor(path)
     processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 56 * 56}
     model = model_class_for("qwen2_5_vl").from_pretrained(path)
     conversation = user_conversation(QUESTION, [str(image)])
@@ -212,7 +212,7 @@ def test_generation_with_images_and_a_video_on_every_family(tiny_model_dir, tmp_
 
 def test_data_settings_come_from_the_saved_processor_and_flags_override(taught_model):
     path, _ = taught_model
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_processor(path)
     assert chat.chat_data_args(processor).max_pixels == 56 * 56
     assert chat.chat_data_args(processor).min_pixels == 56 * 56
     assert chat.chat_data_args(processor, max_pixels=112 * 112).max_pixels == 112 * 112
@@ -231,15 +231,15 @@ def test_video_settings_are_read_back_from_a_training_output(tiny_model_dir, tmp
     trained = DataArguments(video_fps=3.0, video_min_frames=2, video_max_frames=6, video_min_pixels=28 * 28,
                             video_max_pixels=56 * 56)
     out = tmp_path / "run"
-    configure_processor(AutoProcessor.from_pretrained(tiny_model_dir(model_type)), trained).save_pretrained(out)
+    configure_processor(load_processor(tiny_model_dir(model_type)), trained).save_pretrained(out)
     assert not chat.written_by_training(out)
     (out / "run_args.json").write_text("{}")  # what train_qwen writes into its output_dir
     assert chat.written_by_training(out) and chat.written_by_training(out / "checkpoint-5")
-    read = chat.chat_data_args(AutoProcessor.from_pretrained(out), video_from_processor=True)
+    read = chat.chat_data_args(load_processor(out), video_from_processor=True)
     assert (read.video_fps, read.video_min_frames, read.video_max_frames) == (3.0, 2, 6)
     assert (read.video_min_pixels, read.video_max_pixels) == (28 * 28, 56 * 56)
     # A released processor: its video size is not a per-frame bound, so the flag defaults apply.
-    released = chat.chat_data_args(AutoProcessor.from_pretrained(tiny_model_dir(model_type)),
+    released = chat.chat_data_args(load_processor(tiny_model_dir(model_type)),
                                    video_from_processor=False)
     assert released.video_max_pixels == DataArguments().video_max_pixels
 
@@ -262,14 +262,14 @@ def _lora_checkpoint(base: Path, out: Path) -> torch.Tensor:
             if "lora_B" in name:
                 param.normal_(0, 0.5)  # B starts at zero; a trained adapter is not
     peft_model.save_pretrained(out)
-    AutoProcessor.from_pretrained(base).save_pretrained(out)
+    load_processor(base).save_pretrained(out)
     peft_model.eval()
     with torch.no_grad():
         return peft_model(input_ids=_probe_ids(base)).logits
 
 
 def _probe_ids(path) -> torch.Tensor:
-    return AutoProcessor.from_pretrained(path).tokenizer("What colour is the shape?", return_tensors="pt")["input_ids"]
+    return load_processor(path).tokenizer("What colour is the shape?", return_tensors="pt")["input_ids"]
 
 
 def test_lora_adapter_loads_with_its_base(tiny_model_dir, tmp_path):

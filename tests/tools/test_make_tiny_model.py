@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText
 
 from qwenvl.tools.make_tiny_model import model_class
-from tests.conftest import QWEN_VL_FAMILIES
+from tests.conftest import QWEN_VL_FAMILIES, load_processor
 
 # The released Qwen2-VL / Qwen2.5-VL / Qwen3-VL tokenizers' ids (their tokenizer_config.json):
 # the specification these checkpoints must match, so written out here on purpose.
@@ -34,7 +34,7 @@ def test_tiny_checkpoint_loads_like_the_released_one(tiny_model_dir, model_type)
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "chat_template.jinja", "processor_config.json"):
         assert (path / name).is_file(), name
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_processor(path)
     config = AutoConfig.from_pretrained(path)
     assert config.model_type == model_type
     assert type(AutoModelForImageTextToText.from_pretrained(path)) is model_class(model_type)
@@ -69,8 +69,8 @@ def test_tiny_checkpoint_loads_like_the_released_one(tiny_model_dir, model_type)
 
 def test_qwen2_families_do_not_know_qwen3_only_tokens(tiny_model_dir):
     """Qwen2.5-VL's release stops its added tokens at <|file_sep|>; <think> is ordinary text there."""
-    q25 = AutoProcessor.from_pretrained(tiny_model_dir("qwen2_5_vl")).tokenizer
-    q3 = AutoProcessor.from_pretrained(tiny_model_dir("qwen3_vl")).tokenizer
+    q25 = load_processor(tiny_model_dir("qwen2_5_vl")).tokenizer
+    q3 = load_processor(tiny_model_dir("qwen3_vl")).tokenizer
     assert len(q3("<think>", add_special_tokens=False)["input_ids"]) == 1
     assert len(q25("<think>", add_special_tokens=False)["input_ids"]) > 1
     saved = json.loads((tiny_model_dir("qwen2_5_vl") / "tokenizer_config.json").read_text())
@@ -103,7 +103,7 @@ def test_tiny_qwen3_5_loads_like_the_released_one(tiny_model_dir, model_type):
     from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5Config
 
     path = tiny_model_dir(model_type)
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_processor(path)
     config = AutoConfig.from_pretrained(path)
     assert config.model_type == model_type
     assert type(AutoModelForImageTextToText.from_pretrained(path)) is model_class(model_type)
@@ -140,7 +140,7 @@ def test_tiny_qwen3_5_loads_like_the_released_one(tiny_model_dir, model_type):
 
 @pytest.mark.parametrize("template", sorted(Q35_RELEASES))
 def test_qwen3_5_templates_render_what_the_releases_render(tiny_model_dir, template):
-    processor = AutoProcessor.from_pretrained(tiny_model_dir("qwen3_5", template))
+    processor = load_processor(tiny_model_dir("qwen3_5", template))
     default_prompt, preserved = Q35_RELEASES[template]
     render = processor.apply_chat_template
     assert render(MESSAGES, tokenize=False) == Q35_ANSWERED

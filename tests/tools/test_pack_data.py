@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig
 
 from qwenvl.data.arguments import DataArguments
 from qwenvl.data.catalog.mixture import build_mixture
@@ -15,7 +15,7 @@ from qwenvl.data.catalog.registry import load_dictionary, parse_dataset_use
 from qwenvl.data.catalog.sources import open_annotations
 from qwenvl.data.dataset import make_supervised_data_module
 from qwenvl.tools import pack_data
-from tests.conftest import copy_demo_annotations
+from tests.conftest import copy_demo_annotations, load_processor
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = "demo_shapes,demo_shapes_eval,demo_multi_image,demo_grounding,demo_text,demo_video"
@@ -78,7 +78,7 @@ def test_demo_mix_packs_above_95_percent_and_trains_as_registered(demo_copy, tin
     assert load_dictionary(dictionary)["demo_packed"].data_path == ""
     args = DataArguments(dataset_use="demo_packed", dataset_dictionary=str(dictionary), data_packing=True,
                          **PIXEL_ARGS)
-    module = make_supervised_data_module(AutoProcessor.from_pretrained(model), args, AutoConfig.from_pretrained(model),
+    module = make_supervised_data_module(load_processor(model), args, AutoConfig.from_pretrained(model),
                                          model_max_length=1024, seed=0)
     dataset = module["train_dataset"]
     assert len(dataset) == len(packed)
@@ -126,7 +126,7 @@ def test_patch_budget_and_too_long_samples(tmp_path, tiny_model_dir, capsys):
     assert "10 over the patch budget" in text
     args = DataArguments(dataset_use="p", dataset_dictionary=str(_register(tmp_path, out)), data_packing=True,
                          max_pixels=112 * 112, min_pixels=28 * 28)
-    module = make_supervised_data_module(AutoProcessor.from_pretrained(model), args, AutoConfig.from_pretrained(model),
+    module = make_supervised_data_module(load_processor(model), args, AutoConfig.from_pretrained(model),
                                          model_max_length=256, seed=0)
     for i in range(len(module["train_dataset"])):
         batch = module["data_collator"]([module["train_dataset"][i]])

@@ -12,11 +12,11 @@ import json
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor
 
 from qwenvl.data.render.prompt import split_last_reply, user_conversation
 from qwenvl.data.render.sample import IGNORE_INDEX, SampleRenderer
 from qwenvl.tools import chat, evaluate
+from tests.conftest import load_processor
 
 QUESTION = "What colour is the shape?"
 REASONING = "The shape is red."
@@ -47,7 +47,7 @@ def taught(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("taught_qwen3_5")
     image = root / "red.png"
     Image.new("RGB", (SIZE, SIZE), (220, 30, 30)).save(image)
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_processor(path)
     processor.image_processor.size = {"shortest_edge": SIZE * SIZE, "longest_edge": SIZE * SIZE}
     model = model_class_for("qwen3_5").from_pretrained(path)
     renderer = SampleRenderer(processor, model.config)  # --enable_thinking auto: the mode each reply trains in
@@ -75,7 +75,7 @@ def test_each_mode_asks_the_training_prefix(tiny_model_dir, tmp_path):
     prompt ends with the empty think block and only the answer is trained."""
     image = tmp_path / "red.png"
     Image.new("RGB", (SIZE, SIZE), (220, 30, 30)).save(image)
-    processor = AutoProcessor.from_pretrained(tiny_model_dir("qwen3_5"))
+    processor = load_processor(tiny_model_dir("qwen3_5"))
     from transformers import AutoConfig
 
     renderer = SampleRenderer(processor, AutoConfig.from_pretrained(tiny_model_dir("qwen3_5")))
@@ -134,8 +134,8 @@ def test_evaluate_scores_the_answer_without_its_reasoning(taught, tmp_path):
 def test_split_reasoning_rules(tiny_model_dir):
     from qwenvl.data.render.chat_pieces import ChatRules
 
-    q35 = ChatRules.of(AutoProcessor.from_pretrained(tiny_model_dir("qwen3_5")))
-    q3 = ChatRules.of(AutoProcessor.from_pretrained(tiny_model_dir("qwen3_vl")))
+    q35 = ChatRules.of(load_processor(tiny_model_dir("qwen3_5")))
+    q3 = ChatRules.of(load_processor(tiny_model_dir("qwen3_vl")))
     assert evaluate.split_reasoning("r\n</think>\n\nred", q35, True) == ("r", "red")
     assert evaluate.split_reasoning("<think>\nr\n</think>\n\nred", q35, False) == ("r", "red")
     assert evaluate.split_reasoning("still thinking", q35, True) == ("still thinking", "")  # never closed

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from qwenvl.train.arguments import TrainingArguments
+from tests.conftest import load_processor as load_released_processor
 
 # Small images keep a forward+backward well under a second: at most 64x64 pixels each.
 IMAGE_SIZE = {"shortest_edge": 32 * 32, "longest_edge": 64 * 64}
@@ -36,9 +37,8 @@ def untied_model_dir(tiny_model_dir, tmp_path_factory):
 
 def load_processor(path):
     """The checkpoint's processor with small image bounds (what --max/min_pixels would set)."""
-    from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_released_processor(path)
     processor.image_processor.size = dict(IMAGE_SIZE)
     return processor
 

@@ -23,6 +23,7 @@ from qwenvl.train.attention import (
                                     make_attention_forward,
                                     register_attention,
                                     )
+from tests.conftest import load_processor
 
 REFERENCE = "flash_varlen_reference"  # "flash" in the name: the vision towers pass cu_seqlens
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -262,13 +263,13 @@ def test_apply_reaches_vision_tower_and_language_model(tiny_model_dir, model_typ
 # -- whole tiny models: a packed batch through our function equals SDPA -------------------------------------
 def _flattened_batch(path, big_images: bool, count: int = 3):
     """A flattened batch of the first ``count`` of three chats (image, text only, two images)."""
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     from qwenvl.data.batch.collate import FlattenedCollator
     from qwenvl.data.catalog.formats import Conversation
     from qwenvl.data.render.sample import SampleRenderer
 
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_processor(path)
     renderer = SampleRenderer(processor, AutoConfig.from_pretrained(path))
     # 224 px = 16 patches a side: several 112-px windows in the Qwen2.5-VL tower.
     w, h = (224, 168) if big_images else (56, 84)

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
 from qwenvl.tools.merge_lora import main as merge_main
 from qwenvl.tools.merge_lora import merge_lora
 from qwenvl.train.arguments import DEFAULT_LORA_TARGETS, ModelArguments
 from qwenvl.train.model import load_model, prepare_model
 from qwenvl.train.trainer import QwenVLTrainer
+from tests.conftest import load_processor as load_released_processor
 
 from .conftest import IMAGE_SIZE, ChatCollator, conversations, load_processor, snapshot
 
@@ -49,7 +50,7 @@ def test_lora_train_merge_and_reload(tiny_model_dir, make_training_args, tmp_pat
     merged = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
     assert type(merged).__name__ == type(model.get_base_model()).__name__
     assert not any("lora" in n or "modules_to_save" in n for n, _ in merged.named_parameters())
-    merged_processor = AutoProcessor.from_pretrained(merged_dir)
+    merged_processor = load_released_processor(merged_dir)
     assert merged_processor.image_processor.size == IMAGE_SIZE
     assert merged_processor.chat_template == processor.chat_template
 

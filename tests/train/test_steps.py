@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import transformers
-from transformers import AutoConfig, AutoProcessor, TrainerCallback
+from transformers import AutoConfig, TrainerCallback
 
 from qwenvl.data.arguments import DataArguments
 from qwenvl.data.batch.length_cache import TOKENS, dataset_lengths
@@ -13,7 +13,7 @@ from qwenvl.train.arguments import parse_args
 from qwenvl.train.model import load_model
 from qwenvl.train.steps import build_trainer, model_class_for_run, train_batch_sampler, uses_zero3
 from qwenvl.train.trainer import QwenVLTrainer
-from tests.conftest import copy_demo_annotations
+from tests.conftest import copy_demo_annotations, load_processor
 
 
 def _args(path, out, *flags):
@@ -50,7 +50,7 @@ def test_model_class_for_run_of_moe_trains_the_router_loss(tmp_path):
 def demo(tiny_model_dir, tmp_path_factory):
     folder = copy_demo_annotations(tmp_path_factory.mktemp("demo_copy")).parent
     path = tiny_model_dir("qwen2_5_vl")
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_processor(path)
     args = DataArguments(dataset_use="demo_shapes%10,demo_text%20", dataset_dictionary=str(folder / "dict.json"),
                          max_pixels=112 * 112, min_pixels=56 * 56, data_flatten=True)
     module = make_supervised_data_module(processor, args, AutoConfig.from_pretrained(path), model_max_length=512,

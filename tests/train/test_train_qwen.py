@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
 from qwenvl.train.model import component_of
 from qwenvl.train.train_qwen import _clean_message, train
 from tests.commands import run_command
+from tests.conftest import load_processor
 
 from .conftest import free_port
 
@@ -85,7 +86,7 @@ def test_train_save_summary_and_resume(tiny_model_dir, tmp_path, capsys):
     run_args = json.loads((out / "run_args.json").read_text())
     assert run_args["tune_mm_mlp"] is True and run_args["max_steps"] == 2
     assert _changed(model_dir, out) == {"merger", "llm"}
-    assert AutoProcessor.from_pretrained(out).image_processor.size["longest_edge"] == 112 * 112
+    assert load_processor(out).image_processor.size["longest_edge"] == 112 * 112
 
     # The same output_dir resumes from checkpoint-2 (as the official code) and goes on to step 3.
     train(flags + ["--max_steps", "3"])
@@ -135,7 +136,7 @@ def test_deepspeed_single_process(tiny_model_dir, tmp_path, config):
     assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-2" / "chat_template.jinja").is_file()
     changed = _changed(model_dir, out)
     assert changed == {"merger", "vision"}, changed  # the language model stayed frozen
-    AutoProcessor.from_pretrained(out / "checkpoint-2")
+    load_processor(out / "checkpoint-2")
 
 
 @pytest.mark.slow

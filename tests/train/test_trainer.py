@@ -5,11 +5,12 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
 from qwenvl.train.arguments import ModelArguments
 from qwenvl.train.model import component_of, load_model, prepare_model
 from qwenvl.train.trainer import QwenVLTrainer
+from tests.conftest import load_processor as load_released_processor
 
 from .conftest import IMAGE_SIZE, ChatCollator, conversations, load_processor, snapshot
 
@@ -92,9 +93,9 @@ def test_checkpoints_carry_the_processor_and_load_with_auto_classes(tiny_model_d
     training_args = make_training_args(save_strategy="steps", save_steps=2, max_steps=2)
     trainer, model, _ = _train(path, training_args, model_args, n=4)
     trainer.save_model(training_args.output_dir)
-    original = AutoProcessor.from_pretrained(path)
+    original = load_released_processor(path)
     for folder in (f"{training_args.output_dir}/checkpoint-2", training_args.output_dir):
-        processor = AutoProcessor.from_pretrained(folder)
+        processor = load_released_processor(folder)
         assert processor.image_processor.size == IMAGE_SIZE  # the training settings, not the base ones
         assert processor.chat_template == original.chat_template
         loaded = AutoModelForImageTextToText.from_pretrained(folder)

@@ -18,6 +18,7 @@ import torch
 from qwenvl.data.catalog.formats import Conversation
 from qwenvl.data.media.video import VideoSettings, load_video
 from qwenvl.data.render.sample import SampleRenderer
+from tests.conftest import load_processor
 
 vision_process = pytest.importorskip("qwen_vl_utils.vision_process")
 
@@ -43,10 +44,10 @@ def _settings(processor) -> VideoSettings:
 
 @pytest.fixture(scope="module")
 def family(request, tiny_model_dir):
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     path = tiny_model_dir(request.param)
-    return AutoProcessor.from_pretrained(path), AutoConfig.from_pretrained(path), \
+    return load_processor(path), AutoConfig.from_pretrained(path), \
         AutoModelForImageTextToText.from_pretrained(path)
 
 
