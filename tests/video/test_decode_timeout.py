@@ -26,6 +26,7 @@ from qwenvl.data.media.read import image_header, open_image
 from qwenvl.data.media.time_limit import reader_pids
 from qwenvl.data.media.video import VideoSettings, load_video
 from qwenvl.data.media.video_decode import register_backend, unregister_backend
+from tests.commands import run_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -169,6 +170,27 @@ def test_the_reader_dies_with_its_parent(tmp_path):
         parent.kill()
         parent.wait()
     assert wait_dead(reader), "the reader outlived its parent"
+
+
+@pytest.mark.parametrize("closed", ["0", "0 1", "0 2"], ids=["stdin", "stdin+stdout", "stdin+stderr"])
+def test_reads_work_in_a_process_started_with_closed_standard_streams(tmp_path, closed):
+    """A job launcher may start the trainer with stdin (or stdout) closed: os.pipe() then hands out
+    descriptors 0-2, which the reader's own stdin=/dev/null used to overwrite (every read failed with
+    "the reader process exited")."""
+    Image.fromarray(np.full((20, 30, 3), 200, dtype=np.uint8)).save(tmp_path / "a.png")
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {REPO!r})
+        from qwenvl.data.media.read import image_header
+        result = f"{{[n for n in (0, 1, 2) if not os.path.exists(f'/proc/self/fd/{{n}}')]}} {{image_header({str(tmp_path / 'a.png')!r}, timeout_s=60)}}"
+        open({str(tmp_path / 'result')!r}, "w").write(result)
+    """))
+    closing = " ".join(f"{n}>&-" if n != "0" else "<&-" for n in closed.split())
+    result = run_command(["bash", "-c", f"{sys.executable} {script} {closing}"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = image_header(str(tmp_path / "a.png"), timeout_s=None)  # read here, without a reader
+    assert (tmp_path / "result").read_text() == f"{[int(n) for n in closed.split()]} {expected}"
 
 
 def _load_in_worker(path):

@@ -156,8 +156,8 @@ class _Reader:
     """One reader process and the two pipes to it."""
 
     def __init__(self):
-        to_child_r, self.to_child = os.pipe()
-        self.from_child, from_child_w = os.pipe()
+        to_child_r, self.to_child = (_above_stdio(fd) for fd in os.pipe())
+        self.from_child, from_child_w = (_above_stdio(fd) for fd in os.pipe())
         _widen(self.from_child)
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
         # The reader imports this package as the parent does (a worktree on PYTHONPATH, tests' folders).
@@ -264,6 +264,22 @@ class _Reader:
             self.closed = True
             os.close(self.to_child)
             os.close(self.from_child)
+
+
+def _above_stdio(fd: int) -> int:
+    """``fd``, moved to a number above 2 if it is 0, 1 or 2.
+
+    A process started with its standard input (or output) closed gets those numbers from
+    ``os.pipe()``; the reader's ``stdin=DEVNULL`` would then replace its request pipe with
+    /dev/null, and every read would fail with "the reader process exited".
+    """
+    if fd > 2:
+        return fd
+    import fcntl
+
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    os.close(fd)
+    return moved
 
 
 def _widen(fd: int) -> None:
