@@ -8,16 +8,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
 export WANDB_MODE=offline
-# One test process per core, at most 4 (each holds tiny models and tokenizers, ~2-3 GiB): most tests
-# are single-threaded Python (tokenizing, rendering, small forward passes), so one process leaves
-# the other cores idle. TEST_WORKERS=0 runs everything in this process. --dist loadfile keeps a
-# file's tests together (its module fixtures are built once).
-workers="${TEST_WORKERS:-$(python -c 'import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))')}"
 started=$(date +%s)
 echo "[test] $(date -u '+%F %T') UTC: pytest starts"
 set +e
 # --durations: the slowest tests, so a slow machine or a slow test shows in the log.
-python -m pytest -m "" -n "$workers" --dist loadfile --durations=30 "$@"
+python -m pytest -m "" "$@" --durations=30
 rc=$?
 echo "[test] $(date -u '+%F %T') UTC: pytest ended ($rc) after $(( $(date +%s) - started )) s"
 set -e

@@ -52,10 +52,12 @@ def run_command(cmd, *, env=None, cwd=REPO, timeout: float = 900, check: bool = 
         try:
             code = proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            dumped = _dump_stacks(session)
             survivors = _kill_session(session)
             proc.wait()
             pytest.fail(f"{_show(cmd)} did not finish within {timeout:g} s; killed it and {len(survivors)} "
-                        f"process(es) it started\n{_tail(out, err)}")
+                        f"process(es) it started (stacks of {dumped} training process(es) at the end of stderr)"
+                        f"\n{_tail(out, err, stderr_chars=20000)}")
         except BaseException:  # an interruption (Ctrl-C, pytest-timeout): leave nothing running
             _kill_session(session)
             proc.wait()
@@ -102,6 +104,25 @@ def _wait_session_empty(session: int, grace_s: float) -> dict[int, str]:
         time.sleep(0.2)
 
 
+def _dump_stacks(session: int) -> int:
+    """Ask the session's training processes for their stacks (qwenvl/train/stack_dumps.py); how many were asked.
+
+    SIGUSR1 ends a process that has no handler for it, which is fine here: everything is killed next."""
+    from qwenvl.train.stack_dumps import STACK_DUMP_SIGNAL
+
+    asked = 0
+    for pid, line in session_processes(session).items():
+        if "python" in line and "time_limit" not in line:  # not the media readers: they only wait for work
+            try:
+                os.kill(pid, STACK_DUMP_SIGNAL)
+                asked += 1
+            except ProcessLookupError:
+                pass
+    if asked:
+        time.sleep(3.0)  # the handlers write at once; leave them time to be scheduled on a busy machine
+    return asked
+
+
 def _kill_session(session: int) -> dict[int, str]:
     """SIGKILL every process of the session and wait (up to 10 s) until they are gone; returns them."""
     left = session_processes(session)
@@ -119,8 +140,8 @@ def _read(f) -> str:
     return f.read().decode(errors="replace")
 
 
-def _tail(out, err) -> str:
-    return f"--- stdout (tail)\n{_read(out)[-3000:]}\n--- stderr (tail)\n{_read(err)[-6000:]}"
+def _tail(out, err, stderr_chars: int = 6000) -> str:
+    return f"--- stdout (tail)\n{_read(out)[-3000:]}\n--- stderr (tail)\n{_read(err)[-stderr_chars:]}"
 
 
 def _show(cmd) -> str:

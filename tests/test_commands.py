@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.commands import LeftoverProcessWarning, run_command, session_processes
+from tests.commands import REPO, LeftoverProcessWarning, run_command, session_processes
 
 
 def _alive(pid: int) -> bool:
@@ -64,3 +64,24 @@ def test_session_processes_sees_only_that_session():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_hung_training_process_leaves_its_stack_in_the_failure(tmp_path):
+    """Before killing a command past its time limit, its Python processes are asked for their stacks
+    (SIGUSR1, which train_qwen.py turns into a stack dump): the failure shows where it waited."""
+    script = tmp_path / "stuck.py"
+    script.write_text(f"""
+import sys, time
+sys.path.insert(0, {str(REPO)!r})
+from qwenvl.train.stack_dumps import enable_stack_dumps
+assert enable_stack_dumps()
+def waits_for_a_rank_that_never_comes():
+    print("waiting", flush=True)
+    time.sleep(600)
+waits_for_a_rank_that_never_comes()
+""")
+    with pytest.raises(pytest.fail.Exception) as failure:
+        run_command([sys.executable, str(script)], timeout=5)
+    message = str(failure.value)
+    assert "did not finish within 5 s" in message and "stacks of 1 training process" in message
+    assert "waits_for_a_rank_that_never_comes" in message.split("--- stderr (tail)")[1]

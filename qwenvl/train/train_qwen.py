@@ -32,6 +32,7 @@ from qwenvl.train.length_cache import require_length_cache
 from qwenvl.train.library_warnings import quiet_known_library_warnings
 from qwenvl.train.output_dir import check_output_dir, describe_changes, write_run_args
 from qwenvl.train.secret_flags import redact_secrets_in_argv
+from qwenvl.train.stack_dumps import enable_stack_dumps
 from qwenvl.train.wandb_mode import configure_wandb
 
 INTERRUPTED = 130  # the shell's status for a run ended by Ctrl-C
@@ -202,6 +203,7 @@ def train(argv: list[str] | None = None, trainer_class=None) -> str:
     """
     default_allocator_settings()
     quiet_known_library_warnings()
+    enable_stack_dumps()  # kill -USR1 <pid>: where a stuck run waits, without stopping it
     try:
         output_dir = _train(argv, trainer_class)
     except ConfigError as err:
