@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -59,8 +60,12 @@ def run_command(cmd, *, env=None, cwd=REPO, timeout: float = 900, check: bool = 
                         f"process(es) it started (stacks of {dumped} training process(es) at the end of stderr)"
                         f"\n{_tail(out, err, stderr_chars=20000)}")
         except BaseException:  # an interruption (Ctrl-C, pytest-timeout): leave nothing running
+            dumped = _dump_stacks(session)
             _kill_session(session)
             proc.wait()
+            # pytest shows what a failed test printed: the command's output and where it waited
+            print(f"{_show(cmd)} interrupted; stacks of {dumped} process(es) at the end of stderr\n"
+                  f"{_tail(out, err, stderr_chars=20000)}", file=sys.stderr)
             raise
         left = _wait_session_empty(session, leftover_grace_s)
         if left:

@@ -85,3 +85,22 @@ waits_for_a_rank_that_never_comes()
     message = str(failure.value)
     assert "did not finish within 5 s" in message and "stacks of 1 training process" in message
     assert "waits_for_a_rank_that_never_comes" in message.split("--- stderr (tail)")[1]
+
+
+@pytest.mark.timeout(8)
+def test_a_command_cut_off_by_the_test_time_limit_shows_where_it_waited(tmp_path, capsys):
+    """pytest-timeout interrupts run_command before the command's own limit: the command's output and
+    its stacks still reach the report (printed to the test's stderr), and nothing is left running."""
+    script = tmp_path / "stuck.py"
+    script.write_text(f"""
+import sys, time
+sys.path.insert(0, {str(REPO)!r})
+from qwenvl.train.stack_dumps import enable_stack_dumps
+enable_stack_dumps()
+def stuck_in_a_collective():
+    time.sleep(600)
+stuck_in_a_collective()
+""")
+    with pytest.raises(pytest.fail.Exception, match="Timeout"):
+        run_command([sys.executable, str(script)], timeout=600)
+    assert "stuck_in_a_collective" in capsys.readouterr().err
