@@ -66,11 +66,36 @@ def compile_layers(model: torch.nn.Module, dynamic: bool = True, activation_memo
         import torch._functorch.config as functorch_config
 
         functorch_config.activation_memory_budget = float(activation_memory_budget)
+    looping = [(name, layer) for name, layer in layers if loops_over_images(layer)]
+    if looping:
+        layers = [(name, layer) for name, layer in layers if not loops_over_images(layer)]
+        logger.warning("--compile_layers: the %d vision blocks stay uncompiled: with %s attention transformers "
+                       "runs them one image at a time in a Python loop, which would recompile at every new "
+                       "number of images per batch; flash_attention_2 or %s compiles them too",
+                       len(looping), _implementation(looping[0][1]), "flash_varlen_torch")
     for _, layer in layers:
         layer.compile(dynamic=dynamic)
     kinds = sorted({type(layer).__name__ for _, layer in layers})
     logger.info("compiled %d layers in place (%s)", len(layers), ", ".join(kinds))
     return len(layers)
+
+
+def _implementation(layer: torch.nn.Module) -> str | None:
+    attention = getattr(layer, "attn", None)  # vision blocks name it attn, decoder layers self_attn
+    return getattr(getattr(attention, "config", None), "_attn_implementation", None)
+
+
+def loops_over_images(layer: torch.nn.Module) -> bool:
+    """Whether ``layer`` is a vision block whose attention transformers runs per image in Python.
+
+    The Qwen vision attentions (Qwen2-VL to Qwen3.5) take the packed ``cu_seqlens`` path only
+    for attention implementations named "flash" (flash_attention_2/3, our varlen ones); for any
+    other (sdpa, eager) they split the batch into images and loop.  Compiled, that loop's length
+    is a guard: every new number of images per batch recompiles, until torch's recompile limit
+    turns the block eager for good.
+    """
+    implementation = _implementation(layer)
+    return implementation is not None and "flash" not in implementation
 
 
 def is_compiled(module: torch.nn.Module) -> bool:

@@ -16,6 +16,8 @@ from transformers import AutoModelForImageTextToText
 from qwenvl.train.attention import VarlenKernel, apply_attn_implementation, register_attention
 from qwenvl.train.compile import compile_layers, is_compiled, repeated_layers
 
+from tests.conftest import FAMILIES
+
 from .test_attention import _flattened_batch, _reference
 
 TRACEABLE = "flash_varlen_traceable_reference"
@@ -251,3 +253,53 @@ def test_compiled_layers_under_deepspeed_zero2(tiny_model_dir, tmp_path):
     assert _changed(base, out) == {"llm"}
     saved = AutoModelForImageTextToText.from_pretrained(out).state_dict().keys()
     assert saved == AutoModelForImageTextToText.from_pretrained(base).state_dict().keys()
+
+
+# -- vision blocks whose attention loops over images ---------------------------------------------------
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_vision_blocks_stay_eager_where_their_attention_loops_over_images(tiny_model_dir, traceable_attention,
+                                                                          model_type):
+    """sdpa/eager vision attention runs image by image in a Python loop: those blocks are left
+    uncompiled (the loop length would be a guard); with a "flash" (varlen) name everything compiles."""
+    path = tiny_model_dir(model_type)
+    looping = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa")
+    compile_layers(looping)
+    compiled = {type(layer).__name__: is_compiled(layer) for _, layer in repeated_layers(looping)}
+    assert {name: done for name, done in compiled.items() if "Vision" in name} == {
+        name: False for name in compiled if "Vision" in name} != {}
+    assert all(done for name, done in compiled.items() if "Vision" not in name)
+    varlen = _load(path, traceable_attention)
+    compile_layers(varlen)
+    assert all(is_compiled(layer) for _, layer in repeated_layers(varlen))
+
+
+@pytest.mark.slow
+def test_sdpa_compiled_layers_do_not_recompile_as_the_image_count_changes(tiny_model_dir):
+    """Three batches with 1, 2 and 3 images through a model compiled with sdpa attention: after the
+    first step's graphs, nothing recompiles (the per-image loop of the vision blocks used to)."""
+    from PIL import Image
+    from transformers import AutoConfig
+
+    from qwenvl.data.batch.collate import FlattenedCollator
+    from qwenvl.data.catalog.formats import Conversation
+    from qwenvl.data.render.sample import SampleRenderer
+    from tests.conftest import load_processor
+
+    path = tiny_model_dir("qwen2_5_vl")
+    renderer = SampleRenderer(load_processor(path), AutoConfig.from_pretrained(path))
+
+    def batch(images: int):
+        content = [{"type": "image", "image": Image.new("RGB", (56, 84), (200, 10 * i, 10))} for i in range(images)]
+        chat = [{"role": "user", "content": content + [{"type": "text", "text": "Colours?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "red " * images}]}]
+        return FlattenedCollator()([renderer.render(Conversation(messages=chat, origin=f"{images} images"))])
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = _load(path, "sdpa")
+    compile_layers(model)
+    _step(model, batch(1))
+    first = _graph_count()
+    for images in (2, 3):
+        _step(model, batch(images))
+    assert _graph_count() == first, dict(counters["recompiles"]) if "recompiles" in counters else first
