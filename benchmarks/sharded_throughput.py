@@ -22,11 +22,15 @@ Questions (issue 14), each a named run (``--runs`` picks some, in this order of 
   weights, no sharding) then FSDP2, same data and seed: the loss curves side by side.
 * ``32b_quarter``: Qwen2.5-VL-32B widths at 16 of 64 layers under FSDP2, compiled, 16k.
 * ``30b_a3b``: Qwen3-VL-30B-A3B widths at 12 of 48 layers under FSDP2, compiled, 16k.
+* ``--variant LABEL=RUN [NAME=VALUE ...] [FLAGS]``: a further run, RUN's command with FLAGS
+  appended (last value wins) and the environment set, named LABEL in ``--runs``, e.g.
+  ``--variant "sft_7b_fused_optim=sft_7b --optim adamw_torch_fused"``.
 * ``nccl``: ``benchmarks/nccl_probe.py``: all-gather / reduce-scatter bandwidth at FSDP2's
   message sizes (for the scaling arithmetic in RESULTS.md).
 
-Every run but ``sft_7b`` (which goes through its script and ``scripts/launch.sh``) starts
-``benchmarks/profiled_train.py`` under torchrun: ``train_qwen`` with the product's trainer,
+Every run starts ``benchmarks/profiled_train.py`` under torchrun (the ``sft_7b`` runs with the exact
+command their recipe script builds, read from ``scripts/launch.sh``'s ``DRY_RUN=1``, with
+``train_qwen.py`` swapped for ``-m benchmarks.profiled_train``): ``train_qwen`` with the product's trainer,
 plus, for the runs named in ``--profile``, ``torch.profiler`` over one late optimizer step
 (its summary lands in the run's JSON entry under ``profile``), and without the final model
 save except for the runs named in ``--save`` (the save is what ``exit_s`` times).
@@ -48,6 +52,8 @@ import argparse
 import ast
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -66,6 +72,7 @@ RUNS = ("zero2", "fsdp2_fused", "fsdp2_fused_prev", "fsdp2_model_loss", "sft_7b"
 FSDP = ["--fsdp", "full_shard auto_wrap", "--fsdp_config", str(REPO / "scripts" / "fsdp2.json")]
 FSDP_PREV = ["--fsdp", "full_shard auto_wrap", "--fsdp_config", str(REPO / "benchmarks" / "fsdp2_fp32_reduce.json")]
 BENCH = "BENCH"  # command placeholder: torchrun -m benchmarks.profiled_train over the node's GPUs (expand_command)
+RECIPE = "RECIPE"  # placeholder: the recipe script's own torchrun command (DRY_RUN=1), run through profiled_train
 COMPILED = ["--compile_layers", "True", "--activation_memory_budget", "0.5", "--gradient_checkpointing", "False"]
 BUDGET = ["--max_tokens_per_batch", "16384"]
 # model folder name -> (architecture, decoder layers or None for all)
@@ -97,7 +104,7 @@ def run_plan(name: str, steps: int) -> list[tuple[str, list[str], dict]]:
     if name == "fsdp2_model_loss":
         return [(name, launch + flags + FSDP + COMPILED + BUDGET + ["--loss_kernel", "model"], {})]
     if name in ("sft_7b", "sft_7b_fsdp2"):
-        return [(name, ["bash", str(REPO / "scripts" / "sft_7b.sh"), "--max_steps", str(steps), "--save_strategy", "no",
+        return [(name, [RECIPE, str(REPO / "scripts" / "sft_7b.sh"), "--max_steps", str(steps), "--save_strategy", "no",
                         "--report_to", "none", "--logging_steps", "1", "--disable_tqdm", "True"],
                  {"SHARDING": "fsdp2"} if name == "sft_7b_fsdp2" else {})]
     if name == "ddp_vs_fsdp2":
@@ -106,6 +113,52 @@ def run_plan(name: str, steps: int) -> list[tuple[str, list[str], dict]]:
     if name in ("32b_quarter", "30b_a3b"):
         return [(name, launch + flags + FSDP + COMPILED + BUDGET, {})]
     raise ValueError(f"unknown run {name!r}; runs: {', '.join(RUNS)}")
+
+
+def planned_runs(name: str, steps: int, variants: dict) -> list[tuple[str, list[str], dict]]:
+    """``run_plan`` of a named run or of a variant (its base run's commands, relabelled, with the
+    variant's flags appended and its environment added)."""
+    if name not in variants:
+        return run_plan(name, steps)
+    base, env, flags = variants[name]
+    plan = run_plan(base, steps)
+    return [(name if len(plan) == 1 else f"{name}_{label}", cmd + flags, dict(extra, **env))
+            for label, cmd, extra in plan]
+
+
+def parse_variant(spec: str) -> tuple[str, str, dict, list[str]]:
+    """``"LABEL=RUN [NAME=VALUE ...] [--flag value ...]"`` -> (label, base run, environment, extra flags).
+
+    A variant is a named run with the base run's command plus flags appended (they come last, so
+    they override) and environment variables set (upper-case ``NAME=VALUE`` words before the flags,
+    e.g. ``SHARDING=fsdp2`` for a recipe script)."""
+    label, sep, rest = spec.partition("=")
+    words = shlex.split(rest)
+    if not sep or not label.strip() or not words:
+        raise ValueError(f"--variant {spec!r}: expected LABEL=RUN [NAME=VALUE ...] [--flag value ...]")
+    base, words = words[0], words[1:]
+    if base not in RUNS:
+        raise ValueError(f"--variant {spec!r}: unknown run {base!r}; runs: {', '.join(RUNS)}")
+    env = {}
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
+        name, _, value = words.pop(0).partition("=")
+        env[name] = value
+    return label.strip(), base, env, words
+
+
+def recipe_command(cmd: list[str], env: dict) -> list[str]:
+    """The torchrun command a recipe script (``cmd[1:]``: the script and its flags) would run, from its
+    ``DRY_RUN=1`` output, with ``train_qwen.py`` replaced by ``-m benchmarks.profiled_train`` (the same
+    training, plus the optional profiled step) and ``torchrun`` by this interpreter's."""
+    dry = subprocess.run(["bash", *cmd[1:]], cwd=REPO, env=dict(env, DRY_RUN="1"), capture_output=True, text=True,
+                         check=True)
+    words = shlex.split(dry.stdout.strip().splitlines()[-1])
+    script = str(REPO / "qwenvl" / "train" / "train_qwen.py")
+    if words[0] != "torchrun" or script not in words:
+        raise RuntimeError(f"unexpected DRY_RUN output of {' '.join(cmd[1:])}: {dry.stdout[-500:]}")
+    i = words.index(script)
+    return [sys.executable, "-m", "torch.distributed.run", *words[1:i], "-m", "benchmarks.profiled_train",
+            *words[i + 1:]]
 
 
 def expand_command(cmd: list[str], gpus: int, model_dir: Path | None, dataset: str, output_dir: Path,
@@ -269,17 +322,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="labels whose step --steps - 1 runs under torch.profiler (summary in the JSON)")
     parser.add_argument("--save", default="fsdp2_fused",
                         help="labels that save the final model (the others skip it; exit_s times the exit after it)")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=RUN [NAME=VALUE ...] [FLAGS]",
+                        help="a further run named LABEL: RUN's command with FLAGS appended and the environment "
+                             "variables set, e.g. 'sft_7b_fused=sft_7b --optim adamw_torch_fused'; name it in --runs")
     parser.add_argument("--dry_run", action="store_true", help="print the commands only")
     args = parser.parse_args(argv)
+    try:
+        variants = {label: (base, env, flags) for label, base, env, flags in map(parse_variant, args.variant)}
+    except ValueError as err:
+        parser.error(str(err))
     runs = list(RUNS) if args.runs == "all" else [r.strip() for r in args.runs.split(",") if r.strip()]
     for r in runs:
-        if r not in RUNS:
-            parser.error(f"unknown run {r!r}; runs: {', '.join(RUNS)}")
+        if r not in RUNS and r not in variants:
+            parser.error(f"unknown run {r!r}; runs: {', '.join(RUNS)}; variants: {', '.join(variants) or 'none'}")
     if args.dry_run:
         for r in runs:
-            for label, cmd, _ in run_plan(r, args.steps):
-                cmd = expand_command(cmd, 2, Path(f"<{RUN_MODEL[r]}>"), "<data>", Path(f"<out_{label}>"), label)
-                print(f"{label}: MODEL_PATH=<{RUN_MODEL[r]}> " + " ".join(cmd))
+            for label, cmd, env in planned_runs(r, args.steps, variants):
+                model = RUN_MODEL[variants[r][0] if r in variants else r]
+                if cmd[0] != RECIPE:
+                    cmd = expand_command(cmd, 2, Path(f"<{model}>"), "<data>", Path(f"<out_{label}>"), label)
+                print(f"{label}: MODEL_PATH=<{model}> {' '.join(f'{k}={v}' for k, v in env.items())} " + " ".join(cmd))
         return 0
 
     t0 = time.time()
@@ -312,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         if time.time() - t0 > args.deadline:
             results["skipped"].append(name)
             continue
-        model_key = RUN_MODEL[name]
+        model_key = RUN_MODEL[variants[name][0] if name in variants else name]
         if name == "nccl":
             label, cmd, _ = run_plan(name, args.steps)[0]
             cmd = expand_command(cmd, gpus, None, data.name, work / "nccl", label)
@@ -326,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             written[model_key] = ensure_model(model_key, work)
         model_dir = written[model_key]
         matmul = active_matmul_params(model_dir)
-        for label, cmd, extra in run_plan(name, args.steps):
+        for label, cmd, extra in planned_runs(name, args.steps, variants):
             run_out = work / f"out_{label}"
             shutil.rmtree(run_out, ignore_errors=True)
             profile_dir = work / f"profile_{label}"
@@ -336,7 +398,10 @@ def main(argv: list[str] | None = None) -> int:
                 run_env.update(BENCH_PROFILE_STEP=str(max(1, args.steps - 1)), BENCH_PROFILE_OUT=str(profile_dir))
             if label not in args.save.split(","):
                 run_env["BENCH_NO_FINAL_SAVE"] = "1"
-            cmd = expand_command(cmd, gpus, model_dir, data.name, run_out, label)
+            if cmd[0] == RECIPE:  # the recipe's own command, through profiled_train
+                cmd = recipe_command(cmd, run_env)
+            else:
+                cmd = expand_command(cmd, gpus, model_dir, data.name, run_out, label)
             print(f"[bench] {label} ...", flush=True)
             budget = min(args.run_timeout, args.hard_limit - (time.time() - t0))
             if budget < 60:
@@ -344,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             result = run_one(label, cmd + dictionary, run_env, out, budget)
             result.update(summarise(result, gpus, args.warmup, matmul, peak))
-            result["saved"] = label in args.save.split(",") or cmd[0] == "bash"
+            result["saved"] = label in args.save.split(",")
             if (profile_dir / "profile_summary.json").is_file():
                 result["profile"] = json.loads((profile_dir / "profile_summary.json").read_text())
                 trace = profile_dir / "trace.json.gz"

@@ -1,6 +1,7 @@
 """benchmarks/sharded_throughput.py on CPU: its commands parse, logs are read, model configs count right."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from qwenvl.train.arguments import parse_args
 @pytest.mark.parametrize("name", [r for r in bench.RUNS if r != "nccl"])
 def test_every_run_is_a_valid_training_command(name, tmp_path):
     for label, cmd, _ in bench.run_plan(name, steps=8):
-        assert cmd[0] in ("bash", bench.BENCH)
+        assert cmd[0] in (bench.RECIPE, bench.BENCH)
         if cmd[0] == bench.BENCH:
             cmd = bench.expand_command(cmd, 2, Path("Qwen/x"), "data", tmp_path / "out", label)
             assert cmd[cmd.index("-m") + 1] == "torch.distributed.run" and "benchmarks.profiled_train" in cmd
@@ -75,3 +76,41 @@ def test_architectures_have_the_released_sizes(name, layers, total, active, tmp_
     write_family_tokenizer(model_type, tmp_path)
     config = build_config(name, special_token_ids(build_processor(model_type, tmp_path).tokenizer), layers)
     assert parameter_count(config) == (total, active)
+
+
+def _recipe_env(tmp_path, **extra):
+    import os
+
+    return dict(os.environ, MODEL_PATH="Qwen/x", DATASETS="data", OUTPUT_DIR=str(tmp_path / "out"), PRECISION="bf16",
+                NPROC_PER_NODE="2", **extra)
+
+
+def test_recipe_runs_take_the_recipes_own_command_through_the_profiled_trainer(tmp_path):
+    """The sft_7b run is what `bash scripts/sft_7b.sh` runs (its DRY_RUN command), with train_qwen.py
+    swapped for benchmarks.profiled_train, and a variant's flags and environment on top."""
+    (label, cmd, env), = bench.planned_runs("fused", 8, {"fused": ("sft_7b_fsdp2", {"BUDGET_ACCUM_STEPS": "2"},
+                                                                    ["--optim", "adamw_torch_fused"])})
+    assert label == "fused" and env == {"SHARDING": "fsdp2", "BUDGET_ACCUM_STEPS": "2"}
+    full = bench.recipe_command(cmd, _recipe_env(tmp_path, **env))
+    assert full[:3] == [sys.executable, "-m", "torch.distributed.run"] and "--nproc_per_node" in full
+    flags = full[full.index("benchmarks.profiled_train") + 1:]
+    assert full[full.index("benchmarks.profiled_train") - 1] == "-m" and not any("train_qwen" in w for w in full)
+    assert flags[-2:] == ["--optim", "adamw_torch_fused"]  # the variant's flags come last
+    i = flags.index("--bf16")
+    assert flags[i:i + 4] == ["--bf16", "True", "--fp16", "False"]  # PRECISION=bf16, as on the GPUs
+    del flags[i:i + 2]  # (no GPU here)
+    args = parse_args(["--output_dir", str(tmp_path), *flags]).training
+    assert args.optim == "adamw_torch_fused" and args.fsdp and args.compile_layers and args.gradient_accumulation_steps == 2
+    assert args.max_steps == 8 and args.learning_rate == 2e-7  # the recipe's own learning rate
+
+
+@pytest.mark.parametrize("spec, error", [("x", "expected LABEL=RUN"), ("x=", "expected LABEL=RUN"),
+                                         ("x=nope --a b", "unknown run 'nope'")])
+def test_a_malformed_variant_is_refused_by_name(spec, error):
+    with pytest.raises(ValueError, match=error):
+        bench.parse_variant(spec)
+
+
+def test_variant_words_split_into_environment_and_flags():
+    assert bench.parse_variant("v=sft_7b SHARDING=fsdp2 --optim adamw_torch_fused --max_pixels 200704") == (
+        "v", "sft_7b", {"SHARDING": "fsdp2"}, ["--optim", "adamw_torch_fused", "--max_pixels", "200704"])
