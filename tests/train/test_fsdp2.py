@@ -59,9 +59,10 @@ def test_fsdp2_trains_like_ddp_saves_plain_checkpoints_and_resumes(untied_model_
     dictionary = copy_demo_annotations(tmp_path / "data")
     env = _env()
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    fused = ["--optim", "adamw_torch_fused"]  # the fast recipes' optimizer: one kernel over the DTensor shards
     _run(_torchrun(str(REPO / "qwenvl/train/train_qwen.py"),
-                   *_flags(untied_model_dir, ddp, dictionary, "--max_steps", "3", "--use_cpu", "True")), env)
-    harness = ["-m", "tests.train.fsdp_cpu", "--use_cpu", "True", *FSDP]
+                   *_flags(untied_model_dir, ddp, dictionary, "--max_steps", "3", "--use_cpu", "True", *fused)), env)
+    harness = ["-m", "tests.train.fsdp_cpu", "--use_cpu", "True", *FSDP, *fused]
     first = _run(_torchrun(*harness, *_flags(untied_model_dir, fsdp, dictionary, "--max_steps", "2")), env)
     assert "model and processor saved" in first.stdout
     assert "replicated on every GPU, not sharded" in first.stdout  # the frozen tower (scripts/fsdp2.json's default)

@@ -99,6 +99,7 @@ def test_sft_scripts_are_fast_by_default_with_the_official_samples_per_step(scri
     assert training.token_budget_samples == batch * accumulation and training.gradient_accumulation_steps == 1
     assert training.compile_layers and training.activation_memory_budget == 0.5
     assert not training.gradient_checkpointing
+    assert training.optim == "adamw_torch_fused"  # the official AdamW in one kernel per group
     assert training.learning_rate == (1e-5 if "qwen3" in script else 2e-7)
 
 
@@ -117,6 +118,7 @@ def test_sft_scripts_official_batching_one_flag_away_and_user_flags_win(script, 
     assert (training.per_device_train_batch_size, training.gradient_accumulation_steps) == (batch, accumulation)
     assert training.gradient_checkpointing and not training.compile_layers
     assert training.token_budget_samples is None and training.max_tokens_per_batch is None
+    assert training.optim == "adamw_torch"  # the official optimizer implementation
 
 
 def test_sft_zero3_keeps_the_token_budget_without_compiled_layers(tmp_path):
@@ -126,6 +128,7 @@ def test_sft_zero3_keeps_the_token_budget_without_compiled_layers(tmp_path):
     _, _, training, _ = parse_args(_train_args(cmd))
     assert training.token_budget_samples == 16 and training.gradient_accumulation_steps == 2
     assert training.gradient_checkpointing and not training.compile_layers
+    assert training.optim == "adamw_torch"  # zero3's offload configs step the optimizer on the CPU
 
 
 @pytest.mark.parametrize("env", [{"SHARDING": "ddp"}, {"FAST": "2"}])
