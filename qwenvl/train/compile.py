@@ -32,6 +32,8 @@ import logging
 
 import torch
 
+from qwenvl.train.attention import VARLEN_ATTENTION
+
 logger = logging.getLogger(__name__)
 
 
@@ -68,11 +70,12 @@ def compile_layers(model: torch.nn.Module, dynamic: bool = True, activation_memo
         functorch_config.activation_memory_budget = float(activation_memory_budget)
     looping = [(name, layer) for name, layer in layers if loops_over_images(layer)]
     if looping:
-        layers = [(name, layer) for name, layer in layers if not loops_over_images(layer)]
+        eager = {name for name, _ in looping}
+        layers = [(name, layer) for name, layer in layers if name not in eager]
         logger.warning("--compile_layers: the %d vision blocks stay uncompiled: with %s attention transformers "
                        "runs them one image at a time in a Python loop, which would recompile at every new "
                        "number of images per batch; flash_attention_2 or %s compiles them too",
-                       len(looping), _implementation(looping[0][1]), "flash_varlen_torch")
+                       len(looping), _implementation(looping[0][1]), VARLEN_ATTENTION)
     for _, layer in layers:
         layer.compile(dynamic=dynamic)
     kinds = sorted({type(layer).__name__ for _, layer in layers})

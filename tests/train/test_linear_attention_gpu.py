@@ -5,13 +5,18 @@ Run on a GPU machine with flash-linear-attention (fla-core) installed:
 """
 from __future__ import annotations
 
+import copy
 import time
 
 import pytest
 import torch
 
-from qwenvl.train.linear_attention import (fla_available, fla_backward_blocker_here, linear_attention_modules,
-                                           make_linear_attention_packable)
+from qwenvl.train.linear_attention import (
+    fla_available,
+    fla_backward_blocker_here,
+    linear_attention_modules,
+    make_linear_attention_packable,
+)
 from tests.train.tiny_qwen35 import flattened_batch, loss_and_grads, make_samples, padded_batch, tiny_model
 
 pytestmark = [
@@ -58,6 +63,13 @@ def test_fla_flattened_equals_per_sample_and_padded_in_bf16(model_type, with_ima
     h = torch.zeros(1, 4, fla.config.text_config.hidden_size, device="cuda", dtype=torch.bfloat16)
     assert all(m._uses_fla(h) for _, m in linear_attention_modules(fla))
 
+    # The truth: the same weights in float32, each sample on its own (transformers' kernels).
+    reference = copy.deepcopy(fla).float()
+    for _, m in linear_attention_modules(reference):
+        m.boundary_backend = "per_sample"
+    loss_ref, grads_ref = loss_and_grads(reference, _to(flattened_batch(reference, samples), "cuda"))
+    del reference
+
     loss_fla, grads_fla = loss_and_grads(fla, flat)
     for name, m in linear_attention_modules(fla):
         m.boundary_backend = "per_sample"
@@ -65,15 +77,20 @@ def test_fla_flattened_equals_per_sample_and_padded_in_bf16(model_type, with_ima
     loss_pad, grads_pad = loss_and_grads(fla, padded)
 
     print(f"\n{model_type} {'image' if with_image else 'text'}: loss fla {float(loss_fla):.5f} per-sample "
-          f"{float(loss_ps):.5f} padded {float(loss_pad):.5f}")
-    assert abs(float(loss_fla) - float(loss_pad)) < 1e-2 * abs(float(loss_pad))
-    assert abs(float(loss_ps) - float(loss_pad)) < 1e-2 * abs(float(loss_pad))
-    assert grads_fla.keys() == grads_pad.keys()
-    worst = max(((n, _rel(grads_fla[n], grads_pad[n])) for n in grads_pad), key=lambda kv: kv[1])
-    worst_ps = max(_rel(grads_ps[n], grads_pad[n]) for n in grads_pad)
-    print(f"worst gradient relative error vs padded: fla {worst[1]:.2e} ({worst[0]}), per-sample {worst_ps:.2e}")
-    # bf16 through 4 layers: the per-sample path (transformers' own kernels) sets the scale.
-    assert worst[1] < max(5e-2, 3 * worst_ps), worst
+          f"{float(loss_ps):.5f} padded {float(loss_pad):.5f} float32 {float(loss_ref):.5f}")
+    for loss in (loss_fla, loss_ps, loss_pad):
+        assert abs(float(loss) - float(loss_ref)) < 1e-2 * abs(float(loss_ref))
+    assert grads_fla.keys() == grads_pad.keys() == grads_ps.keys() == grads_ref.keys()
+    # bf16 through 4 layers: each parameter's gradient error against float32 may be up to twice what
+    # transformers' own bf16 paths (padded, per-sample) make on it (floor 1e-2). A bf16 comparison
+    # alone (fla against the padded bf16 run) mixes both paths' rounding: on the H200 it gave 5.4%
+    # for dt_bias, a per-head sum over every token, against 1.3% per-sample (RESULTS.md).
+    errors = {n: (_rel(grads_fla[n], grads_ref[n]), max(_rel(grads_pad[n], grads_ref[n]),
+                                                        _rel(grads_ps[n], grads_ref[n]))) for n in grads_ref}
+    worst = max(errors.items(), key=lambda kv: kv[1][0] / max(kv[1][1], 5e-3))
+    print(f"worst gradient vs float32: {worst[0]}: fla {worst[1][0]:.2e}, transformers' bf16 {worst[1][1]:.2e}")
+    bad = {n: e for n, e in errors.items() if e[0] > max(2 * e[1], 1e-2)}
+    assert not bad, bad
 
 
 def test_released_layers_with_fla_alone_still_leak_through_the_convolution():
