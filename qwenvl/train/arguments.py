@@ -242,6 +242,22 @@ def _deepspeed_problem(value) -> str | None:
     return None
 
 
+def _json_config(value) -> dict:
+    """A config flag's mapping: the dict itself, or a JSON file's or string's contents; {} when unreadable."""
+    if isinstance(value, str):
+        text = value
+        if not value.lstrip().startswith("{"):
+            try:
+                text = Path(value).read_text()
+            except OSError:
+                return {}
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return {}
+    return value if isinstance(value, dict) else {}
+
+
 def _zero_stage(value) -> int | None:
     """The ZeRO stage of a --deepspeed file or dict, None when absent or unreadable."""
     if isinstance(value, str):
@@ -298,6 +314,13 @@ def _cross_checks(v: dict) -> list[str]:
     if v.get("fsdp") and v.get("deepspeed"):
         problems.append("--fsdp and --deepspeed both shard the model: choose one (scripts/fsdp2.json or a ZeRO "
                         "config).")
+    if v.get("fsdp"):
+        from .sharding import parse_hsdp_replicas
+
+        try:  # the value's form, before the model loads; the process count is checked at the start
+            parse_hsdp_replicas(_json_config(v.get("fsdp_config")).get("hsdp_replicas"))
+        except ConfigError as err:
+            problems.append(str(err))
     if v.get("max_tokens_per_batch") is not None and int(v["max_tokens_per_batch"]) <= 0:
         problems.append(f"--max_tokens_per_batch must be positive, got {v['max_tokens_per_batch']}.")
     if packing and v.get("group_by_modality_length"):

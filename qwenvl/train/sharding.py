@@ -36,12 +36,22 @@ What this module adds around that:
   each ``checkpoint-N`` and the final folder load with the Auto classes.  The sharded
   model and optimizer state (``pytorch_model_fsdp_0/``, ``optimizer_0/``, with
   ``state_dict_type SHARDED_STATE_DICT``) sit next to it for resuming.
+- **HSDP across nodes** (``hsdp_layout``, ``fsdp_config["hsdp_replicas"]``): shard inside a
+  group of GPUs, replicate the groups.  ``"hsdp_replicas": "nodes"`` makes each node a shard
+  group (one replica per node), a number N makes N equal groups of consecutive ranks.  Per
+  step, the all-gathers and reduce-scatters stay inside the group (NVLink), and only the
+  shard's gradient all-reduce between replicas crosses the network: 1/(group size) of the
+  gradients instead of all parameters two or three times (``benchmarks/RESULTS.md``, "Scaling
+  on paper").  Built as accelerate's ``ParallelismConfig(dp_replicate_size, dp_shard_size)``,
+  which gives ``fully_shard`` a 2-D device mesh.
 - **A clean exit** (``finish_distributed``): all ranks meet, then the process group is
   destroyed.  Without it a rank can leave while another is still in a collective, and the
   NCCL communicator's teardown at interpreter exit then waits (the 2x H200 run that
   "saved its model and had not exited 90 s later").
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -77,6 +87,68 @@ def reduce_dtype(training_args) -> torch.dtype:
                           "(bfloat16 is what DeepSpeed ZeRO reduces in for a bf16 run; float32 sums at full "
                           "precision).")
     return REDUCE_DTYPES[name]
+
+
+def parse_hsdp_replicas(value) -> int | str | None:
+    """``fsdp_config["hsdp_replicas"]`` checked: None (absent), ``"nodes"`` or a positive int."""
+    from .arguments import ConfigError
+
+    if value is None or value == "nodes":
+        return value
+    if isinstance(value, bool) or not str(value).strip().isdigit() or int(value) < 1:
+        raise ConfigError(f'--fsdp_config: hsdp_replicas must be a positive whole number or "nodes", not {value!r}.')
+    return int(value)
+
+
+def hsdp_layout(value, world_size: int, local_world_size: int) -> tuple[int, int] | None:
+    """(replicas, GPUs per shard group) that ``fsdp_config["hsdp_replicas"]`` asks for on
+    ``world_size`` processes, ``local_world_size`` per node; None for plain full sharding (key
+    absent, 1, or ``"nodes"`` on one node).  Raises ``ConfigError`` naming the fix otherwise."""
+    from .arguments import ConfigError
+
+    value = parse_hsdp_replicas(value)
+    if value is None:
+        return None
+    replicas = max(1, world_size // max(1, local_world_size)) if value == "nodes" else value
+    if replicas == 1:
+        return None
+    if world_size % replicas:
+        raise ConfigError(f"--fsdp_config: hsdp_replicas {replicas} does not divide the {world_size} processes into "
+                          "equal shard groups; use a divisor of the process count, or \"nodes\".")
+    if replicas == world_size:
+        raise ConfigError(f"--fsdp_config: hsdp_replicas {replicas} equals the number of processes, so every shard "
+                          "group would hold one GPU (that is plain data parallelism): use fewer replicas, or drop "
+                          "--fsdp to train with DDP.")
+    return replicas, world_size // replicas
+
+
+def hsdp_parallelism_config(training_args):
+    """accelerate's ``ParallelismConfig`` for the HSDP the run's ``fsdp_config`` asks for, or None."""
+    from .arguments import ConfigError
+
+    value = fsdp_options(training_args).get("hsdp_replicas")
+    if value is None:
+        return None
+    if fsdp_version(training_args) != 2:
+        raise ConfigError("--fsdp_config: hsdp_replicas needs FSDP2 (\"fsdp_version\": 2).")
+    world = int(training_args.world_size)
+    layout = hsdp_layout(value, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if layout is None:
+        return None
+    from accelerate import ParallelismConfig
+
+    return ParallelismConfig(dp_replicate_size=layout[0], dp_shard_size=layout[1])
+
+
+def sharding_mesh(model: torch.nn.Module) -> dict[str, int] | None:
+    """{mesh dimension: size} of the device mesh the model's sharded parameters live on (FSDP2),
+    or None when no parameter is a DTensor."""
+    for param in model.parameters():
+        if _is_dtensor(param):
+            mesh = param.device_mesh
+            names = mesh.mesh_dim_names or tuple(f"dim{i}" for i in range(mesh.ndim))
+            return dict(zip(names, mesh.shape))
+    return None
 
 
 def mixed_precision_policy(training_args):

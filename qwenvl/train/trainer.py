@@ -68,12 +68,19 @@ class QwenVLTrainer(Trainer):
         self._step_rates = {}  # lr/<group> of the latest optimizer step
         self._router_aux = None  # [sum of router_aux_loss, micro-batches] since the last log, on device
         self.add_callback(_RecordStepRates(self))
+        self.add_callback(_ReportShardingMesh())
         self.stop_on_signal = StopOnSignal()
         self.add_callback(self.stop_on_signal)
 
     # ---- sharding ----
 
     def create_accelerator_and_postprocess(self):
+        if self.args.fsdp and self.args.parallelism_config is None and self.args.device.type != "cpu":
+            from .sharding import hsdp_parallelism_config
+
+            # HSDP (fsdp_config hsdp_replicas): accelerate builds the 2-D mesh from this.  Not on CPU,
+            # where accelerate has no FSDP and the run stops below with the reason.
+            self.args.parallelism_config = hsdp_parallelism_config(self.args)
         super().create_accelerator_and_postprocess()
         if self.args.fsdp and not self.is_fsdp_enabled:
             self._fsdp_unavailable()
@@ -355,6 +362,20 @@ def _fault_injection_for_tests(output_dir: str | None, step: int) -> None:
     if target and output_dir and os.path.basename(os.path.normpath(output_dir)) == f"checkpoint-{target}" \
             and int(target) == step:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _ReportShardingMesh(TrainerCallback):
+    """Says, once, over which device mesh FSDP2 sharded the model (read from its parameters), so a
+    run's log shows whether it trains with full sharding or HSDP, and across how many GPUs."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from .sharding import sharding_mesh
+
+        mesh = sharding_mesh(model) if model is not None else None
+        if mesh and state.is_world_process_zero:
+            layout = " x ".join(f"{name}={size}" for name, size in mesh.items())
+            kind = "HSDP (replicated x sharded)" if len(mesh) > 1 else "full shard"
+            print(f"FSDP2: parameters sharded over a device mesh of {layout}: {kind}", flush=True)
 
 
 class _RecordStepRates(TrainerCallback):

@@ -9,7 +9,9 @@ with gloo and drops the FSDP plugin), and the product refuses ``--fsdp`` there
 with gloo, so this test-only trainer sets accelerate's state to FSDP with the plugin the
 Trainer built; everything after that is the real path: accelerate's ``fsdp2_prepare_model``
 (``fully_shard`` per decoder layer / vision block, tail and root groups), the Trainer's
-FSDP checkpointing and resuming, our loss, save and exit code.
+FSDP checkpointing and resuming, our loss, save and exit code.  With ``"hsdp_replicas"`` in the
+config it also gives accelerate the HSDP parallelism config and its 2-D device mesh, as
+``Accelerator`` does at its start on GPUs.
 """
 from __future__ import annotations
 
@@ -22,10 +24,20 @@ class CpuFsdpTrainer(QwenVLTrainer):
     def _fsdp_unavailable(self):
         from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
+        from qwenvl.train.sharding import hsdp_parallelism_config
+
         state = self.accelerator.state
         state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
         state.distributed_type = DistributedType.FSDP
         self.is_fsdp_enabled = True
+        # HSDP: what accelerate does with the Trainer's parallelism_config at its start (which the
+        # product passes on GPUs only), done here once the state says FSDP.
+        config = hsdp_parallelism_config(self.args)
+        if config is not None:
+            self.args.parallelism_config = config
+            state.parallelism_config = config
+            state.device_mesh = config.get_device_mesh("cpu")
+            config._validate_accelerator(self.accelerator)
 
 
 if __name__ == "__main__":

@@ -168,6 +168,65 @@ def test_fsdp_flags_parse_and_compiled_layers_are_allowed(tiny_model_dir, tmp_pa
         mixed_precision_policy(args)
 
 
+@pytest.mark.parametrize("value, world, local, layout", [
+    (None, 8, 8, None), (1, 8, 8, None), ("nodes", 8, 8, None),  # one node: plain full shard
+    ("nodes", 16, 8, (2, 8)), ("nodes", 64, 8, (8, 8)), (2, 4, 4, (2, 2)), ("4", 16, 8, (4, 4)),
+])
+def test_hsdp_layout_shards_inside_groups_and_replicates_them(value, world, local, layout):
+    from qwenvl.train.sharding import hsdp_layout
+
+    assert hsdp_layout(value, world, local) == layout
+
+
+@pytest.mark.parametrize("value, world, error", [
+    (3, 8, "does not divide the 8 processes"), (4, 4, "every shard group would hold one GPU"),
+    ("two", 4, "positive whole number"), (0, 4, "positive whole number"), (True, 4, "positive whole number"),
+    (1.5, 4, "positive whole number"),
+])
+def test_hsdp_layout_refuses_what_cannot_shard_by_name(value, world, error):
+    from qwenvl.train.sharding import hsdp_layout
+
+    with pytest.raises(ConfigError, match=error):
+        hsdp_layout(value, world, world)
+
+
+def test_a_malformed_hsdp_replicas_stops_before_the_model_loads(tmp_path):
+    config = json.loads((REPO / "scripts" / "fsdp2.json").read_text())
+    path = tmp_path / "fsdp_hsdp.json"
+    path.write_text(json.dumps(dict(config, hsdp_replicas="per node")))
+    with pytest.raises(ConfigError, match="hsdp_replicas must be a positive whole number"):
+        parse_args(["--model_name_or_path", "Qwen/x", "--output_dir", str(tmp_path), "--tune_mm_llm", "True",
+                    "--fsdp", "full_shard auto_wrap", "--fsdp_config", str(path)])
+
+
+@pytest.mark.slow
+def test_hsdp_two_replicas_of_two_shards_trains_like_ddp_on_four_processes(untied_model_dir, tmp_path):
+    """Four CPU processes: "hsdp_replicas": 2 gives fully_shard a 2-D mesh (2 replicas x 2 shards, as
+    2 nodes of 2 GPUs would), and the losses and trained weights equal DDP's on 4 processes."""
+    dictionary = copy_demo_annotations(tmp_path / "data")
+    env = _env()
+    config = tmp_path / "hsdp.json"
+    config.write_text(json.dumps(dict(json.loads((REPO / "scripts" / "fsdp2.json").read_text()), hsdp_replicas=2)))
+    more = ["--max_steps", "2", "--dataset_use", "demo_shapes%16,demo_text%16", "--save_strategy", "no"]
+
+    def four(*args):
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port",
+                str(free_port()), *args]
+
+    ddp, hsdp = tmp_path / "ddp", tmp_path / "hsdp"
+    _run(four(str(REPO / "qwenvl/train/train_qwen.py"),
+              *_flags(untied_model_dir, ddp, dictionary, *more, "--use_cpu", "True")), env)
+    result = _run(four("-m", "tests.train.fsdp_cpu", "--use_cpu", "True", "--fsdp", "full_shard auto_wrap",
+                       "--fsdp_config", str(config), *_flags(untied_model_dir, hsdp, dictionary, *more)), env)
+    assert "device mesh of dp_replicate=2 x dp_shard_cp=2: HSDP" in result.stdout, result.stdout[-3000:]
+    want, got = _losses(ddp), _losses(hsdp)
+    assert len(want) == len(got) == 2
+    assert got == pytest.approx(want, rel=1e-4), (got, want)
+    trained, reference = _params(hsdp), _params(ddp)
+    for name, param in reference.items():
+        torch.testing.assert_close(trained[name], param, atol=1e-4, rtol=1e-3, msg=name)
+
+
 def _tiny(model_dir, tmp_path, *flags):
     from qwenvl.train.model import load_model, prepare_model
 
