@@ -48,6 +48,16 @@ def _params(folder) -> dict[str, torch.Tensor]:
     return dict(AutoModelForImageTextToText.from_pretrained(folder).named_parameters())
 
 
+def _assert_trained_alike(sharded: Path, ddp: Path, steps: int) -> None:
+    """The sharded run's float32 losses and saved weights equal the DDP run's (same data, seed, steps)."""
+    want, got = _losses(ddp), _losses(sharded)
+    assert len(want) == len(got) == steps
+    assert got == pytest.approx(want, rel=1e-4), (got, want)
+    trained, reference = _params(sharded), _params(ddp)
+    for name, param in reference.items():
+        torch.testing.assert_close(trained[name], param, atol=1e-4, rtol=1e-3, msg=name)
+
+
 @pytest.mark.slow
 def test_fsdp2_trains_like_ddp_saves_plain_checkpoints_and_resumes(untied_model_dir, tmp_path):
     """Two CPU processes: FSDP2 with the fused loss (Liger's place taken by our chunked kernel, which
@@ -80,12 +90,7 @@ def test_fsdp2_trains_like_ddp_saves_plain_checkpoints_and_resumes(untied_model_
 
     resumed = _run(_torchrun(*harness, *_flags(untied_model_dir, fsdp, dictionary, "--max_steps", "3")), env)
     assert f"resuming from {checkpoint}" in resumed.stdout
-    want, got = _losses(ddp), _losses(fsdp)
-    assert len(want) == len(got) == 3
-    assert got == pytest.approx(want, rel=1e-4), (got, want)
-    trained, reference = _params(fsdp), _params(ddp)
-    for name, param in reference.items():
-        torch.testing.assert_close(trained[name], param, atol=1e-4, rtol=1e-3, msg=name)
+    _assert_trained_alike(fsdp, ddp, steps=3)
 
 
 @pytest.mark.slow
@@ -219,12 +224,7 @@ def test_hsdp_two_replicas_of_two_shards_trains_like_ddp_on_four_processes(untie
     result = _run(four("-m", "tests.train.fsdp_cpu", "--use_cpu", "True", "--fsdp", "full_shard auto_wrap",
                        "--fsdp_config", str(config), *_flags(untied_model_dir, hsdp, dictionary, *more)), env)
     assert "device mesh of dp_replicate=2 x dp_shard_cp=2: HSDP" in result.stdout, result.stdout[-3000:]
-    want, got = _losses(ddp), _losses(hsdp)
-    assert len(want) == len(got) == 2
-    assert got == pytest.approx(want, rel=1e-4), (got, want)
-    trained, reference = _params(hsdp), _params(ddp)
-    for name, param in reference.items():
-        torch.testing.assert_close(trained[name], param, atol=1e-4, rtol=1e-3, msg=name)
+    _assert_trained_alike(hsdp, ddp, steps=2)
 
 
 def _tiny(model_dir, tmp_path, *flags):
