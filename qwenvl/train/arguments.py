@@ -260,15 +260,8 @@ def _json_config(value) -> dict:
 
 def _zero_stage(value) -> int | None:
     """The ZeRO stage of a --deepspeed file or dict, None when absent or unreadable."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(Path(value).read_text())
-        except (OSError, ValueError):
-            return None
-    if isinstance(value, dict):
-        stage = value.get("zero_optimization", {}).get("stage")
-        return int(stage) if isinstance(stage, (int, str)) and str(stage).isdigit() else None
-    return None
+    stage = _json_config(value).get("zero_optimization", {}).get("stage")
+    return int(stage) if isinstance(stage, (int, str)) and str(stage).isdigit() else None
 
 
 def _cross_checks(v: dict) -> list[str]:

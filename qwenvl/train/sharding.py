@@ -91,12 +91,11 @@ def reduce_dtype(training_args) -> torch.dtype:
 
 def parse_hsdp_replicas(value) -> int | str | None:
     """``fsdp_config["hsdp_replicas"]`` checked: None (absent), ``"nodes"`` or a positive int."""
-    from .arguments import ConfigError
-
     if value is None or value == "nodes":
         return value
     if isinstance(value, bool) or not str(value).strip().isdigit() or int(value) < 1:
-        raise ConfigError(f'--fsdp_config: hsdp_replicas must be a positive whole number or "nodes", not {value!r}.')
+        raise _config_error(f'--fsdp_config: hsdp_replicas must be a positive whole number or "nodes", '
+                            f"not {value!r}.")
     return int(value)
 
 
@@ -104,8 +103,6 @@ def hsdp_layout(value, world_size: int, local_world_size: int) -> tuple[int, int
     """(replicas, GPUs per shard group) that ``fsdp_config["hsdp_replicas"]`` asks for on
     ``world_size`` processes, ``local_world_size`` per node; None for plain full sharding (key
     absent, 1, or ``"nodes"`` on one node).  Raises ``ConfigError`` naming the fix otherwise."""
-    from .arguments import ConfigError
-
     value = parse_hsdp_replicas(value)
     if value is None:
         return None
@@ -113,24 +110,22 @@ def hsdp_layout(value, world_size: int, local_world_size: int) -> tuple[int, int
     if replicas == 1:
         return None
     if world_size % replicas:
-        raise ConfigError(f"--fsdp_config: hsdp_replicas {replicas} does not divide the {world_size} processes into "
-                          "equal shard groups; use a divisor of the process count, or \"nodes\".")
+        raise _config_error(f"--fsdp_config: hsdp_replicas {replicas} does not divide the {world_size} processes "
+                            "into equal shard groups; use a divisor of the process count, or \"nodes\".")
     if replicas == world_size:
-        raise ConfigError(f"--fsdp_config: hsdp_replicas {replicas} equals the number of processes, so every shard "
-                          "group would hold one GPU (that is plain data parallelism): use fewer replicas, or drop "
-                          "--fsdp to train with DDP.")
+        raise _config_error(f"--fsdp_config: hsdp_replicas {replicas} equals the number of processes, so every "
+                            "shard group would hold one GPU (that is plain data parallelism): use fewer replicas, or "
+                            "drop --fsdp to train with DDP.")
     return replicas, world_size // replicas
 
 
 def hsdp_parallelism_config(training_args):
     """accelerate's ``ParallelismConfig`` for the HSDP the run's ``fsdp_config`` asks for, or None."""
-    from .arguments import ConfigError
-
     value = fsdp_options(training_args).get("hsdp_replicas")
     if value is None:
         return None
     if fsdp_version(training_args) != 2:
-        raise ConfigError("--fsdp_config: hsdp_replicas needs FSDP2 (\"fsdp_version\": 2).")
+        raise _config_error("--fsdp_config: hsdp_replicas needs FSDP2 (\"fsdp_version\": 2).")
     world = int(training_args.world_size)
     layout = hsdp_layout(value, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     if layout is None:
