@@ -256,6 +256,14 @@ def gathered_weight(module: torch.nn.Module) -> torch.Tensor:
     return weight
 
 
+def cpu_offloaded(fsdp_plugin) -> bool:
+    """Whether accelerate's FSDP2 plugin shards with PyTorch's CPU offload policy (``"cpu_offload":
+    true``): the shards, their gradients and the optimizer state stay in host memory."""
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    return isinstance(getattr(fsdp_plugin, "cpu_offload", None), CPUOffloadPolicy)
+
+
 def _is_dtensor(tensor) -> bool:
     from torch.distributed.tensor import DTensor
 

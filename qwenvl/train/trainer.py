@@ -68,7 +68,7 @@ class QwenVLTrainer(Trainer):
         self._step_rates = {}  # lr/<group> of the latest optimizer step
         self._router_aux = None  # [sum of router_aux_loss, micro-batches] since the last log, on device
         self.add_callback(_RecordStepRates(self))
-        self.add_callback(_ReportShardingMesh())
+        self.add_callback(_ReportShardingMesh(self))
         self.stop_on_signal = StopOnSignal()
         self.add_callback(self.stop_on_signal)
 
@@ -366,16 +366,22 @@ def _fault_injection_for_tests(output_dir: str | None, step: int) -> None:
 
 class _ReportShardingMesh(TrainerCallback):
     """Says, once, over which device mesh FSDP2 sharded the model (read from its parameters), so a
-    run's log shows whether it trains with full sharding or HSDP, and across how many GPUs."""
+    run's log shows whether it trains with full sharding or HSDP, across how many GPUs, and
+    whether the shards live in CPU memory (``"cpu_offload": true``)."""
+
+    def __init__(self, trainer: QwenVLTrainer):
+        self.trainer = trainer
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from .sharding import sharding_mesh
+        from .sharding import cpu_offloaded, sharding_mesh
 
         mesh = sharding_mesh(model) if model is not None else None
         if mesh and state.is_world_process_zero:
             layout = " x ".join(f"{name}={size}" for name, size in mesh.items())
             kind = "HSDP (replicated x sharded)" if len(mesh) > 1 else "full shard"
-            print(f"FSDP2: parameters sharded over a device mesh of {layout}: {kind}", flush=True)
+            offload = ("; shards, their gradients and the optimizer state in CPU memory, the optimizer "
+                       "steps there (cpu_offload)" if cpu_offloaded(self.trainer.accelerator.state.fsdp_plugin) else "")
+            print(f"FSDP2: parameters sharded over a device mesh of {layout}: {kind}{offload}", flush=True)
 
 
 class _RecordStepRates(TrainerCallback):

@@ -27,7 +27,13 @@ class CpuFsdpTrainer(QwenVLTrainer):
         from qwenvl.train.sharding import hsdp_parallelism_config
 
         state = self.accelerator.state
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
         state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        if isinstance(state.fsdp_plugin.cpu_offload, CPUOffloadPolicy):
+            # "cpu_offload": true. The policy pins the host copies for fast copies to the GPU, and
+            # pinning needs a CUDA driver; on CPU processes the same offload path runs unpinned.
+            state.fsdp_plugin.cpu_offload = CPUOffloadPolicy(pin_memory=False)
         state.distributed_type = DistributedType.FSDP
         self.is_fsdp_enabled = True
         # HSDP: what accelerate does with the Trainer's parallelism_config at its start (which the

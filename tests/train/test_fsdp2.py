@@ -315,3 +315,23 @@ def test_compiled_fsdp2_with_fused_loss_matches_ddp_and_exits(untied_model_dir, 
     assert got == pytest.approx(want, rel=2e-2), (got, want)
     saved = _params(fsdp)
     assert saved.keys() == _params(untied_model_dir).keys()
+
+
+@pytest.mark.slow
+def test_fsdp2_with_cpu_offload_trains_like_ddp(untied_model_dir, tmp_path):
+    """``"cpu_offload": true`` in the FSDP config (the README's way to fit a 32B on two GPUs):
+    FSDP2's CPU offload policy keeps the shards, their gradients and the optimizer state in host
+    memory and steps there; losses and saved weights equal DDP's."""
+    config = json.loads((REPO / "scripts" / "fsdp2.json").read_text()) | {"cpu_offload": True}
+    (tmp_path / "fsdp2_offload.json").write_text(json.dumps(config))
+    offload = ["--fsdp", "full_shard auto_wrap", "--fsdp_config", str(tmp_path / "fsdp2_offload.json")]
+    dictionary = copy_demo_annotations(tmp_path / "data")
+    env = _env()
+    flags = ["--max_steps", "3", "--save_strategy", "no", "--optim", "adamw_torch_fused"]
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    _run(_torchrun(str(REPO / "qwenvl/train/train_qwen.py"),
+                   *_flags(untied_model_dir, ddp, dictionary, *flags, "--use_cpu", "True")), env)
+    run = _run(_torchrun("-m", "tests.train.fsdp_cpu", "--use_cpu", "True", *offload,
+                         *_flags(untied_model_dir, fsdp, dictionary, *flags)), env, timeout=600)
+    assert "full shard; shards, their gradients and the optimizer state in CPU memory" in run.stdout
+    _assert_trained_alike(fsdp, ddp, steps=3)
