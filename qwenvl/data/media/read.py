@@ -9,7 +9,8 @@ Every read is bounded by a time limit (``--media_timeout``), and every failure o
 the user's bytes (missing, refused connection, no credentials, a FIFO, corrupt, a
 shape the processor refuses) becomes a ``DataError`` with its ``DataKind`` and the
 media path in its ``origin``.  Images are returned as they are displayed: EXIF
-orientation applied, 16-bit grayscale scaled to 8 bits (not clipped to white).
+orientation applied, 16-bit grayscale scaled to 8 bits (not clipped to white), transparent pixels
+composited onto white (as the processors and qwen-vl-utils serve them).
 """
 from __future__ import annotations
 
@@ -229,12 +230,20 @@ def _displayed_size(image: Image.Image) -> tuple[int, int]:
 
 def as_displayed(image: Image.Image) -> Image.Image:
     """``image`` in RGB as a viewer shows it: EXIF orientation applied, 16-bit and 32-bit grayscale scaled
-    to 8 bits (``convert("RGB")`` alone clips them, turning a 16-bit photo almost all white)."""
+    to 8 bits (``convert("RGB")`` alone clips them, turning a 16-bit photo almost all white), transparency
+    composited onto white."""
     image = ImageOps.exif_transpose(image) or image
     if image.mode.startswith("I"):  # "I;16", "I;16B", "I" (32-bit): PNGs of 16-bit grayscale
         values = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
         image = Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        # convert("RGB") drops the alpha and keeps whatever colour the transparent pixels store (often
+        # black, or leftovers of an edit) -- pixels nobody sees. Served images are composited onto white
+        # (transformers' convert_to_rgb, which the Qwen processors apply to RGBA/LA/P-with-transparency
+        # input, and qwen-vl-utils' to_rgb), so training composites them the same way.
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
