@@ -172,6 +172,28 @@ def test_hf_row_like_llava_instruct_mix(tmp_path):
     assert conv.messages[1] == {"role": "assistant", "content": [text("Red.")]}
 
 
+def test_hf_rows_merged_from_two_layouts_read_the_column_each_row_fills(tmp_path, make_image):
+    """A saved dataset built from rows of different layouts has every column in every row, null where a
+    row lacks it: a null 'image' must not hide the row's 'images', a null 'prompt' is named as null."""
+    datasets = pytest.importorskip("datasets")
+    make_image(tmp_path / "imgs" / "a.png")
+    rows = [{"image": "a.png", "conversations": [{"from": "human", "value": "<image>Colour?"},
+                                                 {"from": "gpt", "value": "Red."}]},
+            {"images": ["a.png"], "messages": [{"role": "user", "content": "<image>Colour?"},
+                                               {"role": "assistant", "content": "Red."}]},
+            {"prompt": None, "completion": "Red."}]
+    columns = sorted({key for row in rows for key in row})  # as loading JSON lines of these rows gives
+    datasets.Dataset.from_dict({c: [row.get(c) for row in rows] for c in columns}).save_to_disk(str(tmp_path / "hf"))
+    spec = DatasetSpec("mixed", str(tmp_path / "hf"), str(tmp_path / "imgs"))
+    source = open_annotations(spec.annotation_path)
+    assert source[1]["image"] is None and source[1]["images"] == ["a.png"]  # the case this test is about
+    for i in (0, 1):
+        user = to_conversation(source[i], spec, i).messages[0]["content"]
+        assert user[0] == image(str(tmp_path / "imgs" / "a.png")), i
+    with pytest.raises(DataError, match=r"record 2: 'conversations' and 'messages' and 'prompt' are null"):
+        to_conversation(source[2], spec, 2)
+
+
 def test_packed_record_gives_one_conversation_per_sample():
     sample = {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}
     convs = to_conversations([sample, {"messages": [{"role": "user", "content": "c"},

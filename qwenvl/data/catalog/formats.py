@@ -107,7 +107,11 @@ def _media_list(record: dict, singular: str, origin: str) -> list:
     plural = singular + "s"
     if record.get(singular) is not None and record.get(plural) is not None:
         raise DataError(f"{origin}: both '{singular}' and '{plural}' are given. Fix: keep one.")
-    value = record.get(singular, record.get(plural))
+    # A null key counts as absent: Hugging Face datasets merged from two layouts carry both columns,
+    # one of them null in every row (``record.get(singular, ...)`` returned that null and dropped the other).
+    value = record.get(singular)
+    if value is None:
+        value = record.get(plural)
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
@@ -320,6 +324,13 @@ def _convert(record: Any, spec: DatasetSpec, origin: str) -> Conversation:
         messages = _message_turns(_turns(record, "messages", origin), "messages", media, origin)
     elif layout == "prompt-completion":
         messages = _prompt_completion(record, media, origin)
+    elif any(key in record for key in _LAYOUT_KEYS):
+        # The key is there but null: a Hugging Face dataset fills the column a row lacks with null.
+        nulls = [key for key in _LAYOUT_KEYS if key in record]
+        raise DataError(f"{origin}: {' and '.join(repr(k) for k in nulls)} "
+                        f"{'is' if len(nulls) == 1 else 'are'} null, so the record has no turns. Fix: fill in "
+                        "the record's turns, or drop the record (a Hugging Face dataset gives null for a column "
+                        "that a row lacks).")
     else:
         raise DataError(f"{origin}: no 'conversations' (LLaVA / sharegpt), 'messages' or 'prompt' + "
                         f"'completion' (TRL) key; found {sorted(record)}. Fix: use one of these layouts "
