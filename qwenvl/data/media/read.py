@@ -57,7 +57,10 @@ def resolve_media(ref: Any, data_path: str | None, origin: str = "") -> Any:
         return [resolve_media(r, data_path, origin) for r in ref]
     if isinstance(ref, dict) and ("bytes" in ref or "path" in ref):
         if ref.get("bytes"):
-            return Image.open(io.BytesIO(ref["bytes"]))
+            try:
+                return Image.open(io.BytesIO(ref["bytes"]))
+            except Exception as exc:  # noqa: BLE001  whatever PIL raises on these bytes is the record's
+                raise _bad_image(exc, "<image bytes in the record>", at) from None
         ref = ref.get("path")
     if isinstance(ref, os.PathLike):
         ref = os.fspath(ref)
@@ -258,7 +261,10 @@ def open_image(ref: Any, origin: str | None = None, timeout_s: float | None = DE
     at = f"{origin}: " if origin else ""
     if isinstance(ref, Image.Image):
         check_aspect_ratio(*_displayed_size(ref), "<in-memory image>", at)
-        return as_displayed(ref)
+        try:  # an image opened lazily from a record's bytes decodes here: truncated data fails here
+            return as_displayed(ref)
+        except Exception as exc:  # noqa: BLE001
+            raise _bad_image(exc, "<in-memory image>", at) from None
     if isinstance(ref, os.PathLike):
         ref = os.fspath(ref)
     if not isinstance(ref, str):
@@ -304,6 +310,11 @@ def image_header(ref: Any, origin: str | None = None, verify: bool = False,
     if isinstance(ref, Image.Image):
         width, height = _displayed_size(ref)
         check_aspect_ratio(width, height, "<in-memory image>", at)
+        if verify:
+            try:
+                ref.load()  # what training does (as_displayed); a no-op for an image decoded already
+            except Exception as exc:  # noqa: BLE001
+                raise _bad_image(exc, "<in-memory image>", at) from None
         return height, width
     if isinstance(ref, os.PathLike):
         ref = os.fspath(ref)
