@@ -41,6 +41,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from PIL import Image
+
 from qwenvl.data.catalog.registry import BBOX_FORMATS, DatasetSpec, thinking_value
 from qwenvl.data.errors import DataError, DataKind, where
 from qwenvl.data.media.read import resolve_media
@@ -86,7 +88,7 @@ class _Media:
     def take(self) -> Any:
         self.used += 1
         if self.used <= len(self.items):
-            return resolve_media(self.items[self.used - 1], self.spec.data_path, self.origin)
+            return _resolved(self.kind, self.items[self.used - 1], self.spec.data_path, self.origin)
         return None  # counted; reported by check()
 
     def check(self) -> str | None:
@@ -100,6 +102,25 @@ class _Media:
             msg += ("; if these are the frames of one video, nest them: "
                     "\"video\": [[\"frame1.jpg\", \"frame2.jpg\", ...]]")
         return msg + "."
+
+
+def _resolved(kind: str, ref: Any, data_path: str, origin: str) -> Any:
+    """``resolve_media`` of one image or video ref: an image is one image (not a list), a video is never an
+    in-memory image."""
+    resolved = resolve_media(ref, data_path, origin)
+    if kind == "image" and isinstance(resolved, list):
+        raise DataError(f"{origin}: an image is given as a list {str(ref)[:120]}; each image is one path or URL "
+                        "(a nested list is how the frames of one video are written). Fix: list the images "
+                        "themselves, \"image\": [\"a.jpg\", \"b.jpg\"], or move frames to 'video'.")
+    frames = resolved if isinstance(resolved, list) else [resolved]
+    if kind == "video" and any(isinstance(f, Image.Image) for f in frames):
+        # Image bytes in the record (a data: URL, an HF {"bytes": ...} value): the video readers take
+        # files and URLs only, and failed on it with a TypeError (a crash, not a bad sample).
+        raise DataError(f"{origin}: a video is given as image bytes inside the record (a data: URL or "
+                        "{\"bytes\": ...}); a video must be a file or URL, or a list of frame image files. Fix: "
+                        "save the video (or its frames) to files and name them, or give a single image as an "
+                        "image.", DataKind.BAD_VIDEO)
+    return resolved
 
 
 def _media_list(record: dict, singular: str, origin: str) -> list:
@@ -158,7 +179,7 @@ def _part(part: Any, media: dict[str, _Media], turn: int, origin: str) -> dict:
         inline = part.get(kind)
         if inline is None:
             return {"type": kind, kind: media[kind].take()}
-        return {"type": kind, kind: resolve_media(inline, media[kind].spec.data_path, origin)}
+        return {"type": kind, kind: _resolved(kind, inline, media[kind].spec.data_path, origin)}
     raise DataError(f"{origin}, turn {turn}: unknown content part type {kind!r}. Fix: use "
                     "'text', 'image' or 'video'.")
 

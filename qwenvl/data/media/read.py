@@ -14,11 +14,14 @@ composited onto white (as the processors and qwen-vl-utils serve them).
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import io
 import os
 import re
 import stat
+import urllib.parse
 from typing import Any, Callable
 
 import numpy as np
@@ -46,7 +49,8 @@ def resolve_media(ref: Any, data_path: str | None, origin: str = "") -> Any:
     Relative paths are joined to ``data_path`` (with ``/`` when it is a URL);
     absolute paths, URLs and PIL images are returned unchanged; a list (the frames
     of one video) is resolved item by item. An HF ``Image`` value that was not
-    decoded (``{"bytes": ..., "path": ...}``) becomes a PIL image or a path.  A
+    decoded (``{"bytes": ..., "path": ...}``) and a ``data:`` URL (an image inline, base64) become
+    PIL images (opened lazily; ``{"path"}`` alone is a path).  A
     relative path with no ``data_path`` is an error: it would otherwise depend on the
     folder the command runs from.
     """
@@ -64,6 +68,8 @@ def resolve_media(ref: Any, data_path: str | None, origin: str = "") -> Any:
         ref = ref.get("path")
     if isinstance(ref, os.PathLike):
         ref = os.fspath(ref)
+    if isinstance(ref, str) and ref[:5].lower() == "data:":
+        return _data_url_image(ref, at)
     if not isinstance(ref, str) or not ref:
         raise DataError(f"{at}a media reference must be a non-empty path or URL string, "
                         f"got {ref!r}. Fix: give the file name relative to data_path.")
@@ -77,6 +83,31 @@ def resolve_media(ref: Any, data_path: str | None, origin: str = "") -> Any:
     if is_url(data_path):
         return data_path.rstrip("/") + "/" + ref
     return os.path.join(data_path, ref)
+
+
+def _data_url_image(ref: str, at: str) -> Image.Image:
+    """The image inline in a ``data:`` URL (``data:image/png;base64,...``), opened lazily like an HF row's.
+
+    OpenAI-style ``image_url`` parts carry images so; joined to ``data_path`` as a file name, they were
+    reported as missing files.
+    """
+    header, comma, payload = ref[5:].partition(",")
+    shown = ref[:40] + ("..." if len(ref) > 40 else "")
+    try:
+        if not comma:
+            raise ValueError("no ',' before the data")
+        data = (base64.b64decode(payload, validate=True) if header.lower().endswith(";base64")
+                else urllib.parse.unquote_to_bytes(payload))
+    except (ValueError, binascii.Error) as exc:
+        raise DataError(f"{at}the data: URL {shown!r} does not hold base64 data ({exc}). Fix: write it as "
+                        "data:image/<type>;base64,<base64 of the image file>, or save the image to a file and "
+                        "name the file.", DataKind.BAD_IMAGE, Origin(media=shown)) from None
+    try:
+        return Image.open(io.BytesIO(data))
+    except Exception as exc:  # noqa: BLE001  whatever PIL raises on these bytes is the record's
+        raise DataError(f"{at}the data: URL {shown!r} does not hold an image ({type(exc).__name__}: "
+                        f"{_first_line(exc)}); only images can be given inline. Fix: put the base64 of a whole image "
+                        "file (PNG, JPEG ...) there, or save the media to a file and name the file.", DataKind.BAD_IMAGE, Origin(media=shown)) from None
 
 
 # --------------------------------------------------------------------------- reading
