@@ -155,3 +155,44 @@ def test_a_bug_is_not_bad_data_it_is_never_cached_and_the_audit_says_training_cr
               "warnings": [], "token_counts": True, "bad_sample_policy": "skip", "internal_errors": 1,
               "records": 1, "check_seconds": 0.1, "records_per_s": 10.0, "num_workers": 1, "seconds": 0.1}
     assert "training would stop with an internal error on 1 record(s)" in audit.format_report(report)
+
+
+@pytest.mark.parametrize("decode", [True, False])
+def test_corrupt_image_bytes_in_a_saved_hf_dataset_are_bad_images_for_training_and_the_audit(tmp_path,
+                                                                                              tiny_model_dir, decode):
+    # datasets decodes a row's images as the row is read: PIL's errors came out of source[i], before any
+    # media check, so the audit called them internal errors and training crashed whatever the policy.
+    # Undecoded ({"bytes", "path"} rows: Image(decode=False), or a plain struct column) failed the same
+    # way in resolve_media and in open_image, later.
+    datasets = pytest.importorskip("datasets")
+    import io
+    png, jpeg = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (56, 56), (200, 0, 0)).save(png, "PNG")
+    Image.new("RGB", (256, 256), (9, 9, 9)).save(jpeg, "JPEG")
+    images = [png.getvalue(), jpeg.getvalue()[:len(jpeg.getvalue()) * 2 // 3], b"not an image"]
+    turns = [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "Colour?"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]
+    features = datasets.Features({
+        "messages": [{"role": datasets.Value("string"),
+                      "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
+        "images": datasets.Sequence(datasets.Image(decode=decode))})
+    rows = {"messages": [turns] * 3, "images": [[{"bytes": b, "path": None}] for b in images]}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "hf"))
+    (tmp_path / "dict.json").write_text(json.dumps({"hf": {"annotation_path": "hf"}}))
+    model = tiny_model_dir("qwen2_5_vl")
+
+    report_path = tmp_path / "r.json"
+    status = audit.main(["--dataset_use", "hf", "--dataset_dictionary", str(tmp_path / "dict.json"),
+                         "--model_name_or_path", str(model), "--num_workers", "1", "--report", str(report_path)]
+                        + ([] if decode else ["--verify_media", "True"]))  # a header alone hides truncation
+    report = json.loads(report_path.read_text())
+    assert status == 1
+    assert {p["record"]: p["kind"] for p in report["problems"]} == {1: "bad_image", 2: "bad_image"}
+    assert all("re-encode" in p["reason"] for p in report["problems"])
+
+    args = DataArguments(dataset_use="hf", dataset_dictionary=str(tmp_path / "dict.json"), bad_sample_policy="skip",
+                         max_pixels=112 * 112, min_pixels=56 * 56)
+    train = make_supervised_data_module(load_processor(model), args, AutoConfig.from_pretrained(model),
+                                        seed=0)["train_dataset"]
+    skipped = {int(train.mixture[i][1]) for i in range(len(train)) if isinstance(train[i], Skipped)}
+    assert skipped == {1, 2}

@@ -172,6 +172,64 @@ def test_hf_row_like_llava_instruct_mix(tmp_path):
     assert conv.messages[1] == {"role": "assistant", "content": [text("Red.")]}
 
 
+def test_hf_rows_merged_from_two_layouts_read_the_column_each_row_fills(tmp_path, make_image):
+    """A saved dataset built from rows of different layouts has every column in every row, null where a
+    row lacks it: a null 'image' must not hide the row's 'images', a null 'prompt' is named as null."""
+    datasets = pytest.importorskip("datasets")
+    make_image(tmp_path / "imgs" / "a.png")
+    rows = [{"image": "a.png", "conversations": [{"from": "human", "value": "<image>Colour?"},
+                                                 {"from": "gpt", "value": "Red."}]},
+            {"images": ["a.png"], "messages": [{"role": "user", "content": "<image>Colour?"},
+                                               {"role": "assistant", "content": "Red."}]},
+            {"prompt": None, "completion": "Red."}]
+    columns = sorted({key for row in rows for key in row})  # as loading JSON lines of these rows gives
+    datasets.Dataset.from_dict({c: [row.get(c) for row in rows] for c in columns}).save_to_disk(str(tmp_path / "hf"))
+    spec = DatasetSpec("mixed", str(tmp_path / "hf"), str(tmp_path / "imgs"))
+    source = open_annotations(spec.annotation_path)
+    assert source[1]["image"] is None and source[1]["images"] == ["a.png"]  # the case this test is about
+    for i in (0, 1):
+        user = to_conversation(source[i], spec, i).messages[0]["content"]
+        assert user[0] == image(str(tmp_path / "imgs" / "a.png")), i
+    with pytest.raises(DataError, match=r"record 2: 'conversations' and 'messages' and 'prompt' are null"):
+        to_conversation(source[2], spec, 2)
+
+
+def test_openai_image_url_parts_with_base64_data_urls(tmp_path, make_image):
+    """OpenAI-style messages carry images inline as data: URLs: they train as the same image in a file
+    (they were joined to data_path as file names and reported missing); bad ones are named bad media."""
+    import base64
+    import numpy as np
+    from qwenvl.data.errors import DataKind
+    path = make_image(tmp_path / "red.png", color=(200, 10, 10), size=(30, 20))
+    url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+    def ask(part):
+        return {"messages": [{"role": "user", "content": [part, text("Colour?")]},
+                             {"role": "assistant", "content": "Red."}]}
+    conv = to_conversation(ask({"type": "image_url", "image_url": {"url": url}}), SPEC, 0)
+    inline = conv.messages[0]["content"][0]["image"]
+    assert np.array_equal(np.asarray(open_image(inline)), np.asarray(open_image(str(path))))
+    llava = {"image": url, "conversations": [{"from": "human", "value": "<image>Colour?"},
+                                             {"from": "gpt", "value": "Red."}]}
+    assert isinstance(to_conversation(llava, SPEC, 0).messages[0]["content"][0]["image"], Image.Image)
+    for part, kind, message in [
+            ({"type": "image_url", "image_url": {"url": url + "!"}}, DataKind.BAD_IMAGE,
+             "does not hold base64 data"),
+            ({"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}, DataKind.BAD_IMAGE,
+             "does not hold an image"),
+            ({"type": "video", "video": url}, DataKind.BAD_VIDEO, "a video is given as image bytes")]:
+        with pytest.raises(DataError, match=f"record 3: .*{message}.* Fix: ") as err:
+            to_conversation(ask(part), SPEC, 3)
+        assert err.value.kind is kind
+
+
+def test_a_nested_list_of_images_is_named_not_opened(tmp_path):
+    record = {"image": [["a.png"]], "conversations": [{"from": "human", "value": "<image>Colour?"},
+                                                      {"from": "gpt", "value": "Red."}]}
+    with pytest.raises(DataError, match=r"record 2: an image is given as a list \['a.png'\].*Fix: "):
+        to_conversation(record, SPEC, 2)
+
+
 def test_packed_record_gives_one_conversation_per_sample():
     sample = {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}
     convs = to_conversations([sample, {"messages": [{"role": "user", "content": "c"},

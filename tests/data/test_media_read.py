@@ -11,6 +11,7 @@ import time
 import fsspec
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from qwenvl.data.batch.count import image_size
@@ -48,6 +49,29 @@ def test_exif_orientation_is_applied_in_pixels_and_in_the_counted_size(tmp_path)
     # Turned clockwise, the stored left (red) half is on top, the right (blue) half at the bottom.
     assert (shown[:20] == (255, 0, 0)).all() and (shown[20:] == (0, 0, 255)).all()
     assert image_size(str(path)) == (40, 20)  # the length count sees the displayed size too
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_are_trained_as_the_processor_serves_them(tmp_path, tiny_model_dir, mode):
+    # Left half opaque red (grey for LA), right half fully transparent storing black: convert("RGB") kept
+    # the black, while the processor (transformers' convert_to_rgb) and qwen-vl-utils show white there.
+    if mode == "P":
+        image = Image.new("P", (56, 56), 0)
+        image.putpalette([255, 0, 0, 0, 0, 0] + [0] * 762)
+        image.paste(1, (28, 0, 56, 56))
+        image.info["transparency"] = 1  # palette index 1 (black) is transparent
+    else:
+        opaque, clear = ((255, 0, 0, 255), (0, 0, 0, 0)) if mode == "RGBA" else ((90, 255), (0, 0))
+        image = Image.new(mode, (56, 56), clear)
+        image.paste(opaque, (0, 0, 28, 56))
+    path = tmp_path / f"{mode}.png"
+    image.save(path)
+    shown = np.asarray(open_image(str(path)))
+    assert (shown[:, 28:] == 255).all()  # the transparent half is white, as served
+    processor = load_processor(tiny_model_dir("qwen2_5_vl")).image_processor
+    served = processor(images=[Image.open(path)], return_tensors="pt")["pixel_values"]
+    trained = processor(images=[open_image(str(path))], return_tensors="pt")["pixel_values"]
+    assert torch.equal(served, trained)
 
 
 # ----------------------------------------------------------------------------- time limits

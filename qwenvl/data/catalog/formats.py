@@ -41,6 +41,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from PIL import Image
+
 from qwenvl.data.catalog.registry import BBOX_FORMATS, DatasetSpec, thinking_value
 from qwenvl.data.errors import DataError, DataKind, where
 from qwenvl.data.media.read import resolve_media
@@ -86,7 +88,7 @@ class _Media:
     def take(self) -> Any:
         self.used += 1
         if self.used <= len(self.items):
-            return resolve_media(self.items[self.used - 1], self.spec.data_path, self.origin)
+            return _resolved(self.kind, self.items[self.used - 1], self.spec.data_path, self.origin)
         return None  # counted; reported by check()
 
     def check(self) -> str | None:
@@ -102,12 +104,35 @@ class _Media:
         return msg + "."
 
 
+def _resolved(kind: str, ref: Any, data_path: str, origin: str) -> Any:
+    """``resolve_media`` of one image or video ref: an image is one image (not a list), a video is never an
+    in-memory image."""
+    resolved = resolve_media(ref, data_path, origin)
+    if kind == "image" and isinstance(resolved, list):
+        raise DataError(f"{origin}: an image is given as a list {str(ref)[:120]}; each image is one path or URL "
+                        "(a nested list is how the frames of one video are written). Fix: list the images "
+                        "themselves, \"image\": [\"a.jpg\", \"b.jpg\"], or move frames to 'video'.")
+    frames = resolved if isinstance(resolved, list) else [resolved]
+    if kind == "video" and any(isinstance(f, Image.Image) for f in frames):
+        # Image bytes in the record (a data: URL, an HF {"bytes": ...} value): the video readers take
+        # files and URLs only, and failed on it with a TypeError (a crash, not a bad sample).
+        raise DataError(f"{origin}: a video is given as image bytes inside the record (a data: URL or "
+                        "{\"bytes\": ...}); a video must be a file or URL, or a list of frame image files. Fix: "
+                        "save the video (or its frames) to files and name them, or give a single image as an "
+                        "image.", DataKind.BAD_VIDEO)
+    return resolved
+
+
 def _media_list(record: dict, singular: str, origin: str) -> list:
     """The record's media of one kind as a list, from ``image`` or ``images`` (not both)."""
     plural = singular + "s"
     if record.get(singular) is not None and record.get(plural) is not None:
         raise DataError(f"{origin}: both '{singular}' and '{plural}' are given. Fix: keep one.")
-    value = record.get(singular, record.get(plural))
+    # A null key counts as absent: Hugging Face datasets merged from two layouts carry both columns,
+    # one of them null in every row (``record.get(singular, ...)`` returned that null and dropped the other).
+    value = record.get(singular)
+    if value is None:
+        value = record.get(plural)
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
@@ -154,7 +179,7 @@ def _part(part: Any, media: dict[str, _Media], turn: int, origin: str) -> dict:
         inline = part.get(kind)
         if inline is None:
             return {"type": kind, kind: media[kind].take()}
-        return {"type": kind, kind: resolve_media(inline, media[kind].spec.data_path, origin)}
+        return {"type": kind, kind: _resolved(kind, inline, media[kind].spec.data_path, origin)}
     raise DataError(f"{origin}, turn {turn}: unknown content part type {kind!r}. Fix: use "
                     "'text', 'image' or 'video'.")
 
@@ -320,6 +345,13 @@ def _convert(record: Any, spec: DatasetSpec, origin: str) -> Conversation:
         messages = _message_turns(_turns(record, "messages", origin), "messages", media, origin)
     elif layout == "prompt-completion":
         messages = _prompt_completion(record, media, origin)
+    elif any(key in record for key in _LAYOUT_KEYS):
+        # The key is there but null: a Hugging Face dataset fills the column a row lacks with null.
+        nulls = [key for key in _LAYOUT_KEYS if key in record]
+        raise DataError(f"{origin}: {' and '.join(repr(k) for k in nulls)} "
+                        f"{'is' if len(nulls) == 1 else 'are'} null, so the record has no turns. Fix: fill in "
+                        "the record's turns, or drop the record (a Hugging Face dataset gives null for a column "
+                        "that a row lacks).")
     else:
         raise DataError(f"{origin}: no 'conversations' (LLaVA / sharegpt), 'messages' or 'prompt' + "
                         f"'completion' (TRL) key; found {sorted(record)}. Fix: use one of these layouts "

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from PIL import Image
 
 from qwenvl.data.errors import DataError, DataKind, Origin, where
 from qwenvl.data.media.read import is_url
@@ -389,6 +390,21 @@ class OffsetSource(AnnotationSource):
         return record
 
 
+# What PIL raises on bytes that are not a (whole) image: UnidentifiedImageError and "image file is
+# truncated" are OSErrors; corrupt headers raise SyntaxError or ValueError; DecompressionBombError.
+_UNDECODABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _raised_by_pil(exc: BaseException) -> bool:
+    """True when PIL raised ``exc`` (an image's bytes), not pyarrow or datasets (the saved files, or a bug)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if f"{os.sep}PIL{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 class HFSource(AnnotationSource):
     """A dataset saved with ``datasets.Dataset.save_to_disk``; rows are records, images are PIL."""
 
@@ -404,7 +420,17 @@ class HFSource(AnnotationSource):
         return len(self.dataset)
 
     def _get(self, i: int) -> Any:
-        return self.dataset[i]
+        try:
+            return self.dataset[i]
+        except _UNDECODABLE as exc:
+            # ``datasets`` decodes a row's Image columns (PIL open + load) as the row is read, so bytes
+            # that are not an image, or are cut short, fail here, before any of our media checks.
+            if not _raised_by_pil(exc):
+                raise
+            raise DataError(f"{where(file=self.path, record=i)}: an image of this row does not decode "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Fix: the "
+                            "stored image bytes are corrupt or not an image; re-encode that image or drop the row.",
+                            DataKind.BAD_IMAGE, Origin(file=self.path, record=i)) from None
 
 
 def _first_byte(reader: _Reader) -> bytes:

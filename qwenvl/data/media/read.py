@@ -9,15 +9,19 @@ Every read is bounded by a time limit (``--media_timeout``), and every failure o
 the user's bytes (missing, refused connection, no credentials, a FIFO, corrupt, a
 shape the processor refuses) becomes a ``DataError`` with its ``DataKind`` and the
 media path in its ``origin``.  Images are returned as they are displayed: EXIF
-orientation applied, 16-bit grayscale scaled to 8 bits (not clipped to white).
+orientation applied, 16-bit grayscale scaled to 8 bits (not clipped to white), transparent pixels
+composited onto white (as the processors and qwen-vl-utils serve them).
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import io
 import os
 import re
 import stat
+import urllib.parse
 from typing import Any, Callable
 
 import numpy as np
@@ -45,7 +49,8 @@ def resolve_media(ref: Any, data_path: str | None, origin: str = "") -> Any:
     Relative paths are joined to ``data_path`` (with ``/`` when it is a URL);
     absolute paths, URLs and PIL images are returned unchanged; a list (the frames
     of one video) is resolved item by item. An HF ``Image`` value that was not
-    decoded (``{"bytes": ..., "path": ...}``) becomes a PIL image or a path.  A
+    decoded (``{"bytes": ..., "path": ...}``) and a ``data:`` URL (an image inline, base64) become
+    PIL images (opened lazily; ``{"path"}`` alone is a path).  A
     relative path with no ``data_path`` is an error: it would otherwise depend on the
     folder the command runs from.
     """
@@ -56,10 +61,15 @@ def resolve_media(ref: Any, data_path: str | None, origin: str = "") -> Any:
         return [resolve_media(r, data_path, origin) for r in ref]
     if isinstance(ref, dict) and ("bytes" in ref or "path" in ref):
         if ref.get("bytes"):
-            return Image.open(io.BytesIO(ref["bytes"]))
+            try:
+                return Image.open(io.BytesIO(ref["bytes"]))
+            except Exception as exc:  # noqa: BLE001  whatever PIL raises on these bytes is the record's
+                raise _bad_image(exc, "<image bytes in the record>", at) from None
         ref = ref.get("path")
     if isinstance(ref, os.PathLike):
         ref = os.fspath(ref)
+    if isinstance(ref, str) and ref[:5].lower() == "data:":
+        return _data_url_image(ref, at)
     if not isinstance(ref, str) or not ref:
         raise DataError(f"{at}a media reference must be a non-empty path or URL string, "
                         f"got {ref!r}. Fix: give the file name relative to data_path.")
@@ -73,6 +83,31 @@ def resolve_media(ref: Any, data_path: str | None, origin: str = "") -> Any:
     if is_url(data_path):
         return data_path.rstrip("/") + "/" + ref
     return os.path.join(data_path, ref)
+
+
+def _data_url_image(ref: str, at: str) -> Image.Image:
+    """The image inline in a ``data:`` URL (``data:image/png;base64,...``), opened lazily like an HF row's.
+
+    OpenAI-style ``image_url`` parts carry images so; joined to ``data_path`` as a file name, they were
+    reported as missing files.
+    """
+    header, comma, payload = ref[5:].partition(",")
+    shown = ref[:40] + ("..." if len(ref) > 40 else "")
+    try:
+        if not comma:
+            raise ValueError("no ',' before the data")
+        data = (base64.b64decode(payload, validate=True) if header.lower().endswith(";base64")
+                else urllib.parse.unquote_to_bytes(payload))
+    except (ValueError, binascii.Error) as exc:
+        raise DataError(f"{at}the data: URL {shown!r} does not hold base64 data ({exc}). Fix: write it as "
+                        "data:image/<type>;base64,<base64 of the image file>, or save the image to a file and "
+                        "name the file.", DataKind.BAD_IMAGE, Origin(media=shown)) from None
+    try:
+        return Image.open(io.BytesIO(data))
+    except Exception as exc:  # noqa: BLE001  whatever PIL raises on these bytes is the record's
+        raise DataError(f"{at}the data: URL {shown!r} does not hold an image ({type(exc).__name__}: "
+                        f"{_first_line(exc)}); only images can be given inline. Fix: put the base64 of a whole image "
+                        "file (PNG, JPEG ...) there, or save the media to a file and name the file.", DataKind.BAD_IMAGE, Origin(media=shown)) from None
 
 
 # --------------------------------------------------------------------------- reading
@@ -229,12 +264,20 @@ def _displayed_size(image: Image.Image) -> tuple[int, int]:
 
 def as_displayed(image: Image.Image) -> Image.Image:
     """``image`` in RGB as a viewer shows it: EXIF orientation applied, 16-bit and 32-bit grayscale scaled
-    to 8 bits (``convert("RGB")`` alone clips them, turning a 16-bit photo almost all white)."""
+    to 8 bits (``convert("RGB")`` alone clips them, turning a 16-bit photo almost all white), transparency
+    composited onto white."""
     image = ImageOps.exif_transpose(image) or image
     if image.mode.startswith("I"):  # "I;16", "I;16B", "I" (32-bit): PNGs of 16-bit grayscale
         values = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
         image = Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        # convert("RGB") drops the alpha and keeps whatever colour the transparent pixels store (often
+        # black, or leftovers of an edit) -- pixels nobody sees. Served images are composited onto white
+        # (transformers' convert_to_rgb, which the Qwen processors apply to RGBA/LA/P-with-transparency
+        # input, and qwen-vl-utils' to_rgb), so training composites them the same way.
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
@@ -249,7 +292,10 @@ def open_image(ref: Any, origin: str | None = None, timeout_s: float | None = DE
     at = f"{origin}: " if origin else ""
     if isinstance(ref, Image.Image):
         check_aspect_ratio(*_displayed_size(ref), "<in-memory image>", at)
-        return as_displayed(ref)
+        try:  # an image opened lazily from a record's bytes decodes here: truncated data fails here
+            return as_displayed(ref)
+        except Exception as exc:  # noqa: BLE001
+            raise _bad_image(exc, "<in-memory image>", at) from None
     if isinstance(ref, os.PathLike):
         ref = os.fspath(ref)
     if not isinstance(ref, str):
@@ -295,6 +341,11 @@ def image_header(ref: Any, origin: str | None = None, verify: bool = False,
     if isinstance(ref, Image.Image):
         width, height = _displayed_size(ref)
         check_aspect_ratio(width, height, "<in-memory image>", at)
+        if verify:
+            try:
+                ref.load()  # what training does (as_displayed); a no-op for an image decoded already
+            except Exception as exc:  # noqa: BLE001
+                raise _bad_image(exc, "<in-memory image>", at) from None
         return height, width
     if isinstance(ref, os.PathLike):
         ref = os.fspath(ref)
