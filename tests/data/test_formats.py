@@ -198,7 +198,9 @@ def test_openai_image_url_parts_with_base64_data_urls(tmp_path, make_image):
     """OpenAI-style messages carry images inline as data: URLs: they train as the same image in a file
     (they were joined to data_path as file names and reported missing); bad ones are named bad media."""
     import base64
+
     import numpy as np
+
     from qwenvl.data.errors import DataKind
     path = make_image(tmp_path / "red.png", color=(200, 10, 10), size=(30, 20))
     url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()

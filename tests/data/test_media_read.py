@@ -19,7 +19,6 @@ from qwenvl.data.errors import DataError, DataKind
 from qwenvl.data.media.read import open_image, resolve_media
 from tests.conftest import load_processor
 
-
 # ----------------------------------------------------------------------------- pixels as displayed
 
 def test_16_bit_grayscale_png_keeps_its_grey_levels(tmp_path):

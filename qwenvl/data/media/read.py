@@ -107,7 +107,8 @@ def _data_url_image(ref: str, at: str) -> Image.Image:
     except Exception as exc:  # noqa: BLE001  whatever PIL raises on these bytes is the record's
         raise DataError(f"{at}the data: URL {shown!r} does not hold an image ({type(exc).__name__}: "
                         f"{_first_line(exc)}); only images can be given inline. Fix: put the base64 of a whole image "
-                        "file (PNG, JPEG ...) there, or save the media to a file and name the file.", DataKind.BAD_IMAGE, Origin(media=shown)) from None
+                        "file (PNG, JPEG ...) there, or save the media to a file and name the file.",
+                        DataKind.BAD_IMAGE, Origin(media=shown)) from None
 
 
 # --------------------------------------------------------------------------- reading
