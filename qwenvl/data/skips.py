@@ -52,7 +52,8 @@ class SkipLog:
         if index in self.seen:
             return
         self.seen.add(index)
-        logger.warning("skipping bad sample %s: %s", origin, reason)
+        # A DataError's message already starts with its location: say it once.
+        logger.warning("skipping bad sample %s", reason if reason.startswith(origin) else f"{origin}: {reason}")
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"index": int(index), "origin": origin, "reason": reason, "pid": os.getpid()}) + "\n")

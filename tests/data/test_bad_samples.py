@@ -101,6 +101,9 @@ def test_training_skips_or_stops_on_each_silent_wrong_record(silent_wrong, tiny_
     assert set(skipping.skip_log.counts) == {k for k in PROBLEMS.values() if k}
     logged = caplog.text
     assert "starts with an assistant turn" in logged and "ends with a user turn" in logged
+    skip_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping bad sample")]
+    assert len(skip_lines) == sum(1 for k in PROBLEMS.values() if k)
+    assert all(line.count("dataset 'sw'") == 1 for line in skip_lines), skip_lines  # the location said once
 
     stopping = dataset("error")
     for i in range(len(stopping)):
