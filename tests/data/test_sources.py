@@ -142,6 +142,18 @@ def test_jsonl_with_bom_and_json_extension(tmp_path):
     assert src.kind == "jsonl" and list(src) == [{"a": 1}, {"a": 2}]
 
 
+@pytest.mark.parametrize("encoding, named", [("utf-16", "UTF-16LE"), ("utf-16-be", "UTF-16BE"),
+                                             ("utf-16-le", "UTF-16LE"), ("utf-32", "UTF-32LE")])
+@pytest.mark.parametrize("name", ["a.jsonl", "a.json"])
+def test_utf16_and_utf32_files_are_named_once_not_record_by_record(tmp_path, encoding, named, name):
+    # What Windows tools and PowerShell's ">" write: read as UTF-8, every record was reported invalid.
+    text = '{"a": 1}\n{"a": 2}\n' if name.endswith("l") else '[{"a": 1}, {"a": 2}]'
+    (tmp_path / name).write_bytes(text.encode(encoding))
+    with pytest.raises(DataError, match=f"is {named} text, not UTF-8") as info:
+        open_annotations(tmp_path / name)
+    assert name in str(info.value) and f"iconv -f {named} -t UTF-8" in str(info.value)
+
+
 def test_jsonl_bad_line_reported_on_read_with_file_and_line(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"a": 1}\n\n{"a": 2,}\n{"a": 3}\n')
     src = open_annotations(tmp_path / "a.jsonl")

@@ -433,6 +433,26 @@ class HFSource(AnnotationSource):
                             DataKind.BAD_IMAGE, Origin(file=self.path, record=i)) from None
 
 
+# Byte order marks of the encodings JSON files are sometimes saved in by mistake (Windows tools, PowerShell's
+# ">" redirection). UTF-32's come first: UTF-32-LE's mark starts with UTF-16-LE's.
+_OTHER_ENCODINGS = ((b"\xff\xfe\x00\x00", "UTF-32LE"), (b"\x00\x00\xfe\xff", "UTF-32BE"),
+                    (b"\xff\xfe", "UTF-16LE"), (b"\xfe\xff", "UTF-16BE"))
+
+
+def _check_utf8(reader: _Reader, path: str) -> None:
+    """Refuse, once for the whole file, an annotation file in UTF-16 or UTF-32: read as UTF-8 every one
+    of its records would be reported invalid on its own, without the cause."""
+    head = reader.read(0, 4)
+    encoding = next((name for bom, name in _OTHER_ENCODINGS if head.startswith(bom)), None)
+    if encoding is None and len(head) >= 2 and b"\x00" in head[:2]:
+        # No mark, but ASCII "[" or "{" next to a zero byte: UTF-16 (or UTF-32) text.
+        encoding = "UTF-16LE" if head[1:2] == b"\x00" else "UTF-16BE"
+    if encoding is not None:
+        raise DataError(f"file {path}: is {encoding} text, not UTF-8 (JSON annotation files must be UTF-8). Fix: "
+                        f"convert it, e.g. iconv -f {encoding} -t UTF-8 {path} > {Path(path).stem}.utf8"
+                        f"{Path(path).suffix}, or write it with encoding='utf-8'.", DataKind.INVALID_JSON)
+
+
 def _first_byte(reader: _Reader) -> bytes:
     for chunk in reader.chunks(1 << 16):
         chunk = chunk.lstrip(_WS + _BOM) if chunk else chunk
@@ -476,6 +496,7 @@ def open_annotations(path: str | os.PathLike, *, cache: bool | None = None) -> A
             raise DataError(f"annotation file not found: {path}. Fix: check annotation_path in "
                             "the dataset dictionary (relative paths resolve against its folder).", DataKind.CONFIG)
     reader = _Reader(path)
+    _check_utf8(reader, path)
     first = _first_byte(reader)
     if path.endswith(".jsonl") or first == b"{":
         kind = "jsonl"
