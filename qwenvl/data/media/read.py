@@ -10,7 +10,7 @@ the user's bytes (missing, refused connection, no credentials, a FIFO, corrupt, 
 shape the processor refuses) becomes a ``DataError`` with its ``DataKind`` and the
 media path in its ``origin``.  Images are returned as they are displayed: EXIF
 orientation applied, 16-bit grayscale scaled to 8 bits (not clipped to white), transparent pixels
-composited onto white (as the processors and qwen-vl-utils serve them).
+composited onto white (as the Qwen processors serve them).
 """
 from __future__ import annotations
 
@@ -274,9 +274,9 @@ def as_displayed(image: Image.Image) -> Image.Image:
         image = Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         # convert("RGB") drops the alpha and keeps whatever colour the transparent pixels store (often
-        # black, or leftovers of an edit) -- pixels nobody sees. Served images are composited onto white
-        # (transformers' convert_to_rgb, which the Qwen processors apply to RGBA/LA/P-with-transparency
-        # input, and qwen-vl-utils' to_rgb), so training composites them the same way.
+        # black, or leftovers of an edit) -- pixels nobody sees. The Qwen processors composite them onto
+        # white (transformers' convert_to_rgb, on this same condition), so training does the same.
+        # qwen-vl-utils' to_rgb agrees for RGBA; for LA and palette transparency it keeps the stored colour.
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
