@@ -138,8 +138,28 @@ def make_supervised_data_module(processor, data_args, model_config, model_max_le
     # Layout and template problems in the first records stop the run now, not after the model loads.
     check_first_records([train, evaluation], processor, data_args.bad_sample_policy)
     flatten = bool(data_args.data_flatten or data_args.data_packing)
+    if not flatten:
+        _warn_packed_files_padded([train, evaluation])
     collator = make_collator(flatten, processor.tokenizer.pad_token_id)
     return {"train_dataset": train, "eval_dataset": evaluation, "data_collator": collator}
+
+
+def _warn_packed_files_padded(datasets) -> None:
+    """Say when a packed file (``pack_data``'s records: lists of samples) feeds padded batches.
+
+    Nothing leaks there (the padded collator gives each of a pack's samples its own row), but a
+    micro-batch then holds every sample of its packs: many more rows than
+    ``--per_device_train_batch_size``, each padded to the longest, which is not what packing was for.
+    """
+    for dataset in datasets:
+        if dataset is None:
+            continue
+        for entry, source in zip(dataset.entries, dataset.sources):
+            if getattr(source, "is_packed", False):
+                logger.warning("dataset '%s' (%s) is packed (each record a list of samples) but batches are padded: "
+                               "each pack's samples become rows of their own, so a micro-batch holds every sample "
+                               "of its packs. Fix: add --data_packing True to train each pack as one row.",
+                               entry.spec.name, entry.spec.annotation_path)
 
 
 def sample_token_counts(sample: dict, renderer: SampleRenderer) -> dict:

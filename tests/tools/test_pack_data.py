@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,7 @@ def test_demo_mix_packs_above_95_percent_and_trains_as_registered(demo_copy, tin
         assert int((batch["position_ids"][0, 0] == 0).sum()) == len(packed[i])
 
 
-def test_patch_budget_and_too_long_samples(tmp_path, tiny_model_dir, capsys):
+def test_patch_budget_and_too_long_samples(tmp_path, tiny_model_dir, capsys, caplog):
     root = tmp_path / "d"
     root.mkdir()
     # 16, 64 and 36 patches of 14 x 14 pixels (4, 16 and 9 visual tokens).
@@ -131,6 +132,16 @@ def test_patch_budget_and_too_long_samples(tmp_path, tiny_model_dir, capsys):
     for i in range(len(module["train_dataset"])):
         batch = module["data_collator"]([module["train_dataset"][i]])
         assert batch["pixel_values"].shape[0] <= 40 and batch["input_ids"].shape[1] <= 256
+
+    # The same packed file in padded batches: each sample of a pack is a row of its own, and the run says
+    # so, naming the flag that trains packs as rows.
+    args.data_packing = False
+    with caplog.at_level(logging.WARNING, logger="qwenvl.data.dataset"):
+        module = make_supervised_data_module(load_processor(model), args, AutoConfig.from_pretrained(model),
+                                             model_max_length=256, seed=0)
+    assert "dataset 'p'" in caplog.text and "Fix: add --data_packing True" in caplog.text
+    batch = module["data_collator"]([module["train_dataset"][0]])
+    assert batch["input_ids"].shape[0] == len(json.loads(out.read_text())[int(module["train_dataset"].mixture[0][1])])
 
 
 def _register(tmp_path: Path, packed: Path) -> Path:
