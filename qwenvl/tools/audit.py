@@ -502,7 +502,12 @@ def format_report(report: dict, show: int = 20) -> str:
         verdict += f"; {len(warnings)} warning(s)"
     empty = report.get("empty", {"entries": [], "mixture": False})
     for e in empty["entries"]:
-        why = "its file holds no records" if not e["records"] else f"its rate is {e['rate']:g}"
+        if not e["records"]:
+            why = "its file holds no records"
+        elif e["rate"] == 0:
+            why = "its rate is 0"
+        else:  # a rate too small for the file: say what it comes to, not a number like 1e-07
+            why = f"{e['rate'] * 100:g}% of its {e['records']} records rounds to 0 samples; raise its rate"
         lines.append(f"dataset '{e['dataset']}' adds no sample to the mixture: {why} ({e['file']}).")
     if empty["mixture"]:
         verdict = "the mixture is empty: training would have no sample; " + verdict

@@ -34,3 +34,7 @@ def test_empty_entries_are_named_and_an_empty_mixture_fails(tmp_path, capsys):
     assert "dataset 'full' adds no sample to the mixture: its rate is 0" in out
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["empty"]["mixture"] and [e["dataset"] for e in report["empty"]["entries"]] == ["full", "empty"]
+    # A rate that the file's size rounds to no sample says so, in percent as written in --dataset_use.
+    status, out = run("full%0.001")
+    assert status == 1 and "dataset 'full' adds no sample to the mixture: 0.001% of its 1 records rounds to 0 " \
+                           "samples; raise its rate" in out
