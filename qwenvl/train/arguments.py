@@ -342,8 +342,35 @@ def _cross_checks(v: dict) -> list[str]:
     model = str(v.get("model_name_or_path") or "")
     if not model:
         problems.append("--model_name_or_path is empty: give a checkpoint directory or hub id.")
+    elif _looks_like_local_path(model) and os.path.isfile(os.path.expanduser(model)):
+        problems.append(f"--model_name_or_path {model} is a file: give the folder that holds the checkpoint "
+                        f"({os.path.dirname(model) or '.'}).")
     elif _looks_like_local_path(model) and not os.path.isdir(os.path.expanduser(model)):
         problems.append(f"--model_name_or_path {model}: no such directory.")
+    problems += _schedule_problems(v)
+    return problems
+
+
+def _schedule_problems(v: dict) -> list[str]:
+    """Batch sizes, run length and evaluation that the Trainer would take without a word, or fail on deep inside
+    (a division by zero, a sampler's error, an untrained model saved as if trained)."""
+    problems = []
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        value = v.get(name)
+        if value is not None and int(value) < 1:
+            problems.append(f"--{name} must be at least 1, got {value}.")
+    max_steps = v.get("max_steps")
+    if max_steps is not None and int(max_steps) == 0:
+        problems.append("--max_steps 0 trains nothing: give a positive number of optimizer steps, or leave it out "
+                        "(-1) to train --num_train_epochs epochs.")
+    elif (max_steps is None or int(max_steps) < 0) and v.get("num_train_epochs") is not None \
+            and not float(v["num_train_epochs"]) > 0:
+        problems.append(f"--num_train_epochs {v['num_train_epochs']} trains nothing (the untrained model would be "
+                        "saved as the result): give a positive number of epochs, or --max_steps N.")
+    strategy = getattr(v.get("eval_strategy"), "value", v.get("eval_strategy"))
+    if strategy not in (None, "no") and not v.get("eval_dataset_use"):
+        problems.append(f"--eval_strategy {strategy} needs evaluation data: name it with --eval_dataset_use (datasets "
+                        "of the dictionary, e.g. my_data_eval), or pass --eval_strategy no.")
     return problems
 
 

@@ -108,10 +108,10 @@ def _summary(trainer, output_dir: str, lora: bool) -> str:
 
 def _train(argv, trainer_class=None):
     import transformers
-    from transformers import AutoConfig, AutoProcessor
 
     from qwenvl.data.dataset import make_supervised_data_module
-    from qwenvl.train.model import load_model, model_class_for, parameter_table, prepare_model
+    from qwenvl.train.model import (check_model_dir, load_model, model_class_for, parameter_table, prepare_model,
+                                    read_config, read_processor)
     from qwenvl.train.steps import build_trainer, train_batch_sampler
 
     model_args, data_args, training_args, explicit = parse_args(argv)
@@ -130,10 +130,11 @@ def _train(argv, trainer_class=None):
     wandb_lines = configure_wandb(training_args.report_to, output_dir)  # environment only, writes nothing
 
     path = model_args.model_name_or_path
-    config = AutoConfig.from_pretrained(path, cache_dir=training_args.cache_dir)
+    check_model_dir(path)  # an adapter folder, no config.json, no weights: named before any data work
+    config = read_config(path, training_args.cache_dir)
     model_class_for(config.model_type)  # an unsupported family fails here, before any data work
     require_transformers_internals(config.model_type, error=ConfigError)  # what we rely on is still there
-    processor = AutoProcessor.from_pretrained(path, cache_dir=training_args.cache_dir)
+    processor = read_processor(path, training_args.cache_dir)
     data_module = make_supervised_data_module(
         processor, data_args, model_config=config, model_max_length=training_args.model_max_length,
         seed=training_args.seed, output_dir=output_dir)

@@ -140,3 +140,27 @@ def test_selective_checkpointing_flag_reaches_the_trainer_arguments(base):
     training = parse_args(base + ["--gradient_checkpointing", "True", "--activation_checkpointing_kwargs",
                                   '{"every_n_layers": 3}']).training
     assert training.activation_checkpointing_kwargs == {"every_n_layers": 3}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1, got 0"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1, got 0"),
+    (["--max_steps", "0"], "--max_steps 0 trains nothing"),
+    (["--num_train_epochs", "0"], "--num_train_epochs 0.0 trains nothing"),
+    (["--eval_strategy", "steps"], "--eval_strategy steps needs evaluation data: name it with --eval_dataset_use"),
+])
+def test_a_run_that_cannot_train_is_refused_before_it_starts(base, flags, message):
+    """The Trainer took these without a word (an untrained model saved as the result, one step for --max_steps 0)
+    or failed deep inside (a division by zero, the sampler's error, its own eval check after the model loaded)."""
+    with pytest.raises(ConfigError) as err:
+        parse_args(base + flags)
+    assert message in str(err.value)
+    # the valid neighbours still pass
+    assert parse_args(base + ["--max_steps", "3", "--num_train_epochs", "0"]).training.max_steps == 3
+    assert parse_args(base + ["--eval_strategy", "no"]).training.eval_strategy.value == "no"
+
+
+def test_a_weights_file_for_the_model_folder_names_the_folder(base):
+    weights = f"{base[1]}/model.safetensors"
+    with pytest.raises(ConfigError, match=f"--model_name_or_path {weights} is a file: give the folder"):
+        parse_args(["--model_name_or_path", weights] + base[2:])

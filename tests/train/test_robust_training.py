@@ -387,3 +387,44 @@ def test_inline_length_count_limit_reads_the_environment():
 
     assert inline_count_limit({}) == INLINE_COUNT_LIMIT
     assert inline_count_limit({"QWENVL_INLINE_LENGTH_COUNT": "0"}) == 0
+
+
+# ---- the model folder ----
+
+def _model_folder(tmp_path, source, keep, extra=None):
+    """A copy of ``source`` holding only the files ``keep`` names (and ``extra``: name -> text)."""
+    import shutil
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in keep:
+        shutil.copy(Path(source) / name, folder / name)
+    for name, text in (extra or {}).items():
+        (folder / name).write_text(text)
+    return folder
+
+
+PROCESSOR_FILES = ["tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"]
+
+
+@pytest.mark.parametrize("keep, extra, message", [
+    (["model.safetensors", *PROCESSOR_FILES], {"adapter_config.json": '{"base_model_name_or_path": "/models/base"}'},
+     "is a LoRA adapter (adapter_config.json, no config.json), not a full model. Merge it into its base first: "
+     "python -m qwenvl.tools.merge_lora --checkpoint {model}"),
+    (["model.safetensors", *PROCESSOR_FILES], None, "{model} has no config.json: give the folder"),
+    (["config.json", *PROCESSOR_FILES], None, "{model} has a config.json but no weights"),
+    (["config.json", "model.safetensors"], None,
+     "cannot load the processor of --model_name_or_path {model} (Can't load image processor"),
+])
+def test_an_unusable_model_folder_is_named_before_anything_is_written(tiny_model_dir, tmp_path, capsys, keep, extra,
+                                                                      message):
+    """A LoRA adapter, weights without config.json, a config without weights, weights without the processor files:
+    each was a transformers traceback (the last two after the data was built and run_args.json written)."""
+    model = _model_folder(tmp_path, tiny_model_dir("qwen2_5_vl"), keep, extra)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        train(_flags(model, out, "--max_steps", "1"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message.format(model=model) in err and "Traceback" not in err, err
+    assert not out.exists()
