@@ -69,7 +69,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 def check_model_dir(model_name_or_path: str) -> None:
-    """ConfigError unless a local ``--model_name_or_path`` folder holds a full model: config.json and weights.
+    """ConfigError unless a local ``--model_name_or_path`` folder holds a full model's config.json.
 
     Runs before any data work, so a LoRA adapter folder, a folder of weights without its config,
     or a config without weights is named with its fix at once, not by a transformers traceback
@@ -94,7 +94,13 @@ def check_model_dir(model_name_or_path: str) -> None:
                 + (f" (or start from its base model, {base})." if base else "."))
         raise ConfigError(f"{flag} has no config.json: give the folder of a Hugging Face checkpoint (config.json, "
                           "the weights, the processor and tokenizer files).")
-    if not any(os.path.isfile(os.path.join(folder, name)) for name in WEIGHT_FILES):
+
+
+def check_model_weights(model_name_or_path: str) -> None:
+    """ConfigError when a local ``--model_name_or_path`` folder has no weights file (checked before the data work)."""
+    folder = os.path.expanduser(model_name_or_path)
+    flag = f"--model_name_or_path {model_name_or_path}"
+    if os.path.isdir(folder) and not any(os.path.isfile(os.path.join(folder, name)) for name in WEIGHT_FILES):
         raise ConfigError(f"{flag} has a config.json but no weights (none of {', '.join(WEIGHT_FILES)}): give "
                           "the folder that holds the model's weights too.")
 

@@ -26,8 +26,8 @@ import sys
 from qwenvl.data.errors import DataError
 from qwenvl.hf_internals import attn_implementation, require_transformers_internals
 from qwenvl.train.arguments import ConfigError, explicit_args_for_saving, parse_args
-from qwenvl.train.checkpoints import DiskFullError, resume_point
-from qwenvl.train.completed_run import completed_run_message
+from qwenvl.train.checkpoints import DiskFullError, check_checkpoint_fits, resume_point
+from qwenvl.train.completed_run import completed_run_message, resumed_past_max_steps
 from qwenvl.train.length_cache import require_length_cache
 from qwenvl.train.library_warnings import quiet_known_library_warnings
 from qwenvl.train.output_dir import check_output_dir, describe_changes, write_run_args
@@ -110,8 +110,8 @@ def _train(argv, trainer_class=None):
     import transformers
 
     from qwenvl.data.dataset import make_supervised_data_module
-    from qwenvl.train.model import (check_model_dir, load_model, model_class_for, parameter_table, prepare_model,
-                                    read_config, read_processor)
+    from qwenvl.train.model import (check_model_dir, check_model_weights, load_model, model_class_for,
+                                    parameter_table, prepare_model, read_config, read_processor)
     from qwenvl.train.steps import build_trainer, train_batch_sampler
 
     model_args, data_args, training_args, explicit = parse_args(argv)
@@ -133,6 +133,7 @@ def _train(argv, trainer_class=None):
     check_model_dir(path)  # an adapter folder, no config.json, no weights: named before any data work
     config = read_config(path, training_args.cache_dir)
     model_class_for(config.model_type)  # an unsupported family fails here, before any data work
+    check_model_weights(path)
     require_transformers_internals(config.model_type, error=ConfigError)  # what we rely on is still there
     processor = read_processor(path, training_args.cache_dir)
     data_module = make_supervised_data_module(
@@ -143,6 +144,13 @@ def _train(argv, trainer_class=None):
 
     # The flags and the data passed their checks: from here on the folder is this run's.
     checkpoint, notes = resume_point(training_args.resume_from_checkpoint, output_dir)
+    if checkpoint:
+        check_checkpoint_fits(checkpoint, config, training_args.lora_enable, path)
+        done = resumed_past_max_steps(checkpoint, output_dir, training_args.max_steps)
+        if done:  # nothing left to train; the Trainer would take one more step
+            if main:
+                print(done, flush=True)
+            return output_dir
     if main:
         for line in wandb_lines:
             print(line, flush=True)

@@ -52,9 +52,11 @@ def _state(folder: Path) -> dict:
 # ---- which checkpoints count ----
 
 def _fake_checkpoint(root: Path, step: int, complete: bool) -> Path:
+    from safetensors.torch import save_file
+
     folder = root / f"checkpoint-{step}"
     folder.mkdir(parents=True)
-    (folder / "model.safetensors").write_bytes(b"x" * 10)
+    save_file({"w": torch.zeros(4)}, str(folder / "model.safetensors"))  # a whole (tiny) weights file
     if complete:
         (folder / "trainer_state.json").write_text("{}")
         mark_complete(str(folder), step)
@@ -86,6 +88,45 @@ def test_checkpoints_written_before_markers_existed_still_resume(tmp_path):
     (tmp_path / "checkpoint-6" / "x").write_text("")
     _fake_checkpoint(tmp_path, 3, complete=True)
     assert newest_complete_checkpoint(str(tmp_path))[0] == str(tmp_path / "checkpoint-3")
+
+
+def test_a_damaged_checkpoint_is_passed_over_or_refused_before_the_model_loads(tmp_path):
+    """A file the marker lists deleted (the Trainer skipped a missing optimizer.pt without a word), a weights file
+    cut short, an empty trainer_state.json (a deep traceback each before), a folder that does not exist."""
+    from qwenvl.train.arguments import ConfigError
+
+    two = _fake_checkpoint(tmp_path, 2, complete=True)
+    four = _fake_checkpoint(tmp_path, 4, complete=True)
+    (four / "optimizer.pt").write_bytes(b"o" * 8)
+    mark_complete(str(four), 4)
+    assert json.loads((four / COMPLETE_MARKER).read_text())["sizes"]["optimizer.pt"] == 8
+    assert resume_point(None, str(tmp_path)) == (str(four), [])
+    assert resume_point("True", str(tmp_path))[0] == str(four)  # the Trainer's resume_from_checkpoint=True
+
+    (four / "optimizer.pt").unlink()
+    checkpoint, notes = resume_point(None, str(tmp_path))
+    assert checkpoint == str(two)
+    assert notes == [f"ignoring {four}: damaged: optimizer.pt missing (listed in its {COMPLETE_MARKER}); it is "
+                     "replaced when that step is saved again"]
+    with pytest.raises(ConfigError) as err:
+        resume_point(str(four), str(tmp_path))
+    assert str(err.value) == (f"--resume_from_checkpoint {four} cannot be resumed from: optimizer.pt missing (listed "
+                              f"in its {COMPLETE_MARKER}). Resume from another checkpoint (checkpoint-2 next to it), "
+                              "or leave the flag out; to start from its weights with a new optimizer, pass the "
+                              "folder as --model_name_or_path instead.")
+
+    weights = two / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size - 4)
+    with pytest.raises(ConfigError, match=r"model.safetensors is \d+ bytes, \d+ when saved \(cut short"):
+        resume_point(str(two), str(tmp_path))
+    (two / COMPLETE_MARKER).unlink()  # no marker to compare with: the header still shows the cut
+    with pytest.raises(ConfigError, match="model.safetensors is cut short"):
+        resume_point(str(two), str(tmp_path))
+    (two / "trainer_state.json").write_text("")
+    with pytest.raises(ConfigError, match="its trainer_state.json cannot be read"):
+        resume_point(str(two), str(tmp_path))
+    with pytest.raises(ConfigError, match="no_such_checkpoint: no such folder"):
+        resume_point(str(tmp_path / "no_such_checkpoint"), str(tmp_path))
 
 
 def test_rotation_keeps_the_newest_complete_checkpoints_and_a_save_in_progress(tmp_path):
@@ -428,3 +469,47 @@ def test_an_unusable_model_folder_is_named_before_anything_is_written(tiny_model
     err = capsys.readouterr().err
     assert message.format(model=model) in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+# ---- resuming a checkpoint this run cannot continue ----
+
+@pytest.mark.slow
+def test_a_finished_run_rerun_with_other_flags_is_left_alone_and_a_mismatched_checkpoint_is_refused(
+        tiny_model_dir, tmp_path, capsys):
+    """A finished run re-run with a changed flag resumed at max_steps and trained one step past it (checkpoint-3,
+    the final model overwritten); another model's or a LoRA checkpoint failed deep in the loader, after
+    run_args.json was replaced (which then hid that the original command had finished)."""
+    out = tmp_path / "out"
+    flags = _flags(tiny_model_dir("qwen2_5_vl"), out, "--max_steps", "2", "--save_steps", "2")
+    train(flags)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    capsys.readouterr()
+
+    train(flags + ["--logging_steps", "2"])
+    printed = capsys.readouterr().out
+    assert f"the run in {out} is already complete: its newest checkpoint {out / 'checkpoint-2'} (step 2) reaches " \
+           "--max_steps 2" in printed
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # no checkpoint-3, nothing rewritten
+
+    for extra, message in [
+        (["--model_name_or_path", str(tiny_model_dir("qwen3_vl")), "--max_steps", "3"],
+         f"{out / 'checkpoint-2'} holds a different model than --model_name_or_path "
+         f"{tiny_model_dir('qwen3_vl')} (model_type: qwen2_5_vl there, qwen3_vl here"),
+        (["--lora_enable", "True", "--max_steps", "3"],
+         f"{out / 'checkpoint-2'} is a full fine-tuning checkpoint, but this run trains LoRA adapters"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            train(flags + extra)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+    # lowering --max_steps below a checkpoint with no final model of that step: refused, not step N+1
+    (out / "trainer_state.json").unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        train(flags + ["--max_steps", "1"])
+    assert exit_info.value.code == 2
+    assert (f"{out / 'checkpoint-2'} is at step 2, which is past --max_steps 1: resuming would train step 3 "
+            "anyway") in capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
