@@ -513,3 +513,35 @@ def test_a_finished_run_rerun_with_other_flags_is_left_alone_and_a_mismatched_ch
     assert (f"{out / 'checkpoint-2'} is at step 2, which is past --max_steps 1: resuming would train step 3 "
             "anyway") in capsys.readouterr().err
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def test_resuming_with_new_learning_rates_says_they_are_not_applied():
+    """torch's Optimizer.load_state_dict and the scheduler's state restore the saved learning rates, weight decay
+    and betas over the flags: the changed values were listed as changing what is trained, yet never used."""
+    from qwenvl.train.output_dir import describe_changes
+
+    previous = {"learning_rate": 1e-3, "tune_mm_llm": True}
+    current = {"learning_rate": 5e-4, "mm_projector_lr": 1e-4, "tune_mm_llm": True}
+    text = describe_changes(previous, current, "out/checkpoint-4")
+    assert "warning: --learning_rate, --mm_projector_lr not applied: resuming restores the optimizer and " \
+           "learning-rate schedule of out/checkpoint-4 with the values it was saved with" in text
+    assert "not applied" not in describe_changes(previous, current, None)  # a new run in the folder uses them
+
+
+@pytest.mark.slow
+def test_resuming_with_other_trainable_parts_names_the_flags_instead_of_a_torch_traceback(tiny_model_dir, tmp_path,
+                                                                                          capsys):
+    out = tmp_path / "out"
+    flags = _flags(tiny_model_dir("qwen2_5_vl"), out, "--save_steps", "2")
+    train(flags + ["--max_steps", "2"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train(flags + ["--max_steps", "3", "--tune_mm_vision", "True"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot resume the optimizer state of {out / 'checkpoint-2'}: it was saved for other trainable " \
+           "parameters" in err and "--tune_mm_vision" in err and "Traceback" not in err, err
+    # the original command still finds its run complete, whatever the failed attempt wrote
+    train(flags + ["--max_steps", "2"])
+    assert "is already complete" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
