@@ -367,6 +367,15 @@ def _schedule_problems(v: dict) -> list[str]:
             and not float(v["num_train_epochs"]) > 0:
         problems.append(f"--num_train_epochs {v['num_train_epochs']} trains nothing (the untrained model would be "
                         "saved as the result): give a positive number of epochs, or --max_steps N.")
+    if v.get("output_dir") is not None and not str(v["output_dir"]).strip():  # None: the Trainer's default folder
+        problems.append("--output_dir is empty: give the folder for the checkpoints and the final model.")
+    if getattr(v.get("save_strategy"), "value", v.get("save_strategy")) == "best":
+        if not v.get("metric_for_best_model"):
+            problems.append("--save_strategy best saves when --metric_for_best_model improves: name it (e.g. "
+                            "--metric_for_best_model loss, the eval loss), or use --save_strategy steps.")
+        if not v.get("eval_dataset_use"):
+            problems.append("--save_strategy best compares evaluations: name the evaluation data with "
+                            "--eval_dataset_use, or use --save_strategy steps.")
     strategy = getattr(v.get("eval_strategy"), "value", v.get("eval_strategy"))
     if strategy not in (None, "no") and not v.get("eval_dataset_use"):
         problems.append(f"--eval_strategy {strategy} needs evaluation data: name it with --eval_dataset_use (datasets "

@@ -250,6 +250,14 @@ def resume_point(requested: str | None, output_dir: str) -> tuple[str | None, li
         if not os.path.isdir(requested):
             raise ConfigError(f"{flag}: no such folder. Give a checkpoint-N folder of a run, or leave the flag out "
                               "to resume from the newest complete checkpoint in --output_dir.")
+        if os.path.isfile(os.path.join(requested, "run_args.json")):
+            # A run's folder holds its final model and trainer_state.json but no optimizer, scheduler or RNG
+            # state: the Trainer would resume from it with a new optimizer, without a word.
+            inside = [os.path.basename(p) for p in checkpoint_folders(requested)]
+            raise ConfigError(f"{flag} is a run's output folder, not a checkpoint (it has no optimizer state). "
+                              + (f"Resume from one of its checkpoints ({', '.join(inside)}), or " if inside else "")
+                              + f"leave the flag out with --output_dir {requested} to resume its newest checkpoint; "
+                              "to start from its final weights with a new optimizer, pass it as --model_name_or_path.")
         problem = checkpoint_problem(requested)
         if problem:
             older = [p for p in checkpoint_folders(os.path.dirname(os.path.abspath(requested)))
@@ -303,23 +311,36 @@ def _shape_fields(config: dict, prefix: str = "") -> dict:
     return found
 
 
-def check_checkpoint_fits(checkpoint: str, model_config, lora_enable: bool, model_name_or_path: str) -> None:
+def check_checkpoint_fits(checkpoint: str, model_config, lora_enable: bool, model_name_or_path: str,
+                          lora_r: int | None = None) -> None:
     """ConfigError when ``checkpoint`` cannot be resumed by this run's model: a LoRA checkpoint resumed
-    without ``--lora_enable`` (or the reverse), or a full checkpoint of a model of other shapes.
+    without ``--lora_enable`` (or the reverse) or with another ``--lora_r``, or a full checkpoint of a
+    model of other shapes.
 
     Checked before ``run_args.json`` is written and the model loads; the Trainer would otherwise fail
     deep inside its loader (a missing index, size mismatches) after the folder was taken over.
     """
     adapter = os.path.isfile(os.path.join(checkpoint, "adapter_config.json"))
     full = os.path.isfile(os.path.join(checkpoint, "config.json"))
-    fix = ("Resume with the flags of the run that wrote it, or give a new --output_dir to start a new run "
-           "(pass the checkpoint as --model_name_or_path to start from its weights).")
+    start_from = ("merge it with python -m qwenvl.tools.merge_lora and pass the merged folder as "
+                  "--model_name_or_path" if adapter and not full else "pass the checkpoint as --model_name_or_path")
+    fix = (f"Resume with the flags of the run that wrote it, or give a new --output_dir to start a new run "
+           f"({start_from} to start from its weights).")
     if adapter and not full and not lora_enable:
         raise ConfigError(f"{checkpoint} is a LoRA checkpoint (adapter_config.json), but this run trains without "
                           f"--lora_enable. Add --lora_enable True to resume it. {fix}")
     if full and not adapter and lora_enable:
         raise ConfigError(f"{checkpoint} is a full fine-tuning checkpoint, but this run trains LoRA adapters "
                           f"(--lora_enable True). Drop --lora_enable to resume it. {fix}")
+    if adapter and lora_enable and lora_r is not None:
+        try:
+            with open(os.path.join(checkpoint, "adapter_config.json")) as f:
+                saved_r = json.load(f).get("r")
+        except (OSError, ValueError, AttributeError):
+            saved_r = None
+        if saved_r is not None and saved_r != lora_r:
+            raise ConfigError(f"{checkpoint} holds LoRA adapters of rank {saved_r}, but this run asks for --lora_r "
+                              f"{lora_r}: they cannot load. Pass --lora_r {saved_r} to resume it. {fix}")
     if not full:
         return
     try:

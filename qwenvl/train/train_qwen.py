@@ -145,7 +145,7 @@ def _train(argv, trainer_class=None):
     # The flags and the data passed their checks: from here on the folder is this run's.
     checkpoint, notes = resume_point(training_args.resume_from_checkpoint, output_dir)
     if checkpoint:
-        check_checkpoint_fits(checkpoint, config, training_args.lora_enable, path)
+        check_checkpoint_fits(checkpoint, config, training_args.lora_enable, path, training_args.lora_r)
         done = resumed_past_max_steps(checkpoint, output_dir, training_args.max_steps)
         if done:  # nothing left to train; the Trainer would take one more step
             if main:

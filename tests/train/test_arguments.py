@@ -148,10 +148,15 @@ def test_selective_checkpointing_flag_reaches_the_trainer_arguments(base):
     (["--max_steps", "0"], "--max_steps 0 trains nothing"),
     (["--num_train_epochs", "0"], "--num_train_epochs 0.0 trains nothing"),
     (["--eval_strategy", "steps"], "--eval_strategy steps needs evaluation data: name it with --eval_dataset_use"),
+    (["--save_strategy", "best"], "--save_strategy best saves when --metric_for_best_model improves: name it"),
+    (["--save_strategy", "best", "--metric_for_best_model", "loss"],
+     "--save_strategy best compares evaluations: name the evaluation data with --eval_dataset_use"),
+    (["--output_dir", ""], "--output_dir is empty: give the folder"),
 ])
 def test_a_run_that_cannot_train_is_refused_before_it_starts(base, flags, message):
     """The Trainer took these without a word (an untrained model saved as the result, one step for --max_steps 0)
-    or failed deep inside (a division by zero, the sampler's error, its own eval check after the model loaded)."""
+    or failed deep inside (a division by zero, the sampler's error, its own eval and best-model checks after the
+    model loaded, os.makedirs('') after the data was built)."""
     with pytest.raises(ConfigError) as err:
         parse_args(base + flags)
     assert message in str(err.value)

@@ -127,6 +127,28 @@ def test_a_damaged_checkpoint_is_passed_over_or_refused_before_the_model_loads(t
         resume_point(str(two), str(tmp_path))
     with pytest.raises(ConfigError, match="no_such_checkpoint: no such folder"):
         resume_point(str(tmp_path / "no_such_checkpoint"), str(tmp_path))
+    # a run's folder (final model and trainer_state.json, no optimizer): the Trainer resumed it with a new optimizer
+    (tmp_path / "run_args.json").write_text("{}")
+    (tmp_path / "trainer_state.json").write_text('{"global_step": 4}')
+    with pytest.raises(ConfigError) as err:
+        resume_point(str(tmp_path), str(tmp_path))
+    assert f"--resume_from_checkpoint {tmp_path} is a run's output folder, not a checkpoint (it has no optimizer " \
+           "state). Resume from one of its checkpoints (checkpoint-2, checkpoint-4)" in str(err.value)
+
+
+def test_a_lora_checkpoint_of_another_rank_is_refused_before_the_model_loads(tmp_path):
+    """--lora_r changed since the checkpoint: peft's size-mismatch traceback after run_args.json was replaced."""
+    from qwenvl.train.arguments import ConfigError
+    from qwenvl.train.checkpoints import check_checkpoint_fits
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "base_model_name_or_path": "/models/base"}))
+    check_checkpoint_fits(str(tmp_path), None, True, "/models/base", lora_r=4)
+    with pytest.raises(ConfigError) as err:
+        check_checkpoint_fits(str(tmp_path), None, True, "/models/base", lora_r=8)
+    assert f"{tmp_path} holds LoRA adapters of rank 4, but this run asks for --lora_r 8: they cannot load. Pass " \
+           "--lora_r 4 to resume it." in str(err.value) and "merge_lora" in str(err.value)
+    with pytest.raises(ConfigError, match="is a LoRA checkpoint .* but this run trains without --lora_enable"):
+        check_checkpoint_fits(str(tmp_path), None, False, "/models/base")
 
 
 def test_rotation_keeps_the_newest_complete_checkpoints_and_a_save_in_progress(tmp_path):
