@@ -152,6 +152,11 @@ def test_selective_checkpointing_flag_reaches_the_trainer_arguments(base):
     (["--save_strategy", "best", "--metric_for_best_model", "loss"],
      "--save_strategy best compares evaluations: name the evaluation data with --eval_dataset_use"),
     (["--output_dir", ""], "--output_dir is empty: give the folder"),
+    (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size must be at least 1, got 0"),
+    (["--dataloader_num_workers", "-1"], "--dataloader_num_workers must be 0 (load in the training process) or more"),
+    (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+    (["--attn_implementation", "flash_attn2"], "--attn_implementation flash_attn2 is not an attention kernel"),
+    (["--report_to", "wandb,tensorbord"], "--report_to tensorbord: unknown; use none, all, or any of"),
 ])
 def test_a_run_that_cannot_train_is_refused_before_it_starts(base, flags, message):
     """The Trainer took these without a word (an untrained model saved as the result, one step for --max_steps 0)
@@ -163,6 +168,9 @@ def test_a_run_that_cannot_train_is_refused_before_it_starts(base, flags, messag
     # the valid neighbours still pass
     assert parse_args(base + ["--max_steps", "3", "--num_train_epochs", "0"]).training.max_steps == 3
     assert parse_args(base + ["--eval_strategy", "no"]).training.eval_strategy.value == "no"
+    for attn in ("sdpa", "eager", "flash_varlen_torch", "flex_attention", "paged|eager"):
+        assert parse_args(base + ["--attn_implementation", attn]).model.attn_implementation == attn
+    assert parse_args(base + ["--report_to", "tensorboard,wandb"]).training.report_to == ["tensorboard", "wandb"]
 
 
 def test_a_weights_file_for_the_model_folder_names_the_folder(base):
