@@ -196,6 +196,10 @@ class _Parser(GroupedHelpParser):
     """HfArgumentParser whose usage errors become a ConfigError instead of ``sys.exit(2)``."""
 
     def error(self, message):
+        if message.endswith("expected one argument"):
+            # argparse takes "-1e-5" for a flag, so "--learning_rate -1e-5" reads as a missing value.
+            message += (" (a value that starts with '-', such as a negative number, is written with '=': "
+                        "--flag=-1e-5)")
         raise ConfigError(message)
 
 

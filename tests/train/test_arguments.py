@@ -177,3 +177,11 @@ def test_a_weights_file_for_the_model_folder_names_the_folder(base):
     weights = f"{base[1]}/model.safetensors"
     with pytest.raises(ConfigError, match=f"--model_name_or_path {weights} is a file: give the folder"):
         parse_args(["--model_name_or_path", weights] + base[2:])
+
+
+def test_a_negative_value_after_a_space_says_how_to_write_it(base):
+    """argparse reads "-1e-5" as a flag: the message said only "expected one argument"."""
+    with pytest.raises(ConfigError, match="is written with '=': --flag=-1e-5"):
+        parse_args(base + ["--learning_rate", "-1e-5"])
+    with pytest.raises(ConfigError, match="--learning_rate must be positive, got -1e-05"):
+        parse_args(base + ["--learning_rate=-1e-5"])
