@@ -185,8 +185,10 @@ def _train(argv, trainer_class=None):
         if main:
             print(trainer.stop_on_signal.report(output_dir), file=sys.stderr, flush=True)
         raise SystemExit(INTERRUPTED)
-    trainer.save_state()
     trainer.save_model(output_dir)  # with the processor, and use_cache=True in the saved config
+    # trainer_state.json last: it is what marks the run finished (completed_run.py), so a run killed
+    # while writing the final model is never taken for a finished one.
+    trainer.save_state()
     if main:
         print(_summary(trainer, output_dir, training_args.lora_enable), flush=True)
     return output_dir

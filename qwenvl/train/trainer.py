@@ -370,11 +370,14 @@ def checkpoint_load_dtype(model) -> torch.dtype:
 
 def _fault_injection_for_tests(output_dir: str | None, step: int) -> None:
     """SIGKILL this process right after a checkpoint's weights are written (``QWENVL_TEST_KILL_DURING_SAVE=N``
-    for the checkpoint of step N): the deterministic way for a test to leave a half-written
-    checkpoint behind through the real save path.  Unset, it does nothing."""
+    for the checkpoint of step N, ``final`` for the final model in --output_dir): the deterministic way for a
+    test to leave a half-written save behind through the real save path.  Unset, it does nothing."""
     target = os.environ.get("QWENVL_TEST_KILL_DURING_SAVE")
-    if target and output_dir and os.path.basename(os.path.normpath(output_dir)) == f"checkpoint-{target}" \
-            and int(target) == step:
+    if not (target and output_dir):
+        return
+    folder = os.path.basename(os.path.normpath(output_dir))
+    if (target == "final" and not folder.startswith("checkpoint-")) \
+            or (target.isdigit() and folder == f"checkpoint-{target}" and int(target) == step):
         os.kill(os.getpid(), signal.SIGKILL)
 
 

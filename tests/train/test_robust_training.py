@@ -567,3 +567,22 @@ def test_resuming_with_other_trainable_parts_names_the_flags_instead_of_a_torch_
     train(flags + ["--max_steps", "2"])
     assert "is already complete" in capsys.readouterr().out
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_writing_its_final_model_is_not_taken_for_a_finished_one(tiny_model_dir, tmp_path):
+    """trainer_state.json was written before the final model: a kill in between left a folder that every re-run
+    called "already complete" while its model.safetensors was cut off or missing."""
+    path = tiny_model_dir("qwen2_5_vl")
+    out = tmp_path / "out"
+    command = _train_command() + _flags(path, out, "--max_steps", "2", "--save_steps", "2")
+    killed = run_command(command, env=_env(QWENVL_TEST_KILL_DURING_SAVE="final"), timeout=900)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert (out / "checkpoint-2" / COMPLETE_MARKER).is_file() and not (out / "trainer_state.json").exists()
+
+    rerun = run_command(command, env=_env(), timeout=900)
+    assert rerun.returncode == 2, rerun.stderr[-3000:]
+    assert "already complete" not in rerun.stdout
+    assert (f"{out / 'checkpoint-2'} is at step 2, which reaches --max_steps 2: resuming would train step 3 anyway"
+            in rerun.stderr) and "the checkpoint itself loads as the model of that step" in rerun.stderr
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
