@@ -196,6 +196,10 @@ class _Parser(GroupedHelpParser):
     """HfArgumentParser whose usage errors become a ConfigError instead of ``sys.exit(2)``."""
 
     def error(self, message):
+        if message.endswith("expected one argument"):
+            # argparse takes "-1e-5" for a flag, so "--learning_rate -1e-5" reads as a missing value.
+            message += (" (a value that starts with '-', such as a negative number, is written with '=': "
+                        "--flag=-1e-5)")
         raise ConfigError(message)
 
 
@@ -339,11 +343,80 @@ def _cross_checks(v: dict) -> list[str]:
     if attn == "flash_attention_2" and not flash_attn_available():
         problems.append("--attn_implementation flash_attention_2 needs the flash_attn package and a CUDA GPU; "
                         "pass --attn_implementation sdpa, or leave it out to choose automatically.")
+    elif attn and not _known_attention(str(attn)):
+        problems.append(f"--attn_implementation {attn} is not an attention kernel transformers or this package "
+                        "knows: use sdpa, eager, flash_attention_2 (CUDA, flash_attn installed), flash_varlen_torch "
+                        "(CUDA) or flex_attention, or leave it out to choose automatically.")
+    report = v.get("report_to")
+    unknown = [r for r in ([report] if isinstance(report, str) else report or []) if not _known_report_to(str(r))]
+    if unknown:
+        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+        problems.append(f"--report_to {', '.join(map(str, unknown))}: unknown; use none, all, or any of "
+                        f"{', '.join(INTEGRATION_TO_CALLBACK)} (several: --report_to wandb,tensorboard).")
     model = str(v.get("model_name_or_path") or "")
     if not model:
         problems.append("--model_name_or_path is empty: give a checkpoint directory or hub id.")
+    elif _looks_like_local_path(model) and os.path.isfile(os.path.expanduser(model)):
+        problems.append(f"--model_name_or_path {model} is a file: give the folder that holds the checkpoint "
+                        f"({os.path.dirname(model) or '.'}).")
     elif _looks_like_local_path(model) and not os.path.isdir(os.path.expanduser(model)):
         problems.append(f"--model_name_or_path {model}: no such directory.")
+    problems += _schedule_problems(v)
+    return problems
+
+
+def _known_attention(name: str) -> bool:
+    """An attention name transformers registers (or a hub kernel, "org/repo"), eager, or one of ours."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from .attention import VARLEN_ATTENTION
+
+    known = {"eager", VARLEN_ATTENTION, *ALL_ATTENTION_FUNCTIONS.valid_keys()}
+    return "/" in name or name in known or name.removeprefix("paged|") in known
+
+
+def _known_report_to(name: str) -> bool:
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    return name in ("none", "all") or name in INTEGRATION_TO_CALLBACK
+
+
+def _schedule_problems(v: dict) -> list[str]:
+    """Batch sizes, run length and evaluation that the Trainer would take without a word, or fail on deep inside
+    (a division by zero, a sampler's error, an untrained model saved as if trained)."""
+    problems = []
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        value = v.get(name)
+        if value is not None and int(value) < 1:
+            problems.append(f"--{name} must be at least 1, got {value}.")
+    workers = v.get("dataloader_num_workers")
+    if workers is not None and int(workers) < 0:
+        problems.append(f"--dataloader_num_workers must be 0 (load in the training process) or more, got {workers}.")
+    seed = v.get("seed")
+    if seed is not None and not 0 <= int(seed) < 2**32:
+        problems.append(f"--seed must be in [0, 2**32), got {seed} (numpy's seeds are unsigned 32-bit).")
+    max_steps = v.get("max_steps")
+    if max_steps is not None and int(max_steps) == 0:
+        problems.append("--max_steps 0 trains nothing: give a positive number of optimizer steps, or leave it out "
+                        "(-1) to train --num_train_epochs epochs.")
+    elif (max_steps is None or int(max_steps) < 0) and v.get("num_train_epochs") is not None \
+            and not float(v["num_train_epochs"]) > 0:
+        problems.append(f"--num_train_epochs {v['num_train_epochs']} trains nothing (the untrained model would be "
+                        "saved as the result): give a positive number of epochs, or --max_steps N.")
+    if v.get("output_dir") is not None and not str(v["output_dir"]).strip():  # None: the Trainer's default folder
+        problems.append("--output_dir is empty: give the folder for the checkpoints and the final model.")
+    if getattr(v.get("save_strategy"), "value", v.get("save_strategy")) == "best":
+        if not v.get("metric_for_best_model"):
+            problems.append("--save_strategy best saves when --metric_for_best_model improves: name it (e.g. "
+                            "--metric_for_best_model loss, the eval loss), or use --save_strategy steps.")
+        if not v.get("eval_dataset_use"):
+            problems.append("--save_strategy best compares evaluations: name the evaluation data with "
+                            "--eval_dataset_use, or use --save_strategy steps.")
+    strategy = getattr(v.get("eval_strategy"), "value", v.get("eval_strategy"))
+    if strategy not in (None, "no") and not v.get("eval_dataset_use"):
+        problems.append(f"--eval_strategy {strategy} needs evaluation data: name it with --eval_dataset_use (datasets "
+                        "of the dictionary, e.g. my_data_eval), or pass --eval_strategy no.")
     return problems
 
 

@@ -17,6 +17,8 @@ import shutil
 import time
 from dataclasses import dataclass
 
+from .arguments import ConfigError
+
 COMPLETE_MARKER = "checkpoint_complete.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -64,9 +66,77 @@ def newest_complete_checkpoint(output_dir: str) -> tuple[str | None, list[Ignore
     ignored = []
     for path in reversed(folders):
         if is_complete(path) or (legacy and os.path.isfile(os.path.join(path, "trainer_state.json"))):
-            return path, ignored
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path, ignored
+            ignored.append(IgnoredCheckpoint(path, f"damaged: {problem}"))
+            continue
         ignored.append(IgnoredCheckpoint(path, _why_incomplete(path)))
     return None, ignored
+
+
+def checkpoint_problem(folder: str) -> str | None:
+    """Why ``folder`` cannot be resumed from although it looks like a checkpoint, or None.
+
+    Checks what is cheap to check before the model loads: ``trainer_state.json`` is a JSON
+    object, and every file the completion marker lists is still there with the size it was
+    saved with (a deleted shard or optimizer state, a weights file cut short by a copy).
+    A missing ``optimizer.pt`` would otherwise be skipped by the Trainer without a word,
+    restarting the optimizer's moments; a damaged file would fail deep inside its loader.
+    """
+    try:
+        with open(os.path.join(folder, "trainer_state.json")) as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        return "it has no trainer_state.json (a Trainer checkpoint-N folder has one)"
+    except (OSError, ValueError) as err:
+        return f"its trainer_state.json cannot be read ({err})"
+    if not isinstance(state, dict):
+        return "its trainer_state.json does not hold a JSON object"
+    try:
+        with open(os.path.join(folder, COMPLETE_MARKER)) as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        marker = {}  # no marker (an older version's checkpoint): no list of files to compare with
+    sizes = marker.get("sizes") or {name: None for name in marker.get("files", [])}
+    missing, changed = [], []
+    for name, size in sizes.items():
+        path = os.path.join(folder, name)
+        if name in ("trainer_state.json", COMPLETE_MARKER):
+            continue  # checked above; the Trainer may rewrite it (best model bookkeeping)
+        if not os.path.isfile(path):
+            missing.append(name)
+        elif size is not None and os.path.getsize(path) != size:
+            changed.append(f"{name} is {os.path.getsize(path):,} bytes, {size:,} when saved")
+    if missing:
+        return f"{', '.join(missing)} missing (listed in its {COMPLETE_MARKER})"
+    if changed:
+        return f"{'; '.join(changed)} (cut short or replaced since)"
+    for root, _, names in os.walk(folder):
+        for name in sorted(names):
+            if name.endswith(".safetensors"):
+                problem = _safetensors_problem(os.path.join(root, name))
+                if problem:
+                    return f"{os.path.relpath(os.path.join(root, name), folder)} {problem}"
+    return None
+
+
+def _safetensors_problem(path: str) -> str | None:
+    """Whether a safetensors file's header is whole and its tensors fit in the file (reads the header only)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if size < 8 or 8 + length > size:
+                return f"is cut short ({size:,} bytes, its header alone needs {8 + length:,})"
+            header = json.loads(f.read(length))
+    except (OSError, ValueError) as err:
+        return f"cannot be read ({err})"
+    ends = [entry["data_offsets"][1] for key, entry in header.items()
+            if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+    if ends and 8 + length + max(ends) > size:
+        return f"is cut short ({size:,} bytes of {8 + length + max(ends):,})"
+    return None
 
 
 def mark_complete(folder: str, step: int) -> None:
@@ -74,17 +144,19 @@ def mark_complete(folder: str, step: int) -> None:
 
     The order matters: the marker must not reach the disk before the files it vouches for.
     """
-    files = []
+    sizes = {}
     for root, _, names in os.walk(folder):
         for name in names:
             path = os.path.join(root, name)
-            files.append(os.path.relpath(path, folder))
+            if os.path.relpath(path, folder) != COMPLETE_MARKER:  # a marker of an earlier save of this step
+                sizes[os.path.relpath(path, folder)] = os.path.getsize(path)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
     temporary = os.path.join(folder, f".{COMPLETE_MARKER}.tmp")
     with open(temporary, "w") as f:
+        # The sizes let a resume tell a file cut short or replaced since (checkpoint_problem).
         json.dump({"step": int(step), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   "files": sorted(files)}, f, indent=1)
+                   "files": sorted(sizes), "sizes": dict(sorted(sizes.items()))}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(temporary, os.path.join(folder, COMPLETE_MARKER))
@@ -171,7 +243,29 @@ def resume_point(requested: str | None, output_dir: str) -> tuple[str | None, li
     ``checkpoint-N`` of ``output_dir`` (the official code's habit), naming each newer
     folder that was passed over and why.
     """
+    if isinstance(requested, str) and requested.lower() == "true":
+        requested = None  # the Trainer's resume_from_checkpoint=True: the newest checkpoint of --output_dir
     if requested:
+        flag = f"--resume_from_checkpoint {requested}"
+        if not os.path.isdir(requested):
+            raise ConfigError(f"{flag}: no such folder. Give a checkpoint-N folder of a run, or leave the flag out "
+                              "to resume from the newest complete checkpoint in --output_dir.")
+        if os.path.isfile(os.path.join(requested, "run_args.json")):
+            # A run's folder holds its final model and trainer_state.json but no optimizer, scheduler or RNG
+            # state: the Trainer would resume from it with a new optimizer, without a word.
+            inside = [os.path.basename(p) for p in checkpoint_folders(requested)]
+            raise ConfigError(f"{flag} is a run's output folder, not a checkpoint (it has no optimizer state). "
+                              + (f"Resume from one of its checkpoints ({', '.join(inside)}), or " if inside else "")
+                              + f"leave the flag out with --output_dir {requested} to resume its newest checkpoint; "
+                              "to start from its final weights with a new optimizer, pass it as --model_name_or_path.")
+        problem = checkpoint_problem(requested)
+        if problem:
+            older = [p for p in checkpoint_folders(os.path.dirname(os.path.abspath(requested)))
+                     if p != os.path.abspath(requested) and checkpoint_problem(p) is None]
+            hint = f" ({', '.join(os.path.basename(p) for p in older)} next to it)" if older else ""
+            raise ConfigError(f"{flag} cannot be resumed from: {problem}. Resume from another checkpoint{hint}, or "
+                              "leave the flag out; to start from its weights with a new optimizer, pass the folder "
+                              "as --model_name_or_path instead.")
         notes = [] if is_complete(requested) else [
             f"warning: {requested} has no {COMPLETE_MARKER}; it may be cut off (resuming from it as asked)"]
         return requested, notes
@@ -201,3 +295,62 @@ def remove_stale_checkpoints(output_dir: str, keep: int | None, protected: set[s
             shutil.rmtree(folder, ignore_errors=True)
             deleted.append(folder)
     return deleted
+
+
+# Config fields that fix the shapes of the weights: a checkpoint whose values differ cannot load into the model.
+_SHAPE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "vocab_size", "depth", "out_hidden_size", "num_heads",
+                 "num_experts", "moe_intermediate_size", "patch_size", "spatial_merge_size", "temporal_patch_size")
+
+
+def _shape_fields(config: dict, prefix: str = "") -> dict:
+    found = {f"{prefix}{k}": config[k] for k in _SHAPE_FIELDS if k in config and not (prefix and k == "model_type")}
+    for sub in ("text_config", "vision_config"):
+        if isinstance(config.get(sub), dict):
+            found.update(_shape_fields(config[sub], f"{sub}."))
+    return found
+
+
+def check_checkpoint_fits(checkpoint: str, model_config, lora_enable: bool, model_name_or_path: str,
+                          lora_r: int | None = None) -> None:
+    """ConfigError when ``checkpoint`` cannot be resumed by this run's model: a LoRA checkpoint resumed
+    without ``--lora_enable`` (or the reverse) or with another ``--lora_r``, or a full checkpoint of a
+    model of other shapes.
+
+    Checked before ``run_args.json`` is written and the model loads; the Trainer would otherwise fail
+    deep inside its loader (a missing index, size mismatches) after the folder was taken over.
+    """
+    adapter = os.path.isfile(os.path.join(checkpoint, "adapter_config.json"))
+    full = os.path.isfile(os.path.join(checkpoint, "config.json"))
+    start_from = ("merge it with python -m qwenvl.tools.merge_lora and pass the merged folder as "
+                  "--model_name_or_path" if adapter and not full else "pass the checkpoint as --model_name_or_path")
+    fix = (f"Resume with the flags of the run that wrote it, or give a new --output_dir to start a new run "
+           f"({start_from} to start from its weights).")
+    if adapter and not full and not lora_enable:
+        raise ConfigError(f"{checkpoint} is a LoRA checkpoint (adapter_config.json), but this run trains without "
+                          f"--lora_enable. Add --lora_enable True to resume it. {fix}")
+    if full and not adapter and lora_enable:
+        raise ConfigError(f"{checkpoint} is a full fine-tuning checkpoint, but this run trains LoRA adapters "
+                          f"(--lora_enable True). Drop --lora_enable to resume it. {fix}")
+    if adapter and lora_enable and lora_r is not None:
+        try:
+            with open(os.path.join(checkpoint, "adapter_config.json")) as f:
+                saved_r = json.load(f).get("r")
+        except (OSError, ValueError, AttributeError):
+            saved_r = None
+        if saved_r is not None and saved_r != lora_r:
+            raise ConfigError(f"{checkpoint} holds LoRA adapters of rank {saved_r}, but this run asks for --lora_r "
+                              f"{lora_r}: they cannot load. Pass --lora_r {saved_r} to resume it. {fix}")
+    if not full:
+        return
+    try:
+        with open(os.path.join(checkpoint, "config.json")) as f:
+            saved = _shape_fields(json.load(f))
+    except (OSError, ValueError):
+        return  # checkpoint_problem and the loader say what is wrong with the file
+    current = _shape_fields(model_config.to_dict())
+    differ = [f"{k}: {saved[k]} there, {current[k]} here" for k in saved if k in current and saved[k] != current[k]]
+    if differ:
+        raise ConfigError(f"{checkpoint} holds a different model than --model_name_or_path {model_name_or_path} "
+                          f"({'; '.join(differ[:4])}{'; ...' if len(differ) > 4 else ''}): its weights cannot "
+                          f"load into it. {fix}")

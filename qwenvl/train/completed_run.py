@@ -41,3 +41,37 @@ def completed_run_message(output_dir: str, saved_args: dict) -> str | None:
     return (f"the run in {output_dir} is already complete (step {step} of {max_steps}, trainer_state.json): "
             "nothing was changed. To train longer, raise --max_steps or --num_train_epochs (it resumes from the "
             "newest checkpoint); to start again, choose a new --output_dir.")
+
+
+def checkpoint_step(checkpoint: str) -> int | None:
+    """``global_step`` of a checkpoint's ``trainer_state.json`` (None when unreadable)."""
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+            return int(json.load(f).get("global_step"))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def resumed_past_max_steps(checkpoint: str, output_dir: str, max_steps: int) -> str | None:
+    """When ``checkpoint`` already reached ``--max_steps``: the line to print if ``output_dir`` holds the
+    finished run's model, else a ConfigError. None when there are steps left to train.
+
+    The Trainer checks ``max_steps`` only after a step, so resuming at (or past) it trains one more
+    step, saves ``checkpoint-<N+1>`` and overwrites the final model: a re-run of a finished run
+    with any flag changed (``--logging_steps``), or with ``--max_steps`` lowered, did that.
+    """
+    from .arguments import ConfigError
+
+    step = checkpoint_step(checkpoint)
+    if max_steps is None or max_steps <= 0 or step is None or step < max_steps:
+        return None
+    final = checkpoint_step(output_dir)
+    reached = "reaches" if step == max_steps else "is past"
+    if final is not None and final >= min(step, max_steps):
+        return (f"the run in {output_dir} is already complete: its newest checkpoint {checkpoint} (step {step}) "
+                f"{reached} --max_steps {max_steps}, and the final model (step {final}) is saved there. Nothing was "
+                "changed. To train longer, raise --max_steps above "
+                f"{step}; to start again, choose a new --output_dir.")
+    raise ConfigError(f"{checkpoint} is at step {step}, which {reached} --max_steps {max_steps}: resuming would "
+                      f"train step {step + 1} anyway and save it as the result. Raise --max_steps above {step} to "
+                      "train further; the checkpoint itself loads as the model of that step (with its processor).")

@@ -16,6 +16,8 @@ adapter checkpoint as ``modules_to_save``.  ``--lora_enable`` without
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 
 import torch
@@ -59,6 +61,64 @@ def read_config(model_name_or_path: str, cache_dir: str | None = None):
         return AutoConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot read the config of --model_name_or_path {model_name_or_path}: {err}") from None
+
+
+# Files that hold a checkpoint's weights (one file, or an index naming the shards).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_model_dir(model_name_or_path: str) -> None:
+    """ConfigError unless a local ``--model_name_or_path`` folder holds a full model's config.json.
+
+    Runs before any data work, so a LoRA adapter folder, a folder of weights without its config,
+    or a config without weights is named with its fix at once, not by a transformers traceback
+    after the data was built and ``run_args.json`` written.  Hub ids are left to transformers.
+    """
+    folder = os.path.expanduser(model_name_or_path)
+    if not os.path.isdir(folder):
+        return
+    flag = f"--model_name_or_path {model_name_or_path}"
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        adapter = os.path.join(folder, "adapter_config.json")
+        if os.path.isfile(adapter):
+            try:
+                with open(adapter) as f:
+                    base = json.load(f).get("base_model_name_or_path")
+            except (OSError, ValueError, AttributeError):
+                base = None
+            raise ConfigError(
+                f"{flag} is a LoRA adapter (adapter_config.json, no config.json), not a full model. Merge it "
+                f"into its base first: python -m qwenvl.tools.merge_lora --checkpoint {model_name_or_path} "
+                f"--output {model_name_or_path.rstrip('/')}-merged, and pass the merged folder"
+                + (f" (or start from its base model, {base})." if base else "."))
+        raise ConfigError(f"{flag} has no config.json: give the folder of a Hugging Face checkpoint (config.json, "
+                          "the weights, the processor and tokenizer files).")
+
+
+def check_model_weights(model_name_or_path: str) -> None:
+    """ConfigError when a local ``--model_name_or_path`` folder has no weights file (checked before the data work)."""
+    folder = os.path.expanduser(model_name_or_path)
+    flag = f"--model_name_or_path {model_name_or_path}"
+    if os.path.isdir(folder) and not any(os.path.isfile(os.path.join(folder, name)) for name in WEIGHT_FILES):
+        raise ConfigError(f"{flag} has a config.json but no weights (none of {', '.join(WEIGHT_FILES)}): give "
+                          "the folder that holds the model's weights too.")
+
+
+def read_processor(model_name_or_path: str, cache_dir: str | None = None):
+    """The checkpoint's processor (AutoProcessor); ConfigError naming the missing files when it cannot load."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(model_name_or_path, cache_dir=cache_dir)
+    except (OSError, ValueError) as err:
+        text = str(err).strip()
+        reason = text.splitlines()[0].split(". ")[0] if text else type(err).__name__
+        raise ConfigError(
+            f"cannot load the processor of --model_name_or_path {model_name_or_path} ({reason}). Training needs "
+            "the processor and tokenizer files beside the weights (processor_config.json or "
+            "preprocessor_config.json, tokenizer.json, tokenizer_config.json, chat_template.jinja or the chat "
+            "template in tokenizer_config.json): copy them from the base model's folder.") from None
 
 
 def model_type_of(model_name_or_path: str, cache_dir: str | None = None) -> str:

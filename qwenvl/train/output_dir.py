@@ -73,6 +73,12 @@ def flag_changes(previous: dict, current: dict) -> tuple[list[str], list[str]]:
     return trained, other
 
 
+# Hyperparameters the optimizer state holds per parameter group: a resume restores them (torch's
+# Optimizer.load_state_dict, and the scheduler's base learning rates) over the flags' values.
+OPTIMIZER_STATE_FLAGS = ("learning_rate", "mm_projector_lr", "vision_tower_lr", "weight_decay", "adam_beta1",
+                         "adam_beta2", "adam_epsilon")
+
+
 def describe_changes(previous: dict, current: dict, checkpoint: str | None) -> str | None:
     """What to print when resuming with flags that differ from the last run's (None when none differ)."""
     trained, other = flag_changes(previous, current)
@@ -83,6 +89,12 @@ def describe_changes(previous: dict, current: dict, checkpoint: str | None) -> s
     if trained:
         lines.append(f"warning: {where} with flags that change what is trained, compared with the run that wrote "
                      f"it:\n  " + "\n  ".join(trained))
+    restored = [f"--{k}" for k in OPTIMIZER_STATE_FLAGS
+                if checkpoint and previous.get(k, _MISSING) != current.get(k, _MISSING)]
+    if restored:
+        lines.append(f"warning: {', '.join(restored)} not applied: resuming restores the optimizer and learning-rate "
+                     f"schedule of {checkpoint} with the values it was saved with. To train with the new values, "
+                     "start a new --output_dir from its weights (a full checkpoint as --model_name_or_path).")
     if other:
         lines.append("other changed flags:\n  " + "\n  ".join(other))
     return "\n".join(lines)

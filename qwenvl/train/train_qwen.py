@@ -26,8 +26,8 @@ import sys
 from qwenvl.data.errors import DataError
 from qwenvl.hf_internals import attn_implementation, require_transformers_internals
 from qwenvl.train.arguments import ConfigError, explicit_args_for_saving, parse_args
-from qwenvl.train.checkpoints import DiskFullError, resume_point
-from qwenvl.train.completed_run import completed_run_message
+from qwenvl.train.checkpoints import DiskFullError, check_checkpoint_fits, resume_point
+from qwenvl.train.completed_run import completed_run_message, resumed_past_max_steps
 from qwenvl.train.length_cache import require_length_cache
 from qwenvl.train.library_warnings import quiet_known_library_warnings
 from qwenvl.train.output_dir import check_output_dir, describe_changes, write_run_args
@@ -108,10 +108,10 @@ def _summary(trainer, output_dir: str, lora: bool) -> str:
 
 def _train(argv, trainer_class=None):
     import transformers
-    from transformers import AutoConfig, AutoProcessor
 
     from qwenvl.data.dataset import make_supervised_data_module
-    from qwenvl.train.model import load_model, model_class_for, parameter_table, prepare_model
+    from qwenvl.train.model import (check_model_dir, check_model_weights, load_model, model_class_for,
+                                    parameter_table, prepare_model, read_config, read_processor)
     from qwenvl.train.steps import build_trainer, train_batch_sampler
 
     model_args, data_args, training_args, explicit = parse_args(argv)
@@ -130,10 +130,12 @@ def _train(argv, trainer_class=None):
     wandb_lines = configure_wandb(training_args.report_to, output_dir)  # environment only, writes nothing
 
     path = model_args.model_name_or_path
-    config = AutoConfig.from_pretrained(path, cache_dir=training_args.cache_dir)
+    check_model_dir(path)  # an adapter folder, no config.json, no weights: named before any data work
+    config = read_config(path, training_args.cache_dir)
     model_class_for(config.model_type)  # an unsupported family fails here, before any data work
+    check_model_weights(path)
     require_transformers_internals(config.model_type, error=ConfigError)  # what we rely on is still there
-    processor = AutoProcessor.from_pretrained(path, cache_dir=training_args.cache_dir)
+    processor = read_processor(path, training_args.cache_dir)
     data_module = make_supervised_data_module(
         processor, data_args, model_config=config, model_max_length=training_args.model_max_length,
         seed=training_args.seed, output_dir=output_dir)
@@ -142,6 +144,13 @@ def _train(argv, trainer_class=None):
 
     # The flags and the data passed their checks: from here on the folder is this run's.
     checkpoint, notes = resume_point(training_args.resume_from_checkpoint, output_dir)
+    if checkpoint:
+        check_checkpoint_fits(checkpoint, config, training_args.lora_enable, path, training_args.lora_r)
+        done = resumed_past_max_steps(checkpoint, output_dir, training_args.max_steps)
+        if done:  # nothing left to train; the Trainer would take one more step
+            if main:
+                print(done, flush=True)
+            return output_dir
     if main:
         for line in wandb_lines:
             print(line, flush=True)
@@ -176,8 +185,10 @@ def _train(argv, trainer_class=None):
         if main:
             print(trainer.stop_on_signal.report(output_dir), file=sys.stderr, flush=True)
         raise SystemExit(INTERRUPTED)
-    trainer.save_state()
     trainer.save_model(output_dir)  # with the processor, and use_cache=True in the saved config
+    # trainer_state.json last: it is what marks the run finished (completed_run.py), so a run killed
+    # while writing the final model is never taken for a finished one.
+    trainer.save_state()
     if main:
         print(_summary(trainer, output_dir, training_args.lora_enable), flush=True)
     return output_dir

@@ -275,6 +275,20 @@ class QwenVLTrainer(Trainer):
 
     # ---- saving ----
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """The Trainer's load, with torch's error for an optimizer state of other trainable parameters
+        (a ``--tune_mm_*`` or LoRA flag changed since the checkpoint) turned into a ConfigError with its fix."""
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except ValueError as err:
+            if "parameter group" not in str(err):  # torch: "... different number of parameter groups" / "... size"
+                raise
+            raise ConfigError(
+                f"cannot resume the optimizer state of {checkpoint}: it was saved for other trainable parameters "
+                f"({err}). --tune_mm_llm, --tune_mm_mlp, --tune_mm_vision or the LoRA flags differ from the run that "
+                "wrote it (its flags are in run_args.previous.json in --output_dir). Resume with those flags, or "
+                "start a new --output_dir from its weights (a full checkpoint as --model_name_or_path).") from None
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """As the Trainer's, but under FSDP every rank gathers the full state dict and the main
         process writes it as safetensors, whatever ``state_dict_type`` the sharded
@@ -356,11 +370,14 @@ def checkpoint_load_dtype(model) -> torch.dtype:
 
 def _fault_injection_for_tests(output_dir: str | None, step: int) -> None:
     """SIGKILL this process right after a checkpoint's weights are written (``QWENVL_TEST_KILL_DURING_SAVE=N``
-    for the checkpoint of step N): the deterministic way for a test to leave a half-written
-    checkpoint behind through the real save path.  Unset, it does nothing."""
+    for the checkpoint of step N, ``final`` for the final model in --output_dir): the deterministic way for a
+    test to leave a half-written save behind through the real save path.  Unset, it does nothing."""
     target = os.environ.get("QWENVL_TEST_KILL_DURING_SAVE")
-    if target and output_dir and os.path.basename(os.path.normpath(output_dir)) == f"checkpoint-{target}" \
-            and int(target) == step:
+    if not (target and output_dir):
+        return
+    folder = os.path.basename(os.path.normpath(output_dir))
+    if (target == "final" and not folder.startswith("checkpoint-")) \
+            or (target.isdigit() and folder == f"checkpoint-{target}" and int(target) == step):
         os.kill(os.getpid(), signal.SIGKILL)
 
 

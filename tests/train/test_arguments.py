@@ -140,3 +140,48 @@ def test_selective_checkpointing_flag_reaches_the_trainer_arguments(base):
     training = parse_args(base + ["--gradient_checkpointing", "True", "--activation_checkpointing_kwargs",
                                   '{"every_n_layers": 3}']).training
     assert training.activation_checkpointing_kwargs == {"every_n_layers": 3}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1, got 0"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1, got 0"),
+    (["--max_steps", "0"], "--max_steps 0 trains nothing"),
+    (["--num_train_epochs", "0"], "--num_train_epochs 0.0 trains nothing"),
+    (["--eval_strategy", "steps"], "--eval_strategy steps needs evaluation data: name it with --eval_dataset_use"),
+    (["--save_strategy", "best"], "--save_strategy best saves when --metric_for_best_model improves: name it"),
+    (["--save_strategy", "best", "--metric_for_best_model", "loss"],
+     "--save_strategy best compares evaluations: name the evaluation data with --eval_dataset_use"),
+    (["--output_dir", ""], "--output_dir is empty: give the folder"),
+    (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size must be at least 1, got 0"),
+    (["--dataloader_num_workers", "-1"], "--dataloader_num_workers must be 0 (load in the training process) or more"),
+    (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+    (["--attn_implementation", "flash_attn2"], "--attn_implementation flash_attn2 is not an attention kernel"),
+    (["--report_to", "wandb,tensorbord"], "--report_to tensorbord: unknown; use none, all, or any of"),
+])
+def test_a_run_that_cannot_train_is_refused_before_it_starts(base, flags, message):
+    """The Trainer took these without a word (an untrained model saved as the result, one step for --max_steps 0)
+    or failed deep inside (a division by zero, the sampler's error, its own eval and best-model checks after the
+    model loaded, os.makedirs('') after the data was built)."""
+    with pytest.raises(ConfigError) as err:
+        parse_args(base + flags)
+    assert message in str(err.value)
+    # the valid neighbours still pass
+    assert parse_args(base + ["--max_steps", "3", "--num_train_epochs", "0"]).training.max_steps == 3
+    assert parse_args(base + ["--eval_strategy", "no"]).training.eval_strategy.value == "no"
+    for attn in ("sdpa", "eager", "flash_varlen_torch", "flex_attention", "paged|eager"):
+        assert parse_args(base + ["--attn_implementation", attn]).model.attn_implementation == attn
+    assert parse_args(base + ["--report_to", "tensorboard,wandb"]).training.report_to == ["tensorboard", "wandb"]
+
+
+def test_a_weights_file_for_the_model_folder_names_the_folder(base):
+    weights = f"{base[1]}/model.safetensors"
+    with pytest.raises(ConfigError, match=f"--model_name_or_path {weights} is a file: give the folder"):
+        parse_args(["--model_name_or_path", weights] + base[2:])
+
+
+def test_a_negative_value_after_a_space_says_how_to_write_it(base):
+    """argparse reads "-1e-5" as a flag: the message said only "expected one argument"."""
+    with pytest.raises(ConfigError, match="is written with '=': --flag=-1e-5"):
+        parse_args(base + ["--learning_rate", "-1e-5"])
+    with pytest.raises(ConfigError, match="--learning_rate must be positive, got -1e-05"):
+        parse_args(base + ["--learning_rate=-1e-5"])

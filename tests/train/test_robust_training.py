@@ -52,9 +52,11 @@ def _state(folder: Path) -> dict:
 # ---- which checkpoints count ----
 
 def _fake_checkpoint(root: Path, step: int, complete: bool) -> Path:
+    from safetensors.torch import save_file
+
     folder = root / f"checkpoint-{step}"
     folder.mkdir(parents=True)
-    (folder / "model.safetensors").write_bytes(b"x" * 10)
+    save_file({"w": torch.zeros(4)}, str(folder / "model.safetensors"))  # a whole (tiny) weights file
     if complete:
         (folder / "trainer_state.json").write_text("{}")
         mark_complete(str(folder), step)
@@ -86,6 +88,67 @@ def test_checkpoints_written_before_markers_existed_still_resume(tmp_path):
     (tmp_path / "checkpoint-6" / "x").write_text("")
     _fake_checkpoint(tmp_path, 3, complete=True)
     assert newest_complete_checkpoint(str(tmp_path))[0] == str(tmp_path / "checkpoint-3")
+
+
+def test_a_damaged_checkpoint_is_passed_over_or_refused_before_the_model_loads(tmp_path):
+    """A file the marker lists deleted (the Trainer skipped a missing optimizer.pt without a word), a weights file
+    cut short, an empty trainer_state.json (a deep traceback each before), a folder that does not exist."""
+    from qwenvl.train.arguments import ConfigError
+
+    two = _fake_checkpoint(tmp_path, 2, complete=True)
+    four = _fake_checkpoint(tmp_path, 4, complete=True)
+    (four / "optimizer.pt").write_bytes(b"o" * 8)
+    mark_complete(str(four), 4)
+    assert json.loads((four / COMPLETE_MARKER).read_text())["sizes"]["optimizer.pt"] == 8
+    assert resume_point(None, str(tmp_path)) == (str(four), [])
+    assert resume_point("True", str(tmp_path))[0] == str(four)  # the Trainer's resume_from_checkpoint=True
+
+    (four / "optimizer.pt").unlink()
+    checkpoint, notes = resume_point(None, str(tmp_path))
+    assert checkpoint == str(two)
+    assert notes == [f"ignoring {four}: damaged: optimizer.pt missing (listed in its {COMPLETE_MARKER}); it is "
+                     "replaced when that step is saved again"]
+    with pytest.raises(ConfigError) as err:
+        resume_point(str(four), str(tmp_path))
+    assert str(err.value) == (f"--resume_from_checkpoint {four} cannot be resumed from: optimizer.pt missing (listed "
+                              f"in its {COMPLETE_MARKER}). Resume from another checkpoint (checkpoint-2 next to it), "
+                              "or leave the flag out; to start from its weights with a new optimizer, pass the "
+                              "folder as --model_name_or_path instead.")
+
+    weights = two / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size - 4)
+    with pytest.raises(ConfigError, match=r"model.safetensors is \d+ bytes, \d+ when saved \(cut short"):
+        resume_point(str(two), str(tmp_path))
+    (two / COMPLETE_MARKER).unlink()  # no marker to compare with: the header still shows the cut
+    with pytest.raises(ConfigError, match="model.safetensors is cut short"):
+        resume_point(str(two), str(tmp_path))
+    (two / "trainer_state.json").write_text("")
+    with pytest.raises(ConfigError, match="its trainer_state.json cannot be read"):
+        resume_point(str(two), str(tmp_path))
+    with pytest.raises(ConfigError, match="no_such_checkpoint: no such folder"):
+        resume_point(str(tmp_path / "no_such_checkpoint"), str(tmp_path))
+    # a run's folder (final model and trainer_state.json, no optimizer): the Trainer resumed it with a new optimizer
+    (tmp_path / "run_args.json").write_text("{}")
+    (tmp_path / "trainer_state.json").write_text('{"global_step": 4}')
+    with pytest.raises(ConfigError) as err:
+        resume_point(str(tmp_path), str(tmp_path))
+    assert f"--resume_from_checkpoint {tmp_path} is a run's output folder, not a checkpoint (it has no optimizer " \
+           "state). Resume from one of its checkpoints (checkpoint-2, checkpoint-4)" in str(err.value)
+
+
+def test_a_lora_checkpoint_of_another_rank_is_refused_before_the_model_loads(tmp_path):
+    """--lora_r changed since the checkpoint: peft's size-mismatch traceback after run_args.json was replaced."""
+    from qwenvl.train.arguments import ConfigError
+    from qwenvl.train.checkpoints import check_checkpoint_fits
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "base_model_name_or_path": "/models/base"}))
+    check_checkpoint_fits(str(tmp_path), None, True, "/models/base", lora_r=4)
+    with pytest.raises(ConfigError) as err:
+        check_checkpoint_fits(str(tmp_path), None, True, "/models/base", lora_r=8)
+    assert f"{tmp_path} holds LoRA adapters of rank 4, but this run asks for --lora_r 8: they cannot load. Pass " \
+           "--lora_r 4 to resume it." in str(err.value) and "merge_lora" in str(err.value)
+    with pytest.raises(ConfigError, match="is a LoRA checkpoint .* but this run trains without --lora_enable"):
+        check_checkpoint_fits(str(tmp_path), None, False, "/models/base")
 
 
 def test_rotation_keeps_the_newest_complete_checkpoints_and_a_save_in_progress(tmp_path):
@@ -387,3 +450,139 @@ def test_inline_length_count_limit_reads_the_environment():
 
     assert inline_count_limit({}) == INLINE_COUNT_LIMIT
     assert inline_count_limit({"QWENVL_INLINE_LENGTH_COUNT": "0"}) == 0
+
+
+# ---- the model folder ----
+
+def _model_folder(tmp_path, source, keep, extra=None):
+    """A copy of ``source`` holding only the files ``keep`` names (and ``extra``: name -> text)."""
+    import shutil
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in keep:
+        shutil.copy(Path(source) / name, folder / name)
+    for name, text in (extra or {}).items():
+        (folder / name).write_text(text)
+    return folder
+
+
+PROCESSOR_FILES = ["tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"]
+
+
+@pytest.mark.parametrize("keep, extra, message", [
+    (["model.safetensors", *PROCESSOR_FILES], {"adapter_config.json": '{"base_model_name_or_path": "/models/base"}'},
+     "is a LoRA adapter (adapter_config.json, no config.json), not a full model. Merge it into its base first: "
+     "python -m qwenvl.tools.merge_lora --checkpoint {model}"),
+    (["model.safetensors", *PROCESSOR_FILES], None, "{model} has no config.json: give the folder"),
+    (["config.json", *PROCESSOR_FILES], None, "{model} has a config.json but no weights"),
+    (["config.json", "model.safetensors"], None,
+     "cannot load the processor of --model_name_or_path {model} (Can't load image processor"),
+])
+def test_an_unusable_model_folder_is_named_before_anything_is_written(tiny_model_dir, tmp_path, capsys, keep, extra,
+                                                                      message):
+    """A LoRA adapter, weights without config.json, a config without weights, weights without the processor files:
+    each was a transformers traceback (the last two after the data was built and run_args.json written)."""
+    model = _model_folder(tmp_path, tiny_model_dir("qwen2_5_vl"), keep, extra)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        train(_flags(model, out, "--max_steps", "1"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message.format(model=model) in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+# ---- resuming a checkpoint this run cannot continue ----
+
+@pytest.mark.slow
+def test_a_finished_run_rerun_with_other_flags_is_left_alone_and_a_mismatched_checkpoint_is_refused(
+        tiny_model_dir, tmp_path, capsys):
+    """A finished run re-run with a changed flag resumed at max_steps and trained one step past it (checkpoint-3,
+    the final model overwritten); another model's or a LoRA checkpoint failed deep in the loader, after
+    run_args.json was replaced (which then hid that the original command had finished)."""
+    out = tmp_path / "out"
+    flags = _flags(tiny_model_dir("qwen2_5_vl"), out, "--max_steps", "2", "--save_steps", "2")
+    train(flags)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    capsys.readouterr()
+
+    train(flags + ["--logging_steps", "2"])
+    printed = capsys.readouterr().out
+    assert f"the run in {out} is already complete: its newest checkpoint {out / 'checkpoint-2'} (step 2) reaches " \
+           "--max_steps 2" in printed
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # no checkpoint-3, nothing rewritten
+
+    for extra, message in [
+        (["--model_name_or_path", str(tiny_model_dir("qwen3_vl")), "--max_steps", "3"],
+         f"{out / 'checkpoint-2'} holds a different model than --model_name_or_path "
+         f"{tiny_model_dir('qwen3_vl')} (model_type: qwen2_5_vl there, qwen3_vl here"),
+        (["--lora_enable", "True", "--max_steps", "3"],
+         f"{out / 'checkpoint-2'} is a full fine-tuning checkpoint, but this run trains LoRA adapters"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            train(flags + extra)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+    # lowering --max_steps below a checkpoint with no final model of that step: refused, not step N+1
+    (out / "trainer_state.json").unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        train(flags + ["--max_steps", "1"])
+    assert exit_info.value.code == 2
+    assert (f"{out / 'checkpoint-2'} is at step 2, which is past --max_steps 1: resuming would train step 3 "
+            "anyway") in capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def test_resuming_with_new_learning_rates_says_they_are_not_applied():
+    """torch's Optimizer.load_state_dict and the scheduler's state restore the saved learning rates, weight decay
+    and betas over the flags: the changed values were listed as changing what is trained, yet never used."""
+    from qwenvl.train.output_dir import describe_changes
+
+    previous = {"learning_rate": 1e-3, "tune_mm_llm": True}
+    current = {"learning_rate": 5e-4, "mm_projector_lr": 1e-4, "tune_mm_llm": True}
+    text = describe_changes(previous, current, "out/checkpoint-4")
+    assert "warning: --learning_rate, --mm_projector_lr not applied: resuming restores the optimizer and " \
+           "learning-rate schedule of out/checkpoint-4 with the values it was saved with" in text
+    assert "not applied" not in describe_changes(previous, current, None)  # a new run in the folder uses them
+
+
+@pytest.mark.slow
+def test_resuming_with_other_trainable_parts_names_the_flags_instead_of_a_torch_traceback(tiny_model_dir, tmp_path,
+                                                                                          capsys):
+    out = tmp_path / "out"
+    flags = _flags(tiny_model_dir("qwen2_5_vl"), out, "--save_steps", "2")
+    train(flags + ["--max_steps", "2"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train(flags + ["--max_steps", "3", "--tune_mm_vision", "True"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot resume the optimizer state of {out / 'checkpoint-2'}: it was saved for other trainable " \
+           "parameters" in err and "--tune_mm_vision" in err and "Traceback" not in err, err
+    # the original command still finds its run complete, whatever the failed attempt wrote
+    train(flags + ["--max_steps", "2"])
+    assert "is already complete" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_writing_its_final_model_is_not_taken_for_a_finished_one(tiny_model_dir, tmp_path):
+    """trainer_state.json was written before the final model: a kill in between left a folder that every re-run
+    called "already complete" while its model.safetensors was cut off or missing."""
+    path = tiny_model_dir("qwen2_5_vl")
+    out = tmp_path / "out"
+    command = _train_command() + _flags(path, out, "--max_steps", "2", "--save_steps", "2")
+    killed = run_command(command, env=_env(QWENVL_TEST_KILL_DURING_SAVE="final"), timeout=900)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert (out / "checkpoint-2" / COMPLETE_MARKER).is_file() and not (out / "trainer_state.json").exists()
+
+    rerun = run_command(command, env=_env(), timeout=900)
+    assert rerun.returncode == 2, rerun.stderr[-3000:]
+    assert "already complete" not in rerun.stdout
+    assert (f"{out / 'checkpoint-2'} is at step 2, which reaches --max_steps 2: resuming would train step 3 anyway"
+            in rerun.stderr) and "the checkpoint itself loads as the model of that step" in rerun.stderr
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
