@@ -21,12 +21,13 @@ def _flags(model_dir, out, dictionary, use, *extra):
 
 @pytest.fixture
 def weightless_model(tiny_model_dir, tmp_path):
-    """A tiny Qwen2.5-VL checkpoint without its weights file: loading the model would fail with
-    an OSError, so a run that ends with a data error proves the model was never loaded."""
+    """A tiny Qwen2.5-VL checkpoint whose weights file is empty: loading the model would fail (a
+    safetensors error), so a run that ends with a data error proves the model was never loaded.
+    (Empty rather than absent: a missing weights file is itself refused before the data work.)"""
     folder = tmp_path / "weightless"
     shutil.copytree(tiny_model_dir("qwen2_5_vl"), folder)
     for weights in folder.glob("*.safetensors"):
-        weights.unlink()
+        weights.write_bytes(b"")
     return folder
 
 
