@@ -66,6 +66,8 @@ _OVERRIDE = "qwenvl/train/trainer.py QwenVLTrainer.{} (override: never runs if t
 # The Trainer methods QwenVLTrainer overrides, with the base parameters its override takes.
 TRAINER_OVERRIDES = {
     "_load_from_checkpoint": (("resume_from_checkpoint", "model"), "trainer.py:3602"),
+    # Turns torch's parameter-group error on resume into a ConfigError naming the flags (qwenvl/train/trainer.py).
+    "_load_optimizer_and_scheduler": (("checkpoint",), "trainer.py:3886"),
     "_save": (("output_dir", "state_dict"), "trainer.py:4131"),
     "_save_checkpoint": (("model", "trial"), "trainer.py:3355"),
     "create_optimizer": (("model",), "trainer.py:1259"),
