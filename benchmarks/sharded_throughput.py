@@ -20,6 +20,8 @@ Questions (issue 14), each a named run (``--runs`` picks some, in this order of 
   reporting overridden); ``sft_7b_fsdp2``: the same with ``SHARDING=fsdp2``.
 * ``ddp_vs_fsdp2``: the 7B architecture at 7 of 28 layers, 20 steps, DDP (float32 master
   weights, no sharding) then FSDP2, same data and seed: the loss curves side by side.
+  ``ddp_vs_fsdp2_fp32``: the control, DDP again and FSDP2 reducing gradients in float32
+  (``benchmarks/fsdp2_fp32_reduce.json``); every ``*_l7`` run's losses are compared with ``ddp_l7``'s.
 * ``32b_quarter``: Qwen2.5-VL-32B widths at 16 of 64 layers under FSDP2, compiled, 16k.
 * ``30b_a3b``: Qwen3-VL-30B-A3B widths at 12 of 48 layers under FSDP2, compiled, 16k.
 * ``--variant LABEL=RUN [NAME=VALUE ...] [FLAGS]``: a further run, RUN's command with FLAGS
@@ -68,7 +70,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 RUNS = ("zero2", "fsdp2_fused", "fsdp2_fused_prev", "fsdp2_model_loss", "sft_7b", "sft_7b_fsdp2", "ddp_vs_fsdp2",
-        "32b_quarter", "30b_a3b", "nccl")
+        "ddp_vs_fsdp2_fp32", "32b_quarter", "30b_a3b", "nccl")
 FSDP = ["--fsdp", "full_shard auto_wrap", "--fsdp_config", str(REPO / "scripts" / "fsdp2.json")]
 FSDP_PREV = ["--fsdp", "full_shard auto_wrap", "--fsdp_config", str(REPO / "benchmarks" / "fsdp2_fp32_reduce.json")]
 BENCH = "BENCH"  # command placeholder: torchrun -m benchmarks.profiled_train over the node's GPUs (expand_command)
@@ -78,7 +80,7 @@ BUDGET = ["--max_tokens_per_batch", "16384"]
 # model folder name -> (architecture, decoder layers or None for all)
 MODELS = {"7b": ("7b", None), "7b_l7": ("7b", 7), "32b_l16": ("32b", 16), "30b_a3b_l12": ("30b_a3b", 12)}
 RUN_MODEL = {"zero2": "7b", "fsdp2_fused": "7b", "fsdp2_fused_prev": "7b", "fsdp2_model_loss": "7b", "sft_7b": "7b", "sft_7b_fsdp2": "7b",
-             "ddp_vs_fsdp2": "7b_l7", "32b_quarter": "32b_l16", "30b_a3b": "30b_a3b_l12", "nccl": None}
+             "ddp_vs_fsdp2": "7b_l7", "ddp_vs_fsdp2_fp32": "7b_l7", "32b_quarter": "32b_l16", "30b_a3b": "30b_a3b_l12", "nccl": None}
 
 
 def common_flags(steps: int) -> list[str]:
@@ -110,6 +112,9 @@ def run_plan(name: str, steps: int) -> list[tuple[str, list[str], dict]]:
     if name == "ddp_vs_fsdp2":
         twenty = common_flags(20) + COMPILED + BUDGET
         return [("ddp_l7", launch + twenty, {}), ("fsdp2_l7", launch + twenty + FSDP, {})]
+    if name == "ddp_vs_fsdp2_fp32":  # the control: is the bf16 reduce-scatter what separates the curves?
+        twenty = common_flags(20) + COMPILED + BUDGET
+        return [("ddp_l7", launch + twenty, {}), ("fsdp2_fp32_l7", launch + twenty + FSDP_PREV, {})]
     if name in ("32b_quarter", "30b_a3b"):
         return [(name, launch + flags + FSDP + COMPILED + BUDGET, {})]
     raise ValueError(f"unknown run {name!r}; runs: {', '.join(RUNS)}")
@@ -290,6 +295,22 @@ def active_matmul_params(model_dir: Path) -> int | None:
         return None
 
 
+def loss_differences(runs: dict, reference: str) -> dict:
+    """Per run with as many losses as ``reference`` (same steps, data and seed): the relative loss
+    difference to it, step by step (max, the step of the max, median)."""
+    want = runs.get(reference, {}).get("losses") or []
+    out = {}
+    for label, run in runs.items():
+        got = run.get("losses") or []
+        if label == reference or not want or len(got) != len(want) or None in got or None in want:
+            continue
+        rel = [abs(g - w) / abs(w) for g, w in zip(got, want)]
+        worst = max(range(len(rel)), key=rel.__getitem__)
+        out[label] = {"steps": len(rel), "max": rel[worst], "max_step": worst + 1, "median": statistics.median(rel),
+                      "relative": rel}
+    return out
+
+
 def ensure_model(key: str, work: Path) -> Path:
     """The model folder of ``key`` under ``work``, written by a child process unless a previous call
     on this machine left it there.  A child, so that this process never holds GPU memory (it would
@@ -426,10 +447,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"wall {result['wall_s']} s", flush=True)
             shutil.rmtree(run_out, ignore_errors=True)
             (out / "sharded_throughput.json").write_text(json.dumps(results, indent=2))
-    if "ddp_l7" in results["runs"] and "fsdp2_l7" in results["runs"]:
-        a, b = results["runs"]["ddp_l7"]["losses"], results["runs"]["fsdp2_l7"]["losses"]
-        if a and b and len(a) == len(b):
-            results["ddp_vs_fsdp2_max_rel_loss_diff"] = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+    results["loss_vs_ddp_l7"] = loss_differences(results["runs"], "ddp_l7")
     results["total_s"] = round(time.time() - t0, 1)
     (out / "sharded_throughput.json").write_text(json.dumps(results, indent=2))
     table = ["| run | rc | tokens/s/GPU | MFU % | peak GiB | exit after save (s) | wall (s) |",
@@ -437,9 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     for label, r in results["runs"].items():
         table.append(f"| {label} | {r['rc']} | {r['tokens_per_s_per_gpu']} | {r['mfu_pct']} | {r['peak_gib']} | "
                      f"{r['exit_s']} | {r['wall_s']} |")
-    if "ddp_vs_fsdp2_max_rel_loss_diff" in results:
-        table.append(f"\nDDP vs FSDP2, 20 steps: max relative loss difference "
-                     f"{results['ddp_vs_fsdp2_max_rel_loss_diff']:.4f}")
+    for label, diff in results["loss_vs_ddp_l7"].items():
+        table.append(f"\n{label} against ddp_l7, {diff['steps']} steps: relative loss difference max "
+                     f"{diff['max']:.4f} (step {diff['max_step']}), median {diff['median']:.4f}")
     if results["skipped"]:
         table.append(f"\nskipped (deadline): {', '.join(results['skipped'])}")
     (out / "sharded_throughput.md").write_text("\n".join(table) + "\n")

@@ -32,6 +32,8 @@ def test_every_run_is_a_valid_training_command(name, tmp_path):
             if name == "fsdp2_fused_prev":  # the previous settings, for attribution in the same run
                 assert training.fsdp_config["reduce_dtype"] == "float32"
                 assert training.fsdp_config["replicate_frozen_vision"] is False
+            if label == "fsdp2_fp32_l7":  # the control: float32 reduction, same 20 steps as ddp_l7
+                assert training.fsdp_config["reduce_dtype"] == "float32" and training.max_steps == 20
 
 
 def test_profile_summary_separates_exposed_communication():
@@ -51,6 +53,18 @@ def test_profile_summary_separates_exposed_communication():
     assert summary["nccl_busy_ms"] == 8.0 and summary["nccl_exposed_ms"] == 3.0
     assert summary["kernel_ms_by_class"] == {"matmul": 10.0, "nccl_all_gather": 8.0, "copy_cast": 1.0}
     assert summary["annotation_gpu_ms"] == {"FSDP::all_gather": 8.0}
+
+
+def test_loss_curves_are_compared_step_by_step_with_the_reference_run():
+    runs = {"ddp_l7": {"losses": [10.0, 8.0, 4.0]}, "fsdp2_l7": {"losses": [10.1, 8.0, 4.2]},
+            "fsdp2_fp32_l7": {"losses": [10.0, 8.0, 4.0]}, "sft_7b": {"losses": [9.0, 7.0]},
+            "crashed": {"losses": [10.0, None, 4.0]}}
+    diff = bench.loss_differences(runs, "ddp_l7")
+    assert set(diff) == {"fsdp2_l7", "fsdp2_fp32_l7"}  # other lengths and gaps are not comparable
+    assert diff["fsdp2_l7"]["max"] == pytest.approx(0.05) and diff["fsdp2_l7"]["max_step"] == 3
+    assert diff["fsdp2_l7"]["median"] == pytest.approx(0.01)
+    assert diff["fsdp2_fp32_l7"]["max"] == 0.0
+    assert bench.loss_differences({"fsdp2_l7": runs["fsdp2_l7"]}, "ddp_l7") == {}
 
 
 def test_step_logs_are_parsed_and_summarised():

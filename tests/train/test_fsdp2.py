@@ -294,27 +294,60 @@ def test_fsdp_without_gpus_is_refused_not_silently_ddp(tiny_model_dir, tmp_path,
 
 
 # -- GPU: the compiled FSDP2 path ---------------------------------------------------------------------------
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+GPU_COMMON = ["--bf16", "True", "--compile_layers", "True", "--activation_memory_budget", "0.5",
+              "--max_steps", "6", "--save_strategy", "no"]
+
+
+@pytest.fixture(scope="module")
+def gpu_ddp_losses(untied_model_dir, tmp_path_factory):
+    """The 6 losses of the compiled bf16 run under DDP on 2 GPUs: the reference both GPU FSDP2 runs follow."""
+    root = tmp_path_factory.mktemp("gpu_ddp")
+    dictionary = copy_demo_annotations(root / "data")
+    _run(_torchrun(str(REPO / "qwenvl/train/train_qwen.py"),
+                   *_flags(untied_model_dir, root / "ddp", dictionary, *GPU_COMMON)), _env(), timeout=600)
+    return _losses(root / "ddp")
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-def test_compiled_fsdp2_with_fused_loss_matches_ddp_and_exits(untied_model_dir, tmp_path):
+@two_gpus
+def test_compiled_fsdp2_with_fused_loss_matches_ddp_and_exits(untied_model_dir, gpu_ddp_losses, tmp_path):
     """bf16, compiled layers, fused loss (Liger when installed), token budget, on 2 GPUs: FSDP2's
     losses follow DDP's within bf16 noise, the saved model loads, and both processes exit."""
     dictionary = copy_demo_annotations(tmp_path / "data")
-    env = _env()
-    common = ["--bf16", "True", "--compile_layers", "True", "--activation_memory_budget", "0.5",
-              "--max_steps", "6", "--save_strategy", "no"]
-    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
-    _run(_torchrun(str(REPO / "qwenvl/train/train_qwen.py"), *_flags(untied_model_dir, ddp, dictionary, *common)),
-         env, timeout=600)
+    fsdp = tmp_path / "fsdp"
     result = _run(_torchrun(str(REPO / "qwenvl/train/train_qwen.py"),
-                            *_flags(untied_model_dir, fsdp, dictionary, *common, *FSDP)), env, timeout=600)
+                            *_flags(untied_model_dir, fsdp, dictionary, *GPU_COMMON, *FSDP)), _env(), timeout=600)
     assert "model and processor saved" in result.stdout
-    want, got = _losses(ddp), _losses(fsdp)
-    assert len(got) == len(want) == 6
-    assert got == pytest.approx(want, rel=2e-2), (got, want)
+    got = _losses(fsdp)
+    assert len(got) == len(gpu_ddp_losses) == 6
+    assert got == pytest.approx(gpu_ddp_losses, rel=2e-2), (got, gpu_ddp_losses)
     saved = _params(fsdp)
     assert saved.keys() == _params(untied_model_dir).keys()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@two_gpus
+def test_compiled_fsdp2_with_cpu_offload_on_gpus_matches_ddp(untied_model_dir, gpu_ddp_losses, tmp_path):
+    """``"cpu_offload": true`` with the product's own offload policy (pinned host memory, which the CPU
+    test cannot use), compiled layers and the fused loss, whose lm_head gather must bring the
+    offloaded shard to the GPU: losses follow DDP's within bf16 noise and the model is saved whole."""
+    config = json.loads((REPO / "scripts" / "fsdp2.json").read_text()) | {"cpu_offload": True}
+    (tmp_path / "fsdp2_offload.json").write_text(json.dumps(config))
+    offload = ["--fsdp", "full_shard auto_wrap", "--fsdp_config", str(tmp_path / "fsdp2_offload.json")]
+    dictionary = copy_demo_annotations(tmp_path / "data")
+    fsdp = tmp_path / "fsdp_offload"
+    result = _run(_torchrun(str(REPO / "qwenvl/train/train_qwen.py"),
+                            *_flags(untied_model_dir, fsdp, dictionary, *GPU_COMMON, "--optim", "adamw_torch_fused",
+                                    *offload)), _env(), timeout=600)
+    assert "optimizer state in CPU memory" in result.stdout
+    assert "model and processor saved" in result.stdout
+    got = _losses(fsdp)
+    assert len(got) == len(gpu_ddp_losses) == 6
+    assert got == pytest.approx(gpu_ddp_losses, rel=2e-2), (got, gpu_ddp_losses)
+    assert _params(fsdp).keys() == _params(untied_model_dir).keys()
 
 
 @pytest.mark.slow
