@@ -23,8 +23,13 @@ import transformers
 from qwenvl.data.arguments import DataArguments
 from qwenvl.train.eval_schedule import schedule_evaluation
 from qwenvl.train.help import USAGE, GroupedHelpParser
-from qwenvl.train.official_flags import (drop_frozen_learning_rates, expand_file_products, expand_pixel_products,
-                                         pop_no_effect_flags)
+from qwenvl.train.official_flags import (
+    drop_frozen_learning_rates,
+    expand_file_products,
+    expand_pixel_products,
+    pop_no_effect_flags,
+)
+from qwenvl.train.sharding import process_group_backend
 
 # The language model's attention and MLP projections (every dense family), matched by the
 # last component of a module's name inside the language model only: the Qwen2.5-VL vision
@@ -173,6 +178,8 @@ class TrainingArguments(transformers.TrainingArguments):
                 raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
             # transformers 5 reads a warmup_steps below 1 as a fraction of the total steps.
             self.warmup_steps = self.warmup_ratio
+        # Before the parent's __post_init__: it starts the process group (``self.device``).
+        self.ddp_backend = process_group_backend(self.fsdp, self.fsdp_config, self.ddp_backend, self.use_cpu)
         super().__post_init__()
 
     def __getstate__(self):

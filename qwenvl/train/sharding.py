@@ -44,6 +44,8 @@ What this module adds around that:
   gradients instead of all parameters two or three times (``benchmarks/RESULTS.md``, "Scaling
   on paper").  Built as accelerate's ``ParallelismConfig(dp_replicate_size, dp_shard_size)``,
   which gives ``fully_shard`` a 2-D device mesh.
+- **CPU offload** (``"cpu_offload": true``): shards, gradients and optimizer state in host
+  memory; the process group then needs gloo beside NCCL (``process_group_backend``).
 - **A clean exit** (``finish_distributed``): all ranks meet, then the process group is
   destroyed.  Without it a rank can leave while another is still in a collective, and the
   NCCL communicator's teardown at interpreter exit then waits (the 2x H200 run that
@@ -51,7 +53,9 @@ What this module adds around that:
 """
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -254,6 +258,49 @@ def gathered_weight(module: torch.nn.Module) -> torch.Tensor:
     if _is_dtensor(weight):
         raise RuntimeError("FSDP2's unshard() left lm_head's weight sharded; use --loss_kernel model.")
     return weight
+
+
+# NCCL for the GPU collectives, gloo for those on CPU tensors.
+CPU_OFFLOAD_BACKEND = "cuda:nccl,cpu:gloo"
+
+
+def wants_cpu_offload(fsdp, fsdp_config) -> bool:
+    """Whether ``--fsdp`` / ``--fsdp_config`` as given on the command line (a string, a list, or the
+    config as a path or dict, keys with or without the ``fsdp_`` prefix) ask for CPU offload:
+    ``"cpu_offload": true`` in the config, or ``offload`` among the ``--fsdp`` words."""
+    if not fsdp:
+        return False
+    words = fsdp.split() if isinstance(fsdp, str) else list(fsdp) if isinstance(fsdp, (list, tuple)) else []
+    if "offload" in words:
+        return True
+    if isinstance(fsdp_config, (str, os.PathLike)):
+        try:
+            fsdp_config = json.loads(Path(fsdp_config).read_text())
+        except (OSError, ValueError):
+            return False  # the Trainer's own parsing reports an unreadable config
+    if not isinstance(fsdp_config, dict):
+        return False
+    value = fsdp_config.get("cpu_offload", fsdp_config.get("fsdp_cpu_offload", False))
+    return value is True or str(value).lower() in ("true", "1")
+
+
+def process_group_backend(fsdp, fsdp_config, requested: str | None, use_cpu: bool,
+                          distributed: bool | None = None) -> str | None:
+    """The ``torch.distributed`` backend the run's process group needs (``--ddp_backend``).
+
+    With FSDP2's CPU offload on GPUs the gradients stay in host memory, so the gradient-norm
+    all-reduce of ``--max_grad_norm`` and the final save's full-state gather are collectives on CPU
+    tensors, which a NCCL-only group refuses ("No backend type associated with device type cpu") at
+    the first optimizer step.  accelerate picks ``cuda:nccl,cpu:gloo`` itself only when launched
+    with its own FSDP environment variables, which the Trainer does not set.  A backend the user
+    named other than ``nccl`` is kept; on CPU (gloo) there is nothing to add.  ``distributed``
+    (default: launched by torchrun, ``LOCAL_RANK`` set): a single process has no group to start, and
+    accelerate fails on a backend given to one."""
+    if distributed is None:
+        distributed = int(os.environ.get("LOCAL_RANK", -1)) != -1
+    if not distributed or use_cpu or requested not in (None, "nccl") or not wants_cpu_offload(fsdp, fsdp_config):
+        return requested
+    return CPU_OFFLOAD_BACKEND
 
 
 def cpu_offloaded(fsdp_plugin) -> bool:

@@ -173,6 +173,50 @@ def test_fsdp_flags_parse_and_compiled_layers_are_allowed(tiny_model_dir, tmp_pa
         mixed_precision_policy(args)
 
 
+@pytest.mark.parametrize("fsdp, config, requested, backend", [
+    ("full_shard auto_wrap", {"cpu_offload": True}, None, "cuda:nccl,cpu:gloo"),
+    ("full_shard auto_wrap", {"fsdp_cpu_offload": "true"}, None, "cuda:nccl,cpu:gloo"),
+    ("full_shard auto_wrap offload", {}, None, "cuda:nccl,cpu:gloo"),
+    ("full_shard auto_wrap", "file", None, "cuda:nccl,cpu:gloo"),
+    ("full_shard auto_wrap", {"cpu_offload": True}, "nccl", "cuda:nccl,cpu:gloo"),  # NCCL alone cannot
+    ("full_shard auto_wrap", {"cpu_offload": True}, "gloo", "gloo"),  # a backend the user chose otherwise is theirs
+    ("full_shard auto_wrap", {"cpu_offload": False}, None, None),
+    ("", {"cpu_offload": True}, None, None),  # no FSDP
+])
+def test_cpu_offload_gives_the_process_group_gloo_beside_nccl(tmp_path, fsdp, config, requested, backend):
+    """FSDP2's CPU offload keeps gradients in host memory: the gradient-norm all-reduce and the final
+    save's gather then run on CPU tensors, which a NCCL-only group refused on 2 H200s at the first
+    step ("No backend type associated with device type cpu")."""
+    from qwenvl.train.sharding import process_group_backend
+
+    if config == "file":  # --fsdp_config as the path the command line gives, before the Trainer reads it
+        config = tmp_path / "fsdp.json"
+        config.write_text(json.dumps(json.loads((REPO / "scripts" / "fsdp2.json").read_text()) | {"cpu_offload": True}))
+        config = str(config)
+    assert process_group_backend(fsdp, config, requested, use_cpu=False, distributed=True) == backend
+    assert process_group_backend(fsdp, config, requested, use_cpu=True, distributed=True) == requested  # gloo
+    assert process_group_backend(fsdp, config, requested, use_cpu=False, distributed=False) == requested
+
+
+def test_the_run_arguments_carry_the_offload_backend_when_launched_by_torchrun(tiny_model_dir, tmp_path, monkeypatch):
+    """The backend is chosen in the arguments, before the Trainer's own __post_init__ starts the
+    process group; a single process (no LOCAL_RANK) starts none and keeps the default."""
+    from qwenvl.train.arguments import TrainingArguments
+
+    config = json.loads((REPO / "scripts" / "fsdp2.json").read_text()) | {"cpu_offload": True}
+    (tmp_path / "fsdp.json").write_text(json.dumps(config))
+    flags = ["--model_name_or_path", str(tiny_model_dir("qwen2_5_vl")), "--output_dir", str(tmp_path / "o"),
+             "--tune_mm_llm", "True", "--fsdp", "full_shard auto_wrap", "--fsdp_config", str(tmp_path / "fsdp.json")]
+    args = parse_args(flags).training
+    assert args.ddp_backend is None and args.fsdp_config["cpu_offload"] is True
+    chosen = {}
+    monkeypatch.setattr(TrainingArguments, "_setup_devices", property(lambda self: chosen.setdefault("backend",
+                                                                                                 self.ddp_backend)))
+    monkeypatch.setenv("LOCAL_RANK", "0")  # what torchrun sets
+    parse_args(flags)
+    assert chosen["backend"] == "cuda:nccl,cpu:gloo"
+
+
 @pytest.mark.parametrize("value, world, local, layout", [
     (None, 8, 8, None), (1, 8, 8, None), ("nodes", 8, 8, None),  # one node: plain full shard
     ("nodes", 16, 8, (2, 8)), ("nodes", 64, 8, (8, 8)), (2, 4, 4, (2, 2)), ("4", 16, 8, (4, 4)),
