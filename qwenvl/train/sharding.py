@@ -297,7 +297,7 @@ def process_group_backend(fsdp, fsdp_config, requested: str | None, use_cpu: boo
     (default: launched by torchrun, ``LOCAL_RANK`` set): a single process has no group to start, and
     accelerate fails on a backend given to one."""
     if distributed is None:
-        distributed = int(os.environ.get("LOCAL_RANK", -1)) != -1
+        distributed = int(os.environ.get("LOCAL_RANK", "-1")) != -1
     if not distributed or use_cpu or requested not in (None, "nccl") or not wants_cpu_offload(fsdp, fsdp_config):
         return requested
     return CPU_OFFLOAD_BACKEND
