@@ -17,7 +17,7 @@ from qwenvl.train.linear_attention import (
     linear_attention_modules,
     make_linear_attention_packable,
 )
-from tests.train.tiny_qwen35 import flattened_batch, loss_and_grads, make_samples, padded_batch, tiny_model
+from tests.train.tiny_qwen35 import MOE, flattened_batch, loss_and_grads, make_samples, padded_batch, tiny_model
 
 pytestmark = [
     pytest.mark.gpu,
@@ -42,8 +42,8 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-def _on_gpu(model_type, backend):
-    model = tiny_model(model_type, **GPU_TEXT).to("cuda", torch.bfloat16)
+def _on_gpu(model_type, backend, **text_overrides):
+    model = tiny_model(model_type, **GPU_TEXT, **text_overrides).to("cuda", torch.bfloat16)
     make_linear_attention_packable(model, backend=backend)
     return model
 
@@ -56,7 +56,12 @@ def _to(batch, device):
 @pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
 @pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_moe"])
 def test_fla_flattened_equals_per_sample_and_padded_in_bf16(model_type, with_image):
-    fla = _on_gpu(model_type, "fla")
+    # MoE: every expert routed. Top-k selection is discrete, and bf16 rounding flips it for tokens near
+    # a tie, differently on each path: on the H200 the MoE image case gave 7.9% gradient error on a
+    # vision-block norm against 3.8% for transformers' bf16, routing noise rather than the linear
+    # attention under test. With all experts taken the router's weights stay continuous.
+    routing = {"num_experts_per_tok": MOE["num_experts"]} if model_type == "qwen3_5_moe" else {}
+    fla = _on_gpu(model_type, "fla", **routing)
     samples = make_samples(fla.config, LENGTHS, image_at=(1,) if with_image else ())
     flat = _to(flattened_batch(fla, samples), "cuda")
     padded = _to(padded_batch(fla, samples), "cuda")
