@@ -835,6 +835,22 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+MIN_SAMPLE_TOKENS = 128  # fewer tokens than a generated sample (reference ones: an image and ~155 answer words, ~380 in all)
+
+
+def generated_samples(args, configs) -> int:
+    """How many samples to generate so that no configuration's warm-up and timed steps cross an epoch.
+
+    An epoch boundary restarts the data loader's workers: a multi-second stall inside the timed
+    steps (seen on the Qwen3.5-9B: 180 samples, 16k-token batches of ~43 samples, every 4th step
+    2.5 s slower than the others).  A token-budget batch takes as many samples as fit, so it is sized
+    for ``--max_tokens_per_batch`` of the shortest possible samples; 25% to spare."""
+    per_step = args.samples_per_step
+    if any(isinstance(c, RunConfig) and c.layout == "budget" for c in configs):
+        per_step = max(per_step, args.max_tokens_per_batch // MIN_SAMPLE_TOKENS)
+    return -(-5 * (args.warmup + args.steps) * per_step // 4)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_cli(argv)
     t0 = time.perf_counter()
@@ -870,7 +886,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         dictionary = bench_data.write_dictionary(workdir / "data", args.annotation, args.data_path)
         dataset_use, data_summary = "user_data", {"annotation": os.path.abspath(args.annotation)}
     else:
-        n = args.samples or -(-5 * (args.warmup + args.steps) * args.samples_per_step // 4)
+        n = args.samples or generated_samples(args, parse_configs(args.configs, args.samples_per_step, args.variants))
         say(f"generating {n} samples ({args.data}{', with video' if args.video else ''})")
         data = bench_data.generate(workdir / "data", n, args.data, args.seed, args.video)
         dictionary, dataset_use = data.dictionary, data.name

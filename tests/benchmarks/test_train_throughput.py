@@ -72,6 +72,16 @@ def test_parse_configs():
     assert "does not divide" in parsed[4] and "unknown configuration" in parsed[5]
 
 
+def test_generated_data_outlasts_every_configurations_steps():
+    """No epoch boundary (a data-loader restart) inside the timed steps: a token-budget batch of
+    the shortest samples takes max_tokens / MIN_SAMPLE_TOKENS of them per step."""
+    args = tt.parse_cli(["--steps", "6", "--warmup", "3", "--max_tokens_per_batch", "16384"])
+    fixed = tt.parse_configs("ours_flat_bs16,trl_bs16", 16)
+    budget = tt.parse_configs("ours_flat_bs16,ours_budget", 16)
+    assert tt.generated_samples(args, fixed) >= 9 * 16
+    assert tt.generated_samples(args, budget) >= 9 * 16384 // tt.MIN_SAMPLE_TOKENS
+
+
 def test_meter_counts_padded_and_flattened_batches_alike():
     meter = tt.Meter([7])
     # two samples of 3 and 2 tokens (one visual placeholder each), padded...
