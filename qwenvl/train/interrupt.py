@@ -91,7 +91,8 @@ class StopOnSignal(TrainerCallback):
         if args.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
             return flag
         # Every rank reaches every step end, so this collective cannot hang.
-        device = args.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+        # "nccl", or "cuda:nccl,cpu:gloo" under FSDP2's CPU offload: the flag goes through NCCL on the GPU.
+        device = args.device if "nccl" in str(torch.distributed.get_backend()) else torch.device("cpu")
         value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
         torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
         if value.item() and self.signal_name is None:
