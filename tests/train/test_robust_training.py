@@ -58,6 +58,8 @@ def _fake_checkpoint(root: Path, step: int, complete: bool) -> Path:
     folder.mkdir(parents=True)
     save_file({"w": torch.zeros(4)}, str(folder / "model.safetensors"))  # a whole (tiny) weights file
     if complete:
+        for name in ("optimizer.pt", "scheduler.pt"):  # what a Trainer checkpoint holds besides the model
+            (folder / name).write_bytes(b"state")
         (folder / "trainer_state.json").write_text("{}")
         mark_complete(str(folder), step)
     return folder
@@ -97,9 +99,7 @@ def test_a_damaged_checkpoint_is_passed_over_or_refused_before_the_model_loads(t
 
     two = _fake_checkpoint(tmp_path, 2, complete=True)
     four = _fake_checkpoint(tmp_path, 4, complete=True)
-    (four / "optimizer.pt").write_bytes(b"o" * 8)
-    mark_complete(str(four), 4)
-    assert json.loads((four / COMPLETE_MARKER).read_text())["sizes"]["optimizer.pt"] == 8
+    assert json.loads((four / COMPLETE_MARKER).read_text())["sizes"]["optimizer.pt"] == 5
     assert resume_point(None, str(tmp_path)) == (str(four), [])
     assert resume_point("True", str(tmp_path))[0] == str(four)  # the Trainer's resume_from_checkpoint=True
 
@@ -134,6 +134,24 @@ def test_a_damaged_checkpoint_is_passed_over_or_refused_before_the_model_loads(t
         resume_point(str(tmp_path), str(tmp_path))
     assert f"--resume_from_checkpoint {tmp_path} is a run's output folder, not a checkpoint (it has no optimizer " \
            "state). Resume from one of its checkpoints (checkpoint-2, checkpoint-4)" in str(err.value)
+
+
+def test_resuming_a_checkpoint_without_optimizer_state_says_what_restarts(tmp_path):
+    """--save_only_model checkpoints resumed with a new optimizer and the schedule from its first step (the
+    learning rate jumped back up), without a word."""
+    two = _fake_checkpoint(tmp_path, 2, complete=True)
+    for name in ("scheduler.pt", "optimizer.pt"):
+        (two / name).unlink()
+    mark_complete(str(two), 2)
+    checkpoint, notes = resume_point(None, str(tmp_path))
+    assert checkpoint == str(two) and len(notes) == 1
+    assert f"warning: {two} holds no optimizer or scheduler state (saved with --save_only_model)" in notes[0]
+    assert "learning-rate schedule (warmup included) starts again from its first step" in notes[0]
+    assert len(resume_point(str(two), str(tmp_path))[1]) == 1
+    for name in ("scheduler.pt", "optimizer.pt"):
+        (two / name).write_bytes(b"x")
+    mark_complete(str(two), 2)
+    assert resume_point(None, str(tmp_path)) == (str(two), [])
 
 
 def test_a_lora_checkpoint_of_another_rank_is_refused_before_the_model_loads(tmp_path):
