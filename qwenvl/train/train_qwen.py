@@ -27,7 +27,8 @@ from qwenvl.data.errors import DataError
 from qwenvl.hf_internals import attn_implementation, require_transformers_internals
 from qwenvl.train.arguments import ConfigError, explicit_args_for_saving, parse_args
 from qwenvl.train.checkpoints import DiskFullError, check_checkpoint_fits, resume_point
-from qwenvl.train.completed_run import completed_run_message, resumed_past_max_steps
+from qwenvl.train.completed_run import (completed_run_message, refuse_retraining_a_finished_run,
+                                        resumed_past_max_steps)
 from qwenvl.train.length_cache import require_length_cache
 from qwenvl.train.library_warnings import quiet_known_library_warnings
 from qwenvl.train.output_dir import check_output_dir, describe_changes, write_run_args
@@ -144,6 +145,8 @@ def _train(argv, trainer_class=None):
 
     # The flags and the data passed their checks: from here on the folder is this run's.
     checkpoint, notes = resume_point(training_args.resume_from_checkpoint, output_dir)
+    if not checkpoint:
+        refuse_retraining_a_finished_run(output_dir, training_args.overwrite_output_dir)
     if checkpoint:
         check_checkpoint_fits(checkpoint, config, training_args.lora_enable, path, training_args.lora_r)
         done = resumed_past_max_steps(checkpoint, output_dir, training_args.max_steps)

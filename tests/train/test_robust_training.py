@@ -604,3 +604,24 @@ def test_a_run_killed_while_writing_its_final_model_is_not_taken_for_a_finished_
     assert (f"{out / 'checkpoint-2'} is at step 2, which reaches --max_steps 2: resuming would train step 3 anyway"
             in rerun.stderr) and "the checkpoint itself loads as the model of that step" in rerun.stderr
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+@pytest.mark.slow
+def test_a_finished_run_without_checkpoints_is_not_trained_again_from_the_base_model(tiny_model_dir, tmp_path,
+                                                                                     capsys):
+    """--save_strategy no (or checkpoints deleted): raising --max_steps, as the completed-run message advised, trained
+    again from --model_name_or_path and overwrote the finished model."""
+    out = tmp_path / "out"
+    flags = _flags(tiny_model_dir("qwen2_5_vl"), out, "--save_strategy", "no")
+    train(flags + ["--max_steps", "2"])
+    train(flags + ["--max_steps", "2"])
+    assert f"To train longer, pass --model_name_or_path {out} with a new --output_dir" in capsys.readouterr().out
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(SystemExit) as exit_info:
+        train(flags + ["--max_steps", "3"])
+    assert exit_info.value.code == 2
+    assert (f"--output_dir {out} holds a finished run's model (step 2) but no checkpoint-* to resume from: this run "
+            "would train again from --model_name_or_path and overwrite that model") in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    train(flags + ["--max_steps", "3", "--overwrite_output_dir", "True"])  # replacing it, as asked
+    assert _state(out)["global_step"] == 3
