@@ -247,6 +247,10 @@ def resume_point(requested: str | None, output_dir: str) -> tuple[str | None, li
         requested = None  # the Trainer's resume_from_checkpoint=True: the newest checkpoint of --output_dir
     if requested:
         flag = f"--resume_from_checkpoint {requested}"
+        if requested.lower() in ("false", "none", "no"):
+            raise ConfigError(f"{flag}: a run resumes from the newest complete checkpoint of --output_dir on its own "
+                              "(as the official code); to start again instead, choose a new --output_dir. Leave the "
+                              "flag out, or give a checkpoint-N folder to resume from.")
         if not os.path.isdir(requested):
             raise ConfigError(f"{flag}: no such folder. Give a checkpoint-N folder of a run, or leave the flag out "
                               "to resume from the newest complete checkpoint in --output_dir.")

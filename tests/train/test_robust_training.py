@@ -127,6 +127,9 @@ def test_a_damaged_checkpoint_is_passed_over_or_refused_before_the_model_loads(t
         resume_point(str(two), str(tmp_path))
     with pytest.raises(ConfigError, match="no_such_checkpoint: no such folder"):
         resume_point(str(tmp_path / "no_such_checkpoint"), str(tmp_path))
+    with pytest.raises(ConfigError, match="False: a run resumes from the newest complete checkpoint of --output_dir "
+                                          "on its own .* to start again instead, choose a new --output_dir"):
+        resume_point("False", str(tmp_path))
     # a run's folder (final model and trainer_state.json, no optimizer): the Trainer resumed it with a new optimizer
     (tmp_path / "run_args.json").write_text("{}")
     (tmp_path / "trainer_state.json").write_text('{"global_step": 4}')
