@@ -7,11 +7,13 @@
 
 Order of work: parse and check every flag (and that ``--output_dir`` is new, empty or
 ours); read the processor and config; build the data and its batch sampler (so data
-problems show before the model loads, and before anything is written); write
+problems show before the model loads, and before anything is written); check the
+checkpoint to resume from (whole, of this model and kind, steps left to train); write
 ``run_args.json`` (saying which flags changed since the run that wrote the folder);
 load the model with the class its config names; freeze / LoRA; train, resuming from
 the newest complete ``checkpoint-*`` in ``--output_dir`` if there is one (as the
-official code); Ctrl-C saves a checkpoint and stops (exit 130); save the model and processor;
+official code); Ctrl-C saves a checkpoint and stops (exit 130); save the model and processor,
+then ``trainer_state.json`` (which marks the run finished);
 on the main process print where they are, the first and last loss, and write
 ``loss_curve.png``.  Argument and data problems end the run with their message and
 a non-zero exit status, without a traceback.
@@ -147,7 +149,7 @@ def _train(argv, trainer_class=None):
     checkpoint, notes = resume_point(training_args.resume_from_checkpoint, output_dir)
     if not checkpoint:
         refuse_retraining_a_finished_run(output_dir, training_args.overwrite_output_dir)
-    if checkpoint:
+    else:
         check_checkpoint_fits(checkpoint, config, training_args.lora_enable, path, training_args.lora_r)
         done = resumed_past_max_steps(checkpoint, output_dir, training_args.max_steps)
         if done:  # nothing left to train; the Trainer would take one more step
