@@ -8,13 +8,13 @@
 Order of work: parse and check every flag (and that ``--output_dir`` is new, empty or
 ours); read the processor and config; build the data and its batch sampler (so data
 problems show before the model loads, and before anything is written); check the
-checkpoint to resume from (whole, of this model and kind, steps left to train); write
-``run_args.json`` (saying which flags changed since the run that wrote the folder);
-load the model with the class its config names; freeze / LoRA; train, resuming from
-the newest complete ``checkpoint-*`` in ``--output_dir`` if there is one (as the
-official code); Ctrl-C saves a checkpoint and stops (exit 130); save the model and processor,
-then ``trainer_state.json`` (which marks the run finished);
-on the main process print where they are, the first and last loss, and write
+checkpoint to resume from (whole, of this model and kind, steps left to train); take the
+folder's lock (one run at a time, run_lock.py) and write ``run_args.json`` (saying which
+flags changed since the run that wrote the folder); load the model with the class its
+config names; freeze / LoRA; train, resuming from the newest complete ``checkpoint-*``
+in ``--output_dir`` if there is one (as the official code); Ctrl-C saves a checkpoint and
+stops (exit 130); save the model and processor, then ``trainer_state.json`` (which marks
+the run finished); on the main process print where they are, the first and last loss, and write
 ``loss_curve.png``.  Argument and data problems end the run with their message and
 a non-zero exit status, without a traceback.
 """
@@ -34,6 +34,7 @@ from qwenvl.train.completed_run import (completed_run_message, refuse_retraining
 from qwenvl.train.length_cache import require_length_cache
 from qwenvl.train.library_warnings import quiet_known_library_warnings
 from qwenvl.train.output_dir import check_output_dir, describe_changes, write_run_args
+from qwenvl.train.run_lock import lock_output_dir, release_output_dir_locks
 from qwenvl.train.secret_flags import redact_secrets_in_argv
 from qwenvl.train.stack_dumps import enable_stack_dumps
 from qwenvl.train.wandb_mode import configure_wandb
@@ -165,6 +166,7 @@ def _train(argv, trainer_class=None):
                 print(changes, file=sys.stderr, flush=True)
         for note in notes:
             print(note, file=sys.stderr, flush=True)
+        lock_output_dir(output_dir)  # one run at a time in the folder, until this process ends
         write_run_args(output_dir, saved_args, previous_args)
 
     model = prepare_model(load_model(model_args, training_args), model_args, training_args)
@@ -238,6 +240,8 @@ def train(argv: list[str] | None = None, trainer_class=None) -> str:
         print("\ninterrupted: stopped before a checkpoint could be saved; complete checkpoints in "
               "--output_dir are kept and the same command resumes from the newest.", file=sys.stderr, flush=True)
         raise SystemExit(INTERRUPTED) from None
+    finally:
+        release_output_dir_locks()  # train() may run again in this process (tests, notebooks)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from qwenvl.train.sharding import finish_distributed
 

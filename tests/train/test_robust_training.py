@@ -628,3 +628,30 @@ def test_a_finished_run_without_checkpoints_is_not_trained_again_from_the_base_m
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     train(flags + ["--max_steps", "3", "--overwrite_output_dir", "True"])  # replacing it, as asked
     assert _state(out)["global_step"] == 3
+
+
+def test_a_second_run_into_a_folder_a_running_training_holds_is_refused(tiny_model_dir, tmp_path, capsys):
+    """Two launches of one command (a double submit, a retry while the first runs) both trained into the folder,
+    each deleting the other's checkpoint in progress as "left by a killed run". The lock dies with its process."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run_args.json").write_text("{}")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from qwenvl.train.run_lock import "
+                               "lock_output_dir; lock_output_dir(sys.argv[1]); print('locked', flush=True); "
+                               "time.sleep(600)", str(out)], env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+        with pytest.raises(SystemExit) as exit_info:
+            train(_flags(tiny_model_dir("qwen2_5_vl"), out, "--max_steps", "1"))
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"another training run (pid {holder.pid} on " in err and f"is training into --output_dir {out}" in err
+        assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    from qwenvl.train.output_dir import check_output_dir
+
+    assert check_output_dir(str(out), False) == {}  # the killed holder's lock is gone with it
