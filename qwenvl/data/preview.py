@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
-from transformers import AutoConfig, AutoProcessor, HfArgumentParser
+from transformers import HfArgumentParser
 
 from qwenvl.data.arguments import DataArguments
 from qwenvl.data.errors import DataError
@@ -153,8 +153,11 @@ def preview(argv: list[str] | None = None) -> str:
     from qwenvl.data.dataset import make_supervised_data_module, sample_token_counts
 
     data_args, args = HfArgumentParser((DataArguments, PreviewArguments)).parse_args_into_dataclasses(argv)
-    processor = AutoProcessor.from_pretrained(args.model_name_or_path)
-    config = AutoConfig.from_pretrained(args.model_name_or_path)
+    from qwenvl.train.model import check_model_dir, read_config, read_processor
+
+    check_model_dir(args.model_name_or_path)  # an adapter folder, no config.json: a message, not a traceback
+    processor = read_processor(args.model_name_or_path)
+    config = read_config(args.model_name_or_path)
     module = make_supervised_data_module(processor, data_args, config, args.model_max_length, args.seed)
     dataset = module["train_dataset"]
     if not 0 <= args.index < len(dataset):
@@ -203,9 +206,11 @@ def preview(argv: list[str] | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from qwenvl.train.arguments import ConfigError
+
     try:
         print(preview(argv))
-    except DataError as err:
+    except (DataError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)
 

@@ -348,15 +348,15 @@ def _counter(audit_args: AuditArguments, data_args: DataArguments):
                                  max_frames=data_args.video_max_frames, backend=data_args.video_backend,
                                  timeout_s=data_args.media_timeout)
         return None, settings
-    from transformers import AutoConfig, AutoProcessor
-
     from qwenvl.data.media.video import video_settings_from
     from qwenvl.data.render.processor_settings import configure_processor
 
-    processor = configure_processor(AutoProcessor.from_pretrained(audit_args.model_name_or_path), data_args)
+    from qwenvl.train.model import check_model_dir, read_config, read_processor
+
+    check_model_dir(audit_args.model_name_or_path)  # an adapter folder, no config.json: a message
+    processor = configure_processor(read_processor(audit_args.model_name_or_path), data_args)
     settings = video_settings_from(data_args, processor)
-    grounding = Grounding(AutoConfig.from_pretrained(audit_args.model_name_or_path).model_type,
-                          processor.image_processor)
+    grounding = Grounding(read_config(audit_args.model_name_or_path).model_type, processor.image_processor)
     return TokenCounter(processor, settings, None, grounding, data_args.enable_thinking), settings
 
 
@@ -519,11 +519,13 @@ def format_report(report: dict, show: int = 20) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from qwenvl.train.arguments import ConfigError
+
     try:
         # An invalid flag value (--bad_sample_policy skipp) is a DataConfigError: a message, not a traceback.
         data_args, audit_args = HfArgumentParser((DataArguments, AuditArguments)).parse_args_into_dataclasses(argv)
         report, status = run_audit(data_args, audit_args, progress=True)
-    except DataError as err:
+    except (DataError, ConfigError) as err:  # ConfigError: an unusable --model_name_or_path
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_report(report, audit_args.show))

@@ -120,16 +120,17 @@ def _is_too_long(kind: str | None) -> bool:
 
 def plan_packs(data_args: DataArguments, args: PackArguments, progress: bool = True) -> dict:
     """Count, pack and describe; returns a dict with the packs (as (dataset, record) pairs) and the summary."""
-    from transformers import AutoConfig, AutoProcessor
-
     from qwenvl.data.media.video import video_settings_from
     from qwenvl.data.render.grounding import Grounding
     from qwenvl.data.render.processor_settings import configure_processor
 
     if args.model_max_length < 1:
         raise DataError(f"--model_max_length must be positive, got {args.model_max_length}.", DataKind.CONFIG)
-    processor = configure_processor(AutoProcessor.from_pretrained(args.model_name_or_path), data_args)
-    grounding = Grounding(AutoConfig.from_pretrained(args.model_name_or_path).model_type, processor.image_processor)
+    from qwenvl.train.model import check_model_dir, read_config, read_processor
+
+    check_model_dir(args.model_name_or_path)  # an adapter folder, no config.json: a message
+    processor = configure_processor(read_processor(args.model_name_or_path), data_args)
+    grounding = Grounding(read_config(args.model_name_or_path).model_type, processor.image_processor)
     counter = TokenCounter(processor, video_settings_from(data_args, processor), args.model_max_length, grounding,
                            data_args.enable_thinking)
     entries = parse_dataset_use(data_args.dataset_use, load_dictionary(data_args.dataset_dictionary))
@@ -226,8 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.algorithm not in ALGORITHMS:
         print(f"error: --algorithm must be one of {', '.join(ALGORITHMS)}", file=sys.stderr)
         return 2
+    from qwenvl.train.arguments import ConfigError
+
     try:
         plan = plan_packs(data_args, args)
+    except ConfigError as err:  # an unusable --model_name_or_path
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1 if err.kind is DataKind.BAD_SAMPLES else 2

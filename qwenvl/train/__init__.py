@@ -1,8 +1,8 @@
 """Training side of qwenvl: from flags to a trained, saved model.
 
 - flags: ``arguments`` (model and training flags), ``official_flags`` (the official
-  scripts' command lines), ``help``, ``secret_flags``, ``output_dir``, ``completed_run``,
-  ``eval_schedule``, ``wandb_mode``, ``library_warnings``;
+  scripts' command lines), ``help``, ``secret_flags``, ``output_dir``, ``run_lock`` (one run
+  per folder), ``completed_run``, ``eval_schedule``, ``wandb_mode``, ``library_warnings``;
 - the model: ``model`` (load, freeze, LoRA), ``attention`` (packed attention),
   ``linear_attention`` (Gated DeltaNet boundaries), ``compile``, ``sharding`` (FSDP2),
   ``fused_loss`` / ``loss`` (the chunked loss), ``moe`` (router loss);

@@ -247,6 +247,10 @@ def resume_point(requested: str | None, output_dir: str) -> tuple[str | None, li
         requested = None  # the Trainer's resume_from_checkpoint=True: the newest checkpoint of --output_dir
     if requested:
         flag = f"--resume_from_checkpoint {requested}"
+        if requested.lower() in ("false", "none", "no"):
+            raise ConfigError(f"{flag}: a run resumes from the newest complete checkpoint of --output_dir on its own "
+                              "(as the official code); to start again instead, choose a new --output_dir. Leave the "
+                              "flag out, or give a checkpoint-N folder to resume from.")
         if not os.path.isdir(requested):
             raise ConfigError(f"{flag}: no such folder. Give a checkpoint-N folder of a run, or leave the flag out "
                               "to resume from the newest complete checkpoint in --output_dir.")
@@ -268,10 +272,22 @@ def resume_point(requested: str | None, output_dir: str) -> tuple[str | None, li
                               "as --model_name_or_path instead.")
         notes = [] if is_complete(requested) else [
             f"warning: {requested} has no {COMPLETE_MARKER}; it may be cut off (resuming from it as asked)"]
-        return requested, notes
+        return requested, notes + _model_only_note(requested)
     checkpoint, ignored = newest_complete_checkpoint(output_dir)
     notes = [f"ignoring {item.path}: {item.why}; it is replaced when that step is saved again" for item in ignored]
-    return checkpoint, notes
+    return checkpoint, notes + (_model_only_note(checkpoint) if checkpoint else [])
+
+
+def _model_only_note(checkpoint: str) -> list[str]:
+    """The warning for a checkpoint without optimizer and scheduler state (``--save_only_model``): the Trainer
+    resumes it without a word, with a new optimizer and the learning-rate schedule started again."""
+    names = os.listdir(checkpoint)
+    if "scheduler.pt" in names or any(n.startswith(("optimizer", "global_step")) for n in names):
+        return []
+    return [f"warning: {checkpoint} holds no optimizer or scheduler state (saved with --save_only_model): resuming "
+            "restores the weights and the step, but the optimizer starts anew and the learning-rate schedule "
+            "(warmup included) starts again from its first step. To continue exactly, save full checkpoints "
+            "(leave --save_only_model out)."]
 
 
 def remove_stale_checkpoints(output_dir: str, keep: int | None, protected: set[str] = frozenset()) -> list[str]:

@@ -38,9 +38,13 @@ def completed_run_message(output_dir: str, saved_args: dict) -> str | None:
     step, max_steps = int(state.get("global_step") or 0), int(state.get("max_steps") or 0)
     if previous != _as_saved(saved_args) or not 0 < max_steps <= step:
         return None
+    from .checkpoints import checkpoint_folders
+
+    longer = ("raise --max_steps or --num_train_epochs (it resumes from the newest checkpoint)"
+              if checkpoint_folders(output_dir) else
+              f"pass --model_name_or_path {output_dir} with a new --output_dir (no checkpoint-* to resume from)")
     return (f"the run in {output_dir} is already complete (step {step} of {max_steps}, trainer_state.json): "
-            "nothing was changed. To train longer, raise --max_steps or --num_train_epochs (it resumes from the "
-            "newest checkpoint); to start again, choose a new --output_dir.")
+            f"nothing was changed. To train longer, {longer}; to start again, choose a new --output_dir.")
 
 
 def checkpoint_step(checkpoint: str) -> int | None:
@@ -75,3 +79,21 @@ def resumed_past_max_steps(checkpoint: str, output_dir: str, max_steps: int) -> 
     raise ConfigError(f"{checkpoint} is at step {step}, which {reached} --max_steps {max_steps}: resuming would "
                       f"train step {step + 1} anyway and save it as the result. Raise --max_steps above {step} to "
                       "train further; the checkpoint itself loads as the model of that step (with its processor).")
+
+
+def refuse_retraining_a_finished_run(output_dir: str, overwrite: bool) -> None:
+    """ConfigError when ``output_dir`` holds a finished run's model but no checkpoint to resume from.
+
+    Without a checkpoint (``--save_strategy no``, or checkpoints deleted to save space), a changed
+    command (``--max_steps`` raised to train longer) would start again from ``--model_name_or_path``
+    and overwrite the finished model.  ``--overwrite_output_dir True`` says that is intended.
+    """
+    from .arguments import ConfigError
+
+    step = checkpoint_step(output_dir)
+    if overwrite or not step:
+        return
+    raise ConfigError(f"--output_dir {output_dir} holds a finished run's model (step {step}) but no checkpoint-* to "
+                      "resume from: this run would train again from --model_name_or_path and overwrite that model. "
+                      f"To train it further, pass --model_name_or_path {output_dir} with a new --output_dir; to "
+                      "replace it, pass --overwrite_output_dir True.")

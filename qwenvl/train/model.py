@@ -115,8 +115,8 @@ def read_processor(model_name_or_path: str, cache_dir: str | None = None):
         text = str(err).strip()
         reason = text.splitlines()[0].split(". ")[0] if text else type(err).__name__
         raise ConfigError(
-            f"cannot load the processor of --model_name_or_path {model_name_or_path} ({reason}). Training needs "
-            "the processor and tokenizer files beside the weights (processor_config.json or "
+            f"cannot load the processor of --model_name_or_path {model_name_or_path} ({reason}). Training and the "
+            "data tools need the processor and tokenizer files beside the weights (processor_config.json or "
             "preprocessor_config.json, tokenizer.json, tokenizer_config.json, chat_template.jinja or the chat "
             "template in tokenizer_config.json): copy them from the base model's folder.") from None
 

@@ -14,6 +14,7 @@ import json
 import os
 
 from .arguments import ConfigError
+from .run_lock import LOCK, refuse_if_locked
 
 RUN_ARGS = "run_args.json"
 
@@ -37,6 +38,7 @@ def check_output_dir(output_dir: str, overwrite: bool) -> dict | None:
         if os.path.exists(output_dir):
             raise ConfigError(f"--output_dir {output_dir} is a file, not a folder.")
         return None
+    refuse_if_locked(output_dir)  # a training running there now: stop before anything else
     run_args = os.path.join(output_dir, RUN_ARGS)
     if os.path.isfile(run_args):
         try:
@@ -44,7 +46,7 @@ def check_output_dir(output_dir: str, overwrite: bool) -> dict | None:
                 return json.load(f)
         except (OSError, ValueError):
             return {}
-    entries = sorted(os.listdir(output_dir))
+    entries = sorted(e for e in os.listdir(output_dir) if e != LOCK)  # a lock left by a run of ours
     if entries and not overwrite:
         shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
         raise ConfigError(f"--output_dir {output_dir} is not empty ({shown}) and no training run of ours wrote it "

@@ -7,12 +7,14 @@
 
 Order of work: parse and check every flag (and that ``--output_dir`` is new, empty or
 ours); read the processor and config; build the data and its batch sampler (so data
-problems show before the model loads, and before anything is written); write
-``run_args.json`` (saying which flags changed since the run that wrote the folder);
-load the model with the class its config names; freeze / LoRA; train, resuming from
-the newest complete ``checkpoint-*`` in ``--output_dir`` if there is one (as the
-official code); Ctrl-C saves a checkpoint and stops (exit 130); save the model and processor;
-on the main process print where they are, the first and last loss, and write
+problems show before the model loads, and before anything is written); check the
+checkpoint to resume from (whole, of this model and kind, steps left to train); take the
+folder's lock (one run at a time, run_lock.py) and write ``run_args.json`` (saying which
+flags changed since the run that wrote the folder); load the model with the class its
+config names; freeze / LoRA; train, resuming from the newest complete ``checkpoint-*``
+in ``--output_dir`` if there is one (as the official code); Ctrl-C saves a checkpoint and
+stops (exit 130); save the model and processor, then ``trainer_state.json`` (which marks
+the run finished); on the main process print where they are, the first and last loss, and write
 ``loss_curve.png``.  Argument and data problems end the run with their message and
 a non-zero exit status, without a traceback.
 """
@@ -27,10 +29,12 @@ from qwenvl.data.errors import DataError
 from qwenvl.hf_internals import attn_implementation, require_transformers_internals
 from qwenvl.train.arguments import ConfigError, explicit_args_for_saving, parse_args
 from qwenvl.train.checkpoints import DiskFullError, check_checkpoint_fits, resume_point
-from qwenvl.train.completed_run import completed_run_message, resumed_past_max_steps
+from qwenvl.train.completed_run import (completed_run_message, refuse_retraining_a_finished_run,
+                                        resumed_past_max_steps)
 from qwenvl.train.length_cache import require_length_cache
 from qwenvl.train.library_warnings import quiet_known_library_warnings
 from qwenvl.train.output_dir import check_output_dir, describe_changes, write_run_args
+from qwenvl.train.run_lock import lock_output_dir, release_output_dir_locks
 from qwenvl.train.secret_flags import redact_secrets_in_argv
 from qwenvl.train.stack_dumps import enable_stack_dumps
 from qwenvl.train.wandb_mode import configure_wandb
@@ -144,7 +148,9 @@ def _train(argv, trainer_class=None):
 
     # The flags and the data passed their checks: from here on the folder is this run's.
     checkpoint, notes = resume_point(training_args.resume_from_checkpoint, output_dir)
-    if checkpoint:
+    if not checkpoint:
+        refuse_retraining_a_finished_run(output_dir, training_args.overwrite_output_dir)
+    else:
         check_checkpoint_fits(checkpoint, config, training_args.lora_enable, path, training_args.lora_r)
         done = resumed_past_max_steps(checkpoint, output_dir, training_args.max_steps)
         if done:  # nothing left to train; the Trainer would take one more step
@@ -160,6 +166,7 @@ def _train(argv, trainer_class=None):
                 print(changes, file=sys.stderr, flush=True)
         for note in notes:
             print(note, file=sys.stderr, flush=True)
+        lock_output_dir(output_dir)  # one run at a time in the folder, until this process ends
         write_run_args(output_dir, saved_args, previous_args)
 
     model = prepare_model(load_model(model_args, training_args), model_args, training_args)
@@ -233,6 +240,8 @@ def train(argv: list[str] | None = None, trainer_class=None) -> str:
         print("\ninterrupted: stopped before a checkpoint could be saved; complete checkpoints in "
               "--output_dir are kept and the same command resumes from the newest.", file=sys.stderr, flush=True)
         raise SystemExit(INTERRUPTED) from None
+    finally:
+        release_output_dir_locks()  # train() may run again in this process (tests, notebooks)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from qwenvl.train.sharding import finish_distributed
 

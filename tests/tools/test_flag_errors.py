@@ -41,3 +41,30 @@ def test_preview_of_a_bad_sample_names_the_problem_instead_of_hanging_or_crashin
     assert _exit_status(preview.main, argv) == 2  # with skip, the item was None: a TypeError before
     err = capsys.readouterr().err
     assert "record 0" in err and "cat.png is not a regular file" in err
+
+
+@pytest.mark.parametrize("main", [audit.main, preview.main, "pack_data"])
+@pytest.mark.parametrize("keep, message", [
+    (["model.safetensors", "tokenizer.json", "tokenizer_config.json", "processor_config.json"],
+     "is a LoRA adapter (adapter_config.json, no config.json), not a full model"),
+    (["config.json", "model.safetensors"], "cannot load the processor of --model_name_or_path"),
+])
+def test_an_unusable_model_folder_is_a_message_not_a_traceback(main, keep, message, tiny_model_dir, tmp_path,
+                                                               capsys):
+    """A LoRA adapter folder or one without the processor files: transformers' OSError / ValueError traceback."""
+    import shutil
+
+    from qwenvl.tools import pack_data
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in keep:
+        shutil.copy(tiny_model_dir("qwen2_5_vl") / name, model / name)
+    if "config.json" not in keep:
+        (model / "adapter_config.json").write_text('{"base_model_name_or_path": "/models/base"}')
+    argv = ["--dataset_use", "demo_text%2", "--model_name_or_path", str(model)]
+    if main == "pack_data":
+        main, argv = pack_data.main, argv + ["--model_max_length", "512", "--output", str(tmp_path / "packs.json")]
+    assert _exit_status(main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"--model_name_or_path {model}" in err and message in err, err

@@ -58,6 +58,8 @@ def _fake_checkpoint(root: Path, step: int, complete: bool) -> Path:
     folder.mkdir(parents=True)
     save_file({"w": torch.zeros(4)}, str(folder / "model.safetensors"))  # a whole (tiny) weights file
     if complete:
+        for name in ("optimizer.pt", "scheduler.pt"):  # what a Trainer checkpoint holds besides the model
+            (folder / name).write_bytes(b"state")
         (folder / "trainer_state.json").write_text("{}")
         mark_complete(str(folder), step)
     return folder
@@ -97,9 +99,7 @@ def test_a_damaged_checkpoint_is_passed_over_or_refused_before_the_model_loads(t
 
     two = _fake_checkpoint(tmp_path, 2, complete=True)
     four = _fake_checkpoint(tmp_path, 4, complete=True)
-    (four / "optimizer.pt").write_bytes(b"o" * 8)
-    mark_complete(str(four), 4)
-    assert json.loads((four / COMPLETE_MARKER).read_text())["sizes"]["optimizer.pt"] == 8
+    assert json.loads((four / COMPLETE_MARKER).read_text())["sizes"]["optimizer.pt"] == 5
     assert resume_point(None, str(tmp_path)) == (str(four), [])
     assert resume_point("True", str(tmp_path))[0] == str(four)  # the Trainer's resume_from_checkpoint=True
 
@@ -127,6 +127,9 @@ def test_a_damaged_checkpoint_is_passed_over_or_refused_before_the_model_loads(t
         resume_point(str(two), str(tmp_path))
     with pytest.raises(ConfigError, match="no_such_checkpoint: no such folder"):
         resume_point(str(tmp_path / "no_such_checkpoint"), str(tmp_path))
+    with pytest.raises(ConfigError, match="False: a run resumes from the newest complete checkpoint of --output_dir "
+                                          "on its own .* to start again instead, choose a new --output_dir"):
+        resume_point("False", str(tmp_path))
     # a run's folder (final model and trainer_state.json, no optimizer): the Trainer resumed it with a new optimizer
     (tmp_path / "run_args.json").write_text("{}")
     (tmp_path / "trainer_state.json").write_text('{"global_step": 4}')
@@ -134,6 +137,24 @@ def test_a_damaged_checkpoint_is_passed_over_or_refused_before_the_model_loads(t
         resume_point(str(tmp_path), str(tmp_path))
     assert f"--resume_from_checkpoint {tmp_path} is a run's output folder, not a checkpoint (it has no optimizer " \
            "state). Resume from one of its checkpoints (checkpoint-2, checkpoint-4)" in str(err.value)
+
+
+def test_resuming_a_checkpoint_without_optimizer_state_says_what_restarts(tmp_path):
+    """--save_only_model checkpoints resumed with a new optimizer and the schedule from its first step (the
+    learning rate jumped back up), without a word."""
+    two = _fake_checkpoint(tmp_path, 2, complete=True)
+    for name in ("scheduler.pt", "optimizer.pt"):
+        (two / name).unlink()
+    mark_complete(str(two), 2)
+    checkpoint, notes = resume_point(None, str(tmp_path))
+    assert checkpoint == str(two) and len(notes) == 1
+    assert f"warning: {two} holds no optimizer or scheduler state (saved with --save_only_model)" in notes[0]
+    assert "learning-rate schedule (warmup included) starts again from its first step" in notes[0]
+    assert len(resume_point(str(two), str(tmp_path))[1]) == 1
+    for name in ("scheduler.pt", "optimizer.pt"):
+        (two / name).write_bytes(b"x")
+    mark_complete(str(two), 2)
+    assert resume_point(None, str(tmp_path)) == (str(two), [])
 
 
 def test_a_lora_checkpoint_of_another_rank_is_refused_before_the_model_loads(tmp_path):
@@ -586,3 +607,51 @@ def test_a_run_killed_while_writing_its_final_model_is_not_taken_for_a_finished_
     assert (f"{out / 'checkpoint-2'} is at step 2, which reaches --max_steps 2: resuming would train step 3 anyway"
             in rerun.stderr) and "the checkpoint itself loads as the model of that step" in rerun.stderr
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+@pytest.mark.slow
+def test_a_finished_run_without_checkpoints_is_not_trained_again_from_the_base_model(tiny_model_dir, tmp_path,
+                                                                                     capsys):
+    """--save_strategy no (or checkpoints deleted): raising --max_steps, as the completed-run message advised, trained
+    again from --model_name_or_path and overwrote the finished model."""
+    out = tmp_path / "out"
+    flags = _flags(tiny_model_dir("qwen2_5_vl"), out, "--save_strategy", "no")
+    train(flags + ["--max_steps", "2"])
+    train(flags + ["--max_steps", "2"])
+    assert f"To train longer, pass --model_name_or_path {out} with a new --output_dir" in capsys.readouterr().out
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(SystemExit) as exit_info:
+        train(flags + ["--max_steps", "3"])
+    assert exit_info.value.code == 2
+    assert (f"--output_dir {out} holds a finished run's model (step 2) but no checkpoint-* to resume from: this run "
+            "would train again from --model_name_or_path and overwrite that model") in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    train(flags + ["--max_steps", "3", "--overwrite_output_dir", "True"])  # replacing it, as asked
+    assert _state(out)["global_step"] == 3
+
+
+def test_a_second_run_into_a_folder_a_running_training_holds_is_refused(tiny_model_dir, tmp_path, capsys):
+    """Two launches of one command (a double submit, a retry while the first runs) both trained into the folder,
+    each deleting the other's checkpoint in progress as "left by a killed run". The lock dies with its process."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run_args.json").write_text("{}")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from qwenvl.train.run_lock import "
+                               "lock_output_dir; lock_output_dir(sys.argv[1]); print('locked', flush=True); "
+                               "time.sleep(600)", str(out)], env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+        with pytest.raises(SystemExit) as exit_info:
+            train(_flags(tiny_model_dir("qwen2_5_vl"), out, "--max_steps", "1"))
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"another training run (pid {holder.pid} on " in err and f"is training into --output_dir {out}" in err
+        assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    from qwenvl.train.output_dir import check_output_dir
+
+    assert check_output_dir(str(out), False) == {}  # the killed holder's lock is gone with it
