@@ -66,6 +66,7 @@ def align_resumed_schedule(scheduler, step: int, total_steps: int, checkpoint: s
     ``greedy``, whose rates follow the losses seen and are restored as they were) are recomputed;
     None for the others.
     """
+    scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps the real one
     if not isinstance(scheduler, LambdaLR):
         return None
     groups = scheduler.optimizer.param_groups

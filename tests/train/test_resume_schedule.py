@@ -119,3 +119,13 @@ def test_an_extended_finished_run_trains_its_new_steps_on_the_new_schedule(tiny_
     assert resumed[5]["learning_rate"] == pytest.approx(1e-3 * 2 / 6, rel=1e-9)  # not 0.0
     assert printed.count("resuming step 4 of a run planned for 4 steps, now 6: the linear schedule is recomputed "
                          "over 6 steps; step 5 trains at lr 0.000333333 (the checkpoint's optimizer held 0)") == 1
+
+
+def test_a_schedule_driven_by_the_losses_keeps_its_restored_rates(tmp_path):
+    """reduce_lr_on_plateau's rate follows the losses seen, not the step: resuming restores it as it was."""
+    model, optimizer, scheduler = _optimizer_and_scheduler("reduce_lr_on_plateau", 0, 4)
+    for group in optimizer.param_groups:
+        group["lr"] *= 0.1  # as a plateau would have lowered it
+    before = [group["lr"] for group in optimizer.param_groups]
+    assert align_resumed_schedule(scheduler, 4, 6, str(tmp_path)) is None
+    assert [group["lr"] for group in optimizer.param_groups] == before
