@@ -283,7 +283,7 @@ class QwenVLTrainer(Trainer):
         (a ``--tune_mm_*`` or LoRA flag changed since the checkpoint) turned into a ConfigError with its fix;
         then the restored rates are moved onto this run's schedule at the resumed step (``resume_schedule.py``)."""
         self._load_optimizer_and_scheduler_states(checkpoint)
-        if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, "scheduler.pt")):
+        if checkpoint is not None:  # under DeepSpeed the engine restored both states before this call
             self._align_resumed_schedule(checkpoint)
 
     def _align_resumed_schedule(self, checkpoint: str) -> None:

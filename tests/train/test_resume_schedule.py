@@ -123,9 +123,45 @@ def test_an_extended_finished_run_trains_its_new_steps_on_the_new_schedule(tiny_
 
 def test_a_schedule_driven_by_the_losses_keeps_its_restored_rates(tmp_path):
     """reduce_lr_on_plateau's rate follows the losses seen, not the step: resuming restores it as it was."""
-    model, optimizer, scheduler = _optimizer_and_scheduler("reduce_lr_on_plateau", 0, 4)
+    _, optimizer, scheduler = _optimizer_and_scheduler("reduce_lr_on_plateau", 0, 4)
     for group in optimizer.param_groups:
         group["lr"] *= 0.1  # as a plateau would have lowered it
     before = [group["lr"] for group in optimizer.param_groups]
     assert align_resumed_schedule(scheduler, 4, 6, str(tmp_path)) is None
     assert [group["lr"] for group in optimizer.param_groups] == before
+
+
+@pytest.mark.slow
+def test_under_deepspeed_an_extended_run_trains_its_new_steps_on_the_new_schedule(tiny_model_dir, tmp_path):
+    """DeepSpeed restores the optimizer and the scheduler itself (engine.load_checkpoint, no scheduler.pt): the
+    same stale rate reached the first resumed step there (ZeRO-2, one CPU process)."""
+    from tests.commands import run_command
+
+    from .conftest import free_port
+    from .test_robust_training import _env, _train_command
+
+    model = tiny_model_dir("qwen2_5_vl")
+    common = ["--lr_scheduler_type", "linear", "--save_steps", "2", "--deepspeed", "scripts/zero2.json"]
+    extended, fresh = tmp_path / "extended", tmp_path / "fresh"
+
+    def run(out, steps):
+        env = _env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        result = run_command(_train_command() + _flags(model, out, *common, "--max_steps", str(steps)), env=env,
+                             timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    run(extended, 4)
+    printed = run(extended, 6)
+    run(fresh, 6)
+
+    def rates(folder):
+        history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+        return {entry["step"]: {k: v for k, v in entry.items() if k.startswith(("learning_rate", "lr/"))}
+                for entry in history if "loss" in entry}
+
+    resumed, planned = rates(extended), rates(fresh)
+    assert resumed[5] and resumed[5] == pytest.approx(planned[5], rel=1e-9) and resumed[6] == pytest.approx(
+        planned[6], rel=1e-9), (resumed, planned)
+    assert resumed[5]["learning_rate"] > 0
+    assert "resuming step 4 of a run planned for 4 steps, now 6" in printed

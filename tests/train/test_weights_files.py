@@ -90,8 +90,8 @@ def test_a_sharded_model_names_each_damaged_or_missing_shard(tiny_model_dir, tmp
     shards[-1].unlink()
     problems = model_weights_problems(str(folder))
     assert problems == [
-        f"{shards[0]} is cut short: {total - 10:,} bytes of the {total:,} its header describes (10 missing, an "
-        "interrupted download or copy)",
+        (f"{shards[0]} is cut short: {total - 10:,} bytes of the {total:,} its header describes (10 missing, an "
+         "interrupted download or copy)"),
         f"{shards[-1]} is missing (named in model.safetensors.index.json)"]
     (folder / "model.safetensors.index.json").write_text('{"metadata": {}')
     assert model_weights_problems(str(folder))[0].startswith(
