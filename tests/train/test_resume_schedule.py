@@ -165,3 +165,27 @@ def test_under_deepspeed_an_extended_run_trains_its_new_steps_on_the_new_schedul
         planned[6], rel=1e-9), (resumed, planned)
     assert resumed[5]["learning_rate"] > 0
     assert "resuming step 4 of a run planned for 4 steps, now 6" in printed
+
+
+@pytest.mark.slow
+def test_under_fsdp2_an_extended_run_trains_its_new_steps_on_the_new_schedule(untied_model_dir, tmp_path):
+    """FSDP2 restores the optimizer through accelerate's load_fsdp_optimizer: a 2-step linear run extended to 4
+    trains step 3 at half the base rate and step 4 at a quarter, as a 4-step run does (two CPU processes,
+    tests/train/fsdp_cpu.py)."""
+    from tests.conftest import copy_demo_annotations
+
+    from .test_fsdp2 import FSDP, _torchrun
+    from .test_fsdp2 import _flags as _fsdp_flags
+    from .test_train_qwen import _env, _run
+
+    dictionary = copy_demo_annotations(tmp_path / "data")
+    out = tmp_path / "fsdp"
+    harness = ["-m", "tests.train.fsdp_cpu", "--use_cpu", "True", *FSDP]
+    for steps in (2, 4):
+        result = _run(_torchrun(*harness, *_fsdp_flags(untied_model_dir, out, dictionary, "--max_steps", str(steps),
+                                                       "--lr_scheduler_type", "linear")), _env())
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    rates = {entry["step"]: entry["learning_rate"] for entry in history if "loss" in entry}
+    # steps 1-2 on the 2-step schedule (1, 1/2), steps 3-4 on the 4-step one (2/4, 1/4); step 3 trained at 0.0
+    assert rates == pytest.approx({1: 1e-3, 2: 1e-3 / 2, 3: 1e-3 * 2 / 4, 4: 1e-3 / 4}, rel=1e-9, abs=1e-15), rates
+    assert "resuming step 2 of a run planned for 2 steps, now 4: the linear schedule is recomputed" in result.stdout
