@@ -45,8 +45,8 @@ class ScheduleRealignment:
     @property
     def changed(self) -> bool:
         """True when the schedule differs from the checkpoint's: another length, or another rate at this step."""
-        return self.planned_steps != self.total_steps or not math.isclose(self.restored_lr, self.lr,
-                                                                          rel_tol=1e-6, abs_tol=1e-12)
+        other_length = self.planned_steps is not None and self.planned_steps != self.total_steps
+        return other_length or not math.isclose(self.restored_lr, self.lr, rel_tol=1e-6, abs_tol=1e-12)
 
 
 def planned_steps(checkpoint: str) -> int | None:
