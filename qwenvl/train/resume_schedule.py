@@ -58,6 +58,17 @@ def planned_steps(checkpoint: str) -> int | None:
         return None
 
 
+def holds_schedule_state(checkpoint: str) -> bool:
+    """Whether ``checkpoint`` carries a scheduler state: ``scheduler.pt``, or a DeepSpeed engine folder
+    (``global_step*``, which holds it).  A ``--save_only_model`` checkpoint has none: its run starts the
+    schedule again from its first step (``checkpoints.py`` warns so), and that is left as it is."""
+    try:
+        names = os.listdir(checkpoint)
+    except OSError:
+        return False
+    return "scheduler.pt" in names or any(name.startswith("global_step") for name in names)
+
+
 def align_resumed_schedule(scheduler, step: int, total_steps: int, checkpoint: str) -> ScheduleRealignment | None:
     """Set every parameter group's rate to what ``scheduler`` (restored from ``checkpoint``) gives at ``step``.
 

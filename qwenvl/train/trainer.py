@@ -48,7 +48,7 @@ from .checkpoints import (DiskFullError, check_free_space, checkpoint_folders, d
 from .interrupt import StopOnSignal
 from .model import set_use_cache
 from .optim import build_param_groups, describe_groups
-from .resume_schedule import align_resumed_schedule, describe_realignment
+from .resume_schedule import align_resumed_schedule, describe_realignment, holds_schedule_state
 
 
 class QwenVLTrainer(Trainer):
@@ -283,7 +283,8 @@ class QwenVLTrainer(Trainer):
         (a ``--tune_mm_*`` or LoRA flag changed since the checkpoint) turned into a ConfigError with its fix;
         then the restored rates are moved onto this run's schedule at the resumed step (``resume_schedule.py``)."""
         self._load_optimizer_and_scheduler_states(checkpoint)
-        if checkpoint is not None:  # under DeepSpeed the engine restored both states before this call
+        # Under DeepSpeed the engine restored both states before this call (no scheduler.pt there).
+        if checkpoint is not None and holds_schedule_state(checkpoint):
             self._align_resumed_schedule(checkpoint)
 
     def _align_resumed_schedule(self, checkpoint: str) -> None:

@@ -93,6 +93,21 @@ def test_the_realignment_is_described_with_both_lengths_and_rates(tmp_path):
                            "over 6 steps; step 5 trains at lr 0.000333333 (the checkpoint's optimizer held 0)"), text
 
 
+def test_only_checkpoints_with_a_schedule_state_are_realigned(tmp_path):
+    """A --save_only_model checkpoint restarts the schedule (checkpoints.py warns so): nothing to realign there."""
+    from qwenvl.train.resume_schedule import holds_schedule_state
+
+    plain, engine, model_only = (tmp_path / name for name in ("plain", "deepspeed", "model_only"))
+    for folder in (plain, engine, model_only):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"")
+        (folder / "trainer_state.json").write_text("{}")
+    (plain / "scheduler.pt").write_bytes(b"")
+    (engine / "global_step4").mkdir()  # DeepSpeed's engine state, scheduler included
+    assert holds_schedule_state(str(plain)) and holds_schedule_state(str(engine))
+    assert not holds_schedule_state(str(model_only))
+
+
 @pytest.mark.slow
 def test_an_extended_finished_run_trains_its_new_steps_on_the_new_schedule(tiny_model_dir, tmp_path, capsys):
     """A finished 4-step linear run re-run with --max_steps 6 resumed from checkpoint-4 and trained step 5 at
