@@ -97,12 +97,22 @@ def check_model_dir(model_name_or_path: str) -> None:
 
 
 def check_model_weights(model_name_or_path: str) -> None:
-    """ConfigError when a local ``--model_name_or_path`` folder has no weights file (checked before the data work)."""
+    """ConfigError when a local ``--model_name_or_path`` folder has no weights file, or a safetensors file that is
+    cut short or unreadable (``weights_files.py``: headers and sizes only). Checked before the data work."""
+    from .weights_files import model_weights_problems
+
     folder = os.path.expanduser(model_name_or_path)
     flag = f"--model_name_or_path {model_name_or_path}"
-    if os.path.isdir(folder) and not any(os.path.isfile(os.path.join(folder, name)) for name in WEIGHT_FILES):
+    if not os.path.isdir(folder):
+        return
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in WEIGHT_FILES):
         raise ConfigError(f"{flag} has a config.json but no weights (none of {', '.join(WEIGHT_FILES)}): give "
                           "the folder that holds the model's weights too.")
+    problems = model_weights_problems(folder)
+    if problems:
+        raise ConfigError(f"{flag}: the model's weights are damaged:\n  " + "\n  ".join(problems) + "\nDownload "
+                          "the model again (an interrupted download or copy leaves such files; for a Git LFS "
+                          "pointer, `git lfs pull` in its folder), then run the same command.")
 
 
 def read_processor(model_name_or_path: str, cache_dir: str | None = None):

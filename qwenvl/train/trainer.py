@@ -20,7 +20,9 @@ What it adds to ``transformers.Trainer``:
   after every rank's files are synced), a full disk is named with the bytes needed,
   and Ctrl-C / SIGTERM save and stop at the end of the step (``interrupt.StopOnSignal``);
 - resuming a full model reads the checkpoint in the training dtype, on one rank
-  when DDP will copy it to the others;
+  when DDP will copy it to the others; the restored learning rates are moved onto this
+  run's schedule at the resumed step, so an extended run never trains a step at the
+  checkpoint's stale last rate (``resume_schedule.py``);
 - under FSDP2 (``sharding.py``): float32 master weights with bf16 compute, gradients
   reduced in the config's ``reduce_dtype``, the frozen vision tower replicated, and every
   saved model (checkpoints and the final one) gathered into plain safetensors next to the
@@ -46,6 +48,7 @@ from .checkpoints import (DiskFullError, check_free_space, checkpoint_folders, d
 from .interrupt import StopOnSignal
 from .model import set_use_cache
 from .optim import build_param_groups, describe_groups
+from .resume_schedule import align_resumed_schedule, describe_realignment, holds_schedule_state
 
 
 class QwenVLTrainer(Trainer):
@@ -277,7 +280,23 @@ class QwenVLTrainer(Trainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """The Trainer's load, with torch's error for an optimizer state of other trainable parameters
-        (a ``--tune_mm_*`` or LoRA flag changed since the checkpoint) turned into a ConfigError with its fix."""
+        (a ``--tune_mm_*`` or LoRA flag changed since the checkpoint) turned into a ConfigError with its fix;
+        then the restored rates are moved onto this run's schedule at the resumed step (``resume_schedule.py``)."""
+        self._load_optimizer_and_scheduler_states(checkpoint)
+        # Under DeepSpeed the engine restored both states before this call (no scheduler.pt there).
+        if checkpoint is not None and holds_schedule_state(checkpoint):
+            self._align_resumed_schedule(checkpoint)
+
+    def _align_resumed_schedule(self, checkpoint: str) -> None:
+        # The restored parameter groups hold the rate the checkpoint's schedule set after its last step
+        # (0.0 at the end of a linear run); the first resumed step would train at it.
+        change = align_resumed_schedule(self.lr_scheduler, self.state.global_step, self.state.max_steps, checkpoint)
+        if change is not None and change.changed and self.is_world_process_zero():
+            schedule = str(getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type))
+            print(describe_realignment(change, schedule, self.args.get_warmup_steps(self.state.max_steps)),
+                  flush=True)
+
+    def _load_optimizer_and_scheduler_states(self, checkpoint: str | None) -> None:
         try:
             super()._load_optimizer_and_scheduler(checkpoint)
         except ValueError as err:

@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from PIL import Image
 
 from qwenvl.train.train_qwen import train
@@ -21,13 +22,18 @@ def _flags(model_dir, out, dictionary, use, *extra):
 
 @pytest.fixture
 def weightless_model(tiny_model_dir, tmp_path):
-    """A tiny Qwen2.5-VL checkpoint whose weights file is empty: loading the model would fail (a
-    safetensors error), so a run that ends with a data error proves the model was never loaded.
-    (Empty rather than absent: a missing weights file is itself refused before the data work.)"""
+    """A tiny Qwen2.5-VL checkpoint whose weights file is whole but holds every tensor with one element: loading
+    the model fails (a shape mismatch), so a run that ends with a data error proves the model was never loaded.
+    (A whole file rather than an absent, empty or cut one: those are refused before the data work themselves.)"""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     folder = tmp_path / "weightless"
     shutil.copytree(tiny_model_dir("qwen2_5_vl"), folder)
     for weights in folder.glob("*.safetensors"):
-        weights.write_bytes(b"")
+        with safe_open(str(weights), framework="pt") as f:
+            names, metadata = list(f.keys()), f.metadata()
+        save_file({name: torch.zeros(1) for name in names}, str(weights), metadata=metadata)
     return folder
 
 
@@ -69,7 +75,7 @@ def test_one_bad_record_stops_an_error_run_but_not_a_skip_run_at_start(weightles
     # and the run goes on to load the model (here: fails there, which a data check never would).
     with pytest.raises(Exception) as load_failure:
         train(_flags(weightless_model, tmp_path / "out2", dictionary, "mine", "--bad_sample_policy", "skip"))
-    assert not isinstance(load_failure.value, SystemExit)
+    assert "ignore_mismatched_sizes" in str(load_failure.value)  # transformers' shape check: the model did load
 
 
 def test_trl_prompt_completion_saved_to_disk_trains(tiny_model_dir, tmp_path, capsys):
