@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 from .arguments import ConfigError
+from .resume_schedule import holds_schedule_state
 
 COMPLETE_MARKER = "checkpoint_complete.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -281,8 +282,7 @@ def resume_point(requested: str | None, output_dir: str) -> tuple[str | None, li
 def _model_only_note(checkpoint: str) -> list[str]:
     """The warning for a checkpoint without optimizer and scheduler state (``--save_only_model``): the Trainer
     resumes it without a word, with a new optimizer and the learning-rate schedule started again."""
-    names = os.listdir(checkpoint)
-    if "scheduler.pt" in names or any(n.startswith(("optimizer", "global_step")) for n in names):
+    if holds_schedule_state(checkpoint):  # the one test of what a resume restores (resume_schedule.py)
         return []
     return [f"warning: {checkpoint} holds no optimizer or scheduler state (saved with --save_only_model): resuming "
             "restores the weights and the step, but the optimizer starts anew and the learning-rate schedule "
