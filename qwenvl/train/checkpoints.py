@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from .arguments import ConfigError
 from .resume_schedule import holds_schedule_state
+from .weights_files import safetensors_problem  # one header check for checkpoints and the base model
 
 COMPLETE_MARKER = "checkpoint_complete.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -116,27 +117,9 @@ def checkpoint_problem(folder: str) -> str | None:
     for root, _, names in os.walk(folder):
         for name in sorted(names):
             if name.endswith(".safetensors"):
-                problem = _safetensors_problem(os.path.join(root, name))
+                problem = safetensors_problem(os.path.join(root, name))
                 if problem:
                     return f"{os.path.relpath(os.path.join(root, name), folder)} {problem}"
-    return None
-
-
-def _safetensors_problem(path: str) -> str | None:
-    """Whether a safetensors file's header is whole and its tensors fit in the file (reads the header only)."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            length = int.from_bytes(f.read(8), "little")
-            if size < 8 or 8 + length > size:
-                return f"is cut short ({size:,} bytes, its header alone needs {8 + length:,})"
-            header = json.loads(f.read(length))
-    except (OSError, ValueError) as err:
-        return f"cannot be read ({err})"
-    ends = [entry["data_offsets"][1] for key, entry in header.items()
-            if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
-    if ends and 8 + length + max(ends) > size:
-        return f"is cut short ({size:,} bytes of {8 + length + max(ends):,})"
     return None
 
 
