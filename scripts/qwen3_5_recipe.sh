@@ -23,6 +23,13 @@
 #                                              block is prompt), answers with reasoning train their
 #                                              think block. A dataset can override this with
 #                                              "enable_thinking" in dataset_dictionary.json.
+#   --video_max_frames 12                      ms-swift: FPS_MAX_FRAMES=12
+# Not carried from ms-swift's script: VIDEO_MAX_PIXELS=50176 (its video frames' pixel cap; here
+# --video_max_pixels, which needs --video_min_pixels lowered to at most the same, since our default
+# minimum, 200704, is above it: set both to match it), --group_by_length (the token budget already
+# groups samples by length), --mtp_num_layers 1 (multi-token prediction: transformers' Qwen3.5 has no
+# MTP head to train), --moe_expert_capacity_factor 2 (Megatron drops tokens past an expert's capacity;
+# transformers routes every token), --moe_aux_loss_coeff 1e-6 (see sft_qwen3_5_35b_a3b.sh).
 # Kept from the official qwen-vl-finetune recipe (ms-swift's script sets none of them, so its
 # framework defaults apply there): no weight decay, gradient clipping 1, save every 1000 steps.
 set -euo pipefail
@@ -36,4 +43,5 @@ exec bash "$HERE/official_recipe.sh" \
   --model_max_length 16384 \
   --max_pixels 1003520 \
   --enable_thinking auto \
+  --video_max_frames 12 \
   "$@"

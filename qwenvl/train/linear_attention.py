@@ -394,15 +394,36 @@ class FlaCannotTrain(ConfigError):
 _READ_HERE = object()
 
 
-def check_linear_attention_trainable(model: torch.nn.Module, flattened: bool, blocker=_READ_HERE) -> None:
+FLA_INSTALL = ("pip install flash-linear-attention (fla-core's Triton kernels; `pip install \"qwenvl-finetune[gpu]\"` "
+               "includes it), with Triton >= 3.7.1 on Hopper GPUs")
+
+
+def fla_missing_on_gpu() -> bool:
+    """Whether this process trains on a CUDA GPU without flash-linear-attention's gated delta rule."""
+    return torch.cuda.is_available() and not fla_rule_importable()
+
+
+def check_linear_attention_trainable(model: torch.nn.Module, flattened: bool, blocker=_READ_HERE,
+                                     fla_missing=_READ_HERE) -> None:
     """At start-up: can this model's linear-attention layers train on this machine's fla stack?
 
     ``blocker``: ``fla_backward_blocker``'s answer (default: ``fla_backward_blocker_here()``).  When
     fla's backward cannot run, flattened batches go through the exact per-sample PyTorch path (one
     warning, here); padded batches, where transformers itself calls fla, are refused with
     ``FlaCannotTrain`` (train() exits with status 2) instead of failing at the first backward.
+
+    ``fla_missing`` (default: ``fla_missing_on_gpu()``): on a GPU without fla every Gated DeltaNet
+    layer runs transformers' PyTorch reference (padded rows) or the released forward once per sample
+    (packed rows): correct, several times slower than the measured speeds.  That is a warning with
+    the install command, so nobody spends GPU hours on the slow path without being told.
     """
     if not linear_attention_modules(model):
+        return
+    if fla_missing_on_gpu() if fla_missing is _READ_HERE else fla_missing:
+        logger.warning("flash-linear-attention is not installed: this model's linear-attention (Gated DeltaNet) "
+                       "layers run transformers' PyTorch reference (padded batches) or the released forward one "
+                       "sample at a time (packed batches). Correct, but several times slower on a GPU. Fix: %s.",
+                       FLA_INSTALL)
         return
     reason = fla_backward_blocker_here() if blocker is _READ_HERE else blocker
     if reason is None:

@@ -139,5 +139,21 @@ def test_nothing_is_refused_where_fla_can_train_or_nothing_calls_it(caplog):
                                                                               "mrope_interleaved": True}),
                                vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=1,
                                                   out_hidden_size=32, deepstack_visual_indexes=[]))
-        check_linear_attention_trainable(Qwen3VLForConditionalGeneration(config), flattened=False, blocker=REASON)
+        check_linear_attention_trainable(Qwen3VLForConditionalGeneration(config), flattened=False, blocker=REASON,
+                                         fla_missing=True)
     assert not _ours(caplog)
+
+
+@pytest.mark.parametrize("flattened", [False, True], ids=["padded", "flattened"])
+def test_a_gpu_without_fla_is_told_the_slow_path_and_the_install_command(caplog, flattened):
+    """On a CUDA machine without flash-linear-attention both layouts train correctly but on the slow
+    path; the start-up says so once, with the command that installs the kernels."""
+    model = tiny_model("qwen3_5")
+    make_linear_attention_packable(model, fla_blocker=None)
+    with caplog.at_level(logging.WARNING, logger=linear_attention.__name__):
+        check_linear_attention_trainable(model, flattened=flattened, blocker=None, fla_missing=True)
+        check_linear_attention_trainable(model, flattened=flattened, blocker=None, fla_missing=False)
+    messages = _ours(caplog)
+    assert len(messages) == 1
+    assert "flash-linear-attention is not installed" in messages[0]
+    assert "pip install flash-linear-attention" in messages[0] and "Triton >= 3.7.1" in messages[0]

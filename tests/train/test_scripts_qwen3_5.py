@@ -26,6 +26,7 @@ def _recipe_settings(model, data, training, moe: bool):
     assert training.learning_rate == 1e-5 and training.num_train_epochs == 1 and training.warmup_steps == 0.05
     assert training.lr_scheduler_type == "cosine_with_min_lr" and training.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
     assert (data.max_pixels, training.model_max_length) == (1003520, 16384)
+    assert data.video_max_frames == 12  # ms-swift: FPS_MAX_FRAMES=12
     assert data.enable_thinking == "auto"  # answers without reasoning train non-thinking, with reasoning thinking
     assert training.weight_decay == 0 and training.max_grad_norm == 1
     assert training.router_aux_loss_coef == (0.001 if moe else None)
