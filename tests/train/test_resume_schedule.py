@@ -276,3 +276,17 @@ def test_under_deepspeed_a_config_schedule_trains_the_first_resumed_step_at_its_
     assert resumed == pytest.approx({5: 1e-3 * 5 / 6, 6: 1e-3 * 4 / 6, 7: 1e-3 * 3 / 6, 8: 1e-3 * 2 / 6}, rel=1e-9)
     assert printed.count("resuming step 4 of a run planned for 4 steps, now 8: the DeepSpeed config's WarmupDecayLR "
                          "schedule") == 1
+
+    # A config that spells the old length out: transformers refuses it, which was a ValueError traceback.
+    config["scheduler"]["params"]["total_num_steps"] = 8
+    (tmp_path / "zero2_decay.json").write_text(json.dumps(config))
+    env = _env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    result = run_command([sys.executable, "-m", "tests.train.rate_probe",
+                          *_flags(model, out, *common, "--max_steps", "10")], env=env, timeout=900)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (f"error: the DeepSpeed config {tmp_path / 'zero2_decay.json'} disagrees with this run's flags:\n  "
+            "ds scheduler.params.total_num_steps=8 vs hf num_training_steps (calculated)=10\nSet those keys to "
+            '"auto" in it') in result.stderr
+    assert "Traceback" not in result.stderr and "RATE" not in result.stdout
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6",
+                                                                  "checkpoint-8"]
