@@ -149,8 +149,8 @@ def test_pytorch_model_bin_weights_are_checked_as_transformers_would_read_them(t
     model_class(AutoConfig.from_pretrained(folder).model_type).from_pretrained(folder)  # what the check vouches for
     total = _cut(weights, weights.stat().st_size - 100)
     assert model_weights_problems(str(folder)) == [
-        f"{weights} is cut short ({total - 100:,} bytes, its zip directory at the end is missing: an interrupted "
-        "download or copy)"]
+        (f"{weights} is cut short ({total - 100:,} bytes, its zip directory at the end is missing: an interrupted "
+         "download or copy)")]
     weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 123456\n")
     assert model_weights_problems(str(folder))[0].startswith(f"{weights} is a Git LFS pointer (")
     weights.write_text("<!DOCTYPE html><html><body>rate limited</body></html>")
@@ -214,8 +214,8 @@ def test_a_hub_id_is_checked_in_its_cached_snapshot(tiny_model_dir, tmp_path, ca
     assert model_weights_problems(str(snapshot), fetchable=True) == []
     total = _cut(snapshot / shards[0].name, 100)
     assert model_weights_problems(str(snapshot), fetchable=True) == [
-        f"{snapshot / shards[0].name} is cut short inside its header (100 bytes; the header alone takes "
-        f"{8 + int.from_bytes(shards[0].read_bytes()[:8], 'little'):,})"]
+        (f"{snapshot / shards[0].name} is cut short inside its header (100 bytes; the header alone takes "
+         f"{8 + int.from_bytes(shards[0].read_bytes()[:8], 'little'):,})")]
     assert total == shards[0].stat().st_size
 
     from qwenvl.train.weights_files import snapshot_folder
