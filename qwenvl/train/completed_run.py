@@ -38,13 +38,18 @@ def completed_run_message(output_dir: str, saved_args: dict) -> str | None:
     step, max_steps = int(state.get("global_step") or 0), int(state.get("max_steps") or 0)
     if previous != _as_saved(saved_args) or not 0 < max_steps <= step:
         return None
-    from .checkpoints import checkpoint_folders
+    # The same judgement a resume makes (checkpoints.py): a folder a killed save left behind, or one damaged
+    # since, is not named as the one to resume from.
+    from .checkpoints import newest_complete_checkpoint
 
-    longer = ("raise --max_steps or --num_train_epochs (it resumes from the newest checkpoint)"
-              if checkpoint_folders(output_dir) else
-              f"pass --model_name_or_path {output_dir} with a new --output_dir (no checkpoint-* to resume from)")
+    checkpoint, passed_over = newest_complete_checkpoint(output_dir)
+    longer = (f"raise --max_steps or --num_train_epochs (it resumes from {os.path.basename(checkpoint)})"
+              if checkpoint else
+              f"pass --model_name_or_path {output_dir} with a new --output_dir (no complete checkpoint-* to resume "
+              "from)")
+    skipped = "".join(f" {os.path.basename(item.path)} is not resumable ({item.why})." for item in passed_over)
     return (f"the run in {output_dir} is already complete (step {step} of {max_steps}, trainer_state.json): "
-            f"nothing was changed. To train longer, {longer}; to start again, choose a new --output_dir.")
+            f"nothing was changed. To train longer, {longer}; to start again, choose a new --output_dir.{skipped}")
 
 
 def checkpoint_step(checkpoint: str) -> int | None:

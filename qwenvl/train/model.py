@@ -96,23 +96,34 @@ def check_model_dir(model_name_or_path: str) -> None:
                           "the weights, the processor and tokenizer files).")
 
 
-def check_model_weights(model_name_or_path: str) -> None:
-    """ConfigError when a local ``--model_name_or_path`` folder has no weights file, or a safetensors file that is
-    cut short or unreadable (``weights_files.py``: headers and sizes only). Checked before the data work."""
-    from .weights_files import model_weights_problems
+def check_model_weights(model_name_or_path: str, cache_dir: str | None = None) -> None:
+    """ConfigError when the ``--model_name_or_path`` folder (or a Hub id's snapshot in the local cache) has no
+    weights file, or one that is cut short, missing or unreadable (``weights_files.py``: headers and sizes only).
+    Checked before the data work."""
+    from .weights_files import model_weights_problems, snapshot_folder
 
     folder = os.path.expanduser(model_name_or_path)
     flag = f"--model_name_or_path {model_name_or_path}"
+    fix = ("Download the model again (an interrupted download or copy leaves such files; for a Git LFS pointer, "
+           "`git lfs pull` in its folder), then run the same command.")
+    fetchable = False
     if not os.path.isdir(folder):
-        return
-    if not any(os.path.isfile(os.path.join(folder, name)) for name in WEIGHT_FILES):
-        raise ConfigError(f"{flag} has a config.json but no weights (none of {', '.join(WEIGHT_FILES)}): give "
-                          "the folder that holds the model's weights too.")
-    problems = model_weights_problems(folder)
+        from huggingface_hub import is_offline_mode
+
+        folder = snapshot_folder(model_name_or_path, cache_dir)
+        if folder is None:
+            return  # not in the cache: reading its config said so already
+        fetchable = not is_offline_mode()  # from_pretrained downloads what the cache lacks
+        flag += f" (the Hugging Face cache's {folder})"
+        fix = (f"Fetch it again where the Hub is reachable (`hf download {model_name_or_path}`, which completes the "
+               "cached snapshot; a damaged file: delete it there first), then run the same command.")
+    if not fetchable and not any(os.path.isfile(os.path.join(folder, name)) for name in WEIGHT_FILES):
+        raise ConfigError(f"{flag} has a config.json but no weights (none of {', '.join(WEIGHT_FILES)}): "
+                          + (fix if folder != os.path.expanduser(model_name_or_path) else
+                             "give the folder that holds the model's weights too."))
+    problems = model_weights_problems(folder, fetchable)
     if problems:
-        raise ConfigError(f"{flag}: the model's weights are damaged:\n  " + "\n  ".join(problems) + "\nDownload "
-                          "the model again (an interrupted download or copy leaves such files; for a Git LFS "
-                          "pointer, `git lfs pull` in its folder), then run the same command.")
+        raise ConfigError(f"{flag}: the model's weights are damaged:\n  " + "\n  ".join(problems) + "\n" + fix)
 
 
 def read_processor(model_name_or_path: str, cache_dir: str | None = None):

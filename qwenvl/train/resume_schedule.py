@@ -20,6 +20,15 @@ rate at the resumed step before any step is taken, so every step trains at
 which is the rate a run planned from the start with these flags would use at that step.
 The base rates stay the checkpoint's, as the optimizer state's other hyperparameters do
 (``output_dir.OPTIMIZER_STATE_FLAGS``: a changed ``--learning_rate`` is not applied on resume).
+
+A schedule from the DeepSpeed config's ``"scheduler"`` section (``WarmupLR``, ``WarmupDecayLR``,
+``WarmupCosineLR``, ...) has the same flaw: its state is only ``last_batch_iteration``, its
+parameters (``total_num_steps``, the rates) come from this run's config, which transformers fills
+from this run's flags where they are ``"auto"`` and refuses at the start where a number disagrees
+with them; the optimizer's groups again hold the checkpoint's last rate.  Measured (ZeRO-2, CPU):
+a 4-step ``WarmupDecayLR`` run extended to 8 trained step 5 at 5e-4, a run planned for 8 steps at
+8.33e-4.  Such a schedule is recomputed at its restored ``last_batch_iteration``, which gives this
+run's rate at that step, base rates from the config (``warmup_max_lr``) as its later steps use.
 """
 from __future__ import annotations
 
@@ -41,6 +50,7 @@ class ScheduleRealignment:
     total_steps: int
     restored_lr: float
     lr: float
+    deepspeed_schedule: str | None = None  # the class of a schedule from the DeepSpeed config, else None
 
     @property
     def changed(self) -> bool:
@@ -78,6 +88,8 @@ def align_resumed_schedule(scheduler, step: int, total_steps: int, checkpoint: s
     None for the others.
     """
     scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps the real one
+    if _is_deepspeed_schedule(scheduler):
+        return _align_deepspeed_schedule(scheduler, step, total_steps, checkpoint)
     if not isinstance(scheduler, LambdaLR):
         return None
     groups = scheduler.optimizer.param_groups
@@ -90,12 +102,37 @@ def align_resumed_schedule(scheduler, step: int, total_steps: int, checkpoint: s
                                restored_lr=restored, lr=float(groups[0]["lr"]))
 
 
+def _is_deepspeed_schedule(scheduler) -> bool:
+    # deepspeed.runtime.lr_schedules: each computes its rate from last_batch_iteration and its config's parameters.
+    return type(scheduler).__module__ == "deepspeed.runtime.lr_schedules" and \
+        isinstance(getattr(scheduler, "last_batch_iteration", None), int)
+
+
+def _align_deepspeed_schedule(scheduler, step: int, total_steps: int, checkpoint: str) -> ScheduleRealignment | None:
+    if scheduler.last_batch_iteration < 0:
+        return None  # not stepped yet: the rate it set at its start is already its own
+    groups = scheduler.optimizer.param_groups
+    restored = float(groups[0]["lr"])
+    # step(i) sets i as the last batch and writes the rate for it into every group (and get_last_lr):
+    # the restored index again, now with this run's parameters.
+    scheduler.step(scheduler.last_batch_iteration)
+    return ScheduleRealignment(step=step, planned_steps=planned_steps(checkpoint),
+                               total_steps=int(getattr(scheduler, "total_num_steps", total_steps)),
+                               restored_lr=restored, lr=float(groups[0]["lr"]),
+                               deepspeed_schedule=type(scheduler).__name__)
+
+
 def describe_realignment(change: ScheduleRealignment, schedule_type: str, warmup_steps: int) -> str:
     """The line a resumed run prints once when its schedule differs from the checkpoint's."""
     planned = (f"a run planned for {change.planned_steps} steps, now {change.total_steps}"
                if change.planned_steps is not None and change.planned_steps != change.total_steps
                else f"a run of {change.total_steps} steps")
     warmup = f" with {warmup_steps} warmup steps" if warmup_steps else ""
+    if change.deepspeed_schedule:
+        return (f"resuming step {change.step} of {planned}: the DeepSpeed config's {change.deepspeed_schedule} "
+                f"schedule (its \"scheduler\" section) is recomputed at its saved position with this run's "
+                f"parameters; step {change.step + 1} trains at lr {change.lr:.6g} (the checkpoint's optimizer held "
+                f"{change.restored_lr:.6g}), as a run planned with this config would.")
     if schedule_type == "constant" or (schedule_type == "constant_with_warmup" and change.step >= warmup_steps):
         shape = f"the {schedule_type} schedule keeps its rate"
     else:

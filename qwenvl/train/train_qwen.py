@@ -137,7 +137,7 @@ def _train(argv, trainer_class=None):
     check_model_dir(path)  # an adapter folder, no config.json, no weights: named before any data work
     config = read_config(path, training_args.cache_dir)
     model_class_for(config.model_type)  # an unsupported family fails here, before any data work
-    check_model_weights(path)
+    check_model_weights(path, training_args.cache_dir)
     require_transformers_internals(config.model_type, error=ConfigError)  # what we rely on is still there
     processor = read_processor(path, training_args.cache_dir)
     data_module = make_supervised_data_module(

@@ -287,6 +287,22 @@ class QwenVLTrainer(Trainer):
         if checkpoint is not None and holds_schedule_state(checkpoint):
             self._align_resumed_schedule(checkpoint)
 
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        # transformers refuses a DeepSpeed config whose numbers disagree with the flags by a ValueError deep in
+        # deepspeed_init; the usual case is a resume with --max_steps raised and a "scheduler" section whose
+        # total_num_steps was written as the old length. Said here with its fix, without the traceback.
+        try:
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        except ValueError as err:
+            if not self.is_deepspeed_enabled or "DeepSpeed config values that mismatch" not in str(err):
+                raise
+            lines = [line[2:] for line in str(err).splitlines() if line.startswith("- ds ")]
+            raise ConfigError(
+                f"the DeepSpeed config {self.args.deepspeed} disagrees with this run's flags:\n  " + "\n  ".join(lines)
+                + '\nSet those keys to "auto" in it: transformers then fills them from the flags (for a run '
+                "extended with --max_steps or --num_train_epochs, scheduler.params.total_num_steps becomes the new "
+                "length). Or change the flags to match.") from None
+
     def _align_resumed_schedule(self, checkpoint: str) -> None:
         # The restored parameter groups hold the rate the checkpoint's schedule set after its last step
         # (0.0 at the end of a linear run); the first resumed step would train at it.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -205,3 +206,87 @@ def test_under_fsdp2_an_extended_run_trains_its_new_steps_on_the_new_schedule(un
     assert rates == pytest.approx({1: 1e-3, 2: 1e-3 / 2, 3: 1e-3 * 2 / 4, 4: 1e-3 / 4}, rel=1e-9, abs=1e-15), rates
     assert result.stdout.count("resuming step 2 of a run planned for 2 steps, now 4: the linear schedule is "
                                "recomputed") == 1  # from the main process only
+
+
+def _deepspeed_warmup_decay(total: int):
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return model, optimizer, WarmupDecayLR(optimizer, total_num_steps=total, warmup_min_lr=0.0, warmup_max_lr=1e-3,
+                                           warmup_num_steps=2, warmup_type="linear")
+
+
+def test_a_deepspeed_config_schedule_is_recomputed_at_its_saved_position(tmp_path):
+    """A "scheduler" section of the DeepSpeed config (WarmupDecayLR) restores only its last_batch_iteration, and the
+    optimizer the 4-step schedule's last rate: an 8-step resume trained step 5 at 5e-4, a planned run at 8.33e-4."""
+    model, optimizer, scheduler = _deepspeed_warmup_decay(4)
+    _train(model, optimizer, scheduler, 4)
+    saved_optimizer, saved_scheduler = optimizer.state_dict(), scheduler.state_dict()
+    resumed_model, optimizer, resumed = _deepspeed_warmup_decay(8)
+    optimizer.load_state_dict(saved_optimizer)
+    resumed.load_state_dict(saved_scheduler)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)  # the stale rate step 5 would train at
+
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"max_steps": 4, "global_step": 4}))
+    change = align_resumed_schedule(resumed, 4, 8, str(tmp_path))
+    planned_rates = _train(*_deepspeed_warmup_decay(8), 8)
+    assert [rate for rate, in _train(resumed_model, optimizer, resumed, 4)] == pytest.approx(
+        [rate for rate, in planned_rates[4:]], rel=1e-12)
+    assert planned_rates[4][0] == pytest.approx(1e-3 * 5 / 6)
+    assert (change.planned_steps, change.total_steps, change.restored_lr) == (4, 8, pytest.approx(5e-4))
+    assert describe_realignment(change, "linear", 0) == (
+        "resuming step 4 of a run planned for 4 steps, now 8: the DeepSpeed config's WarmupDecayLR schedule (its "
+        "\"scheduler\" section) is recomputed at its saved position with this run's parameters; step 5 trains at lr "
+        "0.000833333 (the checkpoint's optimizer held 0.0005), as a run planned with this config would.")
+
+
+@pytest.mark.slow
+def test_under_deepspeed_a_config_schedule_trains_the_first_resumed_step_at_its_planned_rate(tiny_model_dir,
+                                                                                             tmp_path):
+    """WarmupDecayLR from the DeepSpeed config (ZeRO-2, one CPU process): a 4-step run extended to 8 trained step 5
+    at 5e-4, the 4-step schedule's rate restored with the optimizer; a run planned for 8 steps trains it at
+    1e-3 x 5/6 (measured: 8.333e-4, then 6.667e-4, 5e-4, 3.333e-4, as here). The logged rates never showed it
+    (the Trainer logs the rate after the step's scheduler step), so tests.train.rate_probe prints them."""
+    from tests.commands import run_command
+
+    from .conftest import free_port
+    from .test_robust_training import REPO, _env
+
+    config = json.loads((REPO / "scripts" / "zero2.json").read_text())
+    config["scheduler"] = {"type": "WarmupDecayLR", "params": {
+        "warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto", "total_num_steps": "auto",
+        "warmup_type": "linear"}}
+    (tmp_path / "zero2_decay.json").write_text(json.dumps(config))
+    model, out = tiny_model_dir("qwen2_5_vl"), tmp_path / "out"
+    common = ["--save_steps", "2", "--warmup_steps", "2", "--deepspeed", str(tmp_path / "zero2_decay.json")]
+
+    def run(steps):
+        env = _env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        result = run_command([sys.executable, "-m", "tests.train.rate_probe",
+                              *_flags(model, out, *common, "--max_steps", str(steps))], env=env, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        rates = dict(line.split()[1:] for line in result.stdout.splitlines() if line.startswith("RATE "))
+        return {int(step): float(rate) for step, rate in rates.items()}, result.stdout
+
+    first, _ = run(4)
+    assert first == pytest.approx({1: 0.0, 2: 0.0, 3: 5e-4, 4: 1e-3}, rel=1e-9)  # DeepSpeed's linear warmup, 2 steps
+    resumed, printed = run(8)
+    assert resumed == pytest.approx({5: 1e-3 * 5 / 6, 6: 1e-3 * 4 / 6, 7: 1e-3 * 3 / 6, 8: 1e-3 * 2 / 6}, rel=1e-9)
+    assert printed.count("resuming step 4 of a run planned for 4 steps, now 8: the DeepSpeed config's WarmupDecayLR "
+                         "schedule") == 1
+
+    # A config that spells the old length out: transformers refuses it, which was a ValueError traceback.
+    config["scheduler"]["params"]["total_num_steps"] = 8
+    (tmp_path / "zero2_decay.json").write_text(json.dumps(config))
+    env = _env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    result = run_command([sys.executable, "-m", "tests.train.rate_probe",
+                          *_flags(model, out, *common, "--max_steps", "10")], env=env, timeout=900)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (f"error: the DeepSpeed config {tmp_path / 'zero2_decay.json'} disagrees with this run's flags:\n  "
+            "ds scheduler.params.total_num_steps=8 vs hf num_training_steps (calculated)=10\nSet those keys to "
+            '"auto" in it') in result.stderr
+    assert "Traceback" not in result.stderr and "RATE" not in result.stdout
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6",
+                                                                  "checkpoint-8"]

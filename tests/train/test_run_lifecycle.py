@@ -57,3 +57,33 @@ def test_eval_without_schedule_then_rerunning_a_finished_command_changes_nothing
     # a changed command (longer) resumes as before
     train([*flags, "--max_steps", "3"])
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+
+
+@pytest.mark.slow
+def test_a_finished_runs_advice_names_only_a_checkpoint_a_resume_would_use(tiny_model_dir, tmp_path, capsys):
+    """The "already complete" advice named any checkpoint-* folder as the one to resume from, even one whose
+    weights were cut short since (a copy to another disk interrupted): the resume itself would pass over it."""
+    from qwenvl.train.train_qwen import train
+
+    from .test_train_qwen import _flags
+
+    out = tmp_path / "out"
+    flags = _flags(tiny_model_dir("qwen2_5_vl"), out, "--tune_mm_llm", "True", "--max_steps", "2", "--save_steps", "1")
+    train(flags)
+    weights = out / "checkpoint-2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    capsys.readouterr()
+
+    train(flags)
+    printed = capsys.readouterr().out
+    assert "To train longer, raise --max_steps or --num_train_epochs (it resumes from checkpoint-1);" in printed
+    assert f"checkpoint-2 is not resumable (damaged: model.safetensors is {weights.stat().st_size:,} bytes" in printed
+
+    for name in ("model.safetensors", "checkpoint_complete.json"):  # checkpoint-1 damaged too, differently
+        (out / "checkpoint-1" / name).unlink()
+    train(flags)
+    printed = capsys.readouterr().out
+    assert (f"To train longer, pass --model_name_or_path {out} with a new --output_dir (no complete checkpoint-* "
+            "to resume from)") in printed
+    assert "checkpoint-1 is not resumable (no checkpoint_complete.json" in printed
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]  # nothing rewritten
