@@ -68,6 +68,9 @@ TRAINER_OVERRIDES = {
     "_load_from_checkpoint": (("resume_from_checkpoint", "model"), "trainer.py:3602"),
     # Turns torch's parameter-group error on resume into a ConfigError naming the flags (qwenvl/train/trainer.py).
     "_load_optimizer_and_scheduler": (("checkpoint",), "trainer.py:3886"),
+    # Turns transformers' DeepSpeed-config mismatch ValueError ("DeepSpeed config values that mismatch",
+    # integrations/deepspeed.py:245-262) into a ConfigError naming the keys and "auto" as the fix.
+    "_prepare_for_training": (("max_steps", "train_dataloader", "resume_from_checkpoint"), "trainer.py:1715"),
     "_save": (("output_dir", "state_dict"), "trainer.py:4131"),
     "_save_checkpoint": (("model", "trial"), "trainer.py:3355"),
     "create_optimizer": (("model",), "trainer.py:1259"),
