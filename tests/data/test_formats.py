@@ -100,6 +100,22 @@ def test_llava_validation_names_the_record(record, expected):
     assert expected in str(info.value)
 
 
+def test_conversations_with_role_content_turns_read_as_messages():
+    """Many Hugging Face datasets (and LLaMA-Factory sharegpt with role/content tags) write
+    ``conversations`` as messages; they were refused as "unknown 'from' None"."""
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>Colour?"},
+             {"role": "assistant", "content": [{"type": "text", "text": "Red."}]}]
+    as_conversations = to_conversation({"image": "x.png", "conversations": turns}, SPEC, 0).messages
+    assert as_conversations == to_conversation({"images": ["x.png"], "messages": turns}, SPEC, 0).messages
+    assert as_conversations[1]["content"] == [image("/data/images/x.png"), text("Colour?")]
+
+
+def test_conversations_mixing_from_and_role_turns_name_the_turn():
+    record = {"conversations": [{"from": "human", "value": "x"}, {"role": "assistant", "content": "y"}]}
+    with pytest.raises(DataError, match="record 3, turn 1: unknown 'from' None"):
+        to_conversation(record, SPEC, 3)
+
+
 # ----------------------------------------------------------------------------- messages
 
 def test_messages_string_content_with_tags():

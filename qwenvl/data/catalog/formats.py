@@ -16,7 +16,8 @@ Accepted record layouts (the first key found decides):
   "video", "video": ref}``; a part without an inline ref takes the next item of
   ``images``/``videos``.  Roles: system, user, assistant (with optional ``tool_calls``),
   tool.  HF rows such as trl-lib/llava-instruct-mix (``{"type": "image"}`` placeholders +
-  PIL ``images``) are this layout.
+  PIL ``images``) are this layout, and so is ``conversations`` whose turns all have ``role`` and
+  no ``from`` (HF datasets and LLaMA-Factory sharegpt with ``role``/``content`` tags).
 * prompt-completion (TRL): ``{"prompt": [messages], "completion": [assistant
   message(s)], "images": [...]}`` is trained as ``prompt + completion`` in the messages
   layout; the standard form ``{"prompt": "text", "completion": "text"}`` as one user
@@ -292,6 +293,12 @@ def _message_turns(turns: list, key: str, media: dict[str, _Media], origin: str,
     return messages
 
 
+def _role_content_turns(turns: Any) -> bool:
+    """True when every turn is ``{"role", "content"}`` and none has sharegpt's ``from``."""
+    return (isinstance(turns, list) and bool(turns)
+            and all(isinstance(t, dict) and "role" in t and "from" not in t for t in turns))
+
+
 def _sharegpt_turns(record: dict, media: dict[str, _Media], origin: str) -> list[dict]:
     messages = []
     for j, turn in enumerate(_turns(record, "conversations", origin)):
@@ -339,7 +346,11 @@ def _convert(record: Any, spec: DatasetSpec, origin: str) -> Conversation:
                         DataKind.INVALID_JSON)
     media = {k: _Media(k, _media_list(record, k, origin), spec, origin) for k in ("image", "video")}
     layout = record_layout(record)
-    if layout == "LLaVA / sharegpt":
+    if layout == "LLaVA / sharegpt" and _role_content_turns(record["conversations"]):
+        # ``conversations`` written with messages-style turns (many Hugging Face datasets; LLaMA-Factory's
+        # sharegpt with role_tag/content_tag "role"/"content"): read them as messages.
+        messages = _message_turns(record["conversations"], "conversations", media, origin)
+    elif layout == "LLaVA / sharegpt":
         messages = _sharegpt_turns(record, media, origin)
     elif layout == "messages":
         messages = _message_turns(_turns(record, "messages", origin), "messages", media, origin)
