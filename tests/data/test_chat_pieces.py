@@ -160,6 +160,22 @@ def test_qwen3_5_answers_with_reasoning_train_their_think_block(tiny_model_dir, 
     assert torch.equal(off["input_ids"], plain["input_ids"]) and torch.equal(off["labels"], plain["labels"])
 
 
+@pytest.mark.parametrize("turn,expected", [
+    (("assistant", "<think>carry</think>5", "add them"), "reasoning twice"),
+    (("assistant", "<think>add them, then 5", None), "never closed"),
+    (("assistant", "  <think>\nadd them", None), "never closed"),
+], ids=["reasoning_content_and_think_block", "unclosed_think", "unclosed_think_after_spaces"])
+@pytest.mark.parametrize("thinking", ["auto", "false"])
+def test_qwen3_5_reasoning_the_template_would_train_inside_the_answer_is_refused(tiny_model_dir, turn, expected,
+                                                                                    thinking):
+    """Both forms at once, or a <think> never closed: the template writes the block into the answer
+    (trained as the answer's text), so the record is refused naming it, in every thinking mode."""
+    processor, config = _setup(tiny_model_dir, "qwen3_5")
+    turn = turn if turn[2] is not None else turn[:2]
+    with pytest.raises(DataError, match=f"record 4: .*{expected}.*Fix:"):
+        SampleRenderer(processor, config, thinking=thinking).render(_conv(("user", "2+3?"), turn, origin="record 4"))
+
+
 def test_qwen3_5_thinking_true_trains_answers_without_reasoning_to_close_the_think_block(tiny_model_dir):
     processor, config = _setup(tiny_model_dir, "qwen3_5")
     tokenizer = processor.tokenizer

@@ -197,8 +197,19 @@ def reasoning_and_answer(message: dict, rules: ChatRules, origin: str) -> tuple[
                             "think blocks and would drop it. Fix: train a Qwen3.5/3.6 model, or write the "
                             "reasoning into the answer (<think>...</think>) if the model should learn to write it.")
         return None, text
+    # The template takes reasoning_content when it is a string and writes the answer as it is, so
+    # reasoning given both ways would train a second think block inside the answer; an opening
+    # <think> never closed (a cut record) would train "<think>" as the answer's first word.
+    if isinstance(reasoning, str) and "</think>" in text:
+        raise DataError(f"{origin}: the turn gives its reasoning twice, as reasoning_content and as a "
+                        "<think>...</think> block in the answer; the answer would be trained with the think block "
+                        "inside it. Fix: keep one (drop the block from the answer, or drop reasoning_content).")
     if isinstance(reasoning, str):
         return reasoning, text
+    if text.lstrip().startswith("<think>") and "</think>" not in text:
+        raise DataError(f"{origin}: the answer opens a <think> block that is never closed, so \"<think>\" and the "
+                        "reasoning would be trained as the answer. Fix: close the reasoning with </think> before "
+                        "the answer (or move it to reasoning_content), or drop the record if it was cut short.")
     if "</think>" in text:
         head, answer = text.split("</think>")[0], text.split("</think>")[-1]
         return head.rstrip("\n").split("<think>")[-1].lstrip("\n"), answer.lstrip("\n")
