@@ -107,6 +107,27 @@ def test_reasoning_is_refused_where_the_template_would_drop_it(tiny_model_dir, m
             {"role": "assistant", "content": [{"type": "image", "image": "x.png"}]}], origin="t"))
 
 
+@pytest.mark.parametrize("model_type", ["qwen3_vl", "qwen2_5_vl"])
+def test_an_image_in_the_system_turn_is_refused_where_the_template_drops_it(tiny_model_dir, tmp_path, model_type):
+    """Qwen3-VL's template writes only a system turn's text: the image would never reach the model
+    (it stopped as 'pieces differ from the template', blaming the template). Qwen2.5-VL's writes it."""
+    from PIL import Image
+    Image.new("RGB", (56, 56), (200, 0, 0)).save(tmp_path / "red.png")
+    processor, config = _setup(tiny_model_dir, model_type)
+    conversation = Conversation(messages=[
+        {"role": "system", "content": [{"type": "image", "image": str(tmp_path / "red.png")}, *_text("Refer to it.")]},
+        {"role": "user", "content": _text("Colour?")}, {"role": "assistant", "content": _text("Red.")}],
+        origin="record 7")
+    renderer = SampleRenderer(processor, config)
+    if model_type == "qwen3_vl":
+        with pytest.raises(DataError, match="record 7: the system turn holds an image.*Fix: move the <image>"):
+            renderer.render(conversation)
+    else:
+        sample = renderer.render(conversation)
+        assert int(sample["image_grid_thw"].shape[0]) == 1
+        assert _trained_text(sample, processor.tokenizer) == "Red.<|im_end|>"
+
+
 # ----------------------------------------------------------------------------- Qwen3.5 thinking
 
 THINK_ANSWER = "<think>\nadd them\n</think>\n\n5"
