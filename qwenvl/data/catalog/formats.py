@@ -19,8 +19,8 @@ Accepted record layouts (the first key found decides):
   PIL ``images``) are this layout, and so is ``conversations`` whose turns all have ``role`` and
   no ``from`` (HF datasets and LLaMA-Factory sharegpt with ``role``/``content`` tags).
 * prompt-completion (TRL): ``{"prompt": [messages], "completion": [assistant
-  message(s)], "images": [...]}`` is trained as ``prompt + completion`` in the messages
-  layout; the standard form ``{"prompt": "text", "completion": "text"}`` as one user
+  message(s)], "images": [...]}`` is ``prompt + completion`` in the messages layout, only the
+  completion trained (``Conversation.trained_from``); the standard form ``{"prompt": "text", "completion": "text"}`` as one user
   and one assistant turn.
 
 Output: ``[{"role": "system"|"user"|"assistant"|"tool", "content": [{"type": "text",
@@ -318,14 +318,15 @@ def _sharegpt_turns(record: dict, media: dict[str, _Media], origin: str) -> list
     return messages
 
 
-def _prompt_completion(record: dict, media: dict[str, _Media], origin: str) -> list[dict]:
+def _prompt_completion(record: dict, media: dict[str, _Media], origin: str) -> tuple[list[dict], int]:
+    """(messages of ``prompt + completion``, index of the first completion message)."""
     prompt, completion = record.get("prompt"), record.get("completion")
     if completion is None:
         raise DataError(f"{origin}: a 'prompt' without a 'completion'. Fix: add the answer as 'completion' "
                         "(TRL's prompt-completion layout), or use 'messages'.")
     if isinstance(prompt, str) and isinstance(completion, str):  # TRL's standard (not conversational) form
         return [{"role": "user", "content": _split_tags(prompt, media)},
-                {"role": "assistant", "content": _split_tags(completion, media)}]
+                {"role": "assistant", "content": _split_tags(completion, media)}], 1
     if isinstance(completion, dict):
         completion = [completion]
     if not isinstance(prompt, list) or not prompt or not isinstance(completion, list) or not completion:
@@ -337,7 +338,7 @@ def _prompt_completion(record: dict, media: dict[str, _Media], origin: str) -> l
     if any(m["role"] not in ("assistant", "tool") for m in answers):
         raise DataError(f"{origin}: 'completion' holds a {answers[0]['role']!r} turn; it must be the "
                         "assistant's reply. Fix: move other turns into 'prompt'.")
-    return messages + answers
+    return messages + answers, len(messages)
 
 
 def _convert(record: Any, spec: DatasetSpec, origin: str) -> Conversation:
@@ -346,6 +347,7 @@ def _convert(record: Any, spec: DatasetSpec, origin: str) -> Conversation:
                         DataKind.INVALID_JSON)
     media = {k: _Media(k, _media_list(record, k, origin), spec, origin) for k in ("image", "video")}
     layout = record_layout(record)
+    trained_from = 0  # assistant turns before this index are context only (prompt-completion)
     if layout == "LLaVA / sharegpt" and _role_content_turns(record["conversations"]):
         # ``conversations`` written with messages-style turns (many Hugging Face datasets; LLaMA-Factory's
         # sharegpt with role_tag/content_tag "role"/"content"): read them as messages.
@@ -355,7 +357,8 @@ def _convert(record: Any, spec: DatasetSpec, origin: str) -> Conversation:
     elif layout == "messages":
         messages = _message_turns(_turns(record, "messages", origin), "messages", media, origin)
     elif layout == "prompt-completion":
-        messages = _prompt_completion(record, media, origin)
+        # TRL trains the completion only: assistant turns inside the prompt are context, never trained.
+        messages, trained_from = _prompt_completion(record, media, origin)
     elif any(key in record for key in _LAYOUT_KEYS):
         # The key is there but null: a Hugging Face dataset fills the column a row lacks with null.
         nulls = [key for key in _LAYOUT_KEYS if key in record]
@@ -374,6 +377,8 @@ def _convert(record: Any, spec: DatasetSpec, origin: str) -> Conversation:
         if messages[0]["role"] == "system":
             raise DataError(f"{origin}: both a top-level 'system' and a system turn. Fix: keep one.")
         messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+        if trained_from:  # the prompt moved one turn down
+            trained_from += 1
     problems = [p for p in (media["image"].check(), media["video"].check()) if p]
     if problems:
         raise DataError(f"{origin}: " + " Also: ".join(problems), DataKind.TAG_MISMATCH)
@@ -389,7 +394,8 @@ def _convert(record: Any, spec: DatasetSpec, origin: str) -> Conversation:
     if thinking is not None and thinking_value(thinking) is None:
         raise DataError(f"{origin}: 'enable_thinking' must be true, false or \"auto\", got {thinking!r}.")
     return Conversation(messages=messages, origin=origin, tools=_tools(record.get("tools"), origin),
-                        bbox_format=bbox_format, thinking=thinking_value(thinking) if thinking is not None else None)
+                        bbox_format=bbox_format, thinking=thinking_value(thinking) if thinking is not None else None,
+                        trained_from=trained_from)
 
 
 def to_conversation(record: dict, spec: DatasetSpec, index: int) -> Conversation:
