@@ -20,8 +20,8 @@ Accepted record layouts (the first key found decides):
   no ``from`` (HF datasets and LLaMA-Factory sharegpt with ``role``/``content`` tags).
 * prompt-completion (TRL): ``{"prompt": [messages], "completion": [assistant
   message(s)], "images": [...]}`` is ``prompt + completion`` in the messages layout, only the
-  completion trained (``Conversation.trained_from``); the standard form ``{"prompt": "text", "completion": "text"}`` as one user
-  and one assistant turn.
+  completion trained (``Conversation.trained_from``); the standard form ``{"prompt":
+  "text", "completion": "text"}`` as one user and one assistant turn.
 
 Output: ``[{"role": "system"|"user"|"assistant"|"tool", "content": [{"type": "text",
 "text": str} | {"type": "image", "image": ref} | {"type": "video", "video": ref}],
