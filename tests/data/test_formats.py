@@ -116,6 +116,32 @@ def test_conversations_mixing_from_and_role_turns_name_the_turn():
         to_conversation(record, SPEC, 3)
 
 
+@pytest.mark.parametrize("key", ["reasoning_content", "thinking", "reasoning"])
+def test_reasoning_under_the_names_datasets_use_is_reasoning_content(key):
+    """TRL's gpt-oss datasets write ``thinking``, vLLM/OpenRouter ``reasoning``: both were dropped
+    silently (the turn trained without its reasoning)."""
+    record = {"messages": [{"role": "user", "content": "2+2?"},
+                           {"role": "assistant", "content": "4", key: "add them", "weight": 1}]}
+    assert to_conversation(record, SPEC, 0).messages[1] == {"role": "assistant", "content": [text("4")],
+                                                            "reasoning_content": "add them"}
+
+
+@pytest.mark.parametrize("record, expected", [
+    ({"messages": [{"role": "user", "content": "q", "weight": 0},
+                   {"role": "assistant", "content": "a", "thinking": "r", "reasoning_content": "r"}]},
+     "turn 1: reasoning given twice, as 'reasoning_content' and 'thinking'"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0},
+                   {"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]},
+     "turn 1: 'weight': 0 asks to leave this turn untrained"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a", "weight": 0.0}]},
+     "turn 1: 'weight': 0.0 asks to leave this turn untrained"),
+])
+def test_turn_fields_that_would_train_silently_wrong_are_refused(record, expected):
+    with pytest.raises(DataError) as info:
+        to_conversation(record, SPEC, 8)
+    assert "record 8, " + expected in str(info.value) and "Fix:" in str(info.value)
+
+
 # ----------------------------------------------------------------------------- messages
 
 def test_messages_string_content_with_tags():

@@ -193,13 +193,30 @@ def _turns(record: dict, key: str, origin: str) -> list:
     return turns
 
 
+# Where datasets put an assistant turn's reasoning: ``reasoning_content`` (the Qwen templates' name), TRL's
+# ``thinking`` (its gpt-oss datasets), ``reasoning`` (vLLM / OpenRouter responses). Ignoring the others
+# trained such records in non-thinking mode with their reasoning silently dropped.
+_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+
+
 def _with_reasoning(message: dict, turn: dict, j: int, origin: str) -> dict:
-    """Keep an assistant turn's ``reasoning_content`` (the thinking models' field for reasoning)."""
-    reasoning = turn.get("reasoning_content")
-    if reasoning is None:
+    """Keep an assistant turn's reasoning (any of ``_REASONING_KEYS``) as ``reasoning_content``."""
+    weight = turn.get("weight")
+    if message["role"] == "assistant" and weight is not None and weight != 1:
+        # OpenAI's fine-tuning format: "weight": 0 leaves an assistant turn untrained; every turn trains here.
+        raise DataError(f"{origin}, turn {j}: 'weight': {weight!r} asks to leave this turn untrained (OpenAI's "
+                        "fine-tuning format); per-turn weights are not supported, so it would be trained. Fix: "
+                        "drop the turn, or drop 'weight' to train it; for context that is never trained, use "
+                        "the prompt-completion layout (assistant turns inside 'prompt' are not trained).")
+    given = [key for key in _REASONING_KEYS if turn.get(key) is not None]
+    if not given:
         return message
+    if len(given) > 1:
+        raise DataError(f"{origin}, turn {j}: reasoning given twice, as '{given[0]}' and '{given[1]}'. Fix: "
+                        "keep one.")
+    reasoning = turn[given[0]]
     if message["role"] != "assistant" or not isinstance(reasoning, str):
-        raise DataError(f"{origin}, turn {j}: 'reasoning_content' must be a string on an assistant turn. Fix: "
+        raise DataError(f"{origin}, turn {j}: '{given[0]}' must be a string on an assistant turn. Fix: "
                         "move it to the assistant turn whose reasoning it is, as text.")
     message["reasoning_content"] = reasoning
     return message
