@@ -23,6 +23,17 @@ def test_a_jsonl_error_at_the_end_of_a_line_is_reported_on_that_line(tmp_path, t
     assert err.value.kind is DataKind.INVALID_JSON and err.value.origin.line == line
 
 
+@pytest.mark.parametrize("ends", ["\n", "\r\n"])
+def test_a_jsonl_record_followed_by_a_comma_is_named(tmp_path, ends):
+    """Lines copied out of a JSON array keep their commas; JSON's own message was 'Extra data'."""
+    (tmp_path / "a.jsonl").write_text(f'{{"a": 1}}{ends}{{"b": 2}},{ends}{{"c": 3}}{ends}', newline="")
+    with pytest.raises(DataError) as err:
+        open_annotations(tmp_path / "a.jsonl")[1]
+    assert "record 1 (line 2) is not valid JSON: a comma after the record. Fix: delete it" in str(err.value)
+    assert err.value.kind is DataKind.INVALID_JSON
+    assert open_annotations(tmp_path / "a.jsonl")[2] == {"c": 3}
+
+
 def test_a_json_array_error_at_the_end_of_a_line_is_reported_on_that_line(tmp_path):
     (tmp_path / "a.json").write_text('[\n  {"ok": 1},\n  {"ok": 2\n  ,"x": }\n]\n')
     with pytest.raises(DataError, match=r"record 1 \(line 4\)"):

@@ -195,6 +195,15 @@ def scan_json_array(chunks: Iterator[bytes], name: str = "<stream>") -> np.ndarr
 
 # --------------------------------------------------------------------------- readers
 
+
+def _parses(raw: bytes) -> bool:
+    """True when ``raw`` is valid JSON."""
+    try:
+        json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return True
+
 class _Reader:
     """Reads byte ranges of one local file or fsspec URL; reopens after fork, pickles cleanly."""
 
@@ -377,9 +386,13 @@ class OffsetSource(AnnotationSource):
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             line = self._reader.line_of(int(self.offsets[i])) + _error_line(raw, e) - 1
             detail = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+            fix = "correct or delete that record"
+            if self.kind == "jsonl" and raw.rstrip(_WS).endswith(b",") and _parses(raw.rstrip(_WS)[:-1]):
+                # JSON "Extra data" says nothing a user recognises: the line is a record plus a comma.
+                detail, fix = "a comma after the record", "delete it (JSONL is one record per line, no commas between)"
             raise DataError(
                 f"{where(file=self.path, record=i)} (line {line}) is not valid JSON: {detail}. "
-                "Fix: correct or delete that record.", DataKind.INVALID_JSON, Origin(file=self.path, record=i,
+                f"Fix: {fix}.", DataKind.INVALID_JSON, Origin(file=self.path, record=i,
                                                                                     line=line)) from None
         want = list if self.is_packed else dict
         if not isinstance(record, want):
