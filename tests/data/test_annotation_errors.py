@@ -59,3 +59,28 @@ def test_arrays_without_stray_commas_still_open(tmp_path):
     assert list(open_annotations(tmp_path / "a.json")) == [{"a": 1}, {"b": 2}]
     (tmp_path / "e.json").write_text("[ ]")
     assert len(open_annotations(tmp_path / "e.json")) == 0
+
+
+@pytest.mark.parametrize("name", ["a.parquet", "a.jsonl"])
+def test_a_parquet_file_is_named_with_the_command_that_converts_it(tmp_path, name):
+    """Hugging Face Hub datasets download as Parquet; the message named only the first byte (b'P'),
+    and a Parquet file called .jsonl failed record by record as invalid UTF-8."""
+    import datasets
+
+    path = tmp_path / name
+    datasets.Dataset.from_list([{"prompt": "2+2?", "completion": "4"}]).to_parquet(str(path))
+    with pytest.raises(DataError) as err:
+        open_annotations(path)
+    message = str(err.value)
+    assert f"file {path}: is a Parquet file" in message and err.value.kind is DataKind.INVALID_JSON
+    command = message.split("Fix: python -c ")[1].split(" and set annotation_path")[0]
+    exec(command.strip('"'))  # the command the message gives works as written
+    assert open_annotations(f"{path}.hf")[0] == {"prompt": "2+2?", "completion": "4"}
+
+
+def test_a_gzip_file_is_named_with_how_to_decompress_it(tmp_path):
+    import gzip
+
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(b'{"a": 1}\n'))
+    with pytest.raises(DataError, match=r"is gzip-compressed, not JSON or JSONL. Fix: decompress it \(gunzip -k"):
+        open_annotations(tmp_path / "a.jsonl.gz")

@@ -486,6 +486,25 @@ def _open_hf(path: str) -> AnnotationSource:
     return HFSource(path)
 
 
+# Files users download or keep compressed, recognised by their first bytes, with the command that makes
+# them readable here (the generic "neither '[' nor '{'" named a byte, not the file's format).
+_BINARY_FORMATS = {
+    b"PAR1": ("a Parquet file (as Hugging Face Hub datasets are stored)",
+              "python -c \"import datasets; datasets.Dataset.from_parquet('{p}').save_to_disk('{p}.hf')\" and set "
+              "annotation_path to {p}.hf"),
+    b"\x1f\x8b": ("gzip-compressed", "decompress it (gunzip -k {p}) and point annotation_path at the result"),
+    b"\x28\xb5\x2f\xfd": ("zstd-compressed", "decompress it (zstd -d {p}) and point annotation_path at the result"),
+}
+
+
+def _binary_format(head: bytes, path: str) -> str | None:
+    """What a known binary file is and how to convert it, from its first bytes; None otherwise."""
+    for magic, (what, fix) in _BINARY_FORMATS.items():
+        if head.startswith(magic):
+            return f"is {what}, not JSON or JSONL. Fix: {fix.format(p=path)}."
+    return None
+
+
 def open_annotations(path: str | os.PathLike, *, cache: bool | None = None) -> AnnotationSource:
     """Open an annotation file for random access, detecting its format.
 
@@ -510,6 +529,9 @@ def open_annotations(path: str | os.PathLike, *, cache: bool | None = None) -> A
                             "the dataset dictionary (relative paths resolve against its folder).", DataKind.CONFIG)
     reader = _Reader(path)
     _check_utf8(reader, path)
+    known = _binary_format(reader.read(0, 4), path)  # before the name: a gzip file called x.jsonl too
+    if known:
+        raise DataError(f"file {path}: {known}", DataKind.INVALID_JSON)
     first = _first_byte(reader)
     if path.endswith(".jsonl") or first == b"{":
         kind = "jsonl"
