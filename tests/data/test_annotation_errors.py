@@ -84,3 +84,12 @@ def test_a_gzip_file_is_named_with_how_to_decompress_it(tmp_path):
     (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(b'{"a": 1}\n'))
     with pytest.raises(DataError, match=r"is gzip-compressed, not JSON or JSONL. Fix: decompress it \(gunzip -k"):
         open_annotations(tmp_path / "a.jsonl.gz")
+
+
+def test_a_record_not_in_utf8_says_how_to_convert_the_file(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes('{"a": "ok"}\n{"b": "café"}\n'.encode("latin-1"))
+    with pytest.raises(DataError) as err:
+        open_annotations(path)[1]
+    assert "record 1 (line 2) is not valid JSON" in str(err.value)
+    assert f"Fix: the file is not UTF-8; convert it, e.g. iconv -f WINDOWS-1252 -t UTF-8 {path}" in str(err.value)

@@ -387,6 +387,9 @@ class OffsetSource(AnnotationSource):
             line = self._reader.line_of(int(self.offsets[i])) + _error_line(raw, e) - 1
             detail = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
             fix = "correct or delete that record"
+            if isinstance(e, UnicodeDecodeError):  # a file saved in Latin-1 / Windows-1252 (accented text)
+                fix = (f"the file is not UTF-8; convert it, e.g. iconv -f WINDOWS-1252 -t UTF-8 {self.path} > "
+                       f"{self.path}.utf8 (with the encoding it was written in)")
             if self.kind == "jsonl" and raw.rstrip(_WS).endswith(b",") and _parses(raw.rstrip(_WS)[:-1]):
                 # JSON "Extra data" says nothing a user recognises: the line is a record plus a comma.
                 detail, fix = "a comma after the record", "delete it (JSONL is one record per line, no commas between)"
