@@ -437,7 +437,7 @@ class HFSource(AnnotationSource):
 
     def _get(self, i: int) -> Any:
         try:
-            return self.dataset[i]
+            return _without_struct_nulls(self.dataset[i])
         except _UNDECODABLE as exc:
             # ``datasets`` decodes a row's Image columns (PIL open + load) as the row is read, so bytes
             # that are not an image, or are cut short, fail here, before any of our media checks.
@@ -447,6 +447,39 @@ class HFSource(AnnotationSource):
                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Fix: the "
                             "stored image bytes are corrupt or not an image; re-encode that image or drop the row.",
                             DataKind.BAD_IMAGE, Origin(file=self.path, record=i)) from None
+
+
+_TURN_LISTS = ("messages", "conversations", "prompt", "completion")
+
+
+def _drop_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+def _without_struct_nulls(row: dict) -> dict:
+    """``row`` with the nulls Arrow adds inside ``tools`` and ``tool_calls`` removed.
+
+    Arrow gives every row of a column one struct type: a key that any row's tool schema or call
+    arguments have appears in every other row as null (``"properties": {"city": ..., "zone": null}``),
+    and the chat template would write those nulls into the tool descriptions and the trained calls.
+    Arrow cannot tell such a null from a written one; a dataset that needs nulls there stores
+    ``tools`` / ``arguments`` as JSON strings (as TRL advises), which are left as they are.
+    """
+    if not isinstance(row, dict):
+        return row
+    row = dict(row)
+    if isinstance(row.get("tools"), list):
+        row["tools"] = _drop_nulls(row["tools"])
+    for key in _TURN_LISTS:
+        turns = row.get(key)
+        if isinstance(turns, list) and any(isinstance(t, dict) and t.get("tool_calls") for t in turns):
+            row[key] = [{**t, "tool_calls": _drop_nulls(t["tool_calls"])}
+                        if isinstance(t, dict) and t.get("tool_calls") else t for t in turns]
+    return row
 
 
 # Byte order marks of the encodings JSON files are sometimes saved in by mistake (Windows tools, PowerShell's
