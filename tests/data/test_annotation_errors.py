@@ -3,10 +3,14 @@ reported on that line (not the next), and a JSON array's trailing or doubled com
 of surfacing as a phantom empty record."""
 from __future__ import annotations
 
+import shlex
+import sys
+
 import pytest
 
 from qwenvl.data.catalog.sources import open_annotations
 from qwenvl.data.errors import DataError, DataKind
+from tests.commands import run_command
 
 
 @pytest.mark.parametrize("text, line", [
@@ -73,8 +77,9 @@ def test_a_parquet_file_is_named_with_the_command_that_converts_it(tmp_path, nam
         open_annotations(path)
     message = str(err.value)
     assert f"file {path}: is a Parquet file" in message and err.value.kind is DataKind.INVALID_JSON
-    command = message.split("Fix: python -c ")[1].split(" and set annotation_path")[0]
-    exec(command.strip('"'))  # the command the message gives works as written
+    command = shlex.split(message.split("Fix: ")[1].split(" and set annotation_path")[0])
+    assert command[:2] == ["python", "-c"]
+    run_command([sys.executable, *command[1:]], check=True, timeout=300)  # the message's command works as written
     assert open_annotations(f"{path}.hf")[0] == {"prompt": "2+2?", "completion": "4"}
 
 

@@ -526,8 +526,8 @@ def _open_hf(path: str) -> AnnotationSource:
 # them readable here (the generic "neither '[' nor '{'" named a byte, not the file's format).
 _BINARY_FORMATS = {
     b"PAR1": ("a Parquet file (as Hugging Face Hub datasets are stored)",
-              "python -c \"import datasets; datasets.Dataset.from_parquet('{p}').save_to_disk('{p}.hf')\" and set "
-              "annotation_path to {p}.hf"),
+              ("python -c \"import datasets; datasets.Dataset.from_parquet('{p}').save_to_disk('{p}.hf')\" and set "
+               "annotation_path to {p}.hf")),
     b"\x1f\x8b": ("gzip-compressed", "decompress it (gunzip -k {p}) and point annotation_path at the result"),
     b"\x28\xb5\x2f\xfd": ("zstd-compressed", "decompress it (zstd -d {p}) and point annotation_path at the result"),
 }

@@ -239,7 +239,7 @@ def _open_pil(ref: str, what: str, at: str) -> Image.Image:
 def _bad_image(exc: BaseException, ref: str, at: str) -> DataError:
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
         return media_failure(exc, ref, "image", at)
-    local = ref[len("file://"):] if ref.startswith("file://") else ref
+    local = ref.removeprefix("file://")
     if not is_url(local) and os.path.isfile(local) and os.path.getsize(local) == 0:
         return DataError(f"{at}cannot read image {ref}: the file is empty (0 bytes). Fix: download or copy it "
                          "again, or drop the record.", DataKind.BAD_IMAGE, Origin(media=ref))
