@@ -52,6 +52,7 @@ __all__ = ["Conversation", "record_layout", "to_conversation", "to_conversations
 
 # The media tags of annotation text (LLaVA style): where each image / video of the record goes.
 MEDIA_TAGS = re.compile(r"(<image>|<video>)")
+_ANY_CASE_TAG = re.compile(r"<(?:image|video)>", re.IGNORECASE)
 _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                 "system": "system", "function_call": "assistant", "observation": "tool"}
 _ROLES = ("system", "user", "assistant", "tool")
@@ -398,6 +399,10 @@ def _convert(record: Any, spec: DatasetSpec, origin: str) -> Conversation:
             trained_from += 1
     problems = [p for p in (media["image"].check(), media["video"].check()) if p]
     if problems:
+        miscased = [tag for m in messages for part in m["content"] if part["type"] == "text"
+                    for tag in _ANY_CASE_TAG.findall(part["text"]) if tag not in ("<image>", "<video>")]
+        if miscased:  # "<Image>" is text, not a tag: say so rather than only count the tags
+            problems.append(f"The text holds {miscased[0]}; tags are lower case: <image>, <video>.")
         raise DataError(f"{origin}: " + " Also: ".join(problems), DataKind.TAG_MISMATCH)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{origin}: no assistant turn, so nothing to train on. Fix: add the "
