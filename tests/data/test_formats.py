@@ -93,9 +93,9 @@ def test_llava_more_tags_than_media_and_frame_hint():
     ({"question": "x", "answer": "y"}, "no 'conversations' (LLaVA / sharegpt), 'messages' or 'prompt' + 'completion' (TRL) key"),
     ({"image": "a", "images": ["b"], "conversations": []}, "both 'image' and 'images'"),
     ({"image": "a.png", "conversations": [{"from": "human", "value": "<Image>\nx"}, {"from": "gpt", "value": "y"}]},
-     "0 image placeholder(s) but 1 image(s) given. Fix: put one <image> tag (or {\"type\": \"image\"} part) per "
-     "image, where it belongs in the text, or correct the list of images. Also: The text holds <Image>; tags are "
-     "lower case: <image>, <video>."),
+     ("0 image placeholder(s) but 1 image(s) given. Fix: put one <image> tag (or {\"type\": \"image\"} part) per "
+      "image, where it belongs in the text, or correct the list of images. Also: The text holds <Image>; tags are "
+      "lower case: <image>, <video>.")),
 ])
 def test_llava_validation_names_the_record(record, expected):
     with pytest.raises(DataError) as info:
