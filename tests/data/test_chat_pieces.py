@@ -107,6 +107,27 @@ def test_reasoning_is_refused_where_the_template_would_drop_it(tiny_model_dir, m
             {"role": "assistant", "content": [{"type": "image", "image": "x.png"}]}], origin="t"))
 
 
+@pytest.mark.parametrize("model_type", ["qwen3_vl", "qwen2_5_vl"])
+def test_an_image_in_the_system_turn_is_refused_where_the_template_drops_it(tiny_model_dir, tmp_path, model_type):
+    """Qwen3-VL's template writes only a system turn's text: the image would never reach the model
+    (it stopped as 'pieces differ from the template', blaming the template). Qwen2.5-VL's writes it."""
+    from PIL import Image
+    Image.new("RGB", (56, 56), (200, 0, 0)).save(tmp_path / "red.png")
+    processor, config = _setup(tiny_model_dir, model_type)
+    conversation = Conversation(messages=[
+        {"role": "system", "content": [{"type": "image", "image": str(tmp_path / "red.png")}, *_text("Refer to it.")]},
+        {"role": "user", "content": _text("Colour?")}, {"role": "assistant", "content": _text("Red.")}],
+        origin="record 7")
+    renderer = SampleRenderer(processor, config)
+    if model_type == "qwen3_vl":
+        with pytest.raises(DataError, match="record 7: the system turn holds an image.*Fix: move the <image>"):
+            renderer.render(conversation)
+    else:
+        sample = renderer.render(conversation)
+        assert int(sample["image_grid_thw"].shape[0]) == 1
+        assert _trained_text(sample, processor.tokenizer) == "Red.<|im_end|>"
+
+
 # ----------------------------------------------------------------------------- Qwen3.5 thinking
 
 THINK_ANSWER = "<think>\nadd them\n</think>\n\n5"
@@ -158,6 +179,22 @@ def test_qwen3_5_answers_with_reasoning_train_their_think_block(tiny_model_dir, 
     assert _trained_text(off, tokenizer) == "5<|im_end|>"
     plain = SampleRenderer(processor, config).render(_conv(("user", "2+3?"), ("assistant", "5")))
     assert torch.equal(off["input_ids"], plain["input_ids"]) and torch.equal(off["labels"], plain["labels"])
+
+
+@pytest.mark.parametrize("turn,expected", [
+    (("assistant", "<think>carry</think>5", "add them"), "reasoning twice"),
+    (("assistant", "<think>add them, then 5", None), "never closed"),
+    (("assistant", "  <think>\nadd them", None), "never closed"),
+], ids=["reasoning_content_and_think_block", "unclosed_think", "unclosed_think_after_spaces"])
+@pytest.mark.parametrize("thinking", ["auto", "false"])
+def test_qwen3_5_reasoning_the_template_would_train_inside_the_answer_is_refused(tiny_model_dir, turn, expected,
+                                                                                    thinking):
+    """Both forms at once, or a <think> never closed: the template writes the block into the answer
+    (trained as the answer's text), so the record is refused naming it, in every thinking mode."""
+    processor, config = _setup(tiny_model_dir, "qwen3_5")
+    turn = turn if turn[2] is not None else turn[:2]
+    with pytest.raises(DataError, match=f"record 4: .*{expected}.*Fix:"):
+        SampleRenderer(processor, config, thinking=thinking).render(_conv(("user", "2+3?"), turn, origin="record 4"))
 
 
 def test_qwen3_5_thinking_true_trains_answers_without_reasoning_to_close_the_think_block(tiny_model_dir):

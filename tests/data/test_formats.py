@@ -92,12 +92,58 @@ def test_llava_more_tags_than_media_and_frame_hint():
     ({"conversations": ["hello"]}, "turn 0: expected {\"from\""),
     ({"question": "x", "answer": "y"}, "no 'conversations' (LLaVA / sharegpt), 'messages' or 'prompt' + 'completion' (TRL) key"),
     ({"image": "a", "images": ["b"], "conversations": []}, "both 'image' and 'images'"),
+    ({"image": "a.png", "conversations": [{"from": "human", "value": "<Image>\nx"}, {"from": "gpt", "value": "y"}]},
+     ("0 image placeholder(s) but 1 image(s) given. Fix: put one <image> tag (or {\"type\": \"image\"} part) per "
+      "image, where it belongs in the text, or correct the list of images. Also: The text holds <Image>; tags are "
+      "lower case: <image>, <video>.")),
 ])
 def test_llava_validation_names_the_record(record, expected):
     with pytest.raises(DataError) as info:
         to_conversation(record, SPEC, 12)
     assert "dataset 'demo', file /data/anns/demo.json, record 12" in str(info.value)
     assert expected in str(info.value)
+
+
+def test_conversations_with_role_content_turns_read_as_messages():
+    """Many Hugging Face datasets (and LLaMA-Factory sharegpt with role/content tags) write
+    ``conversations`` as messages; they were refused as "unknown 'from' None"."""
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>Colour?"},
+             {"role": "assistant", "content": [{"type": "text", "text": "Red."}]}]
+    as_conversations = to_conversation({"image": "x.png", "conversations": turns}, SPEC, 0).messages
+    assert as_conversations == to_conversation({"images": ["x.png"], "messages": turns}, SPEC, 0).messages
+    assert as_conversations[1]["content"] == [image("/data/images/x.png"), text("Colour?")]
+
+
+def test_conversations_mixing_from_and_role_turns_name_the_turn():
+    record = {"conversations": [{"from": "human", "value": "x"}, {"role": "assistant", "content": "y"}]}
+    with pytest.raises(DataError, match="record 3, turn 1: unknown 'from' None"):
+        to_conversation(record, SPEC, 3)
+
+
+@pytest.mark.parametrize("key", ["reasoning_content", "thinking", "reasoning"])
+def test_reasoning_under_the_names_datasets_use_is_reasoning_content(key):
+    """TRL's gpt-oss datasets write ``thinking``, vLLM/OpenRouter ``reasoning``: both were dropped
+    silently (the turn trained without its reasoning)."""
+    record = {"messages": [{"role": "user", "content": "2+2?"},
+                           {"role": "assistant", "content": "4", key: "add them", "weight": 1}]}
+    assert to_conversation(record, SPEC, 0).messages[1] == {"role": "assistant", "content": [text("4")],
+                                                            "reasoning_content": "add them"}
+
+
+@pytest.mark.parametrize("record, expected", [
+    ({"messages": [{"role": "user", "content": "q", "weight": 0},
+                   {"role": "assistant", "content": "a", "thinking": "r", "reasoning_content": "r"}]},
+     "turn 1: reasoning given twice, as 'reasoning_content' and 'thinking'"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0},
+                   {"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]},
+     "turn 1: 'weight': 0 asks to leave this turn untrained"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a", "weight": 0.0}]},
+     "turn 1: 'weight': 0.0 asks to leave this turn untrained"),
+])
+def test_turn_fields_that_would_train_silently_wrong_are_refused(record, expected):
+    with pytest.raises(DataError) as info:
+        to_conversation(record, SPEC, 8)
+    assert "record 8, " + expected in str(info.value) and "Fix:" in str(info.value)
 
 
 # ----------------------------------------------------------------------------- messages

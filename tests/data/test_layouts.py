@@ -91,6 +91,29 @@ def test_trl_standard_prompt_completion_is_one_user_and_one_assistant_turn(rende
     assert _trained_text(sample, processor) == "5<|im_end|>"
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_5"])
+@pytest.mark.parametrize("system", [None, "Be brief."])
+def test_trl_prompt_completion_trains_only_the_completion_after_earlier_answers(renderers, family, system):
+    """A multi-turn prompt holds earlier assistant answers: context for the completion, as TRL's
+    completion mask has it (they were trained, as in the messages layout)."""
+    processor, renderer = renderers(family)
+    prompt = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+              {"role": "user", "content": "And 3+3?"}]
+    record = {"prompt": prompt, "completion": [{"role": "assistant", "content": "6"}]}
+    if system:
+        record["system"] = system
+    sample = renderer.render(to_conversation(record, _spec("a.json"), 0))
+    assert _trained_text(sample, processor) == "6<|im_end|>"
+    as_messages = renderer.render(to_conversation(
+        {"messages": prompt + record["completion"], **({"system": system} if system else {})}, _spec("a.json"), 0))
+    assert torch.equal(sample["input_ids"], as_messages["input_ids"])  # the same text, fewer trained tokens
+    assert _trained_text(as_messages, processor).endswith("4<|im_end|>6<|im_end|>")
+    # The first trained message is the completion's, counted after a top-level system turn too.
+    ending_on_answer = {"prompt": prompt[:2], "completion": [{"role": "assistant", "content": "6"}]}
+    assert to_conversation(ending_on_answer, _spec("a.json"), 0).trained_from == 2
+    assert to_conversation({**ending_on_answer, "system": "s"}, _spec("a.json"), 0).trained_from == 3
+
+
 @pytest.mark.parametrize("record,expected", [
     ({"prompt": PROMPT}, "a 'prompt' without a 'completion'"),
     ({"prompt": PROMPT, "completion": "red"}, "must both be lists of messages"),

@@ -148,3 +148,16 @@ def test_a_relative_media_path_without_data_path_names_data_path():
         resolve_media("images/cat.png", "", origin="dataset 'd', record 0")
     assert err.value.kind is DataKind.CONFIG
     assert resolve_media("images/cat.png", "/data") == "/data/images/cat.png"
+
+
+def test_an_empty_or_garbage_image_file_is_named_without_a_memory_address(tmp_path):
+    """A 0-byte file (a failed download) says so; PIL's own message named its stream with an address
+    ('<_io.BytesIO object at 0x7f...>') that differs on every run."""
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "garbage.png").write_bytes(b"not an image\n")
+    with pytest.raises(DataError, match=r"record 3: cannot read image .*empty.png: the file is empty \(0 bytes\)"):
+        open_image(str(tmp_path / "empty.png"), "record 3")
+    with pytest.raises(DataError) as err:
+        open_image("file://" + str(tmp_path / "garbage.png"), "record 4")
+    assert err.value.kind is DataKind.BAD_IMAGE
+    assert "UnidentifiedImageError: cannot identify image file. Fix:" in str(err.value) and "0x" not in str(err.value)

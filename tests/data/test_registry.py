@@ -201,6 +201,12 @@ def test_unknown_names_listed_with_known_ones_and_did_you_mean(specs):
     assert "'x' is not a number" in msg
 
 
+def test_a_name_in_the_wrong_case_is_suggested(specs):
+    """difflib finds no match between 'LLAVA' and 'llava' (every letter differs)."""
+    with pytest.raises(DataError, match="unknown dataset 'LLAVA'. Did you mean 'llava'?"):
+        parse_dataset_use("LLAVA%50", specs)
+
+
 # ----------------------------------------------------------------------------- official API
 
 @pytest.fixture

@@ -271,6 +271,33 @@ def test_hf_saved_dataset_rows_with_pil_images(tmp_path):
         open_annotations(tmp_path / "dd")
 
 
+def test_hf_rows_keep_each_rows_own_tools_and_call_arguments(tmp_path):
+    """Arrow gives a column one struct type, so row 0's tool schema and call arguments came back with
+    row 1's keys as nulls ("zone": null), which the template would write into the trained text."""
+    datasets = pytest.importorskip("datasets")
+    weather = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    clock = {"name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}}}
+
+    def call(name, arguments):
+        return [{"type": "function", "function": {"name": name, "arguments": arguments}}]
+
+    rows = [{"tools": [weather], "messages": [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "", "tool_calls": call("get_weather", {"city": "Paris"})},
+                {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]},
+            {"tools": [clock], "messages": [
+                {"role": "user", "content": "Time in UTC?"},
+                {"role": "assistant", "content": "", "tool_calls": call("get_time", {"zone": "UTC"})},
+                {"role": "tool", "content": "noon"}, {"role": "assistant", "content": "Noon."}]}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
+    assert datasets.load_from_disk(str(tmp_path / "hf"))[0]["tools"] != [weather]  # what Arrow does
+    src = open_annotations(tmp_path / "hf")
+    for i, row in enumerate(rows):
+        assert src[i]["tools"] == row["tools"]
+        assert src[i]["messages"][1]["tool_calls"] == row["messages"][1]["tool_calls"]
+        assert src[i]["messages"][0]["content"] == row["messages"][0]["content"]
+
+
 def test_fsspec_urls(tmp_path):
     fsspec = pytest.importorskip("fsspec")
     with fsspec.open("memory://anns/r.jsonl", "wb") as f:

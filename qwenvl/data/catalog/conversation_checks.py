@@ -7,7 +7,7 @@ Errors (``DataError``, handled by ``--bad_sample_policy``):
 
 * ``media_in_answer``: an image or video inside an assistant turn; its placeholder
   tokens would land in the labels and the model would be trained to emit them;
-* ``empty_answer``: an assistant turn with no text and no media; only ``<|im_end|>``
+* ``empty_answer``: an assistant turn with no text, no media and no tool calls; only ``<|im_end|>``
   would be trained, teaching the model to answer nothing;
 * ``special_token_text``: the text ``<|image_pad|>`` or ``<|video_pad|>`` in a turn; the
   processor expands these strings as media placeholders, so the record either fails
@@ -61,7 +61,9 @@ def check_conversation(conversation: Conversation) -> None:
             raise DataError(f"{at}, turn {turn}: an assistant turn holds an {media[0]}; its placeholder tokens "
                             f"would be trained as the answer. Fix: move the <{media[0]}> tag to the user turn.",
                             DataKind.MEDIA_IN_ANSWER)
-        if not _text(message).strip():
+        # A tool-call turn (sharegpt ``function_call``, or ``tool_calls`` with no content) trains the
+        # calls the template writes, not an empty answer.
+        if not _text(message).strip() and not message.get("tool_calls"):
             raise DataError(f"{at}, turn {turn}: the assistant answer is empty, so only the end-of-turn token would "
                             "be trained (teaching the model to say nothing). Fix: write the answer, or drop the turn "
                             "or the record.", DataKind.EMPTY_ANSWER)

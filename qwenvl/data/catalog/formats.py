@@ -16,11 +16,12 @@ Accepted record layouts (the first key found decides):
   "video", "video": ref}``; a part without an inline ref takes the next item of
   ``images``/``videos``.  Roles: system, user, assistant (with optional ``tool_calls``),
   tool.  HF rows such as trl-lib/llava-instruct-mix (``{"type": "image"}`` placeholders +
-  PIL ``images``) are this layout.
+  PIL ``images``) are this layout, and so is ``conversations`` whose turns all have ``role`` and
+  no ``from`` (HF datasets and LLaMA-Factory sharegpt with ``role``/``content`` tags).
 * prompt-completion (TRL): ``{"prompt": [messages], "completion": [assistant
-  message(s)], "images": [...]}`` is trained as ``prompt + completion`` in the messages
-  layout; the standard form ``{"prompt": "text", "completion": "text"}`` as one user
-  and one assistant turn.
+  message(s)], "images": [...]}`` is ``prompt + completion`` in the messages layout, only the
+  completion trained (``Conversation.trained_from``); the standard form ``{"prompt":
+  "text", "completion": "text"}`` as one user and one assistant turn.
 
 Output: ``[{"role": "system"|"user"|"assistant"|"tool", "content": [{"type": "text",
 "text": str} | {"type": "image", "image": ref} | {"type": "video", "video": ref}],
@@ -51,6 +52,7 @@ __all__ = ["Conversation", "record_layout", "to_conversation", "to_conversations
 
 # The media tags of annotation text (LLaVA style): where each image / video of the record goes.
 MEDIA_TAGS = re.compile(r"(<image>|<video>)")
+_ANY_CASE_TAG = re.compile(r"<(?:image|video)>", re.IGNORECASE)
 _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                 "system": "system", "function_call": "assistant", "observation": "tool"}
 _ROLES = ("system", "user", "assistant", "tool")
@@ -192,13 +194,30 @@ def _turns(record: dict, key: str, origin: str) -> list:
     return turns
 
 
+# Where datasets put an assistant turn's reasoning: ``reasoning_content`` (the Qwen templates' name), TRL's
+# ``thinking`` (its gpt-oss datasets), ``reasoning`` (vLLM / OpenRouter responses). Ignoring the others
+# trained such records in non-thinking mode with their reasoning silently dropped.
+_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+
+
 def _with_reasoning(message: dict, turn: dict, j: int, origin: str) -> dict:
-    """Keep an assistant turn's ``reasoning_content`` (the thinking models' field for reasoning)."""
-    reasoning = turn.get("reasoning_content")
-    if reasoning is None:
+    """Keep an assistant turn's reasoning (any of ``_REASONING_KEYS``) as ``reasoning_content``."""
+    weight = turn.get("weight")
+    if message["role"] == "assistant" and weight is not None and weight != 1:
+        # OpenAI's fine-tuning format: "weight": 0 leaves an assistant turn untrained; every turn trains here.
+        raise DataError(f"{origin}, turn {j}: 'weight': {weight!r} asks to leave this turn untrained (OpenAI's "
+                        "fine-tuning format); per-turn weights are not supported, so it would be trained. Fix: "
+                        "drop the turn, or drop 'weight' to train it; for context that is never trained, use "
+                        "the prompt-completion layout (assistant turns inside 'prompt' are not trained).")
+    given = [key for key in _REASONING_KEYS if turn.get(key) is not None]
+    if not given:
         return message
+    if len(given) > 1:
+        raise DataError(f"{origin}, turn {j}: reasoning given twice, as '{given[0]}' and '{given[1]}'. Fix: "
+                        "keep one.")
+    reasoning = turn[given[0]]
     if message["role"] != "assistant" or not isinstance(reasoning, str):
-        raise DataError(f"{origin}, turn {j}: 'reasoning_content' must be a string on an assistant turn. Fix: "
+        raise DataError(f"{origin}, turn {j}: '{given[0]}' must be a string on an assistant turn. Fix: "
                         "move it to the assistant turn whose reasoning it is, as text.")
     message["reasoning_content"] = reasoning
     return message
@@ -292,6 +311,12 @@ def _message_turns(turns: list, key: str, media: dict[str, _Media], origin: str,
     return messages
 
 
+def _role_content_turns(turns: Any) -> bool:
+    """True when every turn is ``{"role", "content"}`` and none has sharegpt's ``from``."""
+    return (isinstance(turns, list) and bool(turns)
+            and all(isinstance(t, dict) and "role" in t and "from" not in t for t in turns))
+
+
 def _sharegpt_turns(record: dict, media: dict[str, _Media], origin: str) -> list[dict]:
     messages = []
     for j, turn in enumerate(_turns(record, "conversations", origin)):
@@ -311,14 +336,15 @@ def _sharegpt_turns(record: dict, media: dict[str, _Media], origin: str) -> list
     return messages
 
 
-def _prompt_completion(record: dict, media: dict[str, _Media], origin: str) -> list[dict]:
+def _prompt_completion(record: dict, media: dict[str, _Media], origin: str) -> tuple[list[dict], int]:
+    """(messages of ``prompt + completion``, index of the first completion message)."""
     prompt, completion = record.get("prompt"), record.get("completion")
     if completion is None:
         raise DataError(f"{origin}: a 'prompt' without a 'completion'. Fix: add the answer as 'completion' "
                         "(TRL's prompt-completion layout), or use 'messages'.")
     if isinstance(prompt, str) and isinstance(completion, str):  # TRL's standard (not conversational) form
         return [{"role": "user", "content": _split_tags(prompt, media)},
-                {"role": "assistant", "content": _split_tags(completion, media)}]
+                {"role": "assistant", "content": _split_tags(completion, media)}], 1
     if isinstance(completion, dict):
         completion = [completion]
     if not isinstance(prompt, list) or not prompt or not isinstance(completion, list) or not completion:
@@ -330,7 +356,7 @@ def _prompt_completion(record: dict, media: dict[str, _Media], origin: str) -> l
     if any(m["role"] not in ("assistant", "tool") for m in answers):
         raise DataError(f"{origin}: 'completion' holds a {answers[0]['role']!r} turn; it must be the "
                         "assistant's reply. Fix: move other turns into 'prompt'.")
-    return messages + answers
+    return messages + answers, len(messages)
 
 
 def _convert(record: Any, spec: DatasetSpec, origin: str) -> Conversation:
@@ -339,12 +365,18 @@ def _convert(record: Any, spec: DatasetSpec, origin: str) -> Conversation:
                         DataKind.INVALID_JSON)
     media = {k: _Media(k, _media_list(record, k, origin), spec, origin) for k in ("image", "video")}
     layout = record_layout(record)
-    if layout == "LLaVA / sharegpt":
+    trained_from = 0  # assistant turns before this index are context only (prompt-completion)
+    if layout == "LLaVA / sharegpt" and _role_content_turns(record["conversations"]):
+        # ``conversations`` written with messages-style turns (many Hugging Face datasets; LLaMA-Factory's
+        # sharegpt with role_tag/content_tag "role"/"content"): read them as messages.
+        messages = _message_turns(record["conversations"], "conversations", media, origin)
+    elif layout == "LLaVA / sharegpt":
         messages = _sharegpt_turns(record, media, origin)
     elif layout == "messages":
         messages = _message_turns(_turns(record, "messages", origin), "messages", media, origin)
     elif layout == "prompt-completion":
-        messages = _prompt_completion(record, media, origin)
+        # TRL trains the completion only: assistant turns inside the prompt are context, never trained.
+        messages, trained_from = _prompt_completion(record, media, origin)
     elif any(key in record for key in _LAYOUT_KEYS):
         # The key is there but null: a Hugging Face dataset fills the column a row lacks with null.
         nulls = [key for key in _LAYOUT_KEYS if key in record]
@@ -363,8 +395,14 @@ def _convert(record: Any, spec: DatasetSpec, origin: str) -> Conversation:
         if messages[0]["role"] == "system":
             raise DataError(f"{origin}: both a top-level 'system' and a system turn. Fix: keep one.")
         messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+        if trained_from:  # the prompt moved one turn down
+            trained_from += 1
     problems = [p for p in (media["image"].check(), media["video"].check()) if p]
     if problems:
+        miscased = [tag for m in messages for part in m["content"] if part["type"] == "text"
+                    for tag in _ANY_CASE_TAG.findall(part["text"]) if tag not in ("<image>", "<video>")]
+        if miscased:  # "<Image>" is text, not a tag: say so rather than only count the tags
+            problems.append(f"The text holds {miscased[0]}; tags are lower case: <image>, <video>.")
         raise DataError(f"{origin}: " + " Also: ".join(problems), DataKind.TAG_MISMATCH)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{origin}: no assistant turn, so nothing to train on. Fix: add the "
@@ -378,7 +416,8 @@ def _convert(record: Any, spec: DatasetSpec, origin: str) -> Conversation:
     if thinking is not None and thinking_value(thinking) is None:
         raise DataError(f"{origin}: 'enable_thinking' must be true, false or \"auto\", got {thinking!r}.")
     return Conversation(messages=messages, origin=origin, tools=_tools(record.get("tools"), origin),
-                        bbox_format=bbox_format, thinking=thinking_value(thinking) if thinking is not None else None)
+                        bbox_format=bbox_format, thinking=thinking_value(thinking) if thinking is not None else None,
+                        trained_from=trained_from)
 
 
 def to_conversation(record: dict, spec: DatasetSpec, index: int) -> Conversation:

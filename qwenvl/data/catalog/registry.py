@@ -85,7 +85,10 @@ class MixtureEntry:
 
 
 def _did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    choices = list(choices)
+    # Names are case-sensitive; difflib scores 'COCO' against 'coco' as no match at all.
+    same_but_case = [c for c in choices if c.lower() == word.lower()]
+    close = same_but_case or difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f" Did you mean '{close[0]}'?" if close else ""
 
 

@@ -195,6 +195,15 @@ def scan_json_array(chunks: Iterator[bytes], name: str = "<stream>") -> np.ndarr
 
 # --------------------------------------------------------------------------- readers
 
+
+def _parses(raw: bytes) -> bool:
+    """True when ``raw`` is valid JSON."""
+    try:
+        json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return True
+
 class _Reader:
     """Reads byte ranges of one local file or fsspec URL; reopens after fork, pickles cleanly."""
 
@@ -377,9 +386,16 @@ class OffsetSource(AnnotationSource):
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             line = self._reader.line_of(int(self.offsets[i])) + _error_line(raw, e) - 1
             detail = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+            fix = "correct or delete that record"
+            if isinstance(e, UnicodeDecodeError):  # a file saved in Latin-1 / Windows-1252 (accented text)
+                fix = (f"the file is not UTF-8; convert it, e.g. iconv -f WINDOWS-1252 -t UTF-8 {self.path} > "
+                       f"{self.path}.utf8 (with the encoding it was written in)")
+            if self.kind == "jsonl" and raw.rstrip(_WS).endswith(b",") and _parses(raw.rstrip(_WS)[:-1]):
+                # JSON "Extra data" says nothing a user recognises: the line is a record plus a comma.
+                detail, fix = "a comma after the record", "delete it (JSONL is one record per line, no commas between)"
             raise DataError(
                 f"{where(file=self.path, record=i)} (line {line}) is not valid JSON: {detail}. "
-                "Fix: correct or delete that record.", DataKind.INVALID_JSON, Origin(file=self.path, record=i,
+                f"Fix: {fix}.", DataKind.INVALID_JSON, Origin(file=self.path, record=i,
                                                                                     line=line)) from None
         want = list if self.is_packed else dict
         if not isinstance(record, want):
@@ -421,7 +437,7 @@ class HFSource(AnnotationSource):
 
     def _get(self, i: int) -> Any:
         try:
-            return self.dataset[i]
+            return _without_struct_nulls(self.dataset[i])
         except _UNDECODABLE as exc:
             # ``datasets`` decodes a row's Image columns (PIL open + load) as the row is read, so bytes
             # that are not an image, or are cut short, fail here, before any of our media checks.
@@ -431,6 +447,39 @@ class HFSource(AnnotationSource):
                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Fix: the "
                             "stored image bytes are corrupt or not an image; re-encode that image or drop the row.",
                             DataKind.BAD_IMAGE, Origin(file=self.path, record=i)) from None
+
+
+_TURN_LISTS = ("messages", "conversations", "prompt", "completion")
+
+
+def _drop_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+def _without_struct_nulls(row: dict) -> dict:
+    """``row`` with the nulls Arrow adds inside ``tools`` and ``tool_calls`` removed.
+
+    Arrow gives every row of a column one struct type: a key that any row's tool schema or call
+    arguments have appears in every other row as null (``"properties": {"city": ..., "zone": null}``),
+    and the chat template would write those nulls into the tool descriptions and the trained calls.
+    Arrow cannot tell such a null from a written one; a dataset that needs nulls there stores
+    ``tools`` / ``arguments`` as JSON strings (as TRL advises), which are left as they are.
+    """
+    if not isinstance(row, dict):
+        return row
+    row = dict(row)
+    if isinstance(row.get("tools"), list):
+        row["tools"] = _drop_nulls(row["tools"])
+    for key in _TURN_LISTS:
+        turns = row.get(key)
+        if isinstance(turns, list) and any(isinstance(t, dict) and t.get("tool_calls") for t in turns):
+            row[key] = [{**t, "tool_calls": _drop_nulls(t["tool_calls"])}
+                        if isinstance(t, dict) and t.get("tool_calls") else t for t in turns]
+    return row
 
 
 # Byte order marks of the encodings JSON files are sometimes saved in by mistake (Windows tools, PowerShell's
@@ -473,6 +522,25 @@ def _open_hf(path: str) -> AnnotationSource:
     return HFSource(path)
 
 
+# Files users download or keep compressed, recognised by their first bytes, with the command that makes
+# them readable here (the generic "neither '[' nor '{'" named a byte, not the file's format).
+_BINARY_FORMATS = {
+    b"PAR1": ("a Parquet file (as Hugging Face Hub datasets are stored)",
+              ("python -c \"import datasets; datasets.Dataset.from_parquet('{p}').save_to_disk('{p}.hf')\" and set "
+               "annotation_path to {p}.hf")),
+    b"\x1f\x8b": ("gzip-compressed", "decompress it (gunzip -k {p}) and point annotation_path at the result"),
+    b"\x28\xb5\x2f\xfd": ("zstd-compressed", "decompress it (zstd -d {p}) and point annotation_path at the result"),
+}
+
+
+def _binary_format(head: bytes, path: str) -> str | None:
+    """What a known binary file is and how to convert it, from its first bytes; None otherwise."""
+    for magic, (what, fix) in _BINARY_FORMATS.items():
+        if head.startswith(magic):
+            return f"is {what}, not JSON or JSONL. Fix: {fix.format(p=path)}."
+    return None
+
+
 def open_annotations(path: str | os.PathLike, *, cache: bool | None = None) -> AnnotationSource:
     """Open an annotation file for random access, detecting its format.
 
@@ -497,6 +565,9 @@ def open_annotations(path: str | os.PathLike, *, cache: bool | None = None) -> A
                             "the dataset dictionary (relative paths resolve against its folder).", DataKind.CONFIG)
     reader = _Reader(path)
     _check_utf8(reader, path)
+    known = _binary_format(reader.read(0, 4), path)  # before the name: a gzip file called x.jsonl too
+    if known:
+        raise DataError(f"file {path}: {known}", DataKind.INVALID_JSON)
     first = _first_byte(reader)
     if path.endswith(".jsonl") or first == b"{":
         kind = "jsonl"

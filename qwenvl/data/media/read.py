@@ -169,6 +169,9 @@ def media_failure(exc: BaseException, ref: str, what: str, at: str = "") -> Data
                      "the file and its storage.", DataKind.MEDIA_UNREACHABLE, origin)
 
 
+_OBJECT_REPR = re.compile(r" ?<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
 def _first_line(exc: BaseException, limit: int = 300) -> str:
     text = str(exc).strip().splitlines()
     text = text[0] if text else type(exc).__name__
@@ -236,7 +239,13 @@ def _open_pil(ref: str, what: str, at: str) -> Image.Image:
 def _bad_image(exc: BaseException, ref: str, at: str) -> DataError:
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
         return media_failure(exc, ref, "image", at)
-    return DataError(f"{at}cannot read image {ref}: {type(exc).__name__}: {_first_line(exc)}. Fix: the file may "
+    local = ref.removeprefix("file://")
+    if not is_url(local) and os.path.isfile(local) and os.path.getsize(local) == 0:
+        return DataError(f"{at}cannot read image {ref}: the file is empty (0 bytes). Fix: download or copy it "
+                         "again, or drop the record.", DataKind.BAD_IMAGE, Origin(media=ref))
+    # PIL names the stream it read ("<_io.BytesIO object at 0x7f...>"): an address that differs per run.
+    detail = _OBJECT_REPR.sub("", _first_line(exc))
+    return DataError(f"{at}cannot read image {ref}: {type(exc).__name__}: {detail}. Fix: the file may "
                      "be corrupt or not an image; re-encode it or drop the record.", DataKind.BAD_IMAGE,
                      Origin(media=ref))
 

@@ -61,6 +61,8 @@ import json
 import re
 from dataclasses import dataclass, replace
 
+from jinja2 import TemplateError
+
 from qwenvl.data.catalog.formats import Conversation
 from qwenvl.data.errors import DataError, DataKind
 
@@ -96,6 +98,7 @@ class ChatRules:
     think_blocks: bool  # assistant turns after the last user query carry <think>...</think> (Qwen3.5)
     preserve_thinking: bool  # the template honours preserve_thinking=True (Qwen3.6)
     thinking_by_default: bool  # the generation prompt opens a think block unless enable_thinking=False
+    system_media: bool = True  # the template writes a system turn's images/videos (Qwen3-VL's keeps only its text)
 
     @classmethod
     def of(cls, processor) -> "ChatRules":
@@ -127,9 +130,13 @@ class ChatRules:
                    {"role": "user", "content": text("q")}, {"role": "assistant", "content": text("b")}]
             preserve = "<think>\nr\n</think>" in render(two, preserve_thinking=True)
         prompt = render(one[:1], add_generation_prompt=True)
+        try:
+            system_media = "<|vision_start|>" in render([{"role": "system", "content": [{"type": "image"}]}, *one])
+        except TemplateError:  # a template that refuses media in a system turn writes none either
+            system_media = False
         return cls(default_system=rendered[:rendered.index(header)], trims=header + "q<|im_end|>" in rendered,
                    think_blocks=think_blocks, preserve_thinking=preserve,
-                   thinking_by_default=prompt.endswith("<think>\n"))
+                   thinking_by_default=prompt.endswith("<think>\n"), system_media=system_media)
 
     def generation_prompt(self, thinking: str = "auto") -> str:
         """What the template appends with ``add_generation_prompt`` in ``thinking`` mode."""
@@ -197,8 +204,19 @@ def reasoning_and_answer(message: dict, rules: ChatRules, origin: str) -> tuple[
                             "think blocks and would drop it. Fix: train a Qwen3.5/3.6 model, or write the "
                             "reasoning into the answer (<think>...</think>) if the model should learn to write it.")
         return None, text
+    # The template takes reasoning_content when it is a string and writes the answer as it is, so
+    # reasoning given both ways would train a second think block inside the answer; an opening
+    # <think> never closed (a cut record) would train "<think>" as the answer's first word.
+    if isinstance(reasoning, str) and "</think>" in text:
+        raise DataError(f"{origin}: the turn gives its reasoning twice, as reasoning_content and as a "
+                        "<think>...</think> block in the answer; the answer would be trained with the think block "
+                        "inside it. Fix: keep one (drop the block from the answer, or drop reasoning_content).")
     if isinstance(reasoning, str):
         return reasoning, text
+    if text.lstrip().startswith("<think>") and "</think>" not in text:
+        raise DataError(f"{origin}: the answer opens a <think> block that is never closed, so \"<think>\" and the "
+                        "reasoning would be trained as the answer. Fix: close the reasoning with </think> before "
+                        "the answer (or move it to reasoning_content), or drop the record if it was cut short.")
     if "</think>" in text:
         head, answer = text.split("</think>")[0], text.split("</think>")[-1]
         return head.rstrip("\n").split("<think>")[-1].lstrip("\n"), answer.lstrip("\n")
@@ -308,7 +326,13 @@ def conversation_pieces(conversation: Conversation, rules: ChatRules, thinking: 
         role = message["role"]
         if role == "system":
             if i:
-                raise DataError(f"{origin}: a system turn at position {i}; it must be the first turn.")
+                raise DataError(f"{origin}: a system turn at position {i}; it must be the first turn. Fix: move it "
+                                "to the start of the conversation, or drop it.")
+            media = [p["type"] for p in message["content"] if p["type"] != "text"]
+            if media and not rules.system_media:
+                raise DataError(f"{origin}: the system turn holds an {media[0]}; this family's chat template writes "
+                                f"only the text of a system turn, so the {media[0]} would never reach the model. "
+                                f"Fix: move the <{media[0]}> tag (or part) into the user turn.")
             if not conversation.tools:  # with tools, the system turn was written with the tools block
                 pieces += [Piece("<|im_start|>system\n"),
                            *_content_pieces(message["content"], False, rules.trims), Piece("<|im_end|>\n")]
