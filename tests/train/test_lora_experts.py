@@ -160,6 +160,25 @@ def test_bad_target_parameters_name_the_flag_and_the_candidates(tiny_model_dir):
         resolve_target_parameters(dense, ["experts"])
 
 
+def test_flag_parses_comma_lists_and_is_checked_with_the_other_lora_flags(tiny_model_dir, tmp_path):
+    from qwenvl.train.arguments import parse_args
+
+    base = ["--model_name_or_path", str(tiny_model_dir("qwen3_vl_moe")), "--tune_mm_llm", "True",
+            "--output_dir", str(tmp_path / "out")]
+    training = parse_args(base + ["--lora_enable", "True", "--lora_dropout", "0", "--lora_target_parameters",
+                                  "mlp.experts.gate_up_proj,mlp.experts.down_proj"]).training
+    assert training.lora_target_parameters == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    assert parse_args(base).training.lora_target_parameters == []  # off by default
+    # Experts only: no Linear target is then fine.
+    training = parse_args(base + ["--lora_enable", "True", "--lora_dropout", "0", "--lora_target_modules", "",
+                                  "--lora_target_parameters", "experts"]).training
+    assert training.lora_target_modules == [] and training.lora_target_parameters == ["experts"]
+    with pytest.raises(ConfigError, match="--lora_target_parameters puts LoRA adapters .* add --lora_enable True"):
+        parse_args(base + ["--lora_target_parameters", "experts"])
+    with pytest.raises(ConfigError, match=r"needs --lora_dropout 0 \(got 0.05\)"):
+        parse_args(base + ["--lora_enable", "True", "--lora_target_parameters", "experts"])
+
+
 def _train_argv(base, tmp_path, *extra):
     from PIL import Image
 
@@ -344,3 +363,39 @@ def test_resumed_expert_lora_run_equals_a_straight_one(tiny_model_dir, tmp_path)
     assert resumed.keys() == expected.keys() and len(resumed) == 2 * 2 * 2
     for key, value in expected.items():
         assert torch.equal(resumed[key], value), key
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model_type", MOE_FAMILIES)
+def test_expert_adapters_on_gpu_with_grouped_mm_in_bf16(tiny_model_dir, make_training_args, model_type):
+    """On a GPU, bf16 weights, transformers' default grouped_mm experts kernel (torch's CUDA grouped GEMM):
+    the adapter is in the forward (the adapted model is W + delta's, to bf16 rounding, and far from the base),
+    and one backward reaches every expert adapter."""
+    ids = _text_batch(model_type, tiny_model_dir).cuda()
+    reference = _non_square_moe(model_type, tiny_model_dir, "grouped_mm").to("cuda", torch.bfloat16).eval()
+    model = _non_square_moe(model_type, tiny_model_dir, "grouped_mm").to("cuda", torch.bfloat16)
+    peft_model = _lora(model, make_training_args, lora_target_modules=[], use_cpu=False)
+    wrappers = _param_wrappers(peft_model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for wrapper in wrappers.values():
+            wrapper.lora_B["default"].weight.normal_(0, 0.2)
+        for (layer, weight), wrapper in wrappers.items():
+            experts = reference.model.language_model.layers[layer].mlp.experts
+            getattr(experts, weight).add_(wrapper.get_delta_weight("default").to(torch.bfloat16))
+        peft_model.eval()
+        adapted = peft_model(input_ids=ids).logits.float()
+        expected = reference(input_ids=ids).logits.float()
+        with peft_model.disable_adapter():
+            base = peft_model(input_ids=ids).logits.float()
+    effect = (adapted - base).abs().max()
+    assert effect > 1e-1 and (adapted - expected).abs().max() < 0.1 * effect, (effect, (adapted - expected).abs().max())
+
+    peft_model.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if ".experts." in n and p.requires_grad}
+    assert len(grads) == 2 * 2 * model.config.text_config.num_hidden_layers
+    assert all(g is not None and g.abs().max() > 0 for g in grads.values())
