@@ -108,15 +108,28 @@ def check_target_parameters(config, requested: list[str]) -> None:
     resolve_target_parameters(model, requested)
 
 
-def warn_if_compiled(training_args, expert_weights: list[str]) -> None:
-    """Say at start-up that ``--compile_layers`` gains less with expert adapters.
+def warn_about_costs(training_args, expert_weights: list[str]) -> None:
+    """Say at start-up what expert adapters cost that a user would not expect.
 
-    peft registers and removes a parametrization on the experts module at every forward, which
-    torch.compile cannot trace: each compiled decoder layer breaks its graph there and recompiles
-    at the following steps until torch's recompile limit, after which those parts run eagerly.
-    Results are unchanged (loss and gradients equal the eager ones on a tiny model); only speed is lost.
+    Memory: peft computes ``W + scaling * B @ A`` for the whole expert stack of a layer at every
+    forward, and the experts kernel keeps that tensor for its backward; without gradient
+    checkpointing every MoE layer holds one until the backward: another copy of all expert weights
+    (measured on the tiny model: exactly the expert weights' bytes; none outside the recomputed layer
+    with checkpointing).
+
+    Compilation: peft registers and removes a parametrization on the experts module at every forward,
+    which torch.compile cannot trace: each compiled decoder layer breaks its graph there and
+    recompiles in the first steps until torch's recompile limit.  Results are unchanged (loss and
+    gradients equal the eager ones on a tiny model); only speed is lost.
     """
-    if expert_weights and getattr(training_args, "compile_layers", False):
+    if not expert_weights:
+        return
+    if not getattr(training_args, "gradient_checkpointing", False):
+        logger.warning("%s without --gradient_checkpointing: each MoE layer keeps its adapted expert weights "
+                       "(W + B A, computed at every forward) for the backward, which takes as much memory as a "
+                       "second copy of all expert weights. --gradient_checkpointing True keeps one layer's at a "
+                       "time.", FLAG)
+    if getattr(training_args, "compile_layers", False):
         logger.warning("--compile_layers with %s: the compiled decoder layers break their graph at each "
                        "adapted experts module (peft applies the adapter through a parametrization at every "
                        "forward) and recompile during the first steps; the training is the same, the speed-up "

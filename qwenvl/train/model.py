@@ -257,10 +257,10 @@ def apply_lora(model, model_args, training_args):
     """Wrap ``model`` in peft LoRA following the rule in the module docstring; returns the PeftModel."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    from .lora_experts import resolve_target_parameters, warn_if_compiled
+    from .lora_experts import resolve_target_parameters, warn_about_costs
 
     expert_weights = resolve_target_parameters(model, getattr(training_args, "lora_target_parameters", None) or [])
-    warn_if_compiled(training_args, expert_weights)
+    warn_about_costs(training_args, expert_weights)
     modules = training_args.lora_target_modules
     pattern = lora_target_pattern(modules) if modules else []  # [] asks peft for no module (experts only)
     matched = [n for n, _ in model.named_modules() if modules and re.fullmatch(pattern, n)]

@@ -109,6 +109,32 @@ def test_expert_adapter_is_in_the_forward_of_every_experts_kernel(tiny_model_dir
     torch.testing.assert_close(adapted, expected, atol=1e-5, rtol=1e-5)  # ... exactly as W + delta would
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_what_the_memory_warning_says(tiny_model_dir, make_training_args, caplog, checkpointing):
+    """Without checkpointing the backward keeps W + B A of every layer's expert stack (the bytes of all
+    expert weights, outside the parameters) and a warning says so; with checkpointing none is kept."""
+    model = _non_square_moe("qwen3_vl_moe", tiny_model_dir)
+    expert_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
+    with caplog.at_level("WARNING", logger="qwenvl.train.lora_experts"):
+        peft_model = _lora(model, make_training_args, gradient_checkpointing=checkpointing).train()
+    assert ("without --gradient_checkpointing" in caplog.text) == (not checkpointing)
+    if checkpointing:
+        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = {p.data_ptr() for p in peft_model.parameters()}
+    experts = model.config.text_config.num_experts
+    kept = {}
+
+    def pack(tensor):
+        if tensor.data_ptr() not in params and tensor.dim() == 3 and tensor.shape[0] == experts:
+            kept[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    ids = _text_batch("qwen3_vl_moe", tiny_model_dir)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        peft_model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    assert sum(kept.values()) == (0 if checkpointing else expert_bytes)
+
+
 @pytest.mark.parametrize("model_type", MOE_FAMILIES)
 def test_training_changes_the_expert_adapters_only(tiny_model_dir, make_training_args, model_type):
     path = tiny_model_dir(model_type)
@@ -275,6 +301,7 @@ def test_compiled_layers_train_expert_adapters_as_eager(tiny_model_dir, make_tra
     with caplog.at_level("WARNING", logger="qwenvl.train.lora_experts"):
         compiled = build(compile_layers=True)
     assert "--compile_layers with --lora_target_parameters" in caplog.text
+    assert "without --gradient_checkpointing" in caplog.text  # the memory note, too
     for _ in range(2):  # the second step runs what the first compiled (and recompiles)
         loss, grads = step(compiled)
         torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
