@@ -110,7 +110,8 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "MoE models (qwen3_vl_moe, qwen3_5_moe): fused 3-D routed-expert weights that get "
                           "adapters, one rank-r pair per expert (peft target_parameters), by the end of their "
                           "name: mlp.experts.gate_up_proj,mlp.experts.down_proj, or 'experts' for both. Needs "
-                          "--lora_dropout 0. Default: none."})
+                          "--lora_dropout 0; use with --gradient_checkpointing True (without it the backward keeps "
+                          "a second copy of all expert weights). Default: none."})
     online_packing: bool = field(
         default=False,
         metadata={"help": "Pack micro-batches on the fly up to --max_tokens_per_batch tokens (default: "
