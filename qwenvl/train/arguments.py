@@ -103,8 +103,15 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "Module names (last name component) inside the language model that get adapters. "
                           "Default: every Linear layer of the language model: q,k,v,o,gate,up,down_proj and, on "
                           "Qwen3.5/3.6, the linear-attention in_proj_qkv,in_proj_z,in_proj_b,in_proj_a,out_proj "
-                          "(the official code used q,k,v,o only). MoE experts are not Linear layers, so they "
-                          "get no adapters (the shared expert does)."})
+                          "(the official code used q,k,v,o only). MoE routed experts are not Linear layers: "
+                          "--lora_target_parameters reaches them (the shared expert is Linear)."})
+    lora_target_parameters: list[str] = field(
+        default_factory=list,
+        metadata={"help": "MoE models (qwen3_vl_moe, qwen3_5_moe): fused 3-D routed-expert weights that get "
+                          "adapters, one rank-r pair per expert (peft target_parameters), by the end of their "
+                          "name: mlp.experts.gate_up_proj,mlp.experts.down_proj, or 'experts' for both. Needs "
+                          "--lora_dropout 0; use with --gradient_checkpointing True (without it the backward keeps "
+                          "a second copy of all expert weights). Default: none."})
     online_packing: bool = field(
         default=False,
         metadata={"help": "Pack micro-batches on the fly up to --max_tokens_per_batch tokens (default: "
@@ -301,8 +308,15 @@ def _cross_checks(v: dict) -> list[str]:
             problems.append(f"--lora_alpha must be positive, got {v.get('lora_alpha')}.")
         if not 0 <= float(v.get("lora_dropout", 0)) < 1:
             problems.append(f"--lora_dropout must be in [0, 1), got {v.get('lora_dropout')}.")
-        if not v.get("lora_target_modules"):
+        if not v.get("lora_target_modules") and not v.get("lora_target_parameters"):
             problems.append("--lora_target_modules is empty: name at least one module, e.g. q_proj v_proj.")
+        if v.get("lora_target_parameters") and float(v.get("lora_dropout", 0)) != 0:
+            # peft's ParamWrapper adds B @ A to the weight, so there is no input to drop out; it raises.
+            problems.append(f"--lora_target_parameters {','.join(v['lora_target_parameters'])} needs --lora_dropout "
+                            f"0 (got {v.get('lora_dropout')}): peft adds the expert adapters to the weights, where "
+                            "dropout cannot apply. Pass --lora_dropout 0 (it then applies to every adapter).")
+    elif v.get("lora_target_parameters"):
+        problems.append("--lora_target_parameters puts LoRA adapters on expert weights: add --lora_enable True.")
     if int(v.get("model_max_length", 1)) <= 0:
         problems.append(f"--model_max_length must be positive, got {v.get('model_max_length')}.")
     packing = bool(v.get("online_packing")) or v.get("max_tokens_per_batch") is not None \
@@ -429,11 +443,12 @@ def _schedule_problems(v: dict) -> list[str]:
 
 def _normalise(values: dict) -> dict:
     """Flag values as the dataclasses expect them (comma lists split)."""
-    targets = values.get("lora_target_modules")
-    if isinstance(targets, str):
-        targets = [targets]
-    if targets is not None:
-        values["lora_target_modules"] = [t.strip() for item in targets for t in str(item).split(",") if t.strip()]
+    for flag in ("lora_target_modules", "lora_target_parameters"):
+        targets = values.get(flag)
+        if isinstance(targets, str):
+            targets = [targets]
+        if targets is not None:
+            values[flag] = [t.strip() for item in targets for t in str(item).split(",") if t.strip()]
     # --report_to wandb,tensorboard: several integrations at once (the flag takes one string).
     report = values.get("report_to")
     if isinstance(report, str) and "," in report:

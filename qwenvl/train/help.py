@@ -23,7 +23,7 @@ USAGE = ("train_qwen.py [RUN.json | RUN.yaml] [--flag value ...]\n"
 
 TRAINING_SECTIONS = {
     "Learning rates and LoRA": ("mm_projector_lr", "vision_tower_lr", "lora_enable", "lora_r", "lora_alpha",
-                                "lora_dropout", "lora_target_modules"),
+                                "lora_dropout", "lora_target_modules", "lora_target_parameters"),
     "Sequence length and batching": ("model_max_length", "online_packing", "max_tokens_per_batch",
                                      "max_patches_per_pack", "group_by_modality_length"),
     "Loss": ("loss_kernel", "router_aux_loss_coef"),

@@ -9,7 +9,8 @@ serves all four families, LoRA-wrapped models and ZeRO-3 partitioned ones:
     language model  ...language_model.*  (embeddings, layers, final norm)   (--tune_mm_llm)
 
 LoRA rule (``--lora_enable``): ``--tune_mm_llm`` puts LoRA adapters on the language
-model's ``--lora_target_modules`` (base weights, embeddings and lm_head stay frozen);
+model's ``--lora_target_modules`` and, on MoE models, the routed-expert weights named by
+``--lora_target_parameters`` (``lora_experts.py``) (base weights, embeddings and lm_head stay frozen);
 ``--tune_mm_mlp`` and ``--tune_mm_vision`` train those modules fully, stored in the
 adapter checkpoint as ``modules_to_save``.  ``--lora_enable`` without
 ``--tune_mm_llm`` is rejected by the argument checks.
@@ -256,9 +257,14 @@ def apply_lora(model, model_args, training_args):
     """Wrap ``model`` in peft LoRA following the rule in the module docstring; returns the PeftModel."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    pattern = lora_target_pattern(training_args.lora_target_modules)
-    matched = [n for n, _ in model.named_modules() if re.fullmatch(pattern, n)]
-    if not matched:
+    from .lora_experts import resolve_target_parameters, warn_about_costs
+
+    expert_weights = resolve_target_parameters(model, getattr(training_args, "lora_target_parameters", None) or [])
+    warn_about_costs(training_args, expert_weights)
+    modules = training_args.lora_target_modules
+    pattern = lora_target_pattern(modules) if modules else []  # [] asks peft for no module (experts only)
+    matched = [n for n, _ in model.named_modules() if modules and re.fullmatch(pattern, n)]
+    if modules and not matched:
         raise ConfigError(f"--lora_target_modules {' '.join(training_args.lora_target_modules)} matches no module of "
                           f"the language model. Its Linear layers are named: {', '.join(_llm_linear_names(model))}.")
     for param in model.parameters():
@@ -266,7 +272,7 @@ def apply_lora(model, model_args, training_args):
     config = LoraConfig(
         r=training_args.lora_r, lora_alpha=training_args.lora_alpha, lora_dropout=training_args.lora_dropout,
         target_modules=pattern, modules_to_save=full_training_modules(model, model_args) or None,
-        bias="none", task_type=TaskType.CAUSAL_LM)
+        target_parameters=expert_weights or None, bias="none", task_type=TaskType.CAUSAL_LM)
     return get_peft_model(model, config)
 
 

@@ -16,8 +16,8 @@ router logits only while training, so saved configs keep ``output_router_logits=
 inference pays nothing.  The trainer logs the unscaled value as ``router_aux_loss``.
 
 LoRA on experts: the experts of both families are fused 3-D parameters
-(``mlp.experts.gate_up_proj`` and ``mlp.experts.down_proj``, no ``nn.Linear`` per expert), so
-``--lora_target_modules`` reaches only the attention projections, the linear-attention
+(``mlp.experts.gate_up_proj`` and ``mlp.experts.down_proj``, no ``nn.Linear`` per expert), which
+``--lora_target_parameters`` adapts (``lora_experts.py``); ``--lora_target_modules`` reaches only the attention projections, the linear-attention
 projections (``in_proj_qkv in_proj_z in_proj_b in_proj_a out_proj``, Qwen3.5; all in the default targets), the shared expert
 (``shared_expert.gate_proj/up_proj/down_proj``, Qwen3.5) and the router (``gate``, not advised).
 """

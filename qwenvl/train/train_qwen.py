@@ -138,6 +138,10 @@ def _train(argv, trainer_class=None):
     config = read_config(path, training_args.cache_dir)
     model_class_for(config.model_type)  # an unsupported family fails here, before any data work
     check_model_weights(path, training_args.cache_dir)
+    if training_args.lora_enable:  # expert weights named by --lora_target_parameters: judged on a weightless model
+        from qwenvl.train.lora_experts import check_target_parameters
+
+        check_target_parameters(config, training_args.lora_target_parameters)
     require_transformers_internals(config.model_type, error=ConfigError)  # what we rely on is still there
     processor = read_processor(path, training_args.cache_dir)
     data_module = make_supervised_data_module(
