@@ -25,6 +25,10 @@ _LFS_POINTER = b"version https://git-lfs"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors refuses longer headers ("header too large")
 
 
+def _lfs_pointer(size: int) -> str:
+    return f"is a Git LFS pointer ({size:,} bytes), not the weights (the LFS objects were never fetched)"
+
+
 def safetensors_problem(path: str) -> str | None:
     """What is wrong with the safetensors file at ``path`` (a phrase to follow its name), or None when it is whole."""
     try:
@@ -32,7 +36,7 @@ def safetensors_problem(path: str) -> str | None:
         with open(path, "rb") as f:
             start = f.read(len(_LFS_POINTER))
             if start == _LFS_POINTER:
-                return f"is a Git LFS pointer ({size:,} bytes), not the weights (the LFS objects were never fetched)"
+                return _lfs_pointer(size)
             if size < 8:
                 return f"is {size:,} bytes, too short for a safetensors header (empty or cut off at once)"
             length = int.from_bytes(start[:8], "little")
@@ -83,7 +87,7 @@ def torch_file_problem(path: str) -> str | None:
         with open(path, "rb") as f:
             start = f.read(len(_LFS_POINTER))
         if start == _LFS_POINTER:
-            return f"is a Git LFS pointer ({size:,} bytes), not the weights (the LFS objects were never fetched)"
+            return _lfs_pointer(size)
         if not start.startswith(b"PK\x03\x04"):
             if start[:1] == b"\x80":
                 return None  # a legacy pickle (protocol byte first): left to its loader
