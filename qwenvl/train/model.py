@@ -158,27 +158,6 @@ def model_class_for(model_type: str):
     return getattr(transformers, SUPPORTED_MODEL_TYPES[model_type])
 
 
-# Model types whose checkpoints transformers (5.23) cannot load under DeepSpeed ZeRO-3.  qwen3_vl_moe stores
-# its experts as [experts, hidden, 2 x intermediate] and the model wants them transposed
-# (conversion_mapping.py: ``Transpose(1, 2, check_dims=True)``); on the ZeRO-3 load path
-# (integrations/deepspeed.py ``_load_state_dict_into_zero3_model``) the parameters are partitioned
-# placeholders and the transpose is not applied, so loading stops with "size mismatch for
-# ...mlp.experts.down_proj" from deep inside from_pretrained.  qwen3_5_moe stores them as the model does.
-ZERO3_UNLOADABLE = {"qwen3_vl_moe": "its expert weights are loaded without the transpose its checkpoints need"}
-
-
-def check_loadable_under_zero3(model_type: str) -> None:
-    """ConfigError, before any data work, when ZeRO-3 is on and transformers cannot load ``model_type`` under it."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if model_type in ZERO3_UNLOADABLE and is_deepspeed_zero3_enabled():
-        raise ConfigError(
-            f"DeepSpeed ZeRO-3 cannot load a {model_type} checkpoint with transformers 5.23: "
-            f"{ZERO3_UNLOADABLE[model_type]} (it stops with a size mismatch for mlp.experts.down_proj). "
-            "Fix: FSDP2 (SHARDING=fsdp2, the default of scripts/sft_qwen3_30b_a3b.sh; or --fsdp \"full_shard "
-            "auto_wrap\" --fsdp_config scripts/fsdp2.json) or ZeRO-2 (--deepspeed scripts/zero2.json).")
-
-
 def resolve_attn_implementation(requested: str | None) -> str:
     """``requested`` if given; else flash_attention_2 when flash-attn can run here; else, on a
     CUDA GPU, PyTorch's own variable-length kernel (``flash_varlen_torch``); else sdpa."""

@@ -114,8 +114,8 @@ def _train(argv, trainer_class=None):
     import transformers
 
     from qwenvl.data.dataset import make_supervised_data_module
-    from qwenvl.train.model import (check_loadable_under_zero3, check_model_dir, check_model_weights, load_model,
-                                    model_class_for, parameter_table, prepare_model, read_config, read_processor)
+    from qwenvl.train.model import (check_model_dir, check_model_weights, load_model, model_class_for,
+                                    parameter_table, prepare_model, read_config, read_processor)
     from qwenvl.train.steps import build_trainer, train_batch_sampler
 
     model_args, data_args, training_args, explicit = parse_args(argv)
@@ -137,7 +137,6 @@ def _train(argv, trainer_class=None):
     check_model_dir(path)  # an adapter folder, no config.json, no weights: named before any data work
     config = read_config(path, training_args.cache_dir)
     model_class_for(config.model_type)  # an unsupported family fails here, before any data work
-    check_loadable_under_zero3(config.model_type)  # qwen3_vl_moe's experts do not load under ZeRO-3
     check_model_weights(path, training_args.cache_dir)
     if training_args.lora_enable:  # expert weights named by --lora_target_parameters: judged on a weightless model
         from qwenvl.train.lora_experts import check_target_parameters
