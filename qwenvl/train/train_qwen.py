@@ -117,6 +117,7 @@ def _train(argv, trainer_class=None):
     from qwenvl.train.model import (check_model_dir, check_model_weights, load_model, model_class_for,
                                     parameter_table, prepare_model, read_config, read_processor)
     from qwenvl.train.steps import build_trainer, train_batch_sampler
+    from qwenvl.train.zero3_experts import check_zero3_expert_layout
 
     model_args, data_args, training_args, explicit = parse_args(argv)
     redact_secrets_in_argv()
@@ -137,6 +138,7 @@ def _train(argv, trainer_class=None):
     check_model_dir(path)  # an adapter folder, no config.json, no weights: named before any data work
     config = read_config(path, training_args.cache_dir)
     model_class_for(config.model_type)  # an unsupported family fails here, before any data work
+    check_zero3_expert_layout(path, config, training_args.cache_dir)  # qwen3_vl_moe experts ZeRO-3 cannot load
     check_model_weights(path, training_args.cache_dir)
     if training_args.lora_enable:  # expert weights named by --lora_target_parameters: judged on a weightless model
         from qwenvl.train.lora_experts import check_target_parameters
