@@ -261,3 +261,20 @@ def test_tool_runs_as_module(llava_dataset):
                           str(llava_dataset["dictionary"])], capture_output=True, text=True,
                          cwd=REPO, check=True)
     assert out.stdout == "a%50,b%250,c%100\n"
+
+
+def test_a_fraction_written_as_a_percentage_is_warned(specs, caplog):
+    """'%' takes a percentage while the dictionary's sampling_rate is a fraction: 'coco%0.5' keeps 0.5%, most
+    likely meant as half; the run goes on (it may be meant) and says how to write half."""
+    import logging
+
+    from qwenvl.data.catalog import registry
+
+    with caplog.at_level(logging.WARNING, logger=registry.__name__):
+        assert parse_dataset_use("coco%0.5", specs)[0].rate == 0.005
+    messages = [r.getMessage() for r in caplog.records if r.name == registry.__name__]
+    assert len(messages) == 1 and "keeps 0.5% of the dataset" in messages[0] and "'coco%50'" in messages[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=registry.__name__):
+        parse_dataset_use("coco%1,llava%0,video_qa%250", specs)
+    assert not [r for r in caplog.records if r.name == registry.__name__]

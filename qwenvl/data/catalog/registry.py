@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import math
 import os
 import re
@@ -34,6 +35,8 @@ from qwenvl.data.media.read import is_url
 
 __all__ = ["DatasetSpec", "MixtureEntry", "DEFAULT_DICTIONARY", "load_dictionary",
            "parse_dataset_use"]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_DICTIONARY = Path(__file__).parents[3] / "dataset_dictionary.json"
 KEYS = ("annotation_path", "data_path", "sampling_rate", "repeat_time", "length", "bbox_format", "enable_thinking")
@@ -311,6 +314,12 @@ def parse_dataset_use(text: str, dictionary: Mapping[str, DatasetSpec]) -> list[
                                 f"e.g. '{name}%50' or '{name}%12.5'.")
             else:
                 rate = float(percent) / 100.0
+                if 0 < rate < 0.01:
+                    # The dictionary's sampling_rate is a fraction (0.5 = half) and this is a percentage, so a
+                    # fraction written here keeps almost nothing; only a rate rounding to 0 samples fails later.
+                    logger.warning("--dataset_use '%s': %s%% keeps %s%% of the dataset ('%%' takes a percentage; the "
+                                   "dictionary's sampling_rate is a fraction). For %g%% of it, write '%s%%%g'.",
+                                   item.strip(), percent, percent, rate * 10000, name, rate * 10000)
         if name not in dictionary:
             problems.append(f"unknown dataset '{name}'.{_did_you_mean(name, dictionary)} Fix: "
                             f"use a name from the dataset dictionary: {_known(dictionary)}.")
