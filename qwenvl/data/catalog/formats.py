@@ -395,7 +395,7 @@ def _convert(record: Any, spec: DatasetSpec, origin: str) -> Conversation:
         if messages[0]["role"] == "system":
             raise DataError(f"{origin}: both a top-level 'system' and a system turn. Fix: keep one.")
         messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
-        if trained_from:  # the prompt moved one turn down
+        if trained_from:  # the system turn inserted first shifts the completion's index by one
             trained_from += 1
     problems = [p for p in (media["image"].check(), media["video"].check()) if p]
     if problems:

@@ -204,6 +204,7 @@ def _parses(raw: bytes) -> bool:
         return False
     return True
 
+
 class _Reader:
     """Reads byte ranges of one local file or fsspec URL; reopens after fork, pickles cleanly."""
 
