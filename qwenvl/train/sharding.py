@@ -293,12 +293,14 @@ def process_group_backend(fsdp, fsdp_config, requested: str | None, use_cpu: boo
     tensors, which a NCCL-only group refuses ("No backend type associated with device type cpu") at
     the first optimizer step.  accelerate picks ``cuda:nccl,cpu:gloo`` itself only when launched
     with its own FSDP environment variables, which the Trainer does not set.  A backend the user
-    named other than ``nccl`` is kept; on CPU (gloo) there is nothing to add.  ``distributed``
+    named other than ``nccl`` (or its per-device spelling ``cuda:nccl``) is kept; on CPU (gloo)
+    there is nothing to add.  ``distributed``
     (default: launched by torchrun, ``LOCAL_RANK`` set): a single process has no group to start, and
     accelerate fails on a backend given to one."""
     if distributed is None:
         distributed = int(os.environ.get("LOCAL_RANK", "-1")) != -1
-    if not distributed or use_cpu or requested not in (None, "nccl") or not wants_cpu_offload(fsdp, fsdp_config):
+    nccl_alone = requested in (None, "nccl", "cuda:nccl")
+    if not distributed or use_cpu or not nccl_alone or not wants_cpu_offload(fsdp, fsdp_config):
         return requested
     return CPU_OFFLOAD_BACKEND
 

@@ -431,8 +431,12 @@ class _ReportShardingMesh(TrainerCallback):
         if mesh and state.is_world_process_zero:
             layout = " x ".join(f"{name}={size}" for name, size in mesh.items())
             kind = "HSDP (replicated x sharded)" if len(mesh) > 1 else "full shard"
-            offload = ("; shards, their gradients and the optimizer state in CPU memory, the optimizer "
-                       "steps there (cpu_offload)" if cpu_offloaded(self.trainer.accelerator.state.fsdp_plugin) else "")
+            offload = ""
+            if cpu_offloaded(self.trainer.accelerator.state.fsdp_plugin):
+                # The group's backends, as the offloaded gradients' CPU collectives need gloo in it.
+                group = torch.distributed.get_backend_config() if torch.distributed.is_initialized() else "none"
+                offload = ("; shards, their gradients and the optimizer state in CPU memory, the optimizer "
+                           f"steps there (cpu_offload; process group {group})")
             print(f"FSDP2: parameters sharded over a device mesh of {layout}: {kind}{offload}", flush=True)
 
 
