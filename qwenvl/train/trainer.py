@@ -241,7 +241,7 @@ class QwenVLTrainer(Trainer):
         # "learning_rate" there, an on_optimizer_step callback) are already the next step's.
         self._step_rates = self._group_learning_rates()
         groups = getattr(self.optimizer, "param_groups", None)
-        self._step_first_rate = float(groups[0]["lr"]) if groups else None
+        self._step_first_rate = groups[0]["lr"] if groups else None  # a tensor too (read only when logged)
 
     def _group_learning_rates(self) -> dict:
         rates = {}
@@ -258,7 +258,8 @@ class QwenVLTrainer(Trainer):
             if self.is_deepspeed_enabled and "learning_rate" in logs and self._step_first_rate is not None:
                 # The Trainer read DeepSpeed's rate after the engine's scheduler step (the next step's): the rate
                 # this step trained at instead, as the Trainer logs it without DeepSpeed and as lr/<group> is.
-                logs["learning_rate"] = self._step_first_rate
+                rate = self._step_first_rate
+                logs["learning_rate"] = rate.item() if torch.is_tensor(rate) else rate
             logs.update(self._throughput())
             logs.update(self._router_aux_log())
             dataset_metrics = getattr(self.train_dataset, "log_metrics", None)
