@@ -130,6 +130,16 @@ INTERNALS: tuple[Internal, ...] = (
       for family, (path, where) in _VISION_ATTENTION.items()),
     Internal("transformers.integrations.deepspeed", "_hf_deepspeed_config_weak_ref",
              f"{_T} integrations/deepspeed.py:267", "registered_deepspeed_config (qwenvl/data/render/rope.py)"),
+    Internal("transformers.integrations.deepspeed", "deepspeed_optim_sched", f"{_T} integrations/deepspeed.py:559-593",
+             "qwenvl/train/trainer.py QwenVLTrainer._schedule_rates_per_group (create_optimizer runs before DeepSpeed "
+             "builds the config's \"scheduler\", whose rates it makes per group)",
+             params=("trainer", "hf_deepspeed_config", "args", "num_training_steps", "model_parameters"),
+             mentions=("trainer.create_optimizer()",)),
+    Internal("transformers.integrations.deepspeed.HfTrainerDeepSpeedConfig", "trainer_config_process",
+             f"{_T} integrations/deepspeed.py:172-173",
+             "qwenvl/train/deepspeed_schedule.py AUTO_FILLED (\"auto\" warmup_min_lr is 0, warmup_max_lr "
+             "--learning_rate)", mentions=('"scheduler.params.warmup_min_lr", 0', '"scheduler.params.warmup_max_lr", '
+                                           "args.learning_rate")),
     Internal("transformers.PreTrainedModel", "_from_config", f"{_T} modeling_utils.py:1393",
              "build_from_config (benchmarks: random weights built directly on the device)", params=("config",)),
     Internal("transformers.ProcessorMixin", "get_text_with_replacements", f"{_T} processing_utils.py:890",

@@ -57,7 +57,10 @@ def test_a_trainer_that_stops_setting_the_samplers_epoch_is_named():
 
 
 def test_missing_module_attribute_and_lost_setter_are_named():
-    deepspeed_standin = types.SimpleNamespace()  # no _hf_deepspeed_config_weak_ref
+    from transformers.integrations.deepspeed import deepspeed_optim_sched
+
+    # No _hf_deepspeed_config_weak_ref; the module's other relied-on function as it is.
+    deepspeed_standin = types.SimpleNamespace(deepspeed_optim_sched=deepspeed_optim_sched)
 
     class Config:
         _attn_implementation = "sdpa"  # a plain attribute: no setter that reaches the sub-configs

@@ -301,6 +301,13 @@ def _cross_checks(v: dict) -> list[str]:
     problem = _deepspeed_problem(v.get("deepspeed"))
     if problem:
         problems.append(problem)
+    elif v.get("deepspeed"):
+        from .deepspeed_schedule import rate_problems
+
+        # A "scheduler" or "optimizer" section that would give every group one rate, before any data work.
+        deepspeed = v["deepspeed"]
+        problems += rate_problems(_json_config(deepspeed), v,
+                                  deepspeed if isinstance(deepspeed, str) else "(--deepspeed)")
     if v.get("lora_enable"):
         if int(v.get("lora_r", 1)) <= 0:
             problems.append(f"--lora_r must be positive, got {v.get('lora_r')}.")

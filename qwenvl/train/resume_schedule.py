@@ -28,7 +28,9 @@ from this run's flags where they are ``"auto"`` and refuses at the start where a
 with them; the optimizer's groups again hold the checkpoint's last rate.  Measured (ZeRO-2, CPU):
 a 4-step ``WarmupDecayLR`` run extended to 8 trained step 5 at 5e-4, a run planned for 8 steps at
 8.33e-4.  Such a schedule is recomputed at its restored ``last_batch_iteration``, which gives this
-run's rate at that step, base rates from the config (``warmup_max_lr``) as its later steps use.
+run's rate at that step, base rates from the config (``warmup_max_lr``) as its later steps use: one
+per parameter group where the per-group rates differ (``deepspeed_schedule.py`` wrote them as lists
+before DeepSpeed built the schedule, on resume too), so each group resumes on its own rate.
 """
 from __future__ import annotations
 

@@ -5,8 +5,10 @@ What it adds to ``transformers.Trainer``:
 - the optimizer is built from ``optim.build_param_groups`` (per-component learning
   rates, no decay on biases and norms); with a DeepSpeed config that offloads the
   optimizer to CPU, the groups go to DeepSpeed's CPU Adam (DeepSpeed refuses a
-  torch optimizer there);
-- every training log carries ``lr/<group>`` for each group, and token throughput
+  torch optimizer there); a DeepSpeed config's ``"scheduler"`` gets its rates as one
+  value per group (``deepspeed_schedule.py``), so each group keeps its own rate;
+- every training log carries ``lr/<group>`` for each group (the rates that step trained at, also under
+  DeepSpeed, whose engine moves the schedule on inside the step), and token throughput
   (``tokens_per_second`` and its text / visual split, summed over processes);
 - MoE models log their router load-balancing loss (unscaled, mean over the micro-batches
   since the last log and over processes) as ``router_aux_loss``;
@@ -45,6 +47,7 @@ from qwenvl.hf_internals import count_loss_over_tokens
 from .arguments import ConfigError
 from .checkpoints import (DiskFullError, check_free_space, checkpoint_folders, disk_full_message, folder_bytes,
                           is_complete, mark_complete, remove_stale_checkpoints)
+from .deepspeed_schedule import describe_spread, spread_rates_over_groups
 from .interrupt import StopOnSignal
 from .model import set_use_cache
 from .optim import build_param_groups, describe_groups
@@ -68,9 +71,9 @@ class QwenVLTrainer(Trainer):
                                         getattr(config, "video_token_id", None)) if i is not None]
         self._token_counts = None  # [tokens, visual tokens] since the last log, on device
         self._last_log_time = None
-        self._step_rates = {}  # lr/<group> of the latest optimizer step
+        self._step_rates = {}  # lr/<group> the latest optimizer step trained at (taken as its micro-batches start)
+        self._step_first_rate = None  # parameter group 0's rate at that step: the Trainer's "learning_rate"
         self._router_aux = None  # [sum of router_aux_loss, micro-batches] since the last log, on device
-        self.add_callback(_RecordStepRates(self))
         self.add_callback(_ReportShardingMesh(self))
         self.stop_on_signal = StopOnSignal()
         self.add_callback(self.stop_on_signal)
@@ -137,9 +140,23 @@ class QwenVLTrainer(Trainer):
                 raise ConfigError(f"--optim {self.args.optim} builds its own parameter groups, which would drop the "
                                   "per-component learning rates; use an AdamW-style optimizer.")
             self.optimizer = optimizer_cls(groups, **kwargs)
+        spread = self._schedule_rates_per_group(groups)
         if self.is_world_process_zero():
-            print("optimizer groups:\n" + describe_groups(groups), flush=True)
+            print("optimizer groups:\n" + describe_groups(groups) + (f"\n{spread}" if spread else ""), flush=True)
         return self.optimizer
+
+    def _schedule_rates_per_group(self, groups: list[dict]) -> str | None:
+        """With a DeepSpeed config's "scheduler" section, its rates as one list per group (``deepspeed_schedule.py``),
+        written into the config DeepSpeed builds that scheduler from, after this call (transformers'
+        ``deepspeed_optim_sched``); the line to print, or None when nothing changed."""
+        if not self.is_deepspeed_enabled:
+            return None
+        # The accelerator's copy of the config, with transformers' "auto" values filled: what accelerate hands
+        # to deepspeed.initialize (the TrainingArguments hold another copy).
+        config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        source = self.args.deepspeed if isinstance(self.args.deepspeed, str) else "(--deepspeed)"
+        spread = spread_rates_over_groups(config, groups, self.args, source)
+        return describe_spread(config["scheduler"]["type"], spread, groups) if spread else None
 
     # ---- data ----
 
@@ -160,7 +177,9 @@ class QwenVLTrainer(Trainer):
     # ---- logging ----
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """The Trainer's step, counting the batch's real and visual tokens first (for the throughput log)."""
+        """The Trainer's step, counting the batch's real and visual tokens first (for the throughput log)
+        and keeping the rates it trains at (for ``lr/<group>``)."""
+        self._record_step_rates()
         ids = inputs.get("input_ids")
         if ids is not None:
             mask = inputs.get("attention_mask")
@@ -215,6 +234,15 @@ class QwenVLTrainer(Trainer):
                 "text_tokens_per_second": round((tokens - visual) / elapsed, 2),
                 "visual_tokens_per_second": round(visual / elapsed, 2)}
 
+    def _record_step_rates(self) -> None:
+        # Taken as each micro-batch starts: the schedule moves the rates only after the optimizer step, so the
+        # last micro-batch's are the ones its step uses.  Under DeepSpeed the engine steps the optimizer and the
+        # scheduler together inside the backward, so the rates read after the step (the Trainer's
+        # "learning_rate" there, an on_optimizer_step callback) are already the next step's.
+        self._step_rates = self._group_learning_rates()
+        groups = getattr(self.optimizer, "param_groups", None)
+        self._step_first_rate = groups[0]["lr"] if groups else None  # a tensor too (read only when logged)
+
     def _group_learning_rates(self) -> dict:
         rates = {}
         for group in getattr(self.optimizer, "param_groups", []):
@@ -227,6 +255,11 @@ class QwenVLTrainer(Trainer):
         """Add per-group rates, token throughput and the dataset's metrics to each training log."""
         if "loss" in logs:  # a training log (not eval, not the end-of-training summary)
             logs.update(self._step_rates or self._group_learning_rates())
+            if self.is_deepspeed_enabled and "learning_rate" in logs and self._step_first_rate is not None:
+                # The Trainer read DeepSpeed's rate after the engine's scheduler step (the next step's): the rate
+                # this step trained at instead, as the Trainer logs it without DeepSpeed and as lr/<group> is.
+                rate = self._step_first_rate
+                logs["learning_rate"] = rate.item() if torch.is_tensor(rate) else rate
             logs.update(self._throughput())
             logs.update(self._router_aux_log())
             dataset_metrics = getattr(self.train_dataset, "log_metrics", None)
@@ -438,14 +471,3 @@ class _ReportShardingMesh(TrainerCallback):
                 offload = ("; shards, their gradients and the optimizer state in CPU memory, the optimizer "
                            f"steps there (cpu_offload; process group {group})")
             print(f"FSDP2: parameters sharded over a device mesh of {layout}: {kind}{offload}", flush=True)
-
-
-class _RecordStepRates(TrainerCallback):
-    """Keeps the rates each optimizer step used: the scheduler moves them on before the log,
-    and the Trainer's own ``learning_rate`` is taken at this same moment."""
-
-    def __init__(self, trainer: QwenVLTrainer):
-        self.trainer = trainer
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._step_rates = self.trainer._group_learning_rates()

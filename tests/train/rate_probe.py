@@ -1,13 +1,16 @@
-"""Run ``train_qwen`` with a trainer that prints the learning rate each step trains at, for the tests.
+"""Run ``train_qwen`` with a trainer that prints the learning rates each step trains at, for the tests.
 
     python -m tests.train.rate_probe --deepspeed ... (the flags of train_qwen)
 
-The Trainer logs ``get_last_lr()`` after a step's scheduler step, i.e. the rate of the *next* step, so a
-wrong rate on the first resumed step never shows in ``trainer_state.json``; this reads the optimizer's
-first parameter group as the step begins (what the optimizer step uses) and prints ``RATE <step> <lr>``.
+It reads the optimizer's parameter groups as each step begins (what that step's optimizer step uses),
+independently of what the trainer logs, and prints ``RATE <step> <lr>`` (the first group) and
+``GROUP_RATES <step> <json>`` (every group, by name).  Under DeepSpeed the Trainer's own logged rate is
+read after the engine's scheduler step, the next step's, so a wrong rate on the first resumed step never
+showed in ``trainer_state.json``.
 """
 from __future__ import annotations
 
+import json
 import sys
 
 from qwenvl.train.trainer import QwenVLTrainer
@@ -16,8 +19,21 @@ from qwenvl.train.trainer import QwenVLTrainer
 class RateProbeTrainer(QwenVLTrainer):
     def training_step(self, model, inputs, *args, **kwargs):
         if self.is_world_process_zero():
-            print(f"RATE {self.state.global_step + 1} {self.optimizer.param_groups[0]['lr']!r}", flush=True)
+            groups = self.optimizer.param_groups
+            step = self.state.global_step + 1
+            print(f"RATE {step} {groups[0]['lr']!r}", flush=True)
+            print(f"GROUP_RATES {step} {json.dumps({g['name']: float(g['lr']) for g in groups})}", flush=True)
         return super().training_step(model, inputs, *args, **kwargs)
+
+
+def group_rates(stdout: str) -> dict[int, dict[str, float]]:
+    """``{step: {group name: rate}}`` from a probe run's output (the last line per step wins)."""
+    rates = {}
+    for line in stdout.splitlines():
+        if line.startswith("GROUP_RATES "):
+            _, step, payload = line.split(" ", 2)
+            rates[int(step)] = json.loads(payload)
+    return rates
 
 
 if __name__ == "__main__":

@@ -247,11 +247,14 @@ def test_under_deepspeed_a_config_schedule_trains_the_first_resumed_step_at_its_
                                                                                              tmp_path):
     """WarmupDecayLR from the DeepSpeed config (ZeRO-2, one CPU process): a 4-step run extended to 8 trained step 5
     at 5e-4, the 4-step schedule's rate restored with the optimizer; a run planned for 8 steps trains it at
-    1e-3 x 5/6 (measured: 8.333e-4, then 6.667e-4, 5e-4, 3.333e-4, as here). The logged rates never showed it
-    (the Trainer logs the rate after the step's scheduler step), so tests.train.rate_probe prints them."""
+    1e-3 x 5/6 (measured: 8.333e-4, then 6.667e-4, 5e-4, 3.333e-4, as here). The Trainer's logged rate never
+    showed it (it reads the rate after the step's scheduler step), so tests.train.rate_probe prints them. The
+    merger (--mm_projector_lr 1e-2) follows the same schedule at its own rate, before and after the resume: the
+    config's "auto" warmup_max_lr became one rate per group, and the recomputed schedule keeps them."""
     from tests.commands import run_command
 
     from .conftest import free_port
+    from .rate_probe import group_rates
     from .test_robust_training import REPO, _env
 
     config = json.loads((REPO / "scripts" / "zero2.json").read_text())
@@ -260,7 +263,8 @@ def test_under_deepspeed_a_config_schedule_trains_the_first_resumed_step_at_its_
         "warmup_type": "linear"}}
     (tmp_path / "zero2_decay.json").write_text(json.dumps(config))
     model, out = tiny_model_dir("qwen2_5_vl"), tmp_path / "out"
-    common = ["--save_steps", "2", "--warmup_steps", "2", "--deepspeed", str(tmp_path / "zero2_decay.json")]
+    common = ["--save_steps", "2", "--warmup_steps", "2", "--mm_projector_lr", "1e-2",
+              "--deepspeed", str(tmp_path / "zero2_decay.json")]
 
     def run(steps):
         env = _env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
@@ -268,6 +272,10 @@ def test_under_deepspeed_a_config_schedule_trains_the_first_resumed_step_at_its_
                               *_flags(model, out, *common, "--max_steps", str(steps))], env=env, timeout=900)
         assert result.returncode == 0, result.stderr[-3000:]
         rates = dict(line.split()[1:] for line in result.stdout.splitlines() if line.startswith("RATE "))
+        by_step = group_rates(result.stdout)
+        assert set(by_step) == {int(step) for step in rates}
+        for step, groups in by_step.items():  # the merger at its own rate, 10x the llm's
+            assert groups["merger"] == pytest.approx(10 * groups["llm"], rel=1e-12, abs=0), (step, groups)
         return {int(step): float(rate) for step, rate in rates.items()}, result.stdout
 
     first, _ = run(4)
