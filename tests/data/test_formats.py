@@ -161,7 +161,9 @@ def test_openai_weight_and_ms_swift_loss_switch_an_assistant_turn(layout, key, o
     assert conversation.messages[1] == {"role": "assistant", "content": [text("a")], "trained": False}
     assert [conversation.trains(i) for i in range(4)] == [False, False, False, True]
     for value in (on, None):
-        trained = to_conversation(_two_answers(key, value, layout), SPEC, 0)
+        record = _two_answers(key, value, layout)
+        (record.get("messages") or record["conversations"])[1]["loss_scale"] = 1.0  # ms-swift's default: fine
+        trained = to_conversation(record, SPEC, 0)
         assert trained.messages[1] == {"role": "assistant", "content": [text("a")]}
         assert [trained.trains(i) for i in range(4)] == [False, True, False, True]
 
@@ -213,6 +215,11 @@ def test_switch_values_other_than_0_1_false_true_are_refused_naming_the_turn(tur
      "turn 1: 'weight': 1 asks to train an assistant turn inside 'prompt'"),
     ({"conversations": [{"from": "human", "value": "q", "weight": 1}, {"from": "gpt", "value": "a"}]},
      "turn 0: 'weight': 1 asks to train a user turn"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "loss_scale": 2.0}]},
+     "turn 1: 'loss_scale': 2.0; per-turn loss scales are not supported"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "loss_scale": 0.0,
+                                                      "loss": True}]},
+     "turn 1: 'loss_scale': 0.0; per-turn loss scales are not supported"),
 ])
 def test_switches_that_cannot_mean_what_they_say_are_refused(record, expected):
     with pytest.raises(DataError) as info:

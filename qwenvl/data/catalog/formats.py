@@ -28,7 +28,8 @@ assistant turn with OpenAI's fine-tuning ``"weight": 0`` or ms-swift's ``"loss":
 rendered as usual but not trained (context, like the assistant turns of a prompt-completion
 ``prompt``); ``1`` / ``true`` or no key (null included) trains it.  Any other value is refused,
 and so is a turn that asks to train what is never trained (``true`` on a user, system or tool
-turn, or on an assistant turn inside ``prompt``).  A record whose every assistant turn is
+turn, or on an assistant turn inside ``prompt``), and ms-swift's per-turn ``"loss_scale"`` other
+than 1 (it would be trained at full weight).  A record whose every assistant turn is
 switched off has nothing to train: ``no_assistant``, like a record without an answer.
 
 Output: ``[{"role": "system"|"user"|"assistant"|"tool", "content": [{"type": "text",
@@ -242,6 +243,12 @@ def _switch(turn: dict, role: str, j: int, origin: str, in_prompt: bool = False)
     ``"false"``, which is truthy, or a weight like 0.5, which would need a loss scale) is refused,
     as is asking to train a turn that is never trained.
     """
+    scale = turn.get("loss_scale")
+    if scale is not None and (isinstance(scale, bool) or scale != 1):
+        # ms-swift (>= 4.2) scales a turn's loss by it; ignoring it would train the turn at full weight.
+        raise DataError(f"{origin}, turn {j}: 'loss_scale': {scale!r}; per-turn loss scales are not supported, so "
+                        "the turn would be trained at full weight. Fix: drop 'loss_scale' (write 'loss': false to "
+                        "leave the turn untrained, true or nothing to train it).")
     given = [key for key in _SWITCH_KEYS if turn.get(key) is not None]  # null: absent (HF datasets fill it)
     if not given:
         return None
