@@ -13,7 +13,7 @@ dataset, file, record index, line (JSON/JSONL) and reason, tallied by kind:
 * ``invalid_json``: a line or array element that does not parse, or the wrong type;
 * ``malformed``: unknown roles, empty conversations, non-string text, bad parts;
 * ``tag_mismatch``: ``<image>``/``<video>`` tags that do not match the media listed;
-* ``no_assistant``: nothing to train on;
+* ``no_assistant``: nothing to train on (no answer, or every answer switched off by ``weight`` 0 / ``loss`` false);
 * ``empty_answer``: an assistant turn with no text (only ``<|im_end|>`` would be trained);
 * ``media_in_answer``: an ``<image>``/``<video>`` inside an assistant turn (placeholders in the labels);
 * ``special_token_text``: a literal ``<|image_pad|>``/``<|video_pad|>`` in a text turn;

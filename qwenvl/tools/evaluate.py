@@ -4,8 +4,9 @@
         [--dataset_dictionary F] [--max_new_tokens 32] [--limit N] [--output results.json] \\
         [--max_pixels N --min_pixels N --video_* ...]
 
-For every sample: the prompt is the conversation up to its last assistant turn (earlier
-turns included), rendered by the training renderer with the generation header, and the
+For every sample: the prompt is the conversation up to its last trained assistant turn
+(earlier turns included; answers a record switches off with ``"weight": 0`` / ``"loss": false``
+are never references), rendered by the training renderer with the generation header, and the
 reference is that turn's text.  The checkpoint answers greedily (``qwenvl.tools.chat``);
 an answer counts as
 

@@ -6,6 +6,7 @@ from PIL import Image
 
 from qwenvl.data import (Conversation, DataError, DatasetSpec, open_annotations, open_image,
                          resolve_media, to_conversation, to_conversations)
+from qwenvl.data.errors import DataKind
 
 SPEC = DatasetSpec("demo", "/data/anns/demo.json", "/data/images")
 
@@ -134,16 +135,111 @@ def test_reasoning_under_the_names_datasets_use_is_reasoning_content(key):
     ({"messages": [{"role": "user", "content": "q", "weight": 0},
                    {"role": "assistant", "content": "a", "thinking": "r", "reasoning_content": "r"}]},
      "turn 1: reasoning given twice, as 'reasoning_content' and 'thinking'"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0},
-                   {"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]},
-     "turn 1: 'weight': 0 asks to leave this turn untrained"),
-    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a", "weight": 0.0}]},
-     "turn 1: 'weight': 0.0 asks to leave this turn untrained"),
 ])
 def test_turn_fields_that_would_train_silently_wrong_are_refused(record, expected):
     with pytest.raises(DataError) as info:
         to_conversation(record, SPEC, 8)
     assert "record 8, " + expected in str(info.value) and "Fix:" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- per-turn training switches
+
+def _two_answers(key, value, layout="messages") -> dict:
+    if layout == "sharegpt":
+        return {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a", key: value},
+                                  {"from": "human", "value": "r"}, {"from": "gpt", "value": "b"}]}
+    return {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", key: value},
+                         {"role": "user", "content": "r"}, {"role": "assistant", "content": "b"}]}
+
+
+@pytest.mark.parametrize("layout", ["messages", "sharegpt"])
+@pytest.mark.parametrize("key, off, on", [("weight", 0, 1), ("weight", 0.0, 1.0), ("loss", False, True)])
+def test_openai_weight_and_ms_swift_loss_switch_an_assistant_turn(layout, key, off, on):
+    """OpenAI's fine-tuning format ("weight": 0/1) and ms-swift's ("loss": false/true): 0/false marks the
+    turn untrained (it was refused: every turn trained); 1/true, null or no key trains it as before."""
+    conversation = to_conversation(_two_answers(key, off, layout), SPEC, 0)
+    assert conversation.messages[1] == {"role": "assistant", "content": [text("a")], "trained": False}
+    assert [conversation.trains(i) for i in range(4)] == [False, False, False, True]
+    for value in (on, None):
+        record = _two_answers(key, value, layout)
+        (record.get("messages") or record["conversations"])[1]["loss_scale"] = 1.0  # ms-swift's default: fine
+        trained = to_conversation(record, SPEC, 0)
+        assert trained.messages[1] == {"role": "assistant", "content": [text("a")]}
+        assert [trained.trains(i) for i in range(4)] == [False, True, False, True]
+
+
+def test_a_switched_off_function_call_turn_is_untrained_context():
+    record = {"tools": [{"name": "f", "parameters": {}}], "conversations": [
+        {"from": "human", "value": "q"}, {"from": "function_call", "value": '{"name": "f", "arguments": {}}',
+                                          "loss": False},
+        {"from": "observation", "value": "1"}, {"from": "gpt", "value": "one"}]}
+    conversation = to_conversation(record, SPEC, 0)
+    assert conversation.messages[1]["tool_calls"] and not conversation.trains(1) and conversation.trains(3)
+
+
+def test_untrained_turns_of_a_completion_and_switches_that_agree_with_the_prompt():
+    """A completion's own turns can be switched off; a prompt's turns are context with or without a 0/false."""
+    record = {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0},
+                         {"role": "user", "content": "r"}],
+              "completion": [{"role": "assistant", "content": "call", "loss": False},
+                             {"role": "assistant", "content": "b"}]}
+    conversation = to_conversation(record, SPEC, 0)
+    assert [conversation.trains(i) for i in range(5)] == [False, False, False, False, True]
+
+
+@pytest.mark.parametrize("turn, value, expected", [
+    (1, "false", "'loss': 'false' is not a training switch (ms-swift: false or true)"),
+    (1, 0.5, "'loss': 0.5 is not a training switch"),
+    (1, 2, "'loss': 2 is not a training switch"),
+    (1, [0], "'loss': [0] is not a training switch"),
+    (0, True, "'loss': True asks to train a user turn; only assistant turns are trained"),
+])
+def test_switch_values_other_than_0_1_false_true_are_refused_naming_the_turn(turn, value, expected):
+    record = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    record["messages"][turn]["loss"] = value
+    with pytest.raises(DataError) as info:
+        to_conversation(record, SPEC, 8)
+    message = str(info.value)
+    assert f"dataset 'demo', file /data/anns/demo.json, record 8, turn {turn}: {expected}" in message
+    assert "Fix:" in message
+
+
+@pytest.mark.parametrize("record, expected", [
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": "0"}]},
+     "turn 1: 'weight': '0' is not a training switch (OpenAI's fine-tuning format: 0 or 1). Fix: write 'weight': 1"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0,
+                                                      "loss": False}]},
+     "turn 1: both 'weight' and 'loss' are given. Fix: keep one"),
+    ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 1},
+                 {"role": "user", "content": "r"}], "completion": [{"role": "assistant", "content": "b"}]},
+     "turn 1: 'weight': 1 asks to train an assistant turn inside 'prompt'"),
+    ({"conversations": [{"from": "human", "value": "q", "weight": 1}, {"from": "gpt", "value": "a"}]},
+     "turn 0: 'weight': 1 asks to train a user turn"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "loss_scale": 2.0}]},
+     "turn 1: 'loss_scale': 2.0; per-turn loss scales are not supported"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "loss_scale": 0.0,
+                                                      "loss": True}]},
+     "turn 1: 'loss_scale': 0.0; per-turn loss scales are not supported"),
+])
+def test_switches_that_cannot_mean_what_they_say_are_refused(record, expected):
+    with pytest.raises(DataError) as info:
+        to_conversation(record, SPEC, 8)
+    assert "record 8, " + expected in str(info.value) and "Fix:" in str(info.value)
+
+
+@pytest.mark.parametrize("record", [
+    {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]},
+    {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a", "loss": False},
+                       {"from": "human", "value": "r"}, {"from": "gpt", "value": "b", "loss": False}]},
+    {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "a",
+                                                                    "loss": False}]},
+])
+def test_a_record_whose_every_answer_is_switched_off_has_nothing_to_train(record):
+    """The same bad record as one without an answer (``no_assistant``: --bad_sample_policy skips or stops)."""
+    with pytest.raises(DataError) as info:
+        to_conversation(record, SPEC, 8)
+    assert info.value.kind == DataKind.NO_ASSISTANT
+    assert "record 8: every assistant turn is marked untrained" in str(info.value) and "Fix:" in str(info.value)
 
 
 # ----------------------------------------------------------------------------- messages

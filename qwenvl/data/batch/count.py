@@ -240,7 +240,9 @@ class TokenCounter:
     def count(self, conversation: Conversation, media: tuple[list, list] | None = None) -> SampleLength:
         """The sample's length; ``media`` (from ``self.media``) skips re-reading the headers."""
         parts = self.chat.split(conversation)
-        if len(parts) > 1:  # a Qwen3.5 record trained per reasoning turn: its samples side by side
+        # A Qwen3.5 record trained per reasoning turn: its samples side by side; one part that is a prefix
+        # (the turns after it untrained) is counted as itself, its own media read (media are the whole record's).
+        if len(parts) > 1 or parts[0] is not conversation:
             total = SampleLength(0, 0, 0, 0)
             for part in parts:
                 total = total + self.count(part)

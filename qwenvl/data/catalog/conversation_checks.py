@@ -7,7 +7,7 @@ Errors (``DataError``, handled by ``--bad_sample_policy``):
 
 * ``media_in_answer``: an image or video inside an assistant turn; its placeholder
   tokens would land in the labels and the model would be trained to emit them;
-* ``empty_answer``: an assistant turn with no text, no media and no tool calls; only ``<|im_end|>``
+* ``empty_answer``: a trained assistant turn with no text, no media and no tool calls; only ``<|im_end|>``
   would be trained, teaching the model to answer nothing;
 * ``special_token_text``: the text ``<|image_pad|>`` or ``<|video_pad|>`` in a turn; the
   processor expands these strings as media placeholders, so the record either fails
@@ -62,8 +62,9 @@ def check_conversation(conversation: Conversation) -> None:
                             f"would be trained as the answer. Fix: move the <{media[0]}> tag to the user turn.",
                             DataKind.MEDIA_IN_ANSWER)
         # A tool-call turn (sharegpt ``function_call``, or ``tool_calls`` with no content) trains the
-        # calls the template writes, not an empty answer.
-        if not _text(message).strip() and not message.get("tool_calls"):
+        # calls the template writes, not an empty answer; an untrained turn (prompt context, "weight": 0)
+        # trains nothing at all, so its empty answer teaches nothing either.
+        if not _text(message).strip() and not message.get("tool_calls") and conversation.trains(turn):
             raise DataError(f"{at}, turn {turn}: the assistant answer is empty, so only the end-of-turn token would "
                             "be trained (teaching the model to say nothing). Fix: write the answer, or drop the turn "
                             "or the record.", DataKind.EMPTY_ANSWER)

@@ -23,11 +23,20 @@ Accepted record layouts (the first key found decides):
   completion trained (``Conversation.trained_from``); the standard form ``{"prompt":
   "text", "completion": "text"}`` as one user and one assistant turn.
 
+Per-turn training switches (messages and sharegpt turns, JSON and HF datasets alike): an
+assistant turn with OpenAI's fine-tuning ``"weight": 0`` or ms-swift's ``"loss": false`` is
+rendered as usual but not trained (context, like the assistant turns of a prompt-completion
+``prompt``); ``1`` / ``true`` or no key (null included) trains it.  Any other value is refused,
+and so is a turn that asks to train what is never trained (``true`` on a user, system or tool
+turn, or on an assistant turn inside ``prompt``), and ms-swift's per-turn ``"loss_scale"`` other
+than 1 (it would be trained at full weight).  A record whose every assistant turn is
+switched off has nothing to train: ``no_assistant``, like a record without an answer.
+
 Output: ``[{"role": "system"|"user"|"assistant"|"tool", "content": [{"type": "text",
 "text": str} | {"type": "image", "image": ref} | {"type": "video", "video": ref}],
 ("tool_calls": [...])}]`` and the tools, if any; an assistant turn may also carry
 ``"reasoning_content": str`` (its reasoning, as the thinking models' chat templates
-name it; see ``chat_pieces``).
+name it; see ``chat_pieces``) and ``"trained": False`` (switched off; ``Conversation.trains``).
 
 ``<image>``/``<video>`` tags become media parts where they appear; the text
 around them is kept exactly, newlines included (the official code replaced the
@@ -78,6 +87,12 @@ class Conversation:
     # Assistant turns before this message index are context only, not trained (a part of a
     # record split per reasoning turn: chat_pieces.split_for_thinking).
     trained_from: int = 0
+
+    def trains(self, i: int) -> bool:
+        """True when message ``i`` is an assistant turn whose tokens are trained: at or after
+        ``trained_from`` and not switched off by the record (``"weight": 0`` / ``"loss": false``)."""
+        message = self.messages[i]
+        return message["role"] == "assistant" and i >= self.trained_from and message.get("trained", True)
 
 
 class _Media:
@@ -202,13 +217,6 @@ _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 
 def _with_reasoning(message: dict, turn: dict, j: int, origin: str) -> dict:
     """Keep an assistant turn's reasoning (any of ``_REASONING_KEYS``) as ``reasoning_content``."""
-    weight = turn.get("weight")
-    if message["role"] == "assistant" and weight is not None and weight != 1:
-        # OpenAI's fine-tuning format: "weight": 0 leaves an assistant turn untrained; every turn trains here.
-        raise DataError(f"{origin}, turn {j}: 'weight': {weight!r} asks to leave this turn untrained (OpenAI's "
-                        "fine-tuning format); per-turn weights are not supported, so it would be trained. Fix: "
-                        "drop the turn, or drop 'weight' to train it; for context that is never trained, use "
-                        "the prompt-completion layout (assistant turns inside 'prompt' are not trained).")
     given = [key for key in _REASONING_KEYS if turn.get(key) is not None]
     if not given:
         return message
@@ -220,6 +228,56 @@ def _with_reasoning(message: dict, turn: dict, j: int, origin: str) -> dict:
         raise DataError(f"{origin}, turn {j}: '{given[0]}' must be a string on an assistant turn. Fix: "
                         "move it to the assistant turn whose reasoning it is, as text.")
     message["reasoning_content"] = reasoning
+    return message
+
+
+# Per-turn training switches: OpenAI's fine-tuning format writes "weight": 0 or 1 on assistant messages,
+# ms-swift "loss": false or true (its docs: the key takes priority over --loss_scale's base strategy).
+_SWITCH_KEYS = {"weight": "OpenAI's fine-tuning format: 0 or 1", "loss": "ms-swift: false or true"}
+
+
+def _switch(turn: dict, role: str, j: int, origin: str, in_prompt: bool = False) -> bool | None:
+    """The turn's training switch: True (train it), False (leave it untrained) or None (not given).
+
+    0/1 and false/true are taken under either key (a JSON ``1.0`` is 1); anything else (a string
+    ``"false"``, which is truthy, or a weight like 0.5, which would need a loss scale) is refused,
+    as is asking to train a turn that is never trained.
+    """
+    scale = turn.get("loss_scale")
+    if scale is not None and (isinstance(scale, bool) or scale != 1):
+        # ms-swift (>= 4.2) scales a turn's loss by it; ignoring it would train the turn at full weight.
+        raise DataError(f"{origin}, turn {j}: 'loss_scale': {scale!r}; per-turn loss scales are not supported, so "
+                        "the turn would be trained at full weight. Fix: drop 'loss_scale' (write 'loss': false to "
+                        "leave the turn untrained, true or nothing to train it).")
+    given = [key for key in _SWITCH_KEYS if turn.get(key) is not None]  # null: absent (HF datasets fill it)
+    if not given:
+        return None
+    if len(given) > 1:
+        raise DataError(f"{origin}, turn {j}: both 'weight' and 'loss' are given. Fix: keep one ('weight': 0/1, "
+                        "OpenAI's format, or 'loss': false/true, ms-swift's).")
+    key = given[0]
+    value = turn[key]
+    if isinstance(value, bool) or (isinstance(value, (int, float)) and value in (0, 1)):
+        trained = bool(value)
+    else:
+        raise DataError(f"{origin}, turn {j}: '{key}': {value!r} is not a training switch ({_SWITCH_KEYS[key]}). "
+                        f"Fix: write '{key}': {'1' if key == 'weight' else 'true'} to train the assistant turn or "
+                        f"{'0' if key == 'weight' else 'false'} to keep it as untrained context (a JSON number or "
+                        "boolean, not a string); per-turn loss weights other than 0 and 1 are not supported.")
+    if trained and role != "assistant":
+        raise DataError(f"{origin}, turn {j}: '{key}': {value!r} asks to train a {role} turn; only assistant turns "
+                        f"are trained. Fix: drop '{key}' from this turn.")
+    if trained and in_prompt:
+        raise DataError(f"{origin}, turn {j}: '{key}': {value!r} asks to train an assistant turn inside 'prompt', "
+                        "whose turns are context only (TRL's prompt-completion layout). Fix: move the turn into "
+                        f"'completion', or write the record as 'messages' with '{key}' on each assistant turn.")
+    return trained
+
+
+def _with_switch(message: dict, turn: dict, j: int, origin: str, in_prompt: bool = False) -> dict:
+    """``message`` marked ``"trained": False`` when the record switches its training off (``_switch``)."""
+    if _switch(turn, message["role"], j, origin, in_prompt) is False and message["role"] == "assistant":
+        message["trained"] = False
     return message
 
 
@@ -303,6 +361,7 @@ def _message_turns(turns: list, key: str, media: dict[str, _Media], origin: str,
             raise DataError(f"{origin}, turn {j}: 'content' must be a string or a list of "
                             f"parts, got {type(content).__name__}.")
         message = _with_reasoning({"role": role, "content": parts}, turn, j, origin)
+        message = _with_switch(message, turn, j, origin, in_prompt=key == "prompt")
         if calls:
             if role != "assistant":
                 raise DataError(f"{origin}, turn {j}: only an assistant turn can carry 'tool_calls' (role {role!r}).")
@@ -330,9 +389,10 @@ def _sharegpt_turns(record: dict, media: dict[str, _Media], origin: str) -> list
             raise DataError(f"{origin}, turn {j}: 'value' must be a string, got "
                             f"{type(value).__name__}. Fix: write the turn's text as a string.")
         if speaker == "function_call":
-            messages.append({"role": "assistant", "content": [], "tool_calls": _tool_calls(value, j, origin)})
+            message = {"role": "assistant", "content": [], "tool_calls": _tool_calls(value, j, origin)}
         else:
-            messages.append(_with_reasoning({"role": role, "content": _split_tags(value, media)}, turn, j, origin))
+            message = _with_reasoning({"role": role, "content": _split_tags(value, media)}, turn, j, origin)
+        messages.append(_with_switch(message, turn, j, origin))
     return messages
 
 
@@ -407,6 +467,13 @@ def _convert(record: Any, spec: DatasetSpec, origin: str) -> Conversation:
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{origin}: no assistant turn, so nothing to train on. Fix: add the "
                         "answer as an assistant ('gpt') turn, or drop the record.", DataKind.NO_ASSISTANT)
+    trainable = range(trained_from, len(messages))
+    if not any(messages[i]["role"] == "assistant" and messages[i].get("trained", True) for i in trainable):
+        # Every answer switched off ("weight": 0 / "loss": false): no trained token, the same bad record as
+        # one without an answer (skipped or stopped on by --bad_sample_policy), named here with its cause.
+        raise DataError(f"{origin}: every assistant turn is marked untrained ('weight': 0 or 'loss': false), so "
+                        "nothing is trained on. Fix: set 'weight': 1 / 'loss': true (or drop the key) on the "
+                        "answers to learn, or drop the record.", DataKind.NO_ASSISTANT)
     # A record's own "bbox_format" (packed files from pack_data carry one) wins over its dataset's.
     bbox_format = record.get("bbox_format", getattr(spec, "bbox_format", None))
     if bbox_format is not None and bbox_format not in BBOX_FORMATS:

@@ -43,6 +43,12 @@ split per turn (``split_for_thinking``): one sample per reasoning turn, each end
 at that turn and training only the turns since the previous cut, so every turn is
 trained once, in the context the model saw when it wrote it.
 
+Untrained assistant turns (``Conversation.trains``: the assistant turns of a prompt-completion
+``prompt``, a record's ``"weight": 0`` / ``"loss": false`` turns) are written exactly as trained
+ones, every piece untrained: the answer, its reasoning, its tool calls and ``<|im_end|>``.  They are
+context: their reasoning before the last query neither splits the record (Qwen3.5) nor asks for
+``preserve_thinking`` (Qwen3.6), so the template drops it as it does for history at serving time.
+
 Tools (``Conversation.tools``, assistant ``tool_calls``, ``tool`` turns) are written by
 the template itself (``tool_pieces``): the tools block of the system turn, the text of
 an assistant turn's calls and the wrapping of tool responses are read off the template
@@ -244,23 +250,27 @@ def needs_preserve(conversation: Conversation, rules: ChatRules, thinking: str) 
     if not (rules.think_blocks and rules.preserve_thinking) or thinking == "false":
         return False
     q = _last_query(conversation.messages)
-    return any(m["role"] == "assistant" and _has_reasoning(m, rules, conversation.origin)
-               for m in conversation.messages[conversation.trained_from:q])
+    # Only trained turns count: untrained context (a prompt's answers, a "weight": 0 turn) is rendered as
+    # the template renders history, its earlier reasoning dropped, as at serving time without the flag.
+    return any(conversation.trains(i) and _has_reasoning(conversation.messages[i], rules, conversation.origin)
+               for i in range(max(q, 0)))
 
 
 def split_for_thinking(conversation: Conversation, rules: ChatRules, thinking: str = "auto") -> list[Conversation]:
     """The samples a conversation trains as: itself, or one per reasoning turn on Qwen3.5 (see the module doc).
 
-    A cut ends at an assistant turn with reasoning that the template would drop from the
-    full conversation's context (a user query follows it).  Each part is a prefix of the
-    conversation whose ``trained_from`` skips the turns an earlier part trained.
+    A cut ends at a trained assistant turn with reasoning that the template would drop from
+    the full conversation's context (a user query follows it).  Each part is a prefix of the
+    conversation whose ``trained_from`` skips the turns an earlier part trained.  An untrained
+    turn (``Conversation.trains``) is context: never a cut, its earlier reasoning dropped as the
+    template drops it; the last part is left out when every turn after the last cut is untrained
+    (it would train nothing), so a single part may be a prefix of the conversation.
     """
     if not rules.think_blocks or rules.preserve_thinking or thinking == "false":
         return [conversation]
     messages, origin = conversation.messages, conversation.origin
     q = _last_query(messages)
-    cuts = [i for i in range(conversation.trained_from, max(q, 0))
-            if messages[i]["role"] == "assistant" and _has_reasoning(messages[i], rules, origin)]
+    cuts = [i for i in range(max(q, 0)) if conversation.trains(i) and _has_reasoning(messages[i], rules, origin)]
     if not cuts:
         return [conversation]
     # dataclasses.replace keeps every other field of the conversation (its media conventions).
@@ -269,7 +279,9 @@ def split_for_thinking(conversation: Conversation, rules: ChatRules, thinking: s
         parts.append(replace(conversation, messages=messages[:i + 1], origin=f"{origin}, turns up to {i}",
                              trained_from=start))
         start = i + 1
-    parts.append(replace(conversation, trained_from=start))
+    last = replace(conversation, trained_from=start)
+    if any(last.trains(i) for i in range(start, len(messages))):
+        parts.append(last)
     return parts
 
 
@@ -300,7 +312,8 @@ def _assistant_pieces(message: dict, rules: ChatRules, shown: bool, trained: boo
 def conversation_pieces(conversation: Conversation, rules: ChatRules, thinking: str = "auto",
                         add_generation_prompt: bool = False, render=None) -> tuple[list[Piece], dict]:
     """(pieces, template kwargs) of ``conversation``: the pieces join to what the template renders
-    with those kwargs; assistant turns at or after ``conversation.trained_from`` are trained.
+    with those kwargs; the assistant turns ``conversation.trains`` are trained (answer, reasoning, tool
+    calls and ``<|im_end|>``), the others are rendered alike with every piece untrained.
 
     ``render(messages, **kwargs) -> str`` is the processor's chat template (untokenized); it is
     needed only for conversations with tools, whose tool text the template writes (``tool_pieces``).
@@ -341,9 +354,8 @@ def conversation_pieces(conversation: Conversation, rules: ChatRules, thinking: 
                        Piece("<|im_end|>\n")]
         elif role == "assistant":
             calls = tool_call_pieces(message, render, origin) if message.get("tool_calls") else []
-            pieces += _assistant_pieces(message, rules, shown=preserve or i > q,
-                                        trained=i >= conversation.trained_from, thinking=thinking, origin=origin,
-                                        calls=calls)
+            pieces += _assistant_pieces(message, rules, shown=preserve or i > q, trained=conversation.trains(i),
+                                        thinking=thinking, origin=origin, calls=calls)
         elif role == "tool":  # a run of tool responses is one user-side turn in the templates
             end = i
             while end < len(messages) and messages[end]["role"] == "tool":

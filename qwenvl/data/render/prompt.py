@@ -28,8 +28,8 @@ from __future__ import annotations
 from qwenvl.data.catalog.formats import MEDIA_TAGS, Conversation
 from qwenvl.data.errors import DataError
 
-__all__ = ["template_messages", "chat_text", "renders_tools", "refuse_tools_unless_rendered", "split_last_reply",
-           "user_conversation", "reply_text"]
+__all__ = ["template_messages", "chat_text", "renders_tools", "refuse_tools_unless_rendered", "last_reply_index",
+           "split_last_reply", "user_conversation", "reply_text"]
 
 def template_messages(conversation: Conversation) -> tuple[list[dict], list, list]:
     """Messages in the processor's chat-template form, plus image and video refs in tag order.
@@ -122,13 +122,23 @@ def reply_text(message: dict) -> str:
     return "".join(part["text"] for part in message["content"] if part["type"] == "text")
 
 
-def split_last_reply(conversation: Conversation) -> tuple[Conversation, str]:
-    """(the conversation before its last assistant turn, that turn's text).
+def last_reply_index(conversation: Conversation) -> int | None:
+    """Index of the last trained assistant turn (``Conversation.trains``), else of the last assistant turn,
+    else None: the reply a sample is asked for."""
+    assistants = [i for i, m in enumerate(conversation.messages) if m["role"] == "assistant"]
+    trained = [i for i in assistants if conversation.trains(i)]
+    return (trained or assistants or [None])[-1]
 
-    Everything before the last reply stays, earlier replies included: a multi-turn
-    sample is asked its last question with its whole history, as in training.
+
+def split_last_reply(conversation: Conversation) -> tuple[Conversation, str]:
+    """(the conversation before its last trained assistant turn, that turn's text).
+
+    Everything before the reply stays, earlier replies included: a multi-turn sample is
+    asked its last question with its whole history, as in training.  Assistant turns the
+    record leaves untrained (``"weight": 0`` / ``"loss": false``) after it are not references:
+    the reply is the last answer the record trains.
     """
-    last = max((i for i, m in enumerate(conversation.messages) if m["role"] == "assistant"), default=None)
+    last = last_reply_index(conversation)
     if last is None:
         raise DataError(f"{conversation.origin}: no assistant turn to take the reference answer from.")
     if not any(m["role"] == "user" for m in conversation.messages[:last]):

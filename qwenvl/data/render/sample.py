@@ -40,7 +40,7 @@ from qwenvl.data.render.chat_pieces import (THINKING_MODES, ChatRules, conversat
 from qwenvl.data.render.fit import Measured, fit_to_context
 from qwenvl.data.render.grounding import Grounding
 from qwenvl.data.render.piece_tokens import PieceTokenizer, expand_media
-from qwenvl.data.render.prompt import refuse_tools_unless_rendered, template_messages
+from qwenvl.data.render.prompt import last_reply_index, refuse_tools_unless_rendered, template_messages
 from qwenvl.data.render.rope import RopeIndex
 
 
@@ -91,13 +91,14 @@ class SampleRenderer:
         self.chat = ChatRender(processor, thinking)
 
     def reply_thinking(self, conversation: Conversation) -> str:
-        """The thinking mode the last assistant turn of ``conversation`` trains in ("true"/"false"),
-        so a generation prompt for it is the training prefix; the renderer's mode elsewhere."""
+        """The thinking mode the last trained assistant turn of ``conversation`` (the reply evaluation asks
+        for: ``prompt.split_last_reply``) trains in ("true"/"false"), so a generation prompt for it is the
+        training prefix; the renderer's mode elsewhere."""
         rules = self.chat.rules
         mode = self.chat.mode(conversation)
         if not rules.think_blocks or mode != "auto":
             return mode
-        last = max((i for i, m in enumerate(conversation.messages) if m["role"] == "assistant"), default=None)
+        last = last_reply_index(conversation)
         if last is None:
             return mode
         reasoning, _ = reasoning_and_answer(conversation.messages[last], rules, conversation.origin)
@@ -164,7 +165,9 @@ class SampleRenderer:
         parts = self.chat.split(conversation)
         if len(parts) > 1:
             return {"pack": [self._finish(self.encode(part), part) for part in parts]}
-        return self._finish(self.encode(conversation), conversation)
+        # One part: the conversation itself, or a prefix of it when the turns after its last reasoning
+        # turn are all untrained (split_for_thinking leaves out a part that would train nothing).
+        return self._finish(self.encode(parts[0]), parts[0])
 
     def encode(self, conversation: Conversation, add_generation_prompt: bool = False, thinking: str | None = None):
         """Model inputs for ``conversation``, media shrunk to fit if needed: ``input_ids`` (1, L),
