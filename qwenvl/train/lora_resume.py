@@ -14,11 +14,13 @@ qwen3_vl_moe models (transformers 5.23, peft 0.21, CPU), resuming 2 saved steps 
 - another ``--lora_alpha``: the saved A and B load under this run's scale alpha / r, so the adapted model
   changes at the first resumed step, silently (the final adapter_config.json then names the new alpha);
 - the vision tower or merger trained fully (``modules_to_save``: ``--tune_mm_vision``, ``--tune_mm_mlp``) in
-  this run only: a KeyError inside peft's loader; in the checkpoint only: the parameter-group stop, or without
-  optimizer state their trained copies dropped (the base weights come back).
+  this run only: a KeyError inside peft's loader (under ZeRO-3 torch's parameter-group ValueError inside
+  DeepSpeed); in the checkpoint only: the parameter-group stop, or without optimizer state their trained copies
+  dropped (the base weights come back).
 
-So before anything is written, the checkpoint's ``adapter_config.json`` is compared with the flags on what
-both resolve to on this model, with peft's own matching rules: the sets of modules and expert weights that
+So before anything is written (under ZeRO-3 the targets once the model has loaded, still before any training),
+the checkpoint's ``adapter_config.json`` is compared with the flags on what both resolve to on this model, with
+peft's own matching rules: the sets of modules and expert weights that
 get adapters and of modules trained fully.  An equivalent spelling (``experts`` for both expert weights, the
 default list or an explicit list of the same modules, another order) resumes.
 """
@@ -127,8 +129,7 @@ def _grouped(names) -> str:
 _KINDS = (
     ("modules", "adapters on modules (--lora_target_modules)", "started from zero"),
     ("parameters", "adapters on expert weights (--lora_target_parameters)", "started from zero"),
-    ("full", "modules trained fully (modules_to_save: --tune_mm_mlp, --tune_mm_vision)",
-     "missing from the checkpoint (peft's loader stops on them)"),
+    ("full", "modules trained fully (modules_to_save: --tune_mm_mlp, --tune_mm_vision)", "missing from the checkpoint"),
 )
 
 

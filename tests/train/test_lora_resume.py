@@ -115,8 +115,8 @@ def test_another_alpha_is_refused_at_start_up(lora_run, tmp_path, capsys):
     (["--tune_mm_mlp", "False"], "only in the checkpoint, so dropped with their training: "
                                  "model.visual.deepstack_merger_list.*, model.visual.merger"),
     # today: KeyError 'base_model.model.model.visual.patch_embed.proj.weight' inside peft's loader
-    (["--tune_mm_vision", "True"], "only in this run, so missing from the checkpoint (peft's loader stops on them): "
-                                   "model.visual.blocks.* (2), model.visual.patch_embed, model.visual.pos_embed"),
+    (["--tune_mm_vision", "True"], "only in this run, so missing from the checkpoint: model.visual.blocks.* (2), "
+                                   "model.visual.patch_embed, model.visual.pos_embed"),
 ])
 def test_other_fully_trained_modules_are_refused_at_start_up(lora_run, tmp_path, capsys, changed, expected):
     err = _refused_before_anything_was_written(lora_run, tmp_path, capsys, *changed)
