@@ -310,11 +310,10 @@ def _shape_fields(config: dict, prefix: str = "") -> dict:
     return found
 
 
-def check_checkpoint_fits(checkpoint: str, model_config, lora_enable: bool, model_name_or_path: str,
-                          lora_r: int | None = None) -> None:
+def check_checkpoint_fits(checkpoint: str, model_config, lora_enable: bool, model_name_or_path: str) -> None:
     """ConfigError when ``checkpoint`` cannot be resumed by this run's model: a LoRA checkpoint resumed
-    without ``--lora_enable`` (or the reverse) or with another ``--lora_r``, or a full checkpoint of a
-    model of other shapes.
+    without ``--lora_enable`` (or the reverse), or a full checkpoint of a model of other shapes.  A LoRA
+    checkpoint's rank, alpha and targets are compared with the flags by ``lora_resume.check_lora_resume``.
 
     Checked before ``run_args.json`` is written and the model loads; the Trainer would otherwise fail
     deep inside its loader (a missing index, size mismatches) after the folder was taken over.
@@ -331,15 +330,6 @@ def check_checkpoint_fits(checkpoint: str, model_config, lora_enable: bool, mode
     if full and not adapter and lora_enable:
         raise ConfigError(f"{checkpoint} is a full fine-tuning checkpoint, but this run trains LoRA adapters "
                           f"(--lora_enable True). Drop --lora_enable to resume it. {fix}")
-    if adapter and lora_enable and lora_r is not None:
-        try:
-            with open(os.path.join(checkpoint, "adapter_config.json")) as f:
-                saved_r = json.load(f).get("r")
-        except (OSError, ValueError, AttributeError):
-            saved_r = None
-        if saved_r is not None and saved_r != lora_r:
-            raise ConfigError(f"{checkpoint} holds LoRA adapters of rank {saved_r}, but this run asks for --lora_r "
-                              f"{lora_r}: they cannot load. Pass --lora_r {saved_r} to resume it. {fix}")
     if not full:
         return
     try:

@@ -91,21 +91,13 @@ def resolve_target_parameters(model, requested: list[str]) -> list[str]:
 
 def check_target_parameters(config, requested: list[str]) -> None:
     """``resolve_target_parameters`` on a weightless (meta-device) model of ``config``: the flag's values
-    are judged before any data work or weight loading (not under ZeRO-3, see below)."""
-    import torch
-    from transformers.initialization import no_init_weights
-    from transformers.integrations import is_deepspeed_zero3_enabled
+    are judged before any data work or weight loading (not under ZeRO-3: ``apply_lora`` judges them then,
+    on the loaded model, after the data work but still before any training)."""
+    from .model import weightless_model
 
-    from .model import model_class_for
-
-    if not requested or is_deepspeed_zero3_enabled():
-        # Under ZeRO-3 transformers builds every (sub)model inside DeepSpeed's zero.Init and initialises
-        # its weights, which fails on meta tensors: the names are then judged by ``apply_lora`` on the
-        # loaded model, after the data work but still before any training.
-        return
-    with torch.device("meta"), no_init_weights():  # only names and shapes are read
-        model = model_class_for(config.model_type)(config)
-    resolve_target_parameters(model, requested)
+    model = weightless_model(config) if requested else None
+    if model is not None:
+        resolve_target_parameters(model, requested)
 
 
 def warn_about_costs(training_args, expert_weights: list[str]) -> None:

@@ -253,27 +253,51 @@ def lora_target_pattern(targets: list[str]) -> str:
     return rf"(.*\.)?language_model\.(.*\.)?({names})"
 
 
-def apply_lora(model, model_args, training_args):
-    """Wrap ``model`` in peft LoRA following the rule in the module docstring; returns the PeftModel."""
-    from peft import LoraConfig, TaskType, get_peft_model
+def lora_config(model, model_args, training_args):
+    """The peft ``LoraConfig`` the flags ask for on ``model`` (the rule in the module docstring), built on a
+    loaded or a weightless (meta-device) model alike; ConfigError for targets that match nothing."""
+    from peft import LoraConfig, TaskType
 
-    from .lora_experts import resolve_target_parameters, warn_about_costs
+    from .lora_experts import resolve_target_parameters
 
     expert_weights = resolve_target_parameters(model, getattr(training_args, "lora_target_parameters", None) or [])
-    warn_about_costs(training_args, expert_weights)
     modules = training_args.lora_target_modules
     pattern = lora_target_pattern(modules) if modules else []  # [] asks peft for no module (experts only)
     matched = [n for n, _ in model.named_modules() if modules and re.fullmatch(pattern, n)]
     if modules and not matched:
         raise ConfigError(f"--lora_target_modules {' '.join(training_args.lora_target_modules)} matches no module of "
                           f"the language model. Its Linear layers are named: {', '.join(_llm_linear_names(model))}.")
-    for param in model.parameters():
-        param.requires_grad_(False)
-    config = LoraConfig(
+    return LoraConfig(
         r=training_args.lora_r, lora_alpha=training_args.lora_alpha, lora_dropout=training_args.lora_dropout,
         target_modules=pattern, modules_to_save=full_training_modules(model, model_args) or None,
         target_parameters=expert_weights or None, bias="none", task_type=TaskType.CAUSAL_LM)
+
+
+def apply_lora(model, model_args, training_args):
+    """Wrap ``model`` in peft LoRA following the rule in the module docstring; returns the PeftModel."""
+    from peft import get_peft_model
+
+    from .lora_experts import warn_about_costs
+
+    config = lora_config(model, model_args, training_args)
+    warn_about_costs(training_args, config.target_parameters or [])
+    for param in model.parameters():
+        param.requires_grad_(False)
     return get_peft_model(model, config)
+
+
+def weightless_model(config):
+    """The model of ``config`` on the meta device: its module and parameter names and shapes, without memory or
+    weight initialisation, to judge flags against before any data work or loading. None under DeepSpeed ZeRO-3:
+    transformers then builds every (sub)model inside DeepSpeed's zero.Init and initialises its weights, which
+    fails on meta tensors; such checks then run on the loaded model."""
+    from transformers.initialization import no_init_weights
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return None
+    with torch.device("meta"), no_init_weights():  # only names and shapes are read
+        return model_class_for(config.model_type)(config)
 
 
 def _llm_linear_names(model) -> list[str]:

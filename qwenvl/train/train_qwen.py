@@ -8,11 +8,12 @@
 Order of work: parse and check every flag (and that ``--output_dir`` is new, empty or
 ours); read the processor and config; build the data and its batch sampler (so data
 problems show before the model loads, and before anything is written); check the
-checkpoint to resume from (whole, of this model and kind, steps left to train); take the
-folder's lock (one run at a time, run_lock.py) and write ``run_args.json`` (saying which
-flags changed since the run that wrote the folder); load the model with the class its
-config names; freeze / LoRA; train, resuming from the newest complete ``checkpoint-*``
-in ``--output_dir`` if there is one (as the official code); Ctrl-C saves a checkpoint and
+checkpoint to resume from (whole, of this model and kind, a LoRA one with the same rank,
+alpha and targets, steps left to train); take the folder's lock (one run at a time,
+run_lock.py) and write ``run_args.json`` (saying which flags changed since the run
+that wrote the folder); load the model with the class its config names; freeze / LoRA;
+train, resuming from the newest complete ``checkpoint-*`` in ``--output_dir`` if there
+is one (as the official code); Ctrl-C saves a checkpoint and
 stops (exit 130); save the model and processor, then ``trainer_state.json`` (which marks
 the run finished); on the main process print where they are, the first and last loss, and write
 ``loss_curve.png``.  Argument and data problems end the run with their message and
@@ -33,6 +34,7 @@ from qwenvl.train.completed_run import (completed_run_message, refuse_retraining
                                         resumed_past_max_steps)
 from qwenvl.train.length_cache import require_length_cache
 from qwenvl.train.library_warnings import quiet_known_library_warnings
+from qwenvl.train.lora_resume import check_lora_resume
 from qwenvl.train.output_dir import check_output_dir, describe_changes, write_run_args
 from qwenvl.train.run_lock import lock_output_dir, release_output_dir_locks
 from qwenvl.train.secret_flags import redact_secrets_in_argv
@@ -154,10 +156,12 @@ def _train(argv, trainer_class=None):
 
     # The flags and the data passed their checks: from here on the folder is this run's.
     checkpoint, notes = resume_point(training_args.resume_from_checkpoint, output_dir)
+    lora_checked = True
     if not checkpoint:
         refuse_retraining_a_finished_run(output_dir, training_args.overwrite_output_dir)
     else:
-        check_checkpoint_fits(checkpoint, config, training_args.lora_enable, path, training_args.lora_r)
+        check_checkpoint_fits(checkpoint, config, training_args.lora_enable, path)
+        lora_checked = check_lora_resume(checkpoint, config, model_args, training_args)  # rank, alpha, targets
         done = resumed_past_max_steps(checkpoint, output_dir, training_args.max_steps)
         if done:  # nothing left to train; the Trainer would take one more step
             if main:
@@ -175,7 +179,10 @@ def _train(argv, trainer_class=None):
         lock_output_dir(output_dir)  # one run at a time in the folder, until this process ends
         write_run_args(output_dir, saved_args, previous_args)
 
-    model = prepare_model(load_model(model_args, training_args), model_args, training_args)
+    model = load_model(model_args, training_args)
+    if checkpoint and not lora_checked:  # under ZeRO-3 the LoRA targets resolve only on the loaded model
+        check_lora_resume(checkpoint, config, model_args, training_args, model=model)
+    model = prepare_model(model, model_args, training_args)
     from qwenvl.train.linear_attention import check_flattening_supported, check_linear_attention_trainable
 
     flattened = bool(data_args.data_flatten or data_args.data_packing)
