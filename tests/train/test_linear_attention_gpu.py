@@ -94,7 +94,10 @@ def test_fla_flattened_equals_per_sample_and_padded_in_bf16(model_type, with_ima
                                                         _rel(grads_ps[n], grads_ref[n]))) for n in grads_ref}
     worst = max(errors.items(), key=lambda kv: kv[1][0] / max(kv[1][1], 5e-3))
     print(f"worst gradient vs float32: {worst[0]}: fla {worst[1][0]:.2e}, transformers' bf16 {worst[1][1]:.2e}")
-    bad = {n: e for n, e in errors.items() if e[0] > max(2 * e[1], 1e-2)}
+    # Twice the CPU's bf16 error, floored at 5%: the GPU's bf16 matmuls accumulate in another order,
+    # and the per-head sums (A_log, dt_bias) of the MoE model measured 2.1e-2 there against 8.8e-3 on
+    # the CPU (H200, session 10). A path that mixed sequences or dropped a state errs by O(1).
+    bad = {n: e for n, e in errors.items() if e[0] > max(2 * e[1], 5e-2)}
     assert not bad, bad
 
 
@@ -158,24 +161,37 @@ def test_fla_path_speed_against_per_sample_at_released_widths():
 @pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_moe"])
 def test_where_fla_backward_is_blocked_fla_raises_and_packed_rows_train_without_it(model_type):
     """Our condition agrees with fla's: transformers' padded path (fla) raises at the backward,
-    while the packed path takes transformers' PyTorch functions per sample and trains."""
-    model = _on_gpu(model_type, "auto")
+    while the packed path takes transformers' PyTorch functions per sample and trains: its bf16
+    gradients on the GPU are as close to float32 as the same bf16 computation's on the CPU."""
+    routing = {"num_experts_per_tok": MOE["num_experts"]} if model_type == "qwen3_5_moe" else {}  # see above
+    model = _on_gpu(model_type, "auto", **routing)
     samples = make_samples(model.config, LENGTHS, image_at=(1,))
     h = torch.zeros(1, 4, model.config.text_config.hidden_size, device="cuda", dtype=torch.bfloat16)
     assert {m.packed_path(h) for _, m in linear_attention_modules(model)} == {"per_sample_torch"}
     with pytest.raises(RuntimeError, match="#640"):
         loss_and_grads(model, _to(padded_batch(model, samples), "cuda"))
     loss, grads = loss_and_grads(model, _to(flattened_batch(model, samples), "cuda"))
-    # The same path in fp32 on the CPU (same seed, same weights; it equals padded there, see
-    # test_linear_attention_fla_guard.py; padded itself would call fla, which needs CUDA).
-    reference = tiny_model(model_type, **GPU_TEXT)
-    make_linear_attention_packable(reference, fla_blocker=fla_backward_blocker_here())
-    loss_ref, grads_ref = loss_and_grads(reference, flattened_batch(reference, samples))
-    worst = max(_rel(grads[n].cpu(), grads_ref[n]) for n in grads_ref)
-    print(f"\n{model_type} blocked stack, packed bf16 on GPU vs fp32 on CPU: loss {float(loss):.5f} vs "
-          f"{float(loss_ref):.5f}, worst gradient relative error {worst:.2e}")
+    # The truth: the same (bf16-rounded) weights in float32, same path. Against the float32 weights
+    # as initialised, rounding them alone moved layer 1's A_log gradient by 45% (CPU, float32
+    # throughout): these few gradients are sums that nearly cancel, so the yardstick for bf16 is
+    # the same bf16 computation on the CPU (the padded path equals it there,
+    # test_linear_attention_fla_guard.py; on this stack padded would call fla).
+    reference = copy.deepcopy(model).float()
+    loss_ref, grads_ref = loss_and_grads(reference, _to(flattened_batch(reference, samples), "cuda"))
+    del reference
+    on_cpu = copy.deepcopy(model).cpu()
+    _, grads_cpu = loss_and_grads(on_cpu, flattened_batch(on_cpu, samples))
     assert abs(float(loss) - float(loss_ref)) < 1e-2 * abs(float(loss_ref))
-    assert grads.keys() == grads_ref.keys() and worst < 5e-2
+    assert grads.keys() == grads_ref.keys() == grads_cpu.keys()
+    errors = {n: (_rel(grads[n], grads_ref[n]), _rel(grads_cpu[n].cuda(), grads_ref[n])) for n in grads_ref}
+    worst = max(errors.items(), key=lambda kv: kv[1][0] / max(kv[1][1], 5e-3))
+    print(f"\n{model_type} blocked stack, packed bf16 against float32 (loss {float(loss):.5f} vs "
+          f"{float(loss_ref):.5f}): worst {worst[0]}: GPU {worst[1][0]:.2e}, CPU bf16 {worst[1][1]:.2e}")
+    # Twice the CPU's bf16 error, floored at 5%: the GPU's bf16 matmuls accumulate in another order,
+    # and the per-head sums (A_log, dt_bias) of the MoE model measured 2.1e-2 there against 8.8e-3 on
+    # the CPU (H200, session 10). A path that mixed sequences or dropped a state errs by O(1).
+    bad = {n: e for n, e in errors.items() if e[0] > max(2 * e[1], 5e-2)}
+    assert not bad, bad
 
 
 @pytest.mark.skipif(fla_backward_blocker_here() is None, reason="fla's backward runs on this GPU stack")

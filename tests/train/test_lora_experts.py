@@ -394,9 +394,22 @@ def test_resumed_expert_lora_run_equals_a_straight_one(tiny_model_dir, tmp_path)
         assert torch.equal(resumed[key], value), key
 
 
+def _padded_fla_backward_blocked() -> bool:
+    """fla installed where its gated delta rule backward raises (Hopper, Triton 3.4-3.7.0, fla #640): the
+    padded Qwen3.5 forward below goes through fla there (training refuses padded batches on such a stack)."""
+    from qwenvl.train.linear_attention import fla_available, fla_backward_blocker_here
+
+    return torch.cuda.is_available() and fla_available() and fla_backward_blocker_here() is not None
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("model_type", MOE_FAMILIES)
+@pytest.mark.parametrize("model_type", [
+    "qwen3_vl_moe",
+    pytest.param("qwen3_5_moe", marks=pytest.mark.skipif(
+        _padded_fla_backward_blocked(), reason="fla's backward is blocked on this stack (fla #640); needs Triton "
+                                               ">= 3.7.1, tilelang, or no fla")),
+])
 def test_expert_adapters_on_gpu_with_grouped_mm_in_bf16(tiny_model_dir, make_training_args, model_type):
     """On a GPU, bf16 weights, transformers' default grouped_mm experts kernel (torch's CUDA grouped GEMM):
     the adapter is in the forward (the adapted model is W + delta's, to bf16 rounding, and far from the base),
