@@ -135,6 +135,17 @@ INTERNALS: tuple[Internal, ...] = (
              "builds the config's \"scheduler\", whose rates it makes per group)",
              params=("trainer", "hf_deepspeed_config", "args", "num_training_steps", "model_parameters"),
              mentions=("trainer.create_optimizer()",)),
+    # With an "optimizer" section: transformers' placeholder holds all parameters as one group, the Trainer calls
+    # create_optimizer after deepspeed_init, and accelerate hands the placeholder's params to deepspeed.initialize.
+    Internal("transformers.integrations.deepspeed", "deepspeed_optim_sched", f"{_T} integrations/deepspeed.py:577",
+             "qwenvl/train/trainer.py QwenVLTrainer.create_optimizer (regroups a DeepSpeed \"optimizer\" section's "
+             "placeholder)", mentions=("DummyOptim(params=model_parameters)",)),
+    Internal(_TRAINER, "_prepare_for_training", f"{_T} trainer.py:1729-1733",
+             "qwenvl/train/trainer.py QwenVLTrainer.create_optimizer (runs after deepspeed_init, before prepare)",
+             mentions=("deepspeed_init(self", "self.create_optimizer()")),
+    Internal("accelerate.Accelerator", "_prepare_deepspeed", "accelerate accelerator.py:2369-2370",
+             "qwenvl/train/trainer.py QwenVLTrainer.create_optimizer (DeepSpeed builds its optimizer over DummyOptim's "
+             "parameter groups)", mentions=('kwargs["model_parameters"] = optimizer.params',)),
     Internal("transformers.integrations.deepspeed.HfTrainerDeepSpeedConfig", "trainer_config_process",
              f"{_T} integrations/deepspeed.py:172-173",
              "qwenvl/train/deepspeed_schedule.py AUTO_FILLED (\"auto\" warmup_min_lr is 0, warmup_max_lr "

@@ -20,8 +20,8 @@ group it is for, so with differing per-group rates a run stops at start-up namin
 
 ``WarmupCosineLR`` needs none of this: it works in ratios of each group's own rate.  A list already
 in the config is the user's own per-group values and is kept (its length is checked).  An
-``"optimizer"`` section makes DeepSpeed build its own optimizer over all parameters as one group, so
-differing per-group rates are refused with it too.
+``"optimizer"`` section is built by DeepSpeed over the same groups (``QwenVLTrainer.create_optimizer``),
+so it needs nothing here.
 """
 from __future__ import annotations
 
@@ -97,12 +97,8 @@ def rate_problems(config: dict, values: dict, source: str) -> list[str]:
     flags = differing_group_rates(values)
     if not flags or not isinstance(config, dict):
         return []
+    # An "optimizer" section is fine: QwenVLTrainer.create_optimizer has DeepSpeed build it over the groups.
     problems = []
-    if "optimizer" in config:
-        problems.append(f'the DeepSpeed config {source} has an "optimizer" section: DeepSpeed then builds its own '
-                        f"optimizer over all parameters as one group, so {_flags_text(flags)} would be ignored. "
-                        f'Remove the "optimizer" section (--optim then builds the per-component groups), or drop '
-                        f"{_drop_text(flags)}.")
     section = config.get("scheduler")
     kind = section.get("type") if isinstance(section, dict) else None
     params = (section.get("params") or {}) if isinstance(section, dict) else {}

@@ -5,7 +5,9 @@ What it adds to ``transformers.Trainer``:
 - the optimizer is built from ``optim.build_param_groups`` (per-component learning
   rates, no decay on biases and norms); with a DeepSpeed config that offloads the
   optimizer to CPU, the groups go to DeepSpeed's CPU Adam (DeepSpeed refuses a
-  torch optimizer there); a DeepSpeed config's ``"scheduler"`` gets its rates as one
+  torch optimizer there); a DeepSpeed config's ``"optimizer"`` section is built by DeepSpeed
+  over the same groups (transformers would hand it all parameters as one group, decaying
+  biases and norms at one rate); a DeepSpeed config's ``"scheduler"`` gets its rates as one
   value per group (``deepspeed_schedule.py``), so each group keeps its own rate;
 - every training log carries ``lr/<group>`` for each group (the rates that step trained at, also under
   DeepSpeed, whose engine moves the schedule on inside the step), and token throughput
@@ -115,12 +117,23 @@ class QwenVLTrainer(Trainer):
         return str(zero.get("offload_optimizer", {}).get("device", "none")) in ("cpu", "nvme")
 
     def create_optimizer(self, model=None):
-        """The optimizer over ``build_param_groups``; DeepSpeed's CPU Adam when ZeRO offloads it."""
-        if self.optimizer is not None:
+        """The optimizer over ``build_param_groups``; DeepSpeed's CPU Adam when ZeRO offloads it. With a
+        DeepSpeed config's ``"optimizer"`` section, that optimizer over the same groups."""
+        if self.optimizer is not None and not self._holds_deepspeeds_one_group():
             return self.optimizer
         opt_model = self.model if model is None else model
         groups = build_param_groups(opt_model, self.args)
-        if self._offloads_optimizer():
+        if self.optimizer is not None:
+            # transformers hands DeepSpeed every trainable parameter as one group (accelerate's DummyOptim),
+            # so its optimizer would decay biases and norms and train every part at --learning_rate. DummyOptim
+            # carries parameter groups as well: DeepSpeed builds the section's optimizer over ours, each group
+            # with its own rate and decay, the section's type and its other settings as written.
+            from accelerate.utils import DummyOptim
+
+            placeholder = self.optimizer
+            self.optimizer = DummyOptim(groups, lr=placeholder.lr, weight_decay=placeholder.weight_decay,
+                                        **placeholder.kwargs)
+        elif self._offloads_optimizer():
             optim = str(getattr(self.args.optim, "value", self.args.optim))
             if not optim.startswith("adamw"):
                 raise ConfigError(f"--optim {optim} cannot run with optimizer offload (DeepSpeed's CPU "
@@ -144,6 +157,16 @@ class QwenVLTrainer(Trainer):
         if self.is_world_process_zero():
             print("optimizer groups:\n" + describe_groups(groups) + (f"\n{spread}" if spread else ""), flush=True)
         return self.optimizer
+
+    def _holds_deepspeeds_one_group(self) -> bool:
+        """Whether ``self.optimizer`` is transformers' placeholder for a DeepSpeed "optimizer" section, still
+        over all trainable parameters as one group (``deepspeed_init`` made it; ``create_optimizer`` regroups)."""
+        if not self.is_deepspeed_enabled:
+            return False
+        from accelerate.utils import DummyOptim
+
+        return isinstance(self.optimizer, DummyOptim) and not (
+            self.optimizer.params and isinstance(self.optimizer.params[0], dict))
 
     def _schedule_rates_per_group(self, groups: list[dict]) -> str | None:
         """With a DeepSpeed config's "scheduler" section, its rates as one list per group (``deepspeed_schedule.py``),

@@ -22,15 +22,24 @@ class RateProbeTrainer(QwenVLTrainer):
             groups = self.optimizer.param_groups
             step = self.state.global_step + 1
             print(f"RATE {step} {groups[0]['lr']!r}", flush=True)
-            print(f"GROUP_RATES {step} {json.dumps({g['name']: float(g['lr']) for g in groups})}", flush=True)
+            names = [g.get("name", str(i)) for i, g in enumerate(groups)]
+            print(f"GROUP_RATES {step} {json.dumps({n: float(g['lr']) for n, g in zip(names, groups)})}", flush=True)
+            print(f"GROUP_DECAY {step} {json.dumps({n: float(g['weight_decay']) for n, g in zip(names, groups)})}",
+                  flush=True)
+            if step == 1:
+                inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper
+                inner = getattr(inner, "optimizer", inner)  # DeepSpeed's ZeRO wrapper
+                print(f"OPTIMIZER {type(inner).__module__}.{type(inner).__name__} "
+                      f"{json.dumps({k: v for k, v in inner.defaults.items() if k in ('betas', 'eps')})}", flush=True)
         return super().training_step(model, inputs, *args, **kwargs)
 
 
-def group_rates(stdout: str) -> dict[int, dict[str, float]]:
-    """``{step: {group name: rate}}`` from a probe run's output (the last line per step wins)."""
+def group_rates(stdout: str, what: str = "GROUP_RATES") -> dict[int, dict[str, float]]:
+    """``{step: {group name: rate}}`` from a probe run's output (the last line per step wins); with
+    ``what="GROUP_DECAY"``, each group's weight decay instead."""
     rates = {}
     for line in stdout.splitlines():
-        if line.startswith("GROUP_RATES "):
+        if line.startswith(what + " "):
             _, step, payload = line.split(" ", 2)
             rates[int(step)] = json.loads(payload)
     return rates

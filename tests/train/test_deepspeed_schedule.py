@@ -74,12 +74,10 @@ def test_auto_rates_ratios_and_lists_are_kept(base, tmp_path, scheduler):
     parse_args(base + ["--mm_projector_lr", "1e-2", "--deepspeed", _config(tmp_path, scheduler=scheduler)])
 
 
-def test_an_optimizer_section_is_refused_with_per_group_rates(base, tmp_path):
-    """DeepSpeed builds that optimizer over all parameters as one group (measured: one group at 1e-3)."""
+def test_an_optimizer_section_is_kept_with_per_group_rates(base, tmp_path):
+    """DeepSpeed builds that optimizer over the trainer's groups (the run below), so nothing is refused."""
     config = _config(tmp_path, optimizer={"type": "AdamW", "params": {"lr": "auto"}})
-    with pytest.raises(ConfigError, match='has an "optimizer" section: DeepSpeed then builds its own optimizer over '
-                                          "all parameters as one group, so --vision_tower_lr 0.0002 would be ignored"):
-        parse_args(base + ["--tune_mm_vision", "True", "--vision_tower_lr", "2e-4", "--deepspeed", config])
+    parse_args(base + ["--tune_mm_vision", "True", "--vision_tower_lr", "2e-4", "--deepspeed", config])
 
 
 def test_the_refusal_exits_2_before_any_work(base, tmp_path, capsys):
@@ -177,3 +175,42 @@ def test_under_deepspeed_each_group_trains_on_the_config_schedule_at_its_own_rat
         assert logged[step] == pytest.approx(expected, rel=1e-12, abs=0), step
     assert ('DeepSpeed "scheduler" WarmupDecayLR: each optimizer group follows the schedule at its own rate '
             "(warmup_max_lr llm 0.001, merger 0.01, vision 0.0002)") in result.stdout
+
+
+@pytest.mark.slow
+def test_a_deepspeed_optimizer_section_trains_the_groups_with_their_own_rates_and_decay(tiny_model_dir, tmp_path):
+    """ZeRO-2, one CPU process, a config with an "optimizer" section (AdamW, "auto" rate and decay, betas and
+    eps written out) and a WarmupDecayLR "scheduler": DeepSpeed's optimizer is built over the trainer's groups,
+    so each trains at its own rate and biases and norms are not decayed.  Before, transformers handed DeepSpeed
+    every trainable parameter as one group: one rate, and --weight_decay on biases and norms too."""
+    from tests.commands import run_command
+
+    from .conftest import free_port
+    from .rate_probe import group_rates
+    from .test_robust_training import _env, _flags
+
+    section = {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "betas": "auto", "eps": "auto",
+                                           "torch_adam": True}}
+    flags = _flags(tiny_model_dir("qwen2_5_vl"), tmp_path / "out", "--tune_mm_vision", "True",
+                   "--mm_projector_lr", "1e-2", "--vision_tower_lr", "2e-4", "--weight_decay", "0.1",
+                   "--adam_beta2", "0.95", "--max_steps", "3", "--warmup_steps", "1", "--save_strategy", "no",
+                   "--deepspeed", _config(tmp_path, optimizer=section, scheduler=AUTO_DECAY))
+    env = _env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    result = run_command([sys.executable, "-m", "tests.train.rate_probe", *flags], env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    # The section's optimizer (DeepSpeed's choice for AdamW with torch_adam), with the flags' betas.
+    line = next(line for line in result.stdout.splitlines() if line.startswith("OPTIMIZER "))
+    kind, defaults = line.split(" ", 2)[1:]
+    assert kind == "torch.optim.adamw.AdamW" and json.loads(defaults)["betas"] == [0.9, 0.95]
+
+    names = {"llm", "llm_no_decay", "merger", "merger_no_decay", "vision", "vision_no_decay"}
+    base = {"llm": 1e-3, "merger": 1e-2, "vision": 2e-4}
+    used = group_rates(result.stdout)
+    assert set(used) == {1, 2, 3}
+    assert set(used[3]) == names
+    assert used[3] == pytest.approx({name: 0.5 * base[name.removesuffix("_no_decay")] for name in names},
+                                    rel=1e-12, abs=0)  # past the warmup step, half-way down the decay
+    decay = group_rates(result.stdout, "GROUP_DECAY")
+    assert decay[1] == {name: 0.0 if name.endswith("_no_decay") else 0.1 for name in names}
+    assert "optimizer groups:" in result.stdout
