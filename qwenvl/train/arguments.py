@@ -350,6 +350,16 @@ def _cross_checks(v: dict) -> list[str]:
         problems.append(f"--max_tokens_per_batch must be positive, got {v['max_tokens_per_batch']}.")
     if packing and v.get("group_by_modality_length"):
         problems.append("--group_by_modality_length and online packing both decide the batches: choose one.")
+    grouping = v.get("group_by_modality_length") or str(v.get("train_sampling_strategy")) == "group_by_length"
+    if v.get("auto_find_batch_size") and (packing or grouping):
+        # transformers retries after an out-of-memory error with half the Trainer's batch size; our batch
+        # sampler (steps.train_batch_sampler) never reads it, so each retry would run out of memory alike.
+        made_by = "the token budget" if packing else "the length-grouping sampler"
+        fix = ("lower --max_tokens_per_batch (or --token_budget_samples) until a step fits" if packing else
+               "lower --per_device_train_batch_size until a step fits")
+        problems.append(f"--auto_find_batch_size halves --per_device_train_batch_size after an out-of-memory error, "
+                        f"but this run's micro-batches are made by {made_by}, which it does not change: every "
+                        f"retry would run out of memory the same way. Drop --auto_find_batch_size and {fix}.")
     if v.get("master_weights", "fp32") not in ("fp32", "bf16"):
         problems.append(f"--master_weights must be fp32 or bf16, not {v.get('master_weights')!r}.")
     kernel = v.get("loss_kernel", "auto")

@@ -185,3 +185,21 @@ def test_a_negative_value_after_a_space_says_how_to_write_it(base):
         parse_args(base + ["--learning_rate", "-1e-5"])
     with pytest.raises(ConfigError, match="--learning_rate must be positive, got -1e-05"):
         parse_args(base + ["--learning_rate=-1e-5"])
+
+
+@pytest.mark.parametrize("batching, words", [
+    (["--data_flatten", "True", "--max_tokens_per_batch", "4096"], "made by the token budget"),
+    (["--data_flatten", "True", "--token_budget_samples", "8"], "lower --max_tokens_per_batch (or"),
+    (["--group_by_modality_length", "True"], "made by the length-grouping sampler"),
+    (["--train_sampling_strategy", "group_by_length"], "lower --per_device_train_batch_size"),
+])
+def test_auto_find_batch_size_is_refused_where_the_batches_do_not_follow_the_batch_size(base, batching, words):
+    """transformers' retry after an out-of-memory error halves the Trainer's batch size, which these samplers
+    never read: the retries would fail alike, then end in "No executable batch size found"."""
+    with pytest.raises(ConfigError) as err:
+        parse_args(base + batching + ["--auto_find_batch_size", "True"])
+    assert "--auto_find_batch_size halves --per_device_train_batch_size" in str(err.value)
+    assert words in str(err.value)
+    parse_args(base + batching)  # fine without it
+    # The Trainer's own sampler reads the halved size: kept.
+    assert parse_args(base + ["--auto_find_batch_size", "True"]).training.auto_find_batch_size
