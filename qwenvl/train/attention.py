@@ -375,6 +375,13 @@ def register_attention(name: str = VARLEN_ATTENTION, kernel: VarlenKernel | None
     """
     from transformers import AttentionInterface, AttentionMaskInterface
 
+    if kernel is None:
+        # Build PyTorch's kernel object now (an import and a signature read; no GPU needed). Left to the first
+        # attention call, that is inside a compiled layer's trace: dynamo then records the new object's
+        # attributes as pending side effects, and calling it raised "InternalTorchDynamoError: 'VarlenKernel'
+        # object has no attribute 'fn'" (torch 2.11, H200, --attn_implementation flash_varlen_torch with
+        # --compile_layers, nothing else having asked for the kernel before the first step).
+        torch_varlen_kernel()
     if name not in _REGISTERED or kernel is not None:
         _REGISTERED[name] = make_attention_forward(kernel if kernel is not None else torch_varlen_kernel)
     AttentionInterface.register(name, _REGISTERED[name])

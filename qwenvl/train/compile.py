@@ -36,6 +36,18 @@ from qwenvl.train.attention import VARLEN_ATTENTION
 
 logger = logging.getLogger(__name__)
 
+# How many compiled versions dynamo keeps of one function before it runs that function eagerly for good
+# (torch's ``recompile_limit``, 8 by default). Every transformers layer, vision block and decoder layer
+# alike, runs through one function (GradientCheckpointingLayer's forward wrapper), so they share those 8.
+# Measured on an H200 (torch 2.11): Qwen2.5-VL vision blocks at released widths meeting images of 64 to
+# 19,600 patches were recompiled for each range of patch counts that Inductor's passes guard on (up to
+# 1,279, 1,281-3,419, from 3,420, from 4,096; shape padding and reductions), once for the window and once
+# for the full-attention blocks: 8 versions in training alone, so the first evaluation (no grad) hit the
+# limit and the blocks ran eagerly from then on, slower and without the activation budget. The ranges are
+# few and fixed by the model's widths, so a higher limit bounds the compiles (about 5 s each) and keeps
+# every layer compiled.
+RECOMPILE_LIMIT = 64
+
 
 def repeated_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """The model's repeated blocks: transformers' checkpointable layers (decoder layers of the
@@ -58,6 +70,8 @@ def compile_layers(model: torch.nn.Module, dynamic: bool = True, activation_memo
     layer may keep for the backward pass; the compiler recomputes the rest, cheapest first
     (element-wise work before matmuls).  A finer alternative to whole-layer gradient
     checkpointing; it sets PyTorch's process-wide ``torch._functorch.config.activation_memory_budget``.
+
+    Raises dynamo's process-wide ``recompile_limit`` to at least ``RECOMPILE_LIMIT`` (see there).
     """
     layers = repeated_layers(model)
     if not layers:
@@ -76,6 +90,9 @@ def compile_layers(model: torch.nn.Module, dynamic: bool = True, activation_memo
                        "runs them one image at a time in a Python loop, which would recompile at every new "
                        "number of images per batch; flash_attention_2 or %s compiles them too",
                        len(looping), _implementation(looping[0][1]), VARLEN_ATTENTION)
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     for _, layer in layers:
         layer.compile(dynamic=dynamic)
     kinds = sorted({type(layer).__name__ for _, layer in layers})

@@ -219,6 +219,20 @@ def test_register_is_idempotent_and_registers_a_mask_function():
     assert torch.equal(attn.padding_mask_only(1, 3, 3, attention_mask=mask), mask)
 
 
+def test_asking_for_the_torch_kernel_by_name_builds_it_before_any_forward():
+    """In a fresh process, --attn_implementation flash_varlen_torch (registration, no forward yet) leaves
+    PyTorch's kernel built: built inside a compiled layer's first forward instead, torch 2.11's dynamo
+    failed on it (test_compile.py::test_compiled_first_forward_with_the_torch_kernel_asked_for_by_name)."""
+    import subprocess
+    import sys
+
+    code = ("from qwenvl.train import attention as a; a.choose_attn_implementation(a.VARLEN_ATTENTION, True); "
+            "k = a._TORCH_KERNEL; print(len(k), k and k[0] is not None and k[0].fn.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    expected = "1 varlen_attn" if attn.varlen_available() else "1 None"
+    assert out.stdout.split("\n")[-2] == expected, out.stdout + out.stderr
+
+
 @pytest.mark.parametrize("flash_attn, varlen, cuda_, requested, expected", [
     (True, True, True, "eager", "eager"),
     (True, True, True, None, "flash_attention_2"),

@@ -7,6 +7,7 @@ plumbing, not from the reference kernel's Python loops.
 from __future__ import annotations
 
 import functools
+import sys
 
 import pytest
 import torch
@@ -232,6 +233,107 @@ def test_compiled_layers_on_gpu_with_torch_varlen_kernel(tiny_model_dir, model_t
     assert _relative_error(loss.float(), want_loss.float()) < 1e-2
     worst = max(_relative_error(grads[n].float(), want_grads[n].float()) for n in want_grads)
     assert worst < 5e-2, worst
+
+
+_FIRST_FORWARD_COMPILED = """
+import sys, torch
+from qwenvl.train.attention import VARLEN_ATTENTION, apply_attn_implementation, choose_attn_implementation
+from qwenvl.train.compile import compile_layers
+from tests.train.test_attention import _batch_on, _load
+name = choose_attn_implementation(VARLEN_ATTENTION, device_is_cuda=True)  # as --attn_implementation does
+model = _load(sys.argv[1], torch.bfloat16, "cuda")
+apply_attn_implementation(model, name)
+model.train()
+compile_layers(model)
+loss = model(**_batch_on(sys.argv[1], "cuda", torch.bfloat16)).loss
+loss.backward()
+print("LOSS", float(loss))
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_first_forward_with_the_torch_kernel_asked_for_by_name(tiny_model_dir):
+    """A fresh process whose first forward is compiled, with --attn_implementation flash_varlen_torch given (so
+    nothing asked for the kernel before): it trains. Before, the kernel object was built inside the trace and
+    torch 2.11's dynamo failed on it ("'VarlenKernel' object has no attribute 'fn'")."""
+    from tests.commands import run_command
+
+    from .test_train_qwen import _env  # keeps the caller's PYTHONPATH
+
+    result = run_command([sys.executable, "-c", _FIRST_FORWARD_COMPILED, str(tiny_model_dir("qwen2_5_vl"))],
+                         env=_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loss = float(result.stdout.split("LOSS ")[-1])
+    assert 0 < loss < 20
+
+
+def test_compiling_layers_raises_the_recompile_limit_and_keeps_a_higher_one(tiny_model_dir):
+    """All layers share one compiled function, whose 8 versions (torch's default) real image sizes
+    used up on a GPU (the test below): compile_layers leaves room for them."""
+    from qwenvl.train.compile import RECOMPILE_LIMIT
+
+    for before, after in ((8, RECOMPILE_LIMIT), (RECOMPILE_LIMIT * 2, RECOMPILE_LIMIT * 2)):
+        with torch._dynamo.config.patch(recompile_limit=before):
+            compile_layers(_load(tiny_model_dir("qwen2_5_vl"), "sdpa"))
+            assert torch._dynamo.config.recompile_limit == after
+
+
+_PATCH_COUNTS = [(16, 16), (40, 40), (64, 64), (60, 58), (140, 140), (20, 30)]  # 256 to 19,600 patches
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_vision_blocks_stay_compiled_through_every_image_size_and_evaluation():
+    """Qwen2.5-VL vision blocks at released widths (4 of them, bf16, torch's varlen kernel), compiled as
+    training compiles them, meet images of 256 to 19,600 patches with gradients, then under no_grad as
+    in an evaluation: dynamo never reaches its recompile limit (after which the blocks would run eagerly
+    for good), and the evaluation gets graphs of its own. Measured before the limit was raised (H200,
+    torch 2.11): 8 graphs in training, and the evaluation hit the limit."""
+    import logging
+
+    from benchmarks.train_throughput import released_config
+    from qwenvl.hf_internals import build_from_config
+    from qwenvl.train.attention import VARLEN_ATTENTION
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config = released_config("7b")
+    config.vision_config.depth, config.vision_config.fullatt_block_indexes = 4, [3]
+    config.text_config.num_hidden_layers = 1
+    register_attention()
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.device("cuda"):
+        model = build_from_config(Qwen2_5_VLForConditionalGeneration, config, dtype=torch.bfloat16,
+                                  attn_implementation="sdpa")
+    apply_attn_implementation(model, VARLEN_ATTENTION)
+    model.train()
+    compile_layers(model)
+
+    warnings = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            warnings.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    logging.getLogger("torch._dynamo").addHandler(handler)
+    try:
+        def run(grad: bool):
+            for h, w in _PATCH_COUNTS:
+                pixels = torch.randn(h * w, 1176, device="cuda", dtype=torch.bfloat16)
+                with torch.set_grad_enabled(grad):
+                    out = model.model.visual(pixels, grid_thw=torch.tensor([[1, h, w]], device="cuda"))
+                    if grad:
+                        out.pooler_output.float().sum().backward()
+
+        run(grad=True)
+        trained = _graph_count()
+        run(grad=False)
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(handler)
+    assert not [w for w in warnings if "recompile_limit" in w], warnings
+    assert _graph_count() > trained > 2, (trained, _graph_count())
 
 
 @pytest.mark.slow
