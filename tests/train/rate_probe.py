@@ -5,9 +5,9 @@
 It reads the optimizer's parameter groups as each step begins (what that step's optimizer step uses),
 independently of what the trainer logs, and prints ``RATE <step> <lr>`` (the first group) and
 ``GROUP_RATES <step> <json>`` (every group, by name), ``GROUP_DECAY <step> <json>`` (their weight decays) and,
-after the step, ``LOSS <step> <loss>`` (the step's training loss at full precision; the log rounds it).  Under DeepSpeed the Trainer's own logged rate is
-read after the engine's scheduler step, the next step's, so a wrong rate on the first resumed step never
-showed in ``trainer_state.json``.
+after the step, ``LOSS <step> <loss>`` (the step's training loss at full precision; the log rounds it).
+Under DeepSpeed the Trainer's own logged rate is read after the engine's scheduler step, the next step's,
+so a wrong rate on the first resumed step never showed in ``trainer_state.json``.
 """
 from __future__ import annotations
 
