@@ -302,12 +302,16 @@ def _cross_checks(v: dict) -> list[str]:
     if problem:
         problems.append(problem)
     elif v.get("deepspeed"):
-        from .deepspeed_schedule import rate_problems
+        from .deepspeed_schedule import rate_problems, zero_adagrad_problem
 
-        # A "scheduler" or "optimizer" section that would give every group one rate, before any data work.
+        # A "scheduler" section that would give every group one rate, or an Adagrad that ZeRO would collapse into
+        # one group (and then crash on), before any data work.
         deepspeed = v["deepspeed"]
-        problems += rate_problems(_json_config(deepspeed), v,
-                                  deepspeed if isinstance(deepspeed, str) else "(--deepspeed)")
+        source = deepspeed if isinstance(deepspeed, str) else "(--deepspeed)"
+        problems += rate_problems(_json_config(deepspeed), v, source)
+        adagrad = zero_adagrad_problem(_json_config(deepspeed), v.get("optim"), source)
+        if adagrad:
+            problems.append(adagrad)
     if v.get("lora_enable"):
         if int(v.get("lora_r", 1)) <= 0:
             problems.append(f"--lora_r must be positive, got {v.get('lora_r')}.")

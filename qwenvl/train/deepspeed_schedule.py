@@ -21,7 +21,8 @@ group it is for, so with differing per-group rates a run stops at start-up namin
 ``WarmupCosineLR`` needs none of this: it works in ratios of each group's own rate.  A list already
 in the config is the user's own per-group values and is kept (its length is checked).  An
 ``"optimizer"`` section is built by DeepSpeed over the same groups (``QwenVLTrainer.create_optimizer``),
-so it needs nothing here.
+so it needs nothing here, but for Adagrad under ZeRO, which DeepSpeed collapses into one group and then
+fails on (``zero_adagrad_problem``, refused at start-up).
 """
 from __future__ import annotations
 
@@ -112,6 +113,45 @@ def rate_problems(config: dict, values: dict, source: str) -> list[str]:
     if found:
         problems.append(_rate_problem(source, kind, found, flags))
     return problems
+
+
+def zero_adagrad_problem(config: dict, optim, source: str) -> str | None:
+    """Why Adagrad cannot train the optimizer's groups under this DeepSpeed ``config``, or None.
+
+    ZeRO stages 1-3 rebuild a torch ``Adagrad`` over their flat fp32 partitions as *one* group with the
+    optimizer's defaults (``deepspeed/runtime/zero/stage_1_and_2.py`` and ``stage3.py``: "State initialization
+    for the Adagrad optimizer occurs at construction"), whatever groups it was built over: the per-component
+    rates and the no-decay groups are dropped, and the first step then stops with an IndexError deep in
+    DeepSpeed (measured, DeepSpeed 0.19.8 on CPU, ZeRO-2 and ZeRO-3: one group at --learning_rate and
+    --weight_decay, then ``param_groups[param_group_idx]['params'][0]``: list index out of range).  Our groups
+    always split decay from no-decay, so every such run fails.  With ``offload_optimizer`` DeepSpeed builds
+    its CPU Adagrad instead (not a torch Adagrad), and stage 0 keeps torch's: both train the groups.
+    ``optim``: the run's --optim (used only without an "optimizer" section)."""
+    if not isinstance(config, dict):
+        return None
+    zero = config.get("zero_optimization") or {}
+    stage = int(zero["stage"]) if str(zero.get("stage", "")).isdigit() else 0
+    offload = str((zero.get("offload_optimizer") or {}).get("device", "none")).lower()
+    if stage < 1 or offload in ("cpu", "nvme"):
+        return None
+    section = config.get("optimizer")
+    if isinstance(section, dict):
+        if str(section.get("type", "")).lower() != "adagrad":
+            return None
+        what = f'its "optimizer" section ({section.get("type")})'
+        fix = ('Choose another "type" (AdamW), or keep Adagrad with the optimizer offloaded '
+               '(zero_optimization.offload_optimizer.device "cpu": DeepSpeed\'s CPU Adagrad keeps the groups) or '
+               "under ZeRO stage 0")
+    else:
+        if str(getattr(optim, "value", optim)).lower() != "adagrad":
+            return None
+        what = "--optim adagrad"
+        fix = ('Use another --optim (adamw_torch), or for Adagrad an "optimizer" section {"type": "Adagrad"} with '
+               'the optimizer offloaded (zero_optimization.offload_optimizer.device "cpu": DeepSpeed\'s CPU Adagrad '
+               "keeps the groups), or ZeRO stage 0")
+    return (f"the DeepSpeed config {source}: {what} cannot run under ZeRO stage {stage}: DeepSpeed rebuilds torch's "
+            "Adagrad over its partitions as one parameter group (every part at --learning_rate, biases and norms "
+            f"decayed) and then stops at the first step with an IndexError. {fix}.")
 
 
 def spread_rates_over_groups(config: dict, groups: list[dict], args, source: str) -> dict[str, list[float]]:

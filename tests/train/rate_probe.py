@@ -4,9 +4,10 @@
 
 It reads the optimizer's parameter groups as each step begins (what that step's optimizer step uses),
 independently of what the trainer logs, and prints ``RATE <step> <lr>`` (the first group) and
-``GROUP_RATES <step> <json>`` (every group, by name).  Under DeepSpeed the Trainer's own logged rate is
-read after the engine's scheduler step, the next step's, so a wrong rate on the first resumed step never
-showed in ``trainer_state.json``.
+``GROUP_RATES <step> <json>`` (every group, by name), ``GROUP_DECAY <step> <json>`` (their weight decays) and,
+after the step, ``LOSS <step> <loss>`` (the step's training loss at full precision; the log rounds it).
+Under DeepSpeed the Trainer's own logged rate is read after the engine's scheduler step, the next step's,
+so a wrong rate on the first resumed step never showed in ``trainer_state.json``.
 """
 from __future__ import annotations
 
@@ -31,12 +32,15 @@ class RateProbeTrainer(QwenVLTrainer):
                 inner = getattr(inner, "optimizer", inner)  # DeepSpeed's ZeRO wrapper
                 print(f"OPTIMIZER {type(inner).__module__}.{type(inner).__name__} "
                       f"{json.dumps({k: v for k, v in inner.defaults.items() if k in ('betas', 'eps')})}", flush=True)
-        return super().training_step(model, inputs, *args, **kwargs)
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        if self.is_world_process_zero():
+            print(f"LOSS {self.state.global_step + 1} {loss.item()!r}", flush=True)
+        return loss
 
 
 def group_rates(stdout: str, what: str = "GROUP_RATES") -> dict[int, dict[str, float]]:
     """``{step: {group name: rate}}`` from a probe run's output (the last line per step wins); with
-    ``what="GROUP_DECAY"``, each group's weight decay instead."""
+    ``what="GROUP_DECAY"``, each group's weight decay instead; with ``what="LOSS"``, ``{step: loss}``."""
     rates = {}
     for line in stdout.splitlines():
         if line.startswith(what + " "):
