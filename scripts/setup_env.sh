@@ -7,13 +7,19 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${QWENVL_VENV:-$ROOT/.venv}"
 
-if ! command -v ffmpeg >/dev/null 2>&1; then
+# FFmpeg: torchcodec's libraries. A C++ compiler: DeepSpeed compiles its CPU Adam on first use (ZeRO with the
+# optimizer offloaded; the test suite trains so on the CPU).
+MISSING=()
+command -v ffmpeg >/dev/null 2>&1 || MISSING+=(ffmpeg)
+command -v c++ >/dev/null 2>&1 || MISSING+=(g++)
+if [ "${#MISSING[@]}" -gt 0 ]; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-    echo "[setup] installing FFmpeg (torchcodec needs its libraries)"
+    echo "[setup] installing ${MISSING[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${MISSING[@]}" >/dev/null
   else
-    echo "[setup] FFmpeg not found and cannot install it here: torchcodec will be skipped (decord/PyAV still work)"
+    echo "[setup] not found and cannot be installed here: ${MISSING[*]} (FFmpeg: torchcodec is skipped, decord and" \
+         "PyAV still work; a C++ compiler: DeepSpeed cannot build its CPU Adam for optimizer offload)"
   fi
 fi
 

@@ -18,7 +18,8 @@
 # examples/models/qwen3_5/transformers.sh: --router_aux_loss_coef 1e-3); without it the
 # experts' load is not balanced during fine-tuning. ms-swift's Megatron recipe uses
 # --moe_aux_loss_coeff 1e-6, Megatron's per-layer loss on another scale, not this number.
-# LoRA (--lora_enable True) cannot reach the routed experts (fused 3-D weights; README, LoRA on MoE).
+# LoRA (--lora_enable True) adapts attention and the shared expert; the routed experts (fused 3-D weights)
+# need --lora_target_parameters experts as well (README, LoRA on MoE).
 # Everything after the script name overrides these defaults (last value wins).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -77,3 +77,17 @@ class DataArguments:
             problems.append(f"--media_timeout must be a positive number of seconds, got {self.media_timeout}.")
         if problems:
             raise DataConfigError(problems)
+
+
+def parse_tool_flags(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
+    """The data tools' flags (audit, preview, pack_data) parsed into ``dataclass_types``' instances.
+
+    A flag none of them has raises DataConfigError naming it (the tools print it and exit 2);
+    HfArgumentParser raised a plain ValueError, which ended the tools in a traceback."""
+    from transformers import HfArgumentParser
+
+    parsed = HfArgumentParser(dataclass_types).parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    *instances, unknown = parsed
+    if unknown:
+        raise DataConfigError([f"unknown flag(s) {' '.join(unknown)}: see --help for this tool's flags."])
+    return tuple(instances)

@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
-from transformers import HfArgumentParser
 
-from qwenvl.data.arguments import DataArguments
+from qwenvl.data.arguments import DataArguments, parse_tool_flags
 from qwenvl.data.errors import DataError
 from qwenvl.data.media.read import open_image
 from qwenvl.data.render.grounding import convert_values, place_coordinates
@@ -152,7 +151,7 @@ def preview(argv: list[str] | None = None) -> str:
     # local: --help and flag errors answer without importing torch and the renderer
     from qwenvl.data.dataset import make_supervised_data_module, sample_token_counts
 
-    data_args, args = HfArgumentParser((DataArguments, PreviewArguments)).parse_args_into_dataclasses(argv)
+    data_args, args = parse_tool_flags((DataArguments, PreviewArguments), argv)
     from qwenvl.train.model import check_model_dir, read_config, read_processor
 
     check_model_dir(args.model_name_or_path)  # an adapter folder, no config.json: a message, not a traceback

@@ -74,9 +74,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from transformers import HfArgumentParser
 
-from qwenvl.data.arguments import DataArguments
+from qwenvl.data.arguments import DataArguments, parse_tool_flags
 from qwenvl.data.batch.count import TokenCounter, image_size, probe_video
 from qwenvl.data.batch.length_cache import LengthTable, save_lengths
 from qwenvl.data.batch.parallel_map import chunk_ranges, parallel_chunks
@@ -522,8 +521,9 @@ def main(argv: list[str] | None = None) -> int:
     from qwenvl.train.arguments import ConfigError
 
     try:
-        # An invalid flag value (--bad_sample_policy skipp) is a DataConfigError: a message, not a traceback.
-        data_args, audit_args = HfArgumentParser((DataArguments, AuditArguments)).parse_args_into_dataclasses(argv)
+        # An invalid flag value (--bad_sample_policy skipp) or an unknown flag is a DataConfigError: a message,
+        # not a traceback.
+        data_args, audit_args = parse_tool_flags((DataArguments, AuditArguments), argv)
         report, status = run_audit(data_args, audit_args, progress=True)
     except (DataError, ConfigError) as err:  # ConfigError: an unusable --model_name_or_path
         print(f"error: {err}", file=sys.stderr)

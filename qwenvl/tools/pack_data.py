@@ -43,9 +43,8 @@ import sys
 from dataclasses import dataclass, field
 
 import numpy as np
-from transformers import HfArgumentParser
 
-from qwenvl.data.arguments import DataArguments
+from qwenvl.data.arguments import DataArguments, parse_tool_flags
 from qwenvl.data.batch.count import TokenCounter
 from qwenvl.data.batch.length_cache import PATCHES, TOKENS, lengths_for
 from qwenvl.data.batch.packing import ALGORITHMS, pack_items, shuffle_packs
@@ -223,7 +222,11 @@ def format_summary(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    data_args, args = HfArgumentParser((DataArguments, PackArguments)).parse_args_into_dataclasses(argv)
+    try:
+        data_args, args = parse_tool_flags((DataArguments, PackArguments), argv)
+    except DataError as err:  # an unknown flag, an invalid value
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.algorithm not in ALGORITHMS:
         print(f"error: --algorithm must be one of {', '.join(ALGORITHMS)}", file=sys.stderr)
         return 2

@@ -76,8 +76,9 @@ class ModelArguments:
                           "Trained fully, also with --lora_enable."})
     attn_implementation: str | None = field(
         default=None,
-        metadata={"help": "Attention kernel: flash_attention_2, sdpa, eager, or any registered name. Default: "
-                          "flash_attention_2 when flash_attn is installed and CUDA is available, else sdpa."})
+        metadata={"help": "Attention kernel: flash_attention_2, flash_varlen_torch, sdpa, eager, or any registered "
+                          "name. Default on CUDA: flash_attention_2 when flash_attn is installed, else "
+                          "flash_varlen_torch (PyTorch's varlen kernel, torch >= 2.10, Ampere or newer); else sdpa."})
 
 
 @dataclass

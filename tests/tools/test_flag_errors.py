@@ -26,6 +26,19 @@ def test_an_invalid_flag_value_is_a_message_not_a_traceback(main, extra, capsys)
     assert "--media_timeout must be a positive number of seconds" in err  # every problem, at once
 
 
+@pytest.mark.parametrize("main, required", [
+    (audit.main, []), (preview.main, ["--model_name_or_path", "unused"]),
+    ("pack_data", ["--model_name_or_path", "unused", "--model_max_length", "512", "--output", "unused"])])
+def test_an_unknown_flag_is_a_message_and_exit_2(main, required, capsys):
+    """audit ended in HfArgumentParser's ValueError traceback with exit 1 (the README promises 2)."""
+    from qwenvl.tools import pack_data
+
+    main = pack_data.main if main == "pack_data" else main
+    assert _exit_status(main, ["--dataset_use", "demo", *required, "--bogus", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--bogus" in err and "Traceback" not in err
+
+
 def test_preview_of_a_bad_sample_names_the_problem_instead_of_hanging_or_crashing(tmp_path, tiny_model_dir, capsys,
                                                                                   monkeypatch):
     import json
