@@ -183,3 +183,43 @@ def test_absolute_media_covers_every_reference_style(tmp_path):
     assert out["messages"][1] == record["messages"][1] and record["image"][0] == "a.png"  # input untouched
     remote = pack_data.absolute_media({"image": "x.png"}, "s3://bucket/imgs")
     assert remote["image"] == "s3://bucket/imgs/x.png"
+
+
+def test_qwen3_5_record_split_per_reasoning_turn_over_the_budget_is_reported_as_such(tmp_path, tiny_model_dir,
+                                                                                       capsys):
+    """A record trained as two samples (reasoning in two turns) whose samples fit --model_max_length each but
+    not together is dropped (a pack holds a record whole), counted over the token budget, not the patch budget
+    (there is none), with its location and the fix."""
+    from qwenvl.data.batch.count import TokenCounter
+    from qwenvl.data.catalog.formats import to_conversation
+    from qwenvl.data.catalog.registry import DatasetSpec
+    from qwenvl.data.render.processor_settings import configure_processor
+
+    model_dir = tiny_model_dir("qwen3_5")
+    words = " ".join(f"w{k}" for k in range(120))
+    two_turns = {"messages": [{"role": "user", "content": f"first {words}"},
+                              {"role": "assistant", "content": "a", "reasoning_content": "r"},
+                              {"role": "user", "content": f"second {words}"},
+                              {"role": "assistant", "content": "b", "reasoning_content": "s"}]}
+    short = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    (tmp_path / "a.json").write_text(json.dumps([short, two_turns, short]))
+    (tmp_path / "dict.json").write_text(json.dumps({"a": {"annotation_path": "a.json", "data_path": "."}}))
+    # The budget: between the longer of its two samples and their sum, from the counter itself.
+    counter = TokenCounter(configure_processor(load_processor(model_dir), DataArguments()))
+    conversation = to_conversation(two_turns, DatasetSpec(name="a", annotation_path="a.json", data_path="."), 1)
+    parts = [counter(part).tokens for part in counter.chat.split(conversation)]
+    assert len(parts) == 2
+    budget = (max(parts) + sum(parts)) // 2
+    report = tmp_path / "r.json"
+    status, text = _pack(["--dataset_use", "a", "--dataset_dictionary", str(tmp_path / "dict.json"),
+                          "--model_name_or_path", str(model_dir), "--model_max_length", str(budget), "--output",
+                          str(tmp_path / "p.json"), "--report", str(report), "--num_workers", "1"], capsys)
+    assert status == 0, text
+    summary = json.loads(report.read_text())
+    assert summary["items"] == 2 and summary["dropped_over_token_budget"] == 1
+    assert summary["dropped_over_patch_budget"] == summary["dropped_too_long"] == 0
+    assert summary["dropped"]["over_token_budget"] == [f"dataset 'a', file {tmp_path / 'a.json'}, record 1: "
+                                                       f"{sum(parts)} tokens"]
+    assert "0 over the patch budget" in text and "1 more dropped over the token budget" in text
+    assert "Fix: raise --model_max_length" in text
+
