@@ -29,7 +29,10 @@ Saved Hugging Face datasets (images stored as bytes) cannot be written to JSON: 
 online packing for them.
 
 Samples training would drop as too long (text alone over ``--model_max_length``), or
-whose patches exceed ``--max_patches_per_pack``, are dropped and counted, never split.
+whose patches exceed ``--max_patches_per_pack``, are dropped and counted, never split; so
+are Qwen3.5 records trained as one sample per reasoning turn whose samples fit
+``--model_max_length`` each but not together (a pack holds a record whole; reported as
+over the token budget).
 Samples above the budget that fit at a lower resolution are counted at the length
 training renders them at.  Other bad samples follow ``--bad_sample_policy``: ``error``
 stops (exit 1) naming them, ``skip`` drops and counts them.  The fill ratio reported
@@ -51,7 +54,7 @@ from qwenvl.data.batch.packing import ALGORITHMS, pack_items, shuffle_packs
 from qwenvl.data.catalog.mixture import build_mixture
 from qwenvl.data.catalog.registry import DEFAULT_DICTIONARY, load_dictionary, parse_dataset_use
 from qwenvl.data.catalog.sources import open_annotations
-from qwenvl.data.errors import DataError, DataKind
+from qwenvl.data.errors import DataError, DataKind, where
 from qwenvl.data.media.read import is_url, resolve_media
 
 
@@ -161,13 +164,23 @@ def plan_packs(data_args: DataArguments, args: PackArguments, progress: bool = T
     result = pack_items(rows[:, TOKENS], args.model_max_length, rows[:, PATCHES], args.max_patches_per_pack,
                         items=usable, algorithm=args.algorithm)
     result = shuffle_packs(result, args.seed)
+    # pack_items drops what exceeds either budget.  A record over the token budget is one that trains as
+    # several samples (Qwen3.5, one per reasoning turn) which fit --model_max_length each but not together
+    # (a single sample that long was dropped above as too long): a pack holds a record whole.
+    over_tokens = [int(i) for i in result.dropped if rows[i, TOKENS] > args.model_max_length]
+    over_patches = [int(i) for i in result.dropped if rows[i, TOKENS] <= args.model_max_length]
     summary = {"samples": int(len(mixture)), **result.summary(),
-               "dropped_too_long": len(too_long), "dropped_over_patch_budget": len(result.dropped),
+               "dropped_too_long": len(too_long), "dropped_over_token_budget": len(over_tokens),
+               "dropped_over_patch_budget": len(over_patches),
                "dropped_bad": len(broken), "algorithm": args.algorithm, "seed": args.seed}
     summary.pop("dropped", None)
+
+    def origin(i: int) -> str:
+        d, r = int(mixture[i, 0]), int(mixture[i, 1])
+        return f"{where(entries[d].spec.name, entries[d].spec.annotation_path, r)}: {int(rows[i, TOKENS])} tokens"
     return {"entries": entries, "sources": sources, "mixture": mixture, "result": result, "summary": summary,
             "dropped": {"too_long": [reasons[i] for i in too_long], "bad": [reasons[i] for i in broken],
-                        "over_patch_budget": [int(i) for i in result.dropped]}}
+                        "over_token_budget": [origin(i) for i in over_tokens], "over_patch_budget": over_patches}}
 
 
 def write_packs(plan: dict, output: str) -> None:
@@ -212,13 +225,17 @@ def register(dictionary: str | None, name: str, output: str) -> str:
 
 def format_summary(summary: dict) -> str:
     s = summary
+    over = "" if not s["dropped_over_token_budget"] else (
+        f"\n{s['dropped_over_token_budget']} more dropped over the token budget: records trained as several samples "
+        f"(Qwen3.5: one per reasoning turn) that fit {s['max_tokens']} tokens each but not together in one pack "
+        "(--report lists them). Fix: raise --model_max_length, or split those records into one record per turn.")
     patch = "" if s["max_patches"] is None else (f", {s['patches_used']} patches used of "
                                                  f"{s['packs']} x {s['max_patches']} ({s['patch_fill_ratio']:.1%})")
     return (f"{s['samples']} samples -> {s['packs']} packs of at most {s['max_tokens']} tokens "
             f"({s['items_per_pack_mean']} samples per pack); fill ratio {s['fill_ratio']:.2%} "
             f"({s['tokens_used']} tokens used of {s['packs']} x {s['max_tokens']}){patch}.\n"
             f"dropped: {s['dropped_too_long']} too long, {s['dropped_over_patch_budget']} over the patch budget, "
-            f"{s['dropped_bad']} bad (skipped: --bad_sample_policy skip).")
+            f"{s['dropped_bad']} bad (skipped: --bad_sample_policy skip).{over}")
 
 
 def main(argv: list[str] | None = None) -> int:

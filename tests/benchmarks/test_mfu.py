@@ -234,6 +234,64 @@ def test_qwen3_5_formula_equals_torch_flop_counter(model_type):
     del logits
 
 
+
+@pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_moe"])
+def test_qwen3_5_formula_with_an_image_and_a_video_equals_torch_flop_counter(model_type):
+    """A sample with an image and a two-frame-pair video: the vision tower alone, then the whole model's
+    forward (tower, merger, the placeholders' tokens through every layer), counted by torch, equal the
+    formula: the tower's forward plus the language model's forward (plus the reference convolution's padding)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tests.train.tiny_qwen35 import TEXT_TOKENS
+
+    model = _counting_model(model_type)
+    config = model.config
+    lang = LanguageShape.from_config(config.get_text_config())
+    vision = VisionShape.from_config(config.vision_config, model_type)
+    assert vision.patch_params == _linear_weights(model.model.visual, lambda n: "merger" not in n)
+    assert vision.merger_params == _linear_weights(model.model.visual, lambda n: "merger" in n)
+    assert vision.window is None and vision.full_blocks == config.vision_config.depth
+
+    v, merge = config.vision_config, config.vision_config.spatial_merge_size
+    image_grid, video_grid = torch.tensor([[1, 6, 8]]), torch.tensor([[2, 4, 4]])
+    row = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+    pixels, video = torch.randn(int(image_grid.prod()), row), torch.randn(int(video_grid.prod()), row)
+    patches = int(image_grid.prod() + video_grid.prod())
+    w, f = vision_attention_pairs(image_grid.tolist() + video_grid.tolist(), vision)
+    assert (w, f) == (0, 48 ** 2 + 2 * 16 ** 2)  # full attention within each frame
+    tower = vision_flops(StepWork(patches=patches, window_pairs=w, full_pairs=f), vision, train_vision=False,
+                         train_merger=False)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.model.visual(pixels, grid_thw=image_grid)
+        model.model.visual(video, grid_thw=video_grid)
+    assert counter.get_total_flops() == tower
+
+    gen = torch.Generator().manual_seed(0)
+
+    def text(n):
+        return torch.randint(0, TEXT_TOKENS, (n,), generator=gen).tolist()
+
+    def placeholder(token, grid):
+        t, h, w = grid[0].tolist()
+        return [config.vision_start_token_id] + [token] * (h * w // merge ** 2) + [config.vision_end_token_id]
+    # As the 3.5 processor writes a video: each temporal patch its own block, after its timestamp text.
+    frame = torch.tensor([[1, *video_grid[0, 1:].tolist()]])
+    ids = torch.tensor(text(5) + placeholder(config.image_token_id, image_grid) + text(7)
+                       + text(3) + placeholder(config.video_token_id, frame)
+                       + text(3) + placeholder(config.video_token_id, frame) + text(20))
+    s = len(ids)
+    mm = (ids == config.image_token_id).int() + 2 * (ids == config.video_token_id).int()
+    positions, _ = model.model.get_rope_index(ids[None], mm_token_type_ids=mm[None], image_grid_thw=image_grid,
+                                              video_grid_thw=video_grid)
+    work = StepWork(tokens=s, pairs=s * s, chunk_tokens=chunk_tokens([s]))
+    lin = lang.linear
+    conv_padding = lin.layers * 2 * lin.conv_dim * lin.conv_kernel * (lin.conv_kernel - 1)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(input_ids=ids[None], pixel_values=pixels, image_grid_thw=image_grid, pixel_values_videos=video,
+              video_grid_thw=video_grid, position_ids=positions, use_cache=False)
+    assert counter.get_total_flops() == language_flops(work, lang) / 3 + conv_padding + tower
+
+
 def test_released_qwen3_5_shapes_match_their_modules():
     from benchmarks.train_throughput import released_config
     from qwenvl.train.model import model_class_for

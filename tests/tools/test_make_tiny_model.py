@@ -165,3 +165,91 @@ def test_make_tiny_model_template_option_is_for_qwen3_5_only(tmp_path):
         make_tiny_model("qwen2_5_vl", tmp_path / "x", template="qwen3_6")
     with pytest.raises(SystemExit, match="--template must be one of"):
         make_tiny_model("qwen3_5", tmp_path / "y", template="qwen3_7")
+
+
+# Tools and a video, for the training renderer against each release's template (the processor's own rendering).
+Q35_TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
+                                                    "units": {"type": "array", "items": {"type": "string"}}},
+                   "required": ["city"]}}}]
+# Arguments of every JSON type: the releases write non-string values differently (3.6: JSON; 3.5: JSON for
+# objects and arrays only).
+Q35_ARGS = {"city": "Paris", "days": 3, "ratio": 0.5, "metric": True, "region": None, "units": ["C", "F"],
+            "extra": {"hourly": False}}
+
+
+def _q35_tool_messages() -> list[dict]:
+    def text(t):
+        return [{"type": "text", "text": t}]
+    return [{"role": "system", "content": text("You help with the weather.")},
+            {"role": "user", "content": text("Weather in Paris and Rome?")},
+            {"role": "assistant", "content": text("Checking."), "reasoning_content": "I need the tool twice.",
+             "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": Q35_ARGS}},
+                            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]},
+            {"role": "tool", "content": text('{"temperature": 21}')},
+            {"role": "tool", "content": text('{"temperature": 25}')},
+            {"role": "assistant", "content": text("21 and 25 degrees."), "reasoning_content": "Both came back."}]
+
+
+@pytest.mark.parametrize("template", sorted(Q35_RELEASES))
+def test_qwen3_5_training_render_with_tools_is_the_release_template(tiny_model_dir, template):
+    """Tool definitions, reasoning with two calls, two tool responses and a final answer: the training sample
+    is token for token what the release's template renders through the processor (tools=)."""
+    from qwenvl.data.catalog.formats import Conversation
+    from qwenvl.data.render.sample import IGNORE_INDEX, SampleRenderer
+
+    path = tiny_model_dir("qwen3_5", template)
+    processor, config = load_processor(path), AutoConfig.from_pretrained(path)
+    sample = SampleRenderer(processor, config).render(
+        Conversation(messages=_q35_tool_messages(), origin="tools", tools=Q35_TOOLS))
+    assert "pack" not in sample  # the reasoning turns follow the last user query: one sample
+    expected_text = processor.apply_chat_template(_q35_tool_messages(), tools=Q35_TOOLS, tokenize=False)
+    expected = processor.apply_chat_template(_q35_tool_messages(), tools=Q35_TOOLS, tokenize=True, return_dict=True,
+                                             return_tensors="pt")
+    assert processor.tokenizer.decode(sample["input_ids"]) == expected_text
+    assert torch.equal(sample["input_ids"], expected["input_ids"][0])
+    assert expected_text.count("<tool_call>\n<function=get_weather>") == 2 and expected_text.count("<tool_response>") == 2
+    assert expected_text.count("<think>") == 2  # both turns after the query keep their reasoning
+    trained = processor.tokenizer.decode(sample["labels"][sample["labels"] != IGNORE_INDEX])
+    assert trained.count("<tool_call>") == 2 and "temperature" not in trained and "Both came back." in trained
+
+
+@pytest.mark.parametrize("template", sorted(Q35_RELEASES))
+def test_qwen3_5_training_render_with_a_video_is_the_release_template(tiny_model_dir, template):
+    """An image, a video and a reasoned answer: the training sample is the release's template rendered and
+    expanded by the processor on the same frames (the 3.5 video processor's per-frame timestamps)."""
+    from pathlib import Path
+
+    from qwenvl.data.catalog.formats import Conversation
+    from qwenvl.data.media.video import VideoSettings, load_video, processor_video_inputs, processor_videos_kwargs
+    from qwenvl.data.render.sample import SampleRenderer
+
+    video = str(Path(__file__).resolve().parents[2] / "demo_data" / "videos" / "0000.mp4")
+    path = tiny_model_dir("qwen3_5", template)
+    processor, config = load_processor(path), AutoConfig.from_pretrained(path)
+    processor.image_processor.size = {"shortest_edge": 32 * 32, "longest_edge": 64 * 64}
+    settings = VideoSettings.for_processor(processor, fps=4.0, min_frames=4, max_frames=8, min_pixels=28 * 28,
+                                           max_pixels=56 * 56)
+    image = Image.new("RGB", (64, 48), (200, 0, 0))
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "video", "video": video},
+                                             {"type": "text", "text": "Where does the square go?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "right"}],
+                 "reasoning_content": "It moves to the right."}]
+    sample = SampleRenderer(processor, config, video_settings=settings).render(
+        Conversation(messages=messages, origin="video"))
+
+    template_messages = [{"role": m["role"], "content": [{"type": p["type"], **({"text": p["text"]} if "text" in p
+                                                                                else {})} for p in m["content"]],
+                          **({"reasoning_content": m["reasoning_content"]} if "reasoning_content" in m else {})}
+                         for m in messages]
+    text = processor.apply_chat_template(template_messages, tokenize=False)
+    assert "<|vision_start|><|video_pad|><|vision_end|>Where does the square go?" in text
+    assert text.endswith("<think>\nIt moves to the right.\n</think>\n\nright<|im_end|>\n")
+    frames, meta = processor_video_inputs(load_video(video, settings))
+    expected = processor(text=[text], images=[image], videos=[frames], return_tensors="pt",
+                         videos_kwargs=processor_videos_kwargs([meta]))
+    assert torch.equal(sample["input_ids"], expected["input_ids"][0])
+    assert torch.equal(sample["video_grid_thw"], expected["video_grid_thw"])
+    assert torch.equal(sample["image_grid_thw"], expected["image_grid_thw"])
+    assert "seconds>" in processor.tokenizer.decode(sample["input_ids"])  # the per-frame timestamps

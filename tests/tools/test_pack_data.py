@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from transformers import AutoConfig
 
@@ -183,3 +184,183 @@ def test_absolute_media_covers_every_reference_style(tmp_path):
     assert out["messages"][1] == record["messages"][1] and record["image"][0] == "a.png"  # input untouched
     remote = pack_data.absolute_media({"image": "x.png"}, "s3://bucket/imgs")
     assert remote["image"] == "s3://bucket/imgs/x.png"
+
+
+# -- Qwen3.5 / Qwen3.6: its tokenizer and thinking template, Gated DeltaNet layers ---------------------------------
+
+# Reasoning records: the Qwen3.5 template drops the reasoning of a turn before the last user query, so the first
+# record trains as two samples (one per reasoning turn, chat_pieces.split_for_thinking) that a pack carries together.
+REASONING = [
+    {"id": "reason-0000", "messages": [
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "Two and two make four."},
+        {"role": "user", "content": "And times 3?"},
+        {"role": "assistant", "content": "12", "reasoning_content": "Four threes are twelve."}]},
+    {"id": "reason-0001", "messages": [
+        {"role": "user", "content": "Is 7 prime?"},
+        {"role": "assistant", "content": "<think>\nNo divisor between 2 and 6.\n</think>\n\nYes."}]},
+]
+QWEN3_5_MIX = "demo_shapes%5,demo_multi_image%10,demo_grounding%10,demo_text%10,demo_video%25,reasoning"
+
+
+def _sample_losses(model, collator, samples) -> list[tuple[float, int]]:
+    """(mean loss, trained tokens) of each sample in a batch of its own."""
+    out = []
+    for sample in samples:
+        batch = collator([sample])
+        trained = int((batch["labels"][:, 1:] != -100).sum())  # the model shifts: the first label predicts nothing
+        out.append((float(model(**batch).loss), trained))
+    return out
+
+
+def _pack_qwen3_5(model_type, demo_copy, tiny_model_dir, tmp_path, capsys) -> dict:
+    """Pack QWEN3_5_MIX offline for a tiny ``model_type`` (registered as ``q35_packed``) and check each pack's
+    row against its samples rendered alone from the original datasets; returns what the tests go on with."""
+    model_dir = tiny_model_dir(model_type)
+    dictionary = demo_copy / "dict.json"
+    (demo_copy / "reasoning.json").write_text(json.dumps(REASONING))
+    entries = json.loads(dictionary.read_text())
+    dictionary.write_text(json.dumps({**entries, "reasoning": {"annotation_path": "reasoning.json",
+                                                               "data_path": ""}}))
+    out, report = tmp_path / "packed.json", tmp_path / "packed.report.json"
+    status, text = _pack(["--dataset_use", QWEN3_5_MIX, "--dataset_dictionary", str(dictionary),
+                          "--model_name_or_path", str(model_dir), "--model_max_length", "512", "--output", str(out),
+                          "--report", str(report), "--register_as", "q35_packed", "--num_workers", "2", *PIXELS],
+                         capsys)
+    assert status == 0, text
+    summary = json.loads(report.read_text())
+    assert summary["dropped_too_long"] == summary["dropped_bad"] == summary["dropped_over_patch_budget"] == 0
+    assert summary["packs"] >= 3 and summary["fill_ratio"] >= 0.75
+    packed = json.loads(out.read_text())
+
+    processor, config = load_processor(model_dir), AutoConfig.from_pretrained(model_dir)
+    packed_module = make_supervised_data_module(
+        processor, DataArguments(dataset_use="q35_packed", dataset_dictionary=str(dictionary), data_packing=True,
+                                 **PIXEL_ARGS), config, model_max_length=512, seed=0)
+    plain = make_supervised_data_module(  # the original datasets, rendered one record at a time
+        load_processor(model_dir), DataArguments(dataset_use=QWEN3_5_MIX, dataset_dictionary=str(dictionary),
+                                                 **PIXEL_ARGS), config, model_max_length=512, seed=42)
+    originals = plain["train_dataset"]  # pack_data's mixture: the same seed (42)
+    assert sorted(r["id"] for pack in packed for r in pack) == sorted(
+        originals.sources[d][r]["id"] for d, r in originals.mixture.tolist())  # each sample in exactly one pack
+    index_of = {originals.sources[d][r]["id"]: i for i, (d, r) in enumerate(originals.mixture.tolist())}
+
+    dataset = packed_module["train_dataset"]
+    think = processor.tokenizer.convert_tokens_to_ids("<think>")
+    rows, pieces_of, ids_of = [], [], []
+    for i in range(len(dataset)):
+        records = packed[int(dataset.mixture[i][1])]
+        alone = [originals[index_of[r["id"]]] for r in records]
+        pieces = [s for item in alone for s in (item["pack"] if "pack" in item else [item])]
+        batch = packed_module["data_collator"]([dataset[i]])
+        assert batch["input_ids"].shape[1] <= 512
+        torch.testing.assert_close(batch["input_ids"][0], torch.cat([s["input_ids"] for s in pieces]))
+        torch.testing.assert_close(batch["labels"][0], torch.cat([s["labels"] for s in pieces]))
+        # Text positions restart at each sample, the split reasoning record's two samples included.
+        assert int((batch["position_ids"][0, 0] == 0).sum()) == len(pieces)
+        rows.append(batch)
+        pieces_of.append(pieces)
+        ids_of.append([r["id"] for r in records])
+    # The counts pack_data packed by are the rendered lengths (think blocks, the 3.5 processor's video timestamps).
+    assert sum(int(b["input_ids"].shape[1]) for b in rows) == summary["tokens_used"]
+    assert sum(len(p) for p in pieces_of) == summary["items"] + 1  # reason-0000 trains as two samples
+    assert any("pixel_values_videos" in b for b in rows) and any("pixel_values" in b for b in rows)
+    assert any(int((b["input_ids"] == think).sum()) for b in rows)
+    return {"model_dir": model_dir, "dictionary": dictionary, "summary": summary, "rows": rows, "pieces": pieces_of,
+            "ids": ids_of, "collate_padded": plain["data_collator"]}
+
+
+def test_qwen3_5_offline_packs_are_their_samples_rendered_alone(demo_copy, tiny_model_dir, tmp_path, capsys):
+    """Offline packs on Qwen3.5 (its tokenizer, thinking template and video processor): every pack's row is
+    its samples, rendered alone from the original datasets, side by side, and its length what was counted."""
+    packs = _pack_qwen3_5("qwen3_5", demo_copy, tiny_model_dir, tmp_path, capsys)
+    assert any("reason-0000" in ids for ids in packs["ids"])
+
+
+
+def test_qwen3_5_record_split_per_reasoning_turn_over_the_budget_is_reported_as_such(tmp_path, tiny_model_dir,
+                                                                                       capsys):
+    """A record trained as two samples (reasoning in two turns) whose samples fit --model_max_length each but
+    not together is dropped (a pack holds a record whole), counted over the token budget, not the patch budget
+    (there is none), with its location and the fix."""
+    from qwenvl.data.batch.count import TokenCounter
+    from qwenvl.data.catalog.formats import to_conversation
+    from qwenvl.data.catalog.registry import DatasetSpec
+    from qwenvl.data.render.processor_settings import configure_processor
+
+    model_dir = tiny_model_dir("qwen3_5")
+    words = " ".join(f"w{k}" for k in range(120))
+    two_turns = {"messages": [{"role": "user", "content": f"first {words}"},
+                              {"role": "assistant", "content": "a", "reasoning_content": "r"},
+                              {"role": "user", "content": f"second {words}"},
+                              {"role": "assistant", "content": "b", "reasoning_content": "s"}]}
+    short = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    (tmp_path / "a.json").write_text(json.dumps([short, two_turns, short]))
+    (tmp_path / "dict.json").write_text(json.dumps({"a": {"annotation_path": "a.json", "data_path": "."}}))
+    # The budget: between the longer of its two samples and their sum, from the counter itself.
+    counter = TokenCounter(configure_processor(load_processor(model_dir), DataArguments()))
+    conversation = to_conversation(two_turns, DatasetSpec(name="a", annotation_path="a.json", data_path="."), 1)
+    parts = [counter(part).tokens for part in counter.chat.split(conversation)]
+    assert len(parts) == 2
+    budget = (max(parts) + sum(parts)) // 2
+    report = tmp_path / "r.json"
+    status, text = _pack(["--dataset_use", "a", "--dataset_dictionary", str(tmp_path / "dict.json"),
+                          "--model_name_or_path", str(model_dir), "--model_max_length", str(budget), "--output",
+                          str(tmp_path / "p.json"), "--report", str(report), "--num_workers", "1"], capsys)
+    assert status == 0, text
+    summary = json.loads(report.read_text())
+    assert summary["items"] == 2 and summary["dropped_over_token_budget"] == 1
+    assert summary["dropped_over_patch_budget"] == summary["dropped_too_long"] == 0
+    assert summary["dropped"]["over_token_budget"] == [f"dataset 'a', file {tmp_path / 'a.json'}, record 1: "
+                                                       f"{sum(parts)} tokens"]
+    assert "0 over the patch budget" in text and "1 more dropped over the token budget" in text
+    assert "Fix: raise --model_max_length" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_moe"])
+def test_qwen3_5_pack_loss_is_the_token_weighted_loss_of_its_samples(demo_copy, tiny_model_dir, tmp_path, capsys,
+                                                                     model_type):
+    """The training model (boundary-aware Gated DeltaNet layers, float32) on each offline pack: its loss equals
+    the token-weighted mean of its samples' losses, each sample alone in a padded batch (the released forward).
+    The released layers on the same rows leak state from sample to sample, and the loss moves."""
+    from transformers import AutoModelForImageTextToText
+
+    from qwenvl.train.arguments import parse_args
+    from qwenvl.train.linear_attention import linear_attention_modules
+    from qwenvl.train.model import load_model
+
+    packs = _pack_qwen3_5(model_type, demo_copy, tiny_model_dir, tmp_path, capsys)
+    args = parse_args(["--model_name_or_path", str(packs["model_dir"]), "--output_dir", str(tmp_path / "out"),
+                       "--tune_mm_llm", "True", "--router_aux_loss_coef", "0"])
+    model = load_model(args.model, args.training)
+    released = AutoModelForImageTextToText.from_pretrained(packs["model_dir"], dtype=torch.float32).train()
+    assert model.dtype == torch.float32 and len(linear_attention_modules(model)) == 3
+    for row, pieces in zip(packs["rows"], packs["pieces"]):
+        with torch.no_grad():
+            pack_loss = float(model(**row).loss)
+            leaky = float(released(**row).loss)
+            alone = _sample_losses(model, packs["collate_padded"], pieces)
+        weighted = sum(loss * n for loss, n in alone) / sum(n for _, n in alone)
+        # Observed: |pack - weighted| <= 1.1e-6, |leaky - weighted| >= 3e-5 (losses ~12.4).
+        assert abs(pack_loss - weighted) < 3e-6, (pack_loss, weighted)
+        assert abs(leaky - weighted) > 1e-5, (leaky, weighted)
+
+
+@pytest.mark.slow
+def test_qwen3_5_packed_file_trains_with_data_packing(demo_copy, tiny_model_dir, tmp_path, capsys):
+    """train_qwen.py on the registered packed file (--data_packing True, one pack per micro-batch) learns."""
+    from qwenvl.train.train_qwen import train
+
+    packs = _pack_qwen3_5("qwen3_5", demo_copy, tiny_model_dir, tmp_path, capsys)
+    out = tmp_path / "run"
+    train(["--model_name_or_path", str(packs["model_dir"]), "--output_dir", str(out), "--dataset_use", "q35_packed",
+           "--dataset_dictionary", str(packs["dictionary"]), "--data_packing", "True", "--model_max_length", "512",
+           "--per_device_train_batch_size", "1", "--tune_mm_llm", "True", "--tune_mm_mlp", "True",
+           "--num_train_epochs", "3", "--learning_rate", "3e-3", "--lr_scheduler_type", "constant",
+           "--logging_steps", "1", *PIXELS, "--save_strategy", "no", "--report_to", "none",
+           "--dataloader_num_workers", "0", "--seed", "1"])
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    losses = [e["loss"] for e in history if "loss" in e]
+    assert len(losses) == 3 * len(packs["rows"])  # one step per pack
+    assert sum(losses[-3:]) < sum(losses[:3]) - 1.0  # it learns
