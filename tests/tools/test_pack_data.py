@@ -270,6 +270,7 @@ def _pack_qwen3_5(model_type, demo_copy, tiny_model_dir, tmp_path, capsys) -> di
             "ids": ids_of, "collate_padded": plain["data_collator"]}
 
 
+@pytest.mark.slow
 def test_qwen3_5_offline_packs_are_their_samples_rendered_alone(demo_copy, tiny_model_dir, tmp_path, capsys):
     """Offline packs on Qwen3.5 (its tokenizer, thinking template and video processor): every pack's row is
     its samples, rendered alone from the original datasets, side by side, and its length what was counted."""
