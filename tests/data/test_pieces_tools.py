@@ -103,3 +103,39 @@ def test_special_token_text_in_a_tool_key_is_refused(tiny_model_dir, model_type)
     with pytest.raises(DataError) as info:
         SampleRenderer(processor, config).render(Conversation(messages=messages, origin="rec 7", tools=[TRAP_TOOL]))
     assert info.value.kind is DataKind.SPECIAL_TOKEN_TEXT and "rec 7" in str(info.value) and "<|im_end|>" in str(info.value)
+
+
+@pytest.mark.parametrize("arguments, renders_on_qwen3_5", [
+    ('{"city": "Paris"}', True),  # OpenAI's form: a JSON string of an object, read as the object
+    ("city=Paris", False),  # text
+    ('["Paris"]', False),  # JSON, but not an object
+])
+def test_tool_call_arguments_that_are_not_an_object_are_refused_naming_the_record_on_qwen3_5(
+        tiny_model_dir, tmp_path, arguments, renders_on_qwen3_5):
+    """Qwen3.5's template writes each argument as a <parameter=name> block: text arguments ended in jinja's
+    "TypeError: Can only get item pairs from a mapping" from inside the template. Qwen3-VL's writes text as it is."""
+    from qwenvl.data.catalog.formats import to_conversation
+    from qwenvl.data.catalog.registry import DatasetSpec
+    from qwenvl.data.errors import DataError, DataKind
+
+    record = {"messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "id": "c1", "function": {"name": "get_weather", "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": '{"temperature": 20}'},
+        {"role": "assistant", "content": "20 degrees."}], "tools": [WEATHER]}
+    spec = DatasetSpec(name="weather", annotation_path=str(tmp_path / "a.jsonl"), data_path=str(tmp_path))
+    for model_type in ("qwen3_5", "qwen3_vl"):
+        path = tiny_model_dir(model_type)
+        renderer = SampleRenderer(load_processor(path), AutoConfig.from_pretrained(path))
+        conversation = to_conversation(record, spec, 4)
+        if model_type == "qwen3_vl" or renders_on_qwen3_5:
+            sample = renderer.render(conversation)
+            assert (sample["labels"] != IGNORE_INDEX).any()
+            continue
+        with pytest.raises(DataError) as info:
+            renderer.render(conversation)
+        message = str(info.value)
+        assert info.value.kind is DataKind.MALFORMED
+        assert "record 4" in message and "a.jsonl" in message
+        assert "arguments are not a JSON object" in message and "Fix: write \"arguments\" as an object" in message

@@ -24,12 +24,13 @@ Helpers for the tools:
 """
 from __future__ import annotations
 
+from jinja2 import TemplateError
 
 from qwenvl.data.catalog.formats import MEDIA_TAGS, Conversation
 from qwenvl.data.errors import DataError
 
-__all__ = ["template_messages", "chat_text", "renders_tools", "refuse_tools_unless_rendered", "last_reply_index",
-           "split_last_reply", "user_conversation", "reply_text"]
+__all__ = ["template_messages", "chat_text", "template_failure", "renders_tools", "refuse_tools_unless_rendered",
+           "last_reply_index", "split_last_reply", "user_conversation", "reply_text"]
 
 def template_messages(conversation: Conversation) -> tuple[list[dict], list, list]:
     """Messages in the processor's chat-template form, plus image and video refs in tag order.
@@ -112,9 +113,26 @@ def chat_text(processor, conversation: Conversation, add_generation_prompt: bool
     refuse_tools_unless_rendered(processor, conversation)
     if conversation.tools:
         kwargs["tools"] = conversation.tools
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         **kwargs)
+    try:
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **kwargs)
+    except (TypeError, TemplateError) as exc:  # the template's own refusal, or data it cannot iterate
+        raise DataError(template_failure(conversation, exc)) from None
     return text, images, videos
+
+
+def template_failure(conversation: Conversation, exc: Exception) -> str:
+    """Why the chat template could not render ``conversation``, naming the record and the fix."""
+    message = f"{conversation.origin}: this model's chat template cannot render the record ({exc})."
+    loose = [call["function"]["arguments"] for m in conversation.messages for call in m.get("tool_calls") or []
+             if not isinstance(call.get("function", {}).get("arguments"), dict)]
+    if loose:
+        # Qwen3.5/3.6 write each argument as a <parameter=name> block, so they need the arguments as an object;
+        # a JSON string of one is read as such (formats.py), anything else stays text.
+        return (f"{message} A tool call's arguments are not a JSON object ({str(loose[0])[:80]!r}), and this "
+                'template writes each argument by name. Fix: write "arguments" as an object ({"city": "Paris"}) '
+                "or a JSON string of one.")
+    return f"{message} Fix: change the record so the template can render it, or drop it."
 
 
 def reply_text(message: dict) -> str:

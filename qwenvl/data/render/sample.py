@@ -29,6 +29,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+from jinja2 import TemplateError
 
 from qwenvl.data.catalog.formats import Conversation
 from qwenvl.data.errors import DataError, DataKind
@@ -40,7 +41,8 @@ from qwenvl.data.render.chat_pieces import (THINKING_MODES, ChatRules, conversat
 from qwenvl.data.render.fit import Measured, fit_to_context
 from qwenvl.data.render.grounding import Grounding
 from qwenvl.data.render.piece_tokens import PieceTokenizer, expand_media
-from qwenvl.data.render.prompt import last_reply_index, refuse_tools_unless_rendered, template_messages
+from qwenvl.data.render.prompt import (last_reply_index, refuse_tools_unless_rendered, template_failure,
+                                       template_messages)
 from qwenvl.data.render.rope import RopeIndex
 
 
@@ -257,11 +259,14 @@ class ChatRender:
         """The pieces of ``conversation``, checked to join to exactly what the chat template renders."""
         thinking = self.mode(conversation, thinking)
         refuse_tools_unless_rendered(self.processor, conversation)
-        pieces, kwargs = conversation_pieces(conversation, self.rules, thinking, add_generation_prompt,
-                                             render=self._render)
-        expected = self.processor.apply_chat_template(
-            template_view(conversation, self.rules, thinking), tokenize=False,
-            add_generation_prompt=add_generation_prompt, **kwargs)
+        try:
+            pieces, kwargs = conversation_pieces(conversation, self.rules, thinking, add_generation_prompt,
+                                                 render=self._render)
+            expected = self.processor.apply_chat_template(
+                template_view(conversation, self.rules, thinking), tokenize=False,
+                add_generation_prompt=add_generation_prompt, **kwargs)
+        except (TypeError, TemplateError) as exc:  # the template's own refusal, or data it cannot iterate
+            raise DataError(template_failure(conversation, exc)) from None
         if pieces_text(pieces) != expected:
             raise DataError(
                 f"{conversation.origin}: the renderer's pieces differ from what the processor's chat template "
