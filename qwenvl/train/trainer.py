@@ -35,6 +35,7 @@ What it adds to ``transformers.Trainer``:
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import signal
@@ -54,6 +55,8 @@ from .interrupt import StopOnSignal
 from .model import set_use_cache
 from .optim import build_param_groups, describe_groups
 from .resume_schedule import align_resumed_schedule, describe_realignment, holds_schedule_state
+
+logger = logging.getLogger(__name__)
 
 
 class QwenVLTrainer(Trainer):
@@ -133,6 +136,11 @@ class QwenVLTrainer(Trainer):
             placeholder = self.optimizer
             self.optimizer = DummyOptim(groups, lr=placeholder.lr, weight_decay=placeholder.weight_decay,
                                         **placeholder.kwargs)
+            optim = str(getattr(self.args.optim, "value", self.args.optim))
+            if optim != "adamw_torch" and self.is_world_process_zero():  # not the default: asked for by name
+                section = self.accelerator.state.deepspeed_plugin.deepspeed_config.get("optimizer") or {}
+                logger.warning("--optim %s is not used: the DeepSpeed config's \"optimizer\" section (%s) chooses "
+                               "the optimizer. Remove the section to use --optim.", optim, section.get("type"))
         elif self._offloads_optimizer():
             optim = str(getattr(self.args.optim, "value", self.args.optim))
             if not optim.startswith("adamw"):

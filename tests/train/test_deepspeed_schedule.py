@@ -194,6 +194,7 @@ def test_a_deepspeed_optimizer_section_trains_the_groups_with_their_own_rates_an
     flags = _flags(tiny_model_dir("qwen2_5_vl"), tmp_path / "out", "--tune_mm_vision", "True",
                    "--mm_projector_lr", "1e-2", "--vision_tower_lr", "2e-4", "--weight_decay", "0.1",
                    "--adam_beta2", "0.95", "--max_steps", "3", "--warmup_steps", "1", "--save_strategy", "no",
+                   "--optim", "adamw_torch_fused",  # as the recipes pass it: unused here, and said so
                    "--deepspeed", _config(tmp_path, optimizer=section, scheduler=AUTO_DECAY))
     env = _env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     result = run_command([sys.executable, "-m", "tests.train.rate_probe", *flags], env=env, timeout=900)
@@ -214,3 +215,5 @@ def test_a_deepspeed_optimizer_section_trains_the_groups_with_their_own_rates_an
     decay = group_rates(result.stdout, "GROUP_DECAY")
     assert decay[1] == {name: 0.0 if name.endswith("_no_decay") else 0.1 for name in names}
     assert "optimizer groups:" in result.stdout
+    assert ('--optim adamw_torch_fused is not used: the DeepSpeed config\'s "optimizer" section (AdamW) chooses the '
+            "optimizer") in result.stdout + result.stderr
