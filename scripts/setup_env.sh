@@ -12,14 +12,21 @@ VENV="${QWENVL_VENV:-$ROOT/.venv}"
 MISSING=()
 command -v ffmpeg >/dev/null 2>&1 || MISSING+=(ffmpeg)
 command -v c++ >/dev/null 2>&1 || MISSING+=(g++)
+# ...and Python's headers for that build, where python3 is Debian's own.
+PY_INCLUDE="$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+if [ ! -f "$PY_INCLUDE/Python.h" ] && [ "${PY_INCLUDE#/usr/include/}" != "$PY_INCLUDE" ]; then
+  MISSING+=(python3-dev)
+fi
 if [ "${#MISSING[@]}" -gt 0 ]; then
+  WHAT="${MISSING[*]} (FFmpeg: without it torchcodec is skipped, decord and PyAV still work; g++ and python3-dev:"
+  WHAT="$WHAT without them DeepSpeed cannot build its CPU Adam for optimizer offload)"
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     echo "[setup] installing ${MISSING[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${MISSING[@]}" >/dev/null
+    { DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${MISSING[@]}" >/dev/null; } \
+      || echo "[setup] could not install $WHAT"
   else
-    echo "[setup] not found and cannot be installed here: ${MISSING[*]} (FFmpeg: torchcodec is skipped, decord and" \
-         "PyAV still work; a C++ compiler: DeepSpeed cannot build its CPU Adam for optimizer offload)"
+    echo "[setup] not found and cannot be installed here: $WHAT"
   fi
 fi
 

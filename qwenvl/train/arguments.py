@@ -310,7 +310,9 @@ def _cross_checks(v: dict) -> list[str]:
         deepspeed = v["deepspeed"]
         source = deepspeed if isinstance(deepspeed, str) else "(--deepspeed)"
         problems += rate_problems(_json_config(deepspeed), v, source)
-        adagrad = zero_adagrad_problem(_json_config(deepspeed), v.get("optim"), source)
+        # LoRA on the language model alone trains one group (adapter weights, none undecayed): Adagrad keeps it.
+        one_group = bool(v.get("lora_enable")) and not v.get("tune_mm_mlp") and not v.get("tune_mm_vision")
+        adagrad = zero_adagrad_problem(_json_config(deepspeed), v.get("optim"), source, one_group)
         if adagrad:
             problems.append(adagrad)
     if v.get("lora_enable"):

@@ -92,7 +92,9 @@ def compile_layers(model: torch.nn.Module, dynamic: bool = True, activation_memo
                        len(looping), _implementation(looping[0][1]), VARLEN_ATTENTION)
     import torch._dynamo.config as dynamo_config
 
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+    # torch 2.6 names it cache_size_limit (renamed after 2.6, which keeps the old name as an alias).
+    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), RECOMPILE_LIMIT))
     for _, layer in layers:
         layer.compile(dynamic=dynamic)
     kinds = sorted({type(layer).__name__ for _, layer in layers})

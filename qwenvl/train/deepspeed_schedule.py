@@ -115,7 +115,7 @@ def rate_problems(config: dict, values: dict, source: str) -> list[str]:
     return problems
 
 
-def zero_adagrad_problem(config: dict, optim, source: str) -> str | None:
+def zero_adagrad_problem(config: dict, optim, source: str, one_group: bool = False) -> str | None:
     """Why Adagrad cannot train the optimizer's groups under this DeepSpeed ``config``, or None.
 
     ZeRO stages 1-3 rebuild a torch ``Adagrad`` over their flat fp32 partitions as *one* group with the
@@ -123,11 +123,13 @@ def zero_adagrad_problem(config: dict, optim, source: str) -> str | None:
     for the Adagrad optimizer occurs at construction"), whatever groups it was built over: the per-component
     rates and the no-decay groups are dropped, and the first step then stops with an IndexError deep in
     DeepSpeed (measured, DeepSpeed 0.19.8 on CPU, ZeRO-2 and ZeRO-3: one group at --learning_rate and
-    --weight_decay, then ``param_groups[param_group_idx]['params'][0]``: list index out of range).  Our groups
-    always split decay from no-decay, so every such run fails.  With ``offload_optimizer`` DeepSpeed builds
-    its CPU Adagrad instead (not a torch Adagrad), and stage 0 keeps torch's: both train the groups.
+    the section's weight decay, then ``param_groups[param_group_idx]['params'][0]``: list index out of range
+    for every group after the first).  Our groups split decay from no-decay wherever biases or norms train,
+    so such runs fail; ``one_group``: the run has a single group (LoRA on the language model alone), which
+    trains.  With ``offload_optimizer`` DeepSpeed builds its CPU Adagrad instead (not a torch Adagrad), and
+    stage 0 keeps torch's: both train the groups.
     ``optim``: the run's --optim (used only without an "optimizer" section)."""
-    if not isinstance(config, dict):
+    if not isinstance(config, dict) or one_group:
         return None
     zero = config.get("zero_optimization") or {}
     stage = int(zero["stage"]) if str(zero.get("stage", "")).isdigit() else 0
@@ -150,8 +152,9 @@ def zero_adagrad_problem(config: dict, optim, source: str) -> str | None:
                'the optimizer offloaded (zero_optimization.offload_optimizer.device "cpu": DeepSpeed\'s CPU Adagrad '
                "keeps the groups), or ZeRO stage 0")
     return (f"the DeepSpeed config {source}: {what} cannot run under ZeRO stage {stage}: DeepSpeed rebuilds torch's "
-            "Adagrad over its partitions as one parameter group (every part at --learning_rate, biases and norms "
-            f"decayed) and then stops at the first step with an IndexError. {fix}.")
+            "Adagrad over its partitions as one parameter group (every part at --learning_rate, one weight decay) "
+            "and then, with the optimizer groups this run has (decay and no-decay, per component), stops at the "
+            f"first step with an IndexError. {fix}.")
 
 
 def spread_rates_over_groups(config: dict, groups: list[dict], args, source: str) -> dict[str, list[float]]:

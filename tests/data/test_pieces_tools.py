@@ -139,3 +139,20 @@ def test_tool_call_arguments_that_are_not_an_object_are_refused_naming_the_recor
         assert info.value.kind is DataKind.MALFORMED
         assert "record 4" in message and "a.jsonl" in message
         assert "arguments are not a JSON object" in message and "Fix: write \"arguments\" as an object" in message
+
+
+def test_a_type_error_of_our_own_code_stays_a_bug_not_a_bad_record(tiny_model_dir, monkeypatch):
+    """Only the template's failures become a record's DataError: a TypeError raised by our renderer is a bug,
+    which training shows with its traceback and the audit counts as internal_error (errors.py), never a
+    record skipped under --bad_sample_policy skip or cached as bad."""
+    from qwenvl.data.render import chat_pieces
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug of ours")
+
+    path = tiny_model_dir("qwen3_vl")
+    renderer = SampleRenderer(load_processor(path), AutoConfig.from_pretrained(path))
+    monkeypatch.setattr(chat_pieces, "conversation_pieces", broken)
+    monkeypatch.setattr("qwenvl.data.render.sample.conversation_pieces", broken)
+    with pytest.raises(TypeError, match="a bug of ours"):
+        renderer.render(Conversation(messages=_messages(), origin="rec 1", tools=[WEATHER]))

@@ -126,7 +126,7 @@ def base(tiny_model_dir, tmp_path):
 def test_adagrad_under_zero_is_refused_at_start_up(base, tmp_path):
     """ZeRO-1/2/3 rebuild torch's Adagrad over their flat partitions as one group with the defaults, whatever groups
     it was built over (measured, DeepSpeed 0.19.8 on CPU: ZeRO-2 and ZeRO-3 runs with an Adagrad section, and ZeRO-2
-    with --optim adagrad, trained one group at --learning_rate and --weight_decay, then stopped at the first step
+    with --optim adagrad, trained one group at --learning_rate and one weight decay, then stopped at the first step
     with "IndexError: list index out of range" in DeepSpeed's get_flat_partition).  Refused before any work; kept
     where DeepSpeed keeps the groups: with the optimizer offloaded (its CPU Adagrad) and at ZeRO stage 0."""
     adagrad = {"type": "Adagrad", "params": {"lr": "auto", "weight_decay": "auto"}}
@@ -148,3 +148,9 @@ def test_adagrad_under_zero_is_refused_at_start_up(base, tmp_path):
     (tmp_path / "stage0.json").write_text(json.dumps(stage0))
     parse_args(base + ["--deepspeed", str(tmp_path / "stage0.json")])
     parse_args(base + ["--deepspeed", "scripts/zero2.json", "--optim", "adamw_torch"])
+    # LoRA on the language model alone has one group (adapter weights): DeepSpeed's one group is it, and it
+    # trains (checked by hand: ZeRO-2, --optim adagrad, 2 steps).
+    parse_args(base + ["--deepspeed", "scripts/zero2.json", "--optim", "adagrad", "--lora_enable", "True",
+                       "--tune_mm_mlp", "False"])
+    with pytest.raises(ConfigError, match="--optim adagrad cannot run under ZeRO stage 2"):
+        parse_args(base + ["--deepspeed", "scripts/zero2.json", "--optim", "adagrad", "--lora_enable", "True"])

@@ -24,12 +24,14 @@ Helpers for the tools:
 """
 from __future__ import annotations
 
-from jinja2 import TemplateError
+import os
+
+from jinja2 import TemplateError, TemplateSyntaxError
 
 from qwenvl.data.catalog.formats import MEDIA_TAGS, Conversation
 from qwenvl.data.errors import DataError
 
-__all__ = ["template_messages", "chat_text", "template_failure", "renders_tools", "refuse_tools_unless_rendered",
+__all__ = ["template_messages", "chat_text", "raise_if_template_failure", "renders_tools", "refuse_tools_unless_rendered",
            "last_reply_index", "split_last_reply", "user_conversation", "reply_text"]
 
 def template_messages(conversation: Conversation) -> tuple[list[dict], list, list]:
@@ -116,9 +118,32 @@ def chat_text(processor, conversation: Conversation, add_generation_prompt: bool
     try:
         text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                              **kwargs)
-    except (TypeError, TemplateError) as exc:  # the template's own refusal, or data it cannot iterate
-        raise DataError(template_failure(conversation, exc)) from None
+    except (TypeError, TemplateError) as exc:
+        raise_if_template_failure(conversation, exc)
+        raise
     return text, images, videos
+
+
+def raise_if_template_failure(conversation: Conversation, exc: Exception) -> None:
+    """Raise a DataError naming the record and the fix when ``exc`` is the chat template failing on
+    ``conversation`` (its own ``raise_exception``, or a jinja filter given data it cannot take, as
+    Qwen3.5's ``arguments|items`` given text); return for anything else, which the caller re-raises:
+    a TypeError of our own code is a bug (an ``internal_error``), not a bad record, and a template that
+    does not parse is the model folder's problem, not the record's."""
+    if isinstance(exc, TemplateSyntaxError):
+        return
+    if isinstance(exc, TypeError) and not _raised_in_template(exc):
+        return
+    raise DataError(template_failure(conversation, exc)) from exc
+
+
+def _raised_in_template(exc: BaseException) -> bool:
+    # The innermost frame: jinja's compiled template ("<template>") or jinja itself (its filters).
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = tb.tb_frame.f_code.co_filename if tb is not None else ""
+    return filename == "<template>" or f"{os.sep}jinja2{os.sep}" in filename
 
 
 def template_failure(conversation: Conversation, exc: Exception) -> str:
@@ -126,7 +151,7 @@ def template_failure(conversation: Conversation, exc: Exception) -> str:
     message = f"{conversation.origin}: this model's chat template cannot render the record ({exc})."
     loose = [call["function"]["arguments"] for m in conversation.messages for call in m.get("tool_calls") or []
              if not isinstance(call.get("function", {}).get("arguments"), dict)]
-    if loose:
+    if loose and "mapping" in str(exc):
         # Qwen3.5/3.6 write each argument as a <parameter=name> block, so they need the arguments as an object;
         # a JSON string of one is read as such (formats.py), anything else stays text.
         return (f"{message} A tool call's arguments are not a JSON object ({str(loose[0])[:80]!r}), and this "

@@ -41,7 +41,7 @@ from qwenvl.data.render.chat_pieces import (THINKING_MODES, ChatRules, conversat
 from qwenvl.data.render.fit import Measured, fit_to_context
 from qwenvl.data.render.grounding import Grounding
 from qwenvl.data.render.piece_tokens import PieceTokenizer, expand_media
-from qwenvl.data.render.prompt import (last_reply_index, refuse_tools_unless_rendered, template_failure,
+from qwenvl.data.render.prompt import (last_reply_index, raise_if_template_failure, refuse_tools_unless_rendered,
                                        template_messages)
 from qwenvl.data.render.rope import RopeIndex
 
@@ -266,7 +266,8 @@ class ChatRender:
                 template_view(conversation, self.rules, thinking), tokenize=False,
                 add_generation_prompt=add_generation_prompt, **kwargs)
         except (TypeError, TemplateError) as exc:  # the template's own refusal, or data it cannot iterate
-            raise DataError(template_failure(conversation, exc)) from None
+            raise_if_template_failure(conversation, exc)
+            raise
         if pieces_text(pieces) != expected:
             raise DataError(
                 f"{conversation.origin}: the renderer's pieces differ from what the processor's chat template "
